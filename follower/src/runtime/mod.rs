@@ -1,0 +1,133 @@
+//! The one place the follower talks to a VMM (or, for `process`, to the
+//! kernel's namespaces). Every driver implements [`Runtime`]; the reconciler
+//! only ever sees this trait, so it is testable without hardware.
+//!
+//! Lifecycle: `start` returns a [`RuntimeHandle`] that is serialisable and
+//! recorded in the follower's ledger *before* the reconciler moves on, so a
+//! follower killed with `kill -9` can, after a restart, `adopt` the instances
+//! that are still alive instead of starting duplicates.
+
+use std::collections::BTreeMap;
+use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+pub mod process;
+
+/// Everything a driver needs to start one instance. Built by the reconciler
+/// from the desired state and the image fetched from the object store.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub instance_id: String,
+    pub env: String,
+    pub app: String,
+    /// Directory holding the image artifact: `rootfs.ext4` and `config.json`.
+    pub image_dir: PathBuf,
+    /// Command to run: the release's entrypoint/cmd override, else the image's.
+    pub argv: Vec<String>,
+    /// Full environment of the app process (image env, release env, secrets,
+    /// PORT). Secrets live here in memory only: drivers must never write
+    /// this map to disk or to logs.
+    pub env_vars: BTreeMap<String, String>,
+    pub workdir: String,
+    pub user: String,
+    /// The instance's own IPv6 address on the node.
+    pub ip: Ipv6Addr,
+    /// Port the app listens on inside the instance.
+    pub port: u16,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    /// Per-instance directory for driver state and logs (`stdout.log`).
+    pub work_dir: PathBuf,
+}
+
+/// What the ledger remembers about a started instance; enough for any
+/// driver to find it again after the follower restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeHandle {
+    pub instance_id: String,
+    /// Driver name: "process", "qemu" or "firecracker".
+    pub driver: String,
+    /// PID of the supervising process (the VMM, or the namespace init).
+    pub pid: u32,
+    /// Start time of that PID in clock ticks since boot (from
+    /// /proc/<pid>/stat), so a recycled PID is never mistaken for ours.
+    pub pid_start_ticks: u64,
+    pub ip: Ipv6Addr,
+    pub port: u16,
+    pub work_dir: PathBuf,
+    /// Driver-specific extras (tap name, netns name, API socket path).
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    Running,
+    /// Exited; the code when it is known.
+    Exited(Option<i32>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("runtime {driver} is not available here: {reason}")]
+    Unavailable { driver: &'static str, reason: String },
+    #[error("image at {path} is unusable: {reason}")]
+    BadImage { path: PathBuf, reason: String },
+    #[error("instance {instance_id} failed to start: {reason}")]
+    StartFailed { instance_id: String, reason: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A way to run instances on this node.
+pub trait Runtime: Send + Sync + 'static {
+    /// "process", "qemu" or "firecracker".
+    fn name(&self) -> &'static str;
+
+    /// Start one instance. Returns once the VMM/process is running (not
+    /// necessarily healthy: health checks are the reconciler's job).
+    fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>>;
+
+    /// Stop an instance and release what it held (network, mounts). Must be
+    /// idempotent: stopping an instance that is already gone is `Ok`.
+    fn stop<'a>(&'a self, handle: &'a RuntimeHandle) -> BoxFuture<'a, Result<(), RuntimeError>>;
+
+    /// Is the instance still alive? Never blocks for long.
+    fn liveness(&self, handle: &RuntimeHandle) -> Liveness;
+
+    /// Removes whatever an interrupted `start` of `instance_id` may have left
+    /// behind (the follower died after asking for a start and before the
+    /// ledger recorded its handle): processes, network, mounts. Idempotent;
+    /// the default has nothing to clean.
+    fn reclaim<'a>(&'a self, instance_id: &'a str, work_dir: &'a Path) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        let _ = (instance_id, work_dir);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// State and start time (clock ticks since boot, field 22 of
+/// `/proc/<pid>/stat`) of a process, or `None` when there is no such pid.
+pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start
+    // after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Is `pid` alive (not a zombie) and the very process that started at
+/// `start_ticks`?
+pub fn pid_is(pid: u32, start_ticks: u64) -> bool {
+    matches!(proc_stat(pid), Some((state, start)) if start == start_ticks && state != 'Z' && state != 'X')
+}

@@ -1,0 +1,588 @@
+//! Access to a meta repository with gix.
+//!
+//! Gaps of gix (0.90) and how they are covered:
+//! - no push and no server side: [`MetaRepo::push`] runs the `git` binary,
+//!   and serving (smart HTTP) is `git http-backend` in the captain;
+//! - no revert command: [`MetaRepo::revert`] is a three-way `merge_trees`
+//!   (ancestor = the reverted commit's tree, ours = the branch head,
+//!   theirs = the reverted commit's parent) plus a commit;
+//! - fetching from `file://` spawns `git-upload-pack`; the HTTP transport
+//!   is blocking. Every method here blocks: call it from async code through
+//!   `tokio::task::spawn_blocking`.
+//!
+//! Commits are made without a worktree: blobs and trees are written
+//! straight into the object database and the branch is moved with a
+//! compare-and-swap on its previous value. A commit that loses a race is
+//! rebuilt on the new head and tried again, so two writers never lose each
+//! other's change.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use gix::ObjectId;
+use gix::bstr::ByteSlice;
+
+use crate::MetaTree;
+use crate::layout::{self, MetaPath};
+use crate::validate::{ValidationErrors, validate_tree};
+
+/// The branch every component follows unless told otherwise.
+pub const DEFAULT_BRANCH: &str = "main";
+
+const README: &str = include_str!("../assets/README.meta.md");
+const GITATTRIBUTES: &str = include_str!("../assets/gitattributes");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{path} already exists in the meta repository; meta files are immutable, a change is a new file")]
+    AlreadyExists { path: String },
+    #[error("{path} is immutable (releases and deployments are never replaced)")]
+    Immutable { path: String },
+    #[error("{path} does not exist in the meta repository")]
+    NotFound { path: String },
+    #[error("the change would make the meta repository invalid: {0}")]
+    Invalid(ValidationErrors),
+    #[error("branch {branch} does not exist")]
+    NoBranch { branch: String },
+    #[error("commit {commit} not found")]
+    NoCommit { commit: String },
+    #[error("commit {commit} cannot be reverted: {reason}")]
+    CannotRevert { commit: String, reason: String },
+    #[error("gave up committing to {branch} after {attempts} attempts: the branch kept moving or stayed locked")]
+    Contended { branch: String, attempts: u32 },
+    #[error("git {op} failed: {detail}")]
+    GitCommand { op: String, detail: String },
+    #[error("{op} at {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op}")]
+    Gix {
+        op: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn gix_err<E: std::error::Error + Send + Sync + 'static>(op: impl Into<String>) -> impl FnOnce(E) -> RepoError {
+    let op = op.into();
+    move |e| RepoError::Gix {
+        op,
+        source: Box::new(e),
+    }
+}
+
+pub type Result<T, E = RepoError> = std::result::Result<T, E>;
+
+/// A set of file changes applied atomically in one commit.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeSet {
+    /// New files; refused if the path exists.
+    pub add: Vec<(String, Vec<u8>)>,
+    /// Whole-file replacement of a mutable document (env.pb, nodes,
+    /// channels, secrets); refused for releases and deployments.
+    pub replace: Vec<(String, Vec<u8>)>,
+    /// Files to delete; refused if absent.
+    pub remove: Vec<String>,
+}
+
+impl ChangeSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn add(mut self, path: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
+        self.add.push((path.into(), bytes.into()));
+        self
+    }
+    pub fn replace(mut self, path: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
+        self.replace.push((path.into(), bytes.into()));
+        self
+    }
+    pub fn remove(mut self, path: impl Into<String>) -> Self {
+        self.remove.push(path.into());
+        self
+    }
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.replace.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Who a commit is by.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub email: String,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Identity {
+            name: "zeitwork captain".into(),
+            email: "captain@zeitwork.invalid".into(),
+        }
+    }
+}
+
+/// Which commits [`MetaRepo::log`] lists.
+#[derive(Debug, Clone, Default)]
+pub struct LogFilter {
+    pub env: Option<String>,
+    pub app: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub commit: String,
+    pub parents: Vec<String>,
+    /// Commit time, unix seconds.
+    pub time: i64,
+    pub author: String,
+    pub message: String,
+    /// Paths added, changed or removed relative to the first parent.
+    pub paths: Vec<String>,
+}
+
+/// A meta repository on disk (bare or not).
+#[derive(Clone)]
+pub struct MetaRepo {
+    path: PathBuf,
+    repo: gix::ThreadSafeRepository,
+}
+
+impl std::fmt::Debug for MetaRepo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaRepo").field("path", &self.path).finish()
+    }
+}
+
+impl MetaRepo {
+    /// Create a bare meta repository with a first commit on `main` holding a
+    /// README and the `.gitattributes` that make `git log -p` readable.
+    pub fn init_bare(path: &Path) -> Result<MetaRepo> {
+        std::fs::create_dir_all(path).map_err(|source| RepoError::Io {
+            op: "creating the meta repository directory",
+            path: path.into(),
+            source,
+        })?;
+        let repo = gix::init_bare(path).map_err(gix_err(format!("initialising {}", path.display())))?;
+        // A meta repository only ever moves forward.
+        let config = repo.path().join("config");
+        let mut text = std::fs::read_to_string(&config).map_err(|source| RepoError::Io {
+            op: "reading git config",
+            path: config.clone(),
+            source,
+        })?;
+        text.push_str("[receive]\n\tdenyNonFastForwards = true\n\tdenyDeletes = true\n");
+        std::fs::write(&config, text).map_err(|source| RepoError::Io {
+            op: "writing git config",
+            path: config.clone(),
+            source,
+        })?;
+        std::fs::write(repo.path().join("HEAD"), format!("ref: refs/heads/{DEFAULT_BRANCH}\n")).map_err(|source| {
+            RepoError::Io {
+                op: "writing HEAD",
+                path: repo.path().join("HEAD"),
+                source,
+            }
+        })?;
+        let meta = MetaRepo::open(path)?;
+        meta.commit(
+            DEFAULT_BRANCH,
+            &ChangeSet::new().add("README.md", README).add(".gitattributes", GITATTRIBUTES),
+            "Initialise meta repository",
+        )?;
+        Ok(meta)
+    }
+
+    pub fn open(path: &Path) -> Result<MetaRepo> {
+        let repo = gix::open(path).map_err(gix_err(format!("opening meta repository {}", path.display())))?;
+        Ok(MetaRepo {
+            path: path.to_path_buf(),
+            repo: repo.into_sync(),
+        })
+    }
+
+    /// Open the repository at `path`, creating it (bare) if absent.
+    pub fn open_or_init(path: &Path) -> Result<MetaRepo> {
+        if path.join("HEAD").exists() || path.join(".git").exists() {
+            MetaRepo::open(path)
+        } else {
+            MetaRepo::init_bare(path)
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The git directory (the repository itself when bare).
+    pub fn git_dir(&self) -> PathBuf {
+        self.repo.to_thread_local().path().to_path_buf()
+    }
+
+    fn local(&self) -> gix::Repository {
+        let mut r = self.repo.to_thread_local();
+        r.object_cache_size_if_unset(8 * 1024 * 1024);
+        r
+    }
+
+    /// Commit id a full or short ref name points at (`main`,
+    /// `refs/remotes/origin/main`).
+    pub fn resolve_ref(&self, name: &str) -> Result<Option<String>> {
+        let repo = self.local();
+        let full = if name.starts_with("refs/") {
+            name.to_string()
+        } else {
+            format!("refs/heads/{name}")
+        };
+        Ok(ref_target(&repo, &full)?.map(|id| id.to_string()))
+    }
+
+    /// Head commit of `branch`, if the branch exists.
+    pub fn head(&self, branch: &str) -> Result<Option<String>> {
+        self.resolve_ref(&format!("refs/heads/{branch}"))
+    }
+
+    /// Apply `changes` on top of `branch` as one commit by the default
+    /// identity.
+    pub fn commit(&self, branch: &str, changes: &ChangeSet, message: &str) -> Result<String> {
+        self.commit_by(branch, changes, message, &Identity::default())
+    }
+
+    /// Apply `changes` on top of `branch` as one commit: atomic, validated,
+    /// retried on top of a concurrent commit.
+    pub fn commit_by(&self, branch: &str, changes: &ChangeSet, message: &str, who: &Identity) -> Result<String> {
+        let repo = self.local();
+        let refname = format!("refs/heads/{branch}");
+        self.with_cas_retry(&repo, branch, |repo, head| {
+            let base_tree = match head {
+                Some(c) => commit_tree(repo, c)?,
+                None => ObjectId::empty_tree(repo.object_hash()),
+            };
+            let existing = flat_tree(repo, base_tree)?;
+            for (path, _) in &changes.add {
+                if existing.contains_key(path.as_str()) {
+                    return Err(RepoError::AlreadyExists { path: path.clone() });
+                }
+            }
+            for (path, _) in &changes.replace {
+                if MetaPath::parse(path).is_some_and(|p| p.is_immutable()) {
+                    return Err(RepoError::Immutable { path: path.clone() });
+                }
+            }
+            for path in &changes.remove {
+                if !existing.contains_key(path.as_str()) {
+                    return Err(RepoError::NotFound { path: path.clone() });
+                }
+            }
+            let mut editor = repo.edit_tree(base_tree).map_err(gix_err("editing tree"))?;
+            for (path, bytes) in changes.add.iter().chain(changes.replace.iter()) {
+                let blob = repo.write_blob(bytes).map_err(gix_err("writing blob"))?.detach();
+                editor
+                    .upsert(path.as_str(), gix::object::tree::EntryKind::Blob, blob)
+                    .map_err(gix_err(format!("adding {path}")))?;
+            }
+            for path in &changes.remove {
+                editor.remove(path.as_str()).map_err(gix_err(format!("removing {path}")))?;
+            }
+            let tree = editor.write().map_err(gix_err("writing tree"))?.detach();
+            let files = read_tree(repo, tree)?;
+            validate_tree(&files).map_err(RepoError::Invalid)?;
+            Ok((tree, message.to_string()))
+        }, who, &refname)
+    }
+
+    /// Build a tree with `build` on the current head and move the branch to
+    /// a commit of it, retrying while another writer wins the race.
+    fn with_cas_retry(
+        &self,
+        repo: &gix::Repository,
+        branch: &str,
+        mut build: impl FnMut(&gix::Repository, Option<ObjectId>) -> Result<(ObjectId, String)>,
+        who: &Identity,
+        refname: &str,
+    ) -> Result<String> {
+        const ATTEMPTS: u32 = 200;
+        for attempt in 0..ATTEMPTS {
+            let head = ref_target(repo, refname)?;
+            let (tree, message) = build(repo, head)?;
+            let sig = signature(who);
+            let mut buf = gix::date::parse::TimeBuf::default();
+            let sig_ref = sig.to_ref(&mut buf);
+            match repo.commit_as(sig_ref, sig_ref, refname, &message, tree, head) {
+                Ok(id) => return Ok(id.to_string()),
+                Err(e) => {
+                    tracing::debug!(branch, attempt, error = %e, "meta commit lost a race, retrying");
+                    // Jittered backoff: lock holders finish in well under a
+                    // millisecond; spread retries so writers don't collide
+                    // in lock step.
+                    let jitter = (rand_u64() % 4000) + u64::from(attempt.min(20)) * 500;
+                    std::thread::sleep(Duration::from_micros(jitter));
+                }
+            }
+        }
+        Err(RepoError::Contended {
+            branch: branch.to_string(),
+            attempts: ATTEMPTS,
+        })
+    }
+
+    /// Every file of `commit` (hex id or ref name).
+    pub fn tree_at(&self, commit: &str) -> Result<MetaTree> {
+        let repo = self.local();
+        let id = resolve(&repo, commit)?;
+        let tree = commit_tree(&repo, id)?;
+        read_tree(&repo, tree)
+    }
+
+    /// Commits of `branch`, newest first, touching the filtered paths.
+    pub fn log(&self, branch: &str, filter: &LogFilter) -> Result<Vec<LogEntry>> {
+        let repo = self.local();
+        let Some(head) = ref_target(&repo, &format!("refs/heads/{branch}"))? else {
+            return Err(RepoError::NoBranch {
+                branch: branch.to_string(),
+            });
+        };
+        let prefix = |p: &str| -> bool {
+            match MetaPath::parse(p) {
+                Some(MetaPath::Release { env, app, .. })
+                | Some(MetaPath::Deployment { env, app, .. })
+                | Some(MetaPath::Secrets { env, app }) => {
+                    filter.env.as_ref().is_none_or(|e| *e == env) && filter.app.as_ref().is_none_or(|a| *a == app)
+                }
+                Some(MetaPath::Env { env }) => filter.app.is_none() && filter.env.as_ref().is_none_or(|e| *e == env),
+                _ => filter.env.is_none() && filter.app.is_none(),
+            }
+        };
+        let walk = repo
+            .rev_walk([head])
+            .sorting(gix::revision::walk::Sorting::ByCommitTime(Default::default()))
+            .all()
+            .map_err(gix_err("walking history"))?;
+        let mut out = Vec::new();
+        for info in walk {
+            let info = info.map_err(gix_err("walking history"))?;
+            let commit = repo.find_commit(info.id).map_err(gix_err("reading commit"))?;
+            let parents: Vec<ObjectId> = commit.parent_ids().map(|p| p.detach()).collect();
+            let new = flat_tree(&repo, commit.tree_id().map_err(gix_err("reading commit"))?.detach())?;
+            let old = match parents.first() {
+                Some(p) => flat_tree(&repo, commit_tree(&repo, *p)?)?,
+                None => BTreeMap::new(),
+            };
+            let mut paths: Vec<String> = new
+                .iter()
+                .filter(|(k, v)| old.get(*k) != Some(v))
+                .map(|(k, _)| k.clone())
+                .chain(old.keys().filter(|k| !new.contains_key(*k)).cloned())
+                .collect();
+            paths.sort();
+            if (filter.env.is_some() || filter.app.is_some()) && !paths.iter().any(|p| prefix(p)) {
+                continue;
+            }
+            let decoded = commit.decode().map_err(gix_err("decoding commit"))?;
+            let author = decoded.author().map_err(gix_err("decoding commit"))?;
+            out.push(LogEntry {
+                commit: info.id.to_string(),
+                parents: parents.iter().map(|p| p.to_string()).collect(),
+                time: author.time().map(|t| t.seconds).unwrap_or(0),
+                author: format!("{} <{}>", author.name, author.email),
+                message: decoded.message.to_str_lossy().trim_end().to_string(),
+                paths,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Is `ancestor` reachable from `descendant` (or equal to it)?
+    pub fn is_ancestor(&self, ancestor: &str, descendant: &str) -> Result<bool> {
+        let repo = self.local();
+        let a = resolve(&repo, ancestor)?;
+        let d = resolve(&repo, descendant)?;
+        if a == d {
+            return Ok(true);
+        }
+        let base = repo.merge_base(a, d).map_err(gix_err("computing merge base"))?;
+        Ok(base.is_some_and(|b| b.detach() == a))
+    }
+
+    /// Fetch `branch` of `url` (file://, http(s)://, or a path) into
+    /// `refs/remotes/origin/<branch>` and return the fetched head. Forced:
+    /// the caller decides with [`MetaRepo::is_ancestor`] whether to follow.
+    pub fn fetch(&self, url: &str, branch: &str) -> Result<Option<String>> {
+        let repo = self.local();
+        let spec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
+        let remote = repo
+            .remote_at(url)
+            .map_err(gix_err(format!("remote {url}")))?
+            .with_refspecs(Some(spec.as_str()), gix::remote::Direction::Fetch)
+            .map_err(gix_err("refspec"))?;
+        let conn = remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(gix_err(format!("connecting to {url}")))?;
+        conn.prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(gix_err(format!("fetching from {url}")))?
+            .receive(gix::progress::Discard, &AtomicBool::new(false))
+            .map_err(gix_err(format!("fetching from {url}")))?;
+        self.resolve_ref(&format!("refs/remotes/origin/{branch}"))
+    }
+
+    /// Push `branch` to `url` with the git binary (gix cannot push).
+    pub fn push(&self, url: &str, branch: &str) -> Result<()> {
+        let out = Command::new("git")
+            .arg("--git-dir")
+            .arg(self.git_dir())
+            .args(["push", "--quiet", url, &format!("refs/heads/{branch}:refs/heads/{branch}")])
+            .output()
+            .map_err(|source| RepoError::Io {
+                op: "running git push",
+                path: self.path.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(RepoError::GitCommand {
+                op: "push".into(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Undo `commit` on top of `branch` with a new commit.
+    pub fn revert(&self, branch: &str, commit: &str) -> Result<String> {
+        self.revert_by(branch, commit, &Identity::default())
+    }
+
+    pub fn revert_by(&self, branch: &str, commit: &str, who: &Identity) -> Result<String> {
+        let repo = self.local();
+        let target = resolve(&repo, commit)?;
+        let c = repo.find_commit(target).map_err(gix_err("reading commit"))?;
+        let parents: Vec<ObjectId> = c.parent_ids().map(|p| p.detach()).collect();
+        let parent = match parents.as_slice() {
+            [p] => *p,
+            [] => {
+                return Err(RepoError::CannotRevert {
+                    commit: commit.into(),
+                    reason: "it is the first commit".into(),
+                });
+            }
+            _ => {
+                return Err(RepoError::CannotRevert {
+                    commit: commit.into(),
+                    reason: "it is a merge commit".into(),
+                });
+            }
+        };
+        let reverted_tree = commit_tree(&repo, target)?;
+        let parent_tree = commit_tree(&repo, parent)?;
+        let subject = c
+            .message()
+            .map(|m| m.summary().to_str_lossy().into_owned())
+            .unwrap_or_default();
+        let refname = format!("refs/heads/{branch}");
+        let message = format!("Revert \"{subject}\"\n\nThis reverts commit {target}.\n");
+        self.with_cas_retry(&repo, branch, |repo, head| {
+            let Some(head) = head else {
+                return Err(RepoError::NoBranch {
+                    branch: branch.to_string(),
+                });
+            };
+            let ours = commit_tree(repo, head)?;
+            let options = repo.tree_merge_options().map_err(gix_err("merge options"))?;
+            let labels = gix::merge::blob::builtin_driver::text::Labels {
+                ancestor: Some("reverted".into()),
+                current: Some("head".into()),
+                other: Some("parent".into()),
+            };
+            let mut outcome = repo
+                .merge_trees(reverted_tree, ours, parent_tree, labels, options)
+                .map_err(gix_err("merging trees"))?;
+            if outcome.has_unresolved_conflicts(gix::merge::tree::TreatAsUnresolved::default()) {
+                return Err(RepoError::CannotRevert {
+                    commit: commit.into(),
+                    reason: "later commits conflict with it".into(),
+                });
+            }
+            let tree = outcome.tree.write().map_err(gix_err("writing tree"))?.detach();
+            validate_tree(&read_tree(repo, tree)?).map_err(RepoError::Invalid)?;
+            Ok((tree, message.clone()))
+        }, who, &refname)
+    }
+}
+
+fn signature(who: &Identity) -> gix::actor::Signature {
+    gix::actor::Signature {
+        name: who.name.as_str().into(),
+        email: who.email.as_str().into(),
+        time: gix::date::Time::now_local_or_utc(),
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish()
+}
+
+fn ref_target(repo: &gix::Repository, full: &str) -> Result<Option<ObjectId>> {
+    match repo.try_find_reference(full).map_err(gix_err(format!("reading {full}")))? {
+        None => Ok(None),
+        Some(mut r) => Ok(Some(r.peel_to_id().map_err(gix_err(format!("peeling {full}")))?.detach())),
+    }
+}
+
+fn resolve(repo: &gix::Repository, spec: &str) -> Result<ObjectId> {
+    if let Ok(id) = ObjectId::from_hex(spec.as_bytes()) {
+        if repo.find_object(id).is_ok() {
+            return Ok(id);
+        }
+        return Err(RepoError::NoCommit { commit: spec.into() });
+    }
+    let id = repo
+        .rev_parse_single(spec)
+        .map_err(|_| RepoError::NoCommit { commit: spec.into() })?;
+    Ok(id.detach())
+}
+
+fn commit_tree(repo: &gix::Repository, commit: ObjectId) -> Result<ObjectId> {
+    let c = repo.find_commit(commit).map_err(|_| RepoError::NoCommit {
+        commit: commit.to_string(),
+    })?;
+    Ok(c.tree_id().map_err(gix_err("reading commit tree"))?.detach())
+}
+
+/// Path -> blob id of every blob in a tree.
+fn flat_tree(repo: &gix::Repository, tree: ObjectId) -> Result<BTreeMap<String, ObjectId>> {
+    let tree = repo.find_tree(tree).map_err(gix_err("reading tree"))?;
+    let mut rec = gix::traverse::tree::Recorder::default();
+    tree.traverse().breadthfirst(&mut rec).map_err(gix_err("walking tree"))?;
+    Ok(rec
+        .records
+        .into_iter()
+        .filter(|e| e.mode.is_blob())
+        .map(|e| (e.filepath.to_str_lossy().into_owned(), e.oid))
+        .collect())
+}
+
+fn read_tree(repo: &gix::Repository, tree: ObjectId) -> Result<MetaTree> {
+    let mut out = MetaTree::new();
+    for (path, oid) in flat_tree(repo, tree)? {
+        let blob = repo.find_blob(oid).map_err(gix_err(format!("reading {path}")))?;
+        out.insert(path, blob.data.clone());
+    }
+    Ok(out)
+}
+
+/// The paths of a tree that are meta files (for listing).
+pub fn meta_paths(tree: &MetaTree) -> impl Iterator<Item = (&str, MetaPath)> {
+    tree.iter().filter_map(|(p, _)| MetaPath::parse(p).map(|m| (p, m)))
+}
+
+/// Re-export for callers that build paths.
+pub use layout::{deployment_path, release_path};
