@@ -1,1 +1,4 @@
-//! follower
+//! zeitwork's node agent.
+pub mod image;
+pub mod net;
+pub mod runtime;

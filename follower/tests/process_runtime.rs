@@ -1,0 +1,170 @@
+//! The `process` runtime against the real kernel: namespaces, loop-mounted
+//! ext4, veth + nftables isolation. Needs root.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use follower::runtime::process::ProcessRuntime;
+use follower::runtime::{InstanceSpec, Liveness, Runtime, RuntimeError};
+
+fn spec(id: &str, dir: &std::path::Path, image_dir: &std::path::Path, ip: std::net::Ipv6Addr, argv: &[&str]) -> InstanceSpec {
+    InstanceSpec {
+        instance_id: id.into(),
+        env: "test".into(),
+        app: "web".into(),
+        image_dir: image_dir.into(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env_vars: BTreeMap::from([("PATH".into(), "/bin".into()), ("PORT".into(), "8080".into())]),
+        workdir: "/www".into(),
+        user: "nobody".into(),
+        ip,
+        port: 8080,
+        vcpus: 1,
+        memory_mb: 64,
+        work_dir: dir.join("instances").join(id),
+    }
+}
+
+const HTTPD: &[&str] = &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"];
+
+async fn wait_serving(addr: SocketAddr) -> (u16, String) {
+    for _ in 0..200 {
+        if let Ok(r) = common::http_get(addr, "/").await {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{addr} never answered");
+}
+
+/// From inside instance `from`'s network namespace (the host's busybox, so
+/// the same network view as the app): can it open a TCP connection?
+async fn can_connect_from_ns(netns: &str, to: SocketAddr) -> bool {
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", netns, "busybox", "nc", "-w", "2", &to.ip().to_string(), &to.port().to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    out.status.success()
+}
+
+#[tokio::test]
+async fn instances_are_isolated_from_each_other_but_reachable_from_the_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let digest = common::busybox_image(&store, &common::httpd_config(8080));
+    let image_dir = common::image_dir(&store, &digest);
+    let range = common::random_range();
+    let rt = ProcessRuntime::new(&tmp.path().join("scripts"), Arc::default()).unwrap();
+
+    let id_a = format!("a{}", ulid::Ulid::new());
+    let id_b = format!("b{}", ulid::Ulid::new());
+    let a = rt.start(&spec(&id_a, tmp.path(), &image_dir, range.instance_addr(1), HTTPD)).await.unwrap();
+    let b = rt.start(&spec(&id_b, tmp.path(), &image_dir, range.instance_addr(2), HTTPD)).await.unwrap();
+    let addr_a = SocketAddr::new(a.ip.into(), 8080);
+    let addr_b = SocketAddr::new(b.ip.into(), 8080);
+
+    // The node reaches both, and they serve the image's files.
+    assert_eq!(wait_serving(addr_a).await, (200, "hello from zeitwork\n".into()));
+    assert_eq!(wait_serving(addr_b).await, (200, "hello from zeitwork\n".into()));
+
+    // Each instance reaches itself (the probe works) but not the other.
+    let ns_a = &a.extra["netns"];
+    let ns_b = &b.extra["netns"];
+    assert!(can_connect_from_ns(ns_a, addr_a).await, "the probe itself must work");
+    assert!(!can_connect_from_ns(ns_a, addr_b).await, "instance a reached instance b");
+    assert!(!can_connect_from_ns(ns_b, addr_a).await, "instance b reached instance a");
+
+    // The app runs as the image's user, in its own pid namespace, chrooted.
+    let status = std::fs::read_to_string(format!("/proc/{}/task/{}/children", a.pid, a.pid)).unwrap();
+    let unshare_pid: u32 = status.split_whitespace().next().unwrap().parse().unwrap();
+    let app_pid: u32 = std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let st = std::fs::read_to_string(format!("/proc/{app_pid}/status")).unwrap();
+    assert!(st.lines().any(|l| l.starts_with("Uid:") && l.contains("65534")), "{st}");
+    assert!(st.lines().any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")), "{st}");
+    assert_eq!(std::fs::read_link(format!("/proc/{app_pid}/root")).unwrap(), a.work_dir.join("root"));
+    // Secrets and env reach the app only through its environment.
+    let environ = std::fs::read(format!("/proc/{app_pid}/environ")).unwrap();
+    assert!(String::from_utf8_lossy(&environ).contains("PORT=8080"));
+
+    assert_eq!(rt.liveness(&a), Liveness::Running);
+    rt.stop(&a).await.unwrap();
+    assert!(matches!(rt.liveness(&a), Liveness::Exited(_)));
+    assert!(common::http_get(addr_a, "/").await.is_err(), "a still serves after stop");
+    // Stop is idempotent and leaves b alone.
+    rt.stop(&a).await.unwrap();
+    assert_eq!(wait_serving(addr_b).await.0, 200);
+    rt.stop(&b).await.unwrap();
+    let links = std::process::Command::new("ip").args(["-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains(&a.extra["host_if"]) && !links.contains(&b.extra["host_if"]), "{links}");
+}
+
+#[tokio::test]
+async fn bad_rootfs_and_instant_exit_are_reported_with_a_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let digest = common::busybox_image(&store, &common::httpd_config(8080));
+    let good = common::image_dir(&store, &digest);
+    let range = common::random_range();
+    let rt = ProcessRuntime::new(&tmp.path().join("scripts"), Arc::default()).unwrap();
+
+    // A rootfs that is not ext4 at all.
+    let corrupt = tmp.path().join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::write(corrupt.join("rootfs.ext4"), vec![0x5a; 1 << 20]).unwrap();
+    let id = format!("c{}", ulid::Ulid::new());
+    let err = rt.start(&spec(&id, tmp.path(), &corrupt, range.instance_addr(1), HTTPD)).await.unwrap_err();
+    match &err {
+        RuntimeError::StartFailed { reason, .. } => assert!(reason.contains("cannot be mounted"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // An entrypoint that exits at once.
+    let id = format!("x{}", ulid::Ulid::new());
+    let h = rt
+        .start(&spec(&id, tmp.path(), &good, range.instance_addr(2), &["/bin/busybox", "sh", "-c", "echo bye; exit 3"]))
+        .await;
+    let code = match h {
+        // It may already be gone before the supervisor is seen ready.
+        Err(RuntimeError::StartFailed { reason, .. }) => {
+            assert!(reason.contains("status 3"), "{reason}");
+            3
+        }
+        Ok(h) => {
+            let mut code = None;
+            for _ in 0..200 {
+                if let Liveness::Exited(c) = rt.liveness(&h) {
+                    code = c;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            rt.stop(&h).await.unwrap();
+            assert!(std::fs::read_to_string(h.work_dir.join("stdout.log")).unwrap().contains("bye"));
+            code.expect("exit code recorded")
+        }
+        Err(e) => panic!("unexpected {e:?}"),
+    };
+    assert_eq!(code, 3);
+
+    // An unknown user in the image.
+    let id = format!("u{}", ulid::Ulid::new());
+    let mut s = spec(&id, tmp.path(), &good, range.instance_addr(3), HTTPD);
+    s.user = "nosuchuser".into();
+    match rt.start(&s).await.unwrap_err() {
+        RuntimeError::StartFailed { reason, .. } => assert!(reason.contains("nosuchuser"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
