@@ -25,8 +25,20 @@ pub mod pb {
 
 /// A new id for a release, deployment or instance: a ULID, so ids sort by
 /// creation time and "newest present" is "largest id".
+///
+/// Ids made by one process are strictly increasing even within the same
+/// millisecond (a monotonic generator), so a release made after another in
+/// the same process is always the newer one.
 pub fn new_id() -> String {
-    ulid::Ulid::new().to_string()
+    static GEN: std::sync::Mutex<Option<ulid::Generator>> = std::sync::Mutex::new(None);
+    let mut guard = GEN.lock().unwrap_or_else(|e| e.into_inner());
+    let generator = guard.get_or_insert_with(ulid::Generator::new);
+    // Overflow of the 80 random bits within one millisecond is practically
+    // impossible; fall back to a fresh random id rather than fail.
+    generator
+        .generate()
+        .unwrap_or_else(|_| ulid::Ulid::new())
+        .to_string()
 }
 
 /// Wall-clock time in unix milliseconds. Only callers at the edges of the
