@@ -1,0 +1,198 @@
+//! `zw edge`: flags and the run loop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::feed::{self, FeedConfig};
+use crate::pki::{Ca, IssuedCert};
+use crate::proxy::{Proxy, ProxyConfig};
+use crate::routes::RouteTable;
+use crate::server::{Limits, Server};
+use crate::table::Routes;
+use crate::tls::{self, CertResolver};
+
+/// File name of the route cache inside `--data-dir`.
+pub const ROUTE_CACHE_FILE: &str = "routes.json";
+
+/// `zw edge` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Captain base URL serving `GET /v1/routes/stream`.
+    #[arg(long, env = "ZW_CAPTAIN")]
+    pub captain: Option<String>,
+    /// Bearer token for the captain.
+    #[arg(long, env = "ZW_EDGE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM file of a CA to trust for the captain's HTTPS.
+    #[arg(long)]
+    pub captain_ca: Option<PathBuf>,
+    /// Plain HTTP listen address.
+    #[arg(long, default_value = "[::]:80")]
+    pub http: SocketAddr,
+    /// HTTPS listen address (omit with --no-https).
+    #[arg(long, default_value = "[::]:443")]
+    pub https: SocketAddr,
+    /// Do not listen for HTTPS.
+    #[arg(long)]
+    pub no_https: bool,
+    /// State directory: route cache, local CA, mTLS material.
+    #[arg(long, default_value = "/var/lib/zeitwork/edge")]
+    pub data_dir: PathBuf,
+    /// Serve a static route table (JSON `RouteTable`) instead of following a
+    /// captain.
+    #[arg(long)]
+    pub routes_file: Option<PathBuf>,
+    /// Extra names (or `*.parent`) the local development CA issues for.
+    #[arg(long = "domain")]
+    pub domains: Vec<String>,
+    /// Do not issue local-CA certificates.
+    #[arg(long)]
+    pub no_local_ca: bool,
+    /// Directory with `ca.crt` (cluster CA), `edge.crt`, `edge.key` (the
+    /// edge's client certificate) for mTLS to node-proxies. Default:
+    /// `<data-dir>/mtls`.
+    #[arg(long)]
+    pub mtls_dir: Option<PathBuf>,
+    /// Most open client connections.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request head (also keep-alive idle).
+    #[arg(long, default_value_t = 30)]
+    pub header_timeout_secs: u64,
+    /// Largest request head in bytes.
+    #[arg(long, default_value_t = 32 * 1024)]
+    pub max_header_bytes: usize,
+    /// Seconds a backend has to answer with headers.
+    #[arg(long, default_value_t = 60)]
+    pub response_timeout_secs: u64,
+    /// Disable the per-request access log.
+    #[arg(long)]
+    pub no_access_log: bool,
+}
+
+/// Runs the edge until Ctrl-C / SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let routes = Arc::new(Routes::new());
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    let cache = args.data_dir.join(ROUTE_CACHE_FILE);
+
+    let mut feed_task = None;
+    if let Some(path) = &args.routes_file {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let table = RouteTable::from_json(&bytes).with_context(|| format!("route table {}", path.display()))?;
+        routes.replace(&table);
+        tracing::info!(version = table.version, routes = table.routes.len(), "serving static route table");
+    } else {
+        match feed::load_cache(&cache) {
+            Ok(Some(table)) => {
+                routes.replace(&table);
+                tracing::info!(version = table.version, "serving cached route table until the captain answers");
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!(error = %crate::proxy::error_chain(&err), "ignoring the route cache"),
+        }
+        let captain = args
+            .captain
+            .clone()
+            .context("--captain is required unless --routes-file is given")?;
+        let token = args.token.clone().context("--token (or ZW_EDGE_TOKEN) is required with --captain")?;
+        let captain_ca_pem = match &args.captain_ca {
+            Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        };
+        let cfg = FeedConfig {
+            captain,
+            token,
+            cache_path: Some(cache),
+            captain_ca_pem,
+            idle_timeout: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(10),
+        };
+        let (r, s) = (routes.clone(), shutdown.clone());
+        feed_task = Some(tokio::spawn(async move { feed::follow(cfg, r, s).await }));
+    }
+
+    let mtls_dir = args.mtls_dir.clone().unwrap_or_else(|| args.data_dir.join("mtls"));
+    let mtls = if mtls_dir.join("edge.crt").exists() {
+        let ca = std::fs::read_to_string(mtls_dir.join("ca.crt"))
+            .with_context(|| format!("reading {}/ca.crt", mtls_dir.display()))?;
+        let client = IssuedCert::load(&mtls_dir, "edge").context("loading the edge client certificate")?;
+        Some(crate::upstream::mtls_client_config(&ca, &client).context("mTLS client configuration")?)
+    } else {
+        tracing::warn!(dir = %mtls_dir.display(), "no edge client certificate; mTLS backends will answer 502");
+        None
+    };
+
+    let proxy = Proxy::new(
+        routes.clone(),
+        mtls,
+        ProxyConfig {
+            response_timeout: Duration::from_secs(args.response_timeout_secs),
+            access_log: !args.no_access_log,
+            ..ProxyConfig::default()
+        },
+    );
+    let limits = Limits {
+        max_connections: args.max_connections,
+        header_timeout: Duration::from_secs(args.header_timeout_secs),
+        max_header_bytes: args.max_header_bytes,
+        ..Limits::default()
+    };
+    let server = Server::new(proxy, limits, shutdown.clone());
+
+    let http = TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("binding HTTP {}", args.http))?;
+    tracing::info!(addr = %http.local_addr()?, "edge listening (HTTP)");
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let s = server.clone();
+        tasks.spawn(async move { s.serve_http(http).await });
+    }
+    if !args.no_https {
+        let local_ca = if args.no_local_ca {
+            None
+        } else {
+            Some(Ca::load_or_create(&args.data_dir.join("local-ca"), "zeitwork local development CA").context("local CA")?)
+        };
+        let resolver = CertResolver::new(routes.clone(), local_ca, args.domains.clone());
+        let tls_cfg = tls::server_config(resolver)?;
+        let https = TcpListener::bind(args.https)
+            .await
+            .with_context(|| format!("binding HTTPS {}", args.https))?;
+        tracing::info!(addr = %https.local_addr()?, "edge listening (HTTPS)");
+        let s = server.clone();
+        tasks.spawn(async move { s.serve_https(https, tls_cfg).await });
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    if let Some(t) = feed_task {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
