@@ -1,1 +1,46 @@
-fn main() {}
+//! `zw`: the one binary of zeitwork. Each subcommand dispatches into its
+//! crate; this file only parses arguments and sets up logging.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod meta_cmd;
+
+#[derive(Parser)]
+#[command(name = "zw", version, about = "zeitwork: git-driven microVM platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with a meta repository: init, validate, decode, log, revert.
+    #[command(subcommand)]
+    Meta(meta_cmd::MetaCommand),
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ZW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Meta(cmd) => meta_cmd::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
