@@ -1,0 +1,74 @@
+//! `zw captain`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::{Captain, Config};
+
+/// Run the control plane: REST API, mirror database, meta repository.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Directory of the embedded database, the meta repository and admin.token.
+    #[arg(long, env = "ZW_DATA_DIR")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// postgres://... to use Postgres; default: SQLite file in the data dir.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Bare meta repository path, or a git URL to follow as origin.
+    #[arg(long)]
+    pub meta_repo: Option<String>,
+    /// Domains of a new env's apps (<app>.<domain>).
+    #[arg(long = "platform-domain", default_value = "localhost")]
+    pub platform_domains: Vec<String>,
+    /// Seconds between re-reads of the meta repository (and origin fetches).
+    #[arg(long, default_value_t = 10)]
+    pub poll_interval_secs: u64,
+    /// Expected node heartbeat interval in seconds; 3 missed = offline.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_interval_secs: u64,
+    #[arg(long, env = "ZW_GITHUB_WEBHOOK_SECRET", hide_env_values = true)]
+    pub github_webhook_secret: Option<String>,
+    #[arg(long, env = "ZW_GITHUB_CLIENT_ID")]
+    pub github_client_id: Option<String>,
+    #[arg(long, env = "ZW_GITHUB_CLIENT_SECRET", hide_env_values = true)]
+    pub github_client_secret: Option<String>,
+}
+
+impl Args {
+    pub fn config(&self) -> Config {
+        let mut c = Config::new(&self.data_dir);
+        c.listen = self.listen;
+        c.database_url = self.database_url.clone();
+        c.meta_repo = self.meta_repo.clone();
+        c.platform_domains = self.platform_domains.clone();
+        c.poll_interval = Duration::from_secs(self.poll_interval_secs.max(1));
+        c.heartbeat_interval = Duration::from_secs(self.heartbeat_interval_secs.max(1));
+        c.github_webhook_secret = self.github_webhook_secret.clone();
+        c.github_client_id = self.github_client_id.clone();
+        c.github_client_secret = self.github_client_secret.clone();
+        c
+    }
+}
+
+/// Run the captain until Ctrl-C / SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let config = args.config();
+    let token_path = config.admin_token_path();
+    let captain = Captain::start(config).await.context("starting the captain")?;
+    if captain.admin_token().is_some() {
+        println!("admin API token written to {}", token_path.display());
+    }
+    println!("captain listening on http://{}", captain.local_addr());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    captain.shutdown().await;
+    Ok(())
+}

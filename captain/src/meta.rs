@@ -1,0 +1,483 @@
+//! The captain's side of the meta repository: writing desired state as
+//! commits, following an external origin, and the mirror that indexes the
+//! repository into the database.
+//!
+//! The repository is the truth; the database is an index of it. Each sync
+//! reads the branch head, and (when the head moved since the last sync)
+//! rebuilds projects, apps and release rows from the head's tree, marks
+//! releases no longer present (reverted or removed) and records every
+//! commit in `meta_commits`. Syncs are serialised and idempotent: running
+//! one twice, or after wiping the database, gives the same rows.
+//!
+//! How projects live in the repository: a project *is* a git source (repo
+//! URL + branch). Each Release records it in `source`, the project id is a
+//! hash of (repo, branch) and the app -> project link is rebuilt from the
+//! newest release of the app. A project or app without any release is not
+//! desired state (nothing runs for it) and lives only in the database.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use meta_schema::MetaTree;
+use meta_schema::pb;
+use meta_schema::repo::{ChangeSet, DEFAULT_BRANCH, LogFilter, MetaRepo, RepoError};
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::db::{AppRow, CommitRow, Db, DbError, DeploymentRow, ProjectRow};
+use crate::status::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("meta repository: {op}")]
+    Repo {
+        op: String,
+        #[source]
+        source: RepoError,
+    },
+    #[error("meta repository task panicked or was cancelled")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("git {op} failed: {detail}")]
+    Git { op: String, detail: String },
+    #[error("the meta repository head {commit} is invalid: {errors}")]
+    InvalidHead {
+        commit: String,
+        errors: meta_schema::validate::ValidationErrors,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl MetaError {
+    /// The repository error underneath, if any.
+    pub fn repo_error(&self) -> Option<&RepoError> {
+        match self {
+            MetaError::Repo { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn repo_err(op: impl Into<String>) -> impl FnOnce(RepoError) -> MetaError {
+    let op = op.into();
+    move |source| MetaError::Repo { op, source }
+}
+
+/// Where the meta repository is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaLocation {
+    /// A bare repository on this machine (created if absent).
+    Local(PathBuf),
+    /// An external git server the captain follows as origin; the captain
+    /// keeps a bare clone at the path and pushes its commits there.
+    Remote { url: String, clone: PathBuf },
+}
+
+impl MetaLocation {
+    /// `--meta-repo` as given: a URL (scheme://) or a path; none = `D/meta.git`.
+    pub fn from_arg(arg: Option<&str>, data_dir: &Path) -> MetaLocation {
+        match arg {
+            Some(a) if a.contains("://") => MetaLocation::Remote {
+                url: a.to_string(),
+                clone: data_dir.join("meta-origin.git"),
+            },
+            Some(a) => MetaLocation::Local(PathBuf::from(a)),
+            None => MetaLocation::Local(data_dir.join("meta.git")),
+        }
+    }
+}
+
+/// The meta repository as the captain uses it.
+pub struct MetaStore {
+    repo: MetaRepo,
+    origin: Option<String>,
+    envs: Mutex<BTreeSet<String>>,
+    /// Serialises fetch-commit-push against an origin, and mirror syncs.
+    write_lock: tokio::sync::Mutex<()>,
+    sync_lock: tokio::sync::Mutex<()>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, MetaError> + Send + 'static) -> Result<T, MetaError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+fn git(git_dir: &Path, args: &[&str]) -> Result<String, MetaError> {
+    let out = Command::new("git")
+        .arg("--git-dir")
+        .arg(git_dir)
+        .args(args)
+        .output()
+        .map_err(|e| MetaError::Git {
+            op: args.first().copied().unwrap_or("").to_string(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(MetaError::Git {
+            op: args.join(" "),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl MetaStore {
+    /// Open (or create) the repository of `location`. Blocking.
+    pub fn open(location: &MetaLocation) -> Result<MetaStore, MetaError> {
+        let (repo, origin) = match location {
+            MetaLocation::Local(path) => (
+                MetaRepo::open_or_init(path).map_err(repo_err(format!("opening {}", path.display())))?,
+                None,
+            ),
+            MetaLocation::Remote { url, clone } => {
+                if !clone.join("HEAD").exists() {
+                    std::fs::create_dir_all(clone).map_err(|e| MetaError::Git {
+                        op: format!("creating {}", clone.display()),
+                        detail: e.to_string(),
+                    })?;
+                    git(clone, &["init", "--bare", "--quiet", "--initial-branch", DEFAULT_BRANCH])?;
+                }
+                let repo = MetaRepo::open(clone).map_err(repo_err(format!("opening {}", clone.display())))?;
+                (repo, Some(url.clone()))
+            }
+        };
+        let store = MetaStore {
+            repo,
+            origin,
+            envs: Mutex::new(BTreeSet::new()),
+            write_lock: tokio::sync::Mutex::new(()),
+            sync_lock: tokio::sync::Mutex::new(()),
+        };
+        if store.origin.is_some() {
+            store.follow_origin_blocking()?;
+        }
+        Ok(store)
+    }
+
+    pub fn git_dir(&self) -> PathBuf {
+        self.repo.git_dir()
+    }
+
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
+    }
+
+    /// Fetch the origin and fast-forward the local branch to it. Blocking.
+    fn follow_origin_blocking(&self) -> Result<bool, MetaError> {
+        let Some(url) = &self.origin else { return Ok(false) };
+        let fetched = self
+            .repo
+            .fetch(url, DEFAULT_BRANCH)
+            .map_err(repo_err(format!("fetching {url}")))?;
+        let Some(fetched) = fetched else { return Ok(false) };
+        let local = self.repo.head(DEFAULT_BRANCH).map_err(repo_err("reading head"))?;
+        match local {
+            Some(l) if l == fetched => Ok(false),
+            Some(l) => {
+                if self.repo.is_ancestor(&l, &fetched).map_err(repo_err("comparing heads"))? {
+                    git(&self.repo.git_dir(), &["update-ref", "refs/heads/main", &fetched, &l])?;
+                    Ok(true)
+                } else {
+                    tracing::warn!(local = %l, origin = %fetched, "origin of the meta repository does not descend from the local head; not following");
+                    Ok(false)
+                }
+            }
+            None => {
+                git(&self.repo.git_dir(), &["update-ref", "refs/heads/main", &fetched])?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Follow the origin (no-op for a local repository).
+    pub async fn follow_origin(self: &std::sync::Arc<Self>) -> Result<bool, MetaError> {
+        if self.origin.is_none() {
+            return Ok(false);
+        }
+        let _g = self.write_lock.lock().await;
+        let me = self.clone();
+        blocking(move || me.follow_origin_blocking()).await
+    }
+
+    pub async fn head(self: &std::sync::Arc<Self>) -> Result<Option<String>, MetaError> {
+        let me = self.clone();
+        blocking(move || me.repo.head(DEFAULT_BRANCH).map_err(repo_err("reading head"))).await
+    }
+
+    pub async fn tree(self: &std::sync::Arc<Self>, commit: String) -> Result<MetaTree, MetaError> {
+        let me = self.clone();
+        blocking(move || me.repo.tree_at(&commit).map_err(repo_err(format!("reading tree of {commit}")))).await
+    }
+
+    /// Commit `changes` to the branch (and push it to the origin when
+    /// following one). Returns the commit id.
+    pub async fn commit(self: &std::sync::Arc<Self>, changes: ChangeSet, message: String) -> Result<String, MetaError> {
+        let me = self.clone();
+        if self.origin.is_none() {
+            let c = blocking(move || me.repo.commit(DEFAULT_BRANCH, &changes, &message).map_err(repo_err("committing")))
+                .await?;
+            crate::metrics::commit_written();
+            return Ok(c);
+        }
+        let _g = self.write_lock.lock().await;
+        let c = blocking(move || {
+            me.follow_origin_blocking()?;
+            let before = me.repo.head(DEFAULT_BRANCH).map_err(repo_err("reading head"))?;
+            let c = me
+                .repo
+                .commit(DEFAULT_BRANCH, &changes, &message)
+                .map_err(repo_err("committing"))?;
+            let url = me.origin.clone().unwrap_or_default();
+            if let Err(e) = me.repo.push(&url, DEFAULT_BRANCH) {
+                // Undo the local commit so the clone keeps following origin.
+                let mut args = vec!["update-ref", "refs/heads/main"];
+                let b = before.clone().unwrap_or_default();
+                if before.is_some() {
+                    args.push(&b);
+                    args.push(&c);
+                    git(&me.repo.git_dir(), &args)?;
+                }
+                return Err(MetaError::Repo {
+                    op: format!("pushing to {url}"),
+                    source: e,
+                });
+            }
+            Ok(c)
+        })
+        .await?;
+        crate::metrics::commit_written();
+        Ok(c)
+    }
+
+    /// Make sure `envs/<env>/env.pb` exists, committing it when absent.
+    pub async fn ensure_env(self: &std::sync::Arc<Self>, env: &str, domains: &[String]) -> Result<(), MetaError> {
+        if self.envs.lock().map(|s| s.contains(env)).unwrap_or(false) {
+            return Ok(());
+        }
+        let path = meta_schema::layout::env_path(env);
+        let exists = match self.head().await? {
+            Some(h) => self.tree(h).await?.contains(&path),
+            None => false,
+        };
+        if !exists {
+            let doc = pb::Env {
+                name: env.to_string(),
+                domains: domains.to_vec(),
+                regions: vec![],
+                age_recipients: vec![],
+            };
+            match self
+                .commit(ChangeSet::new().add(path, doc.encode_to_vec()), format!("Create env {env}"))
+                .await
+            {
+                Ok(_) => {}
+                Err(MetaError::Repo {
+                    source: RepoError::AlreadyExists { .. },
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Ok(mut s) = self.envs.lock() {
+            s.insert(env.to_string());
+        }
+        Ok(())
+    }
+
+    /// Release files of one app at the head.
+    pub async fn release_paths(self: &std::sync::Arc<Self>, env: &str, app: &str) -> Result<Vec<String>, MetaError> {
+        let Some(h) = self.head().await? else { return Ok(vec![]) };
+        let prefix = format!("{}/releases/", meta_schema::layout::app_dir(env, app));
+        Ok(self
+            .tree(h)
+            .await?
+            .iter()
+            .filter(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, _)| p.to_string())
+            .collect())
+    }
+}
+
+/// The id of the project of a git source.
+pub fn project_id(repo: &str, branch: &str) -> String {
+    let h = Sha256::digest(format!("{repo}\n{branch}").as_bytes());
+    format!("prj-{}", &hex::encode(h)[..20])
+}
+
+/// The id of an app: `<name>.<env>` (both DNS labels).
+pub fn app_id(env: &str, name: &str) -> String {
+    format!("{name}.{env}")
+}
+
+/// A project name for a source seen only in the repository: the last path
+/// segment of the repo URL without `.git`, as a DNS label.
+pub fn derived_project_name(repo: &str) -> String {
+    let last = repo
+        .trim_end_matches('/')
+        .rsplit(['/', ':'])
+        .next()
+        .unwrap_or("")
+        .trim_end_matches(".git")
+        .to_ascii_lowercase();
+    let cleaned: String = last
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let cleaned = cleaned.trim_matches('-').chars().take(63).collect::<String>();
+    if cleaned.is_empty() {
+        "unlinked".into()
+    } else {
+        cleaned
+    }
+}
+
+/// The status a release row starts with: what its rollouts in the repo say,
+/// else `starting` when its image is known, else `pending`.
+pub async fn initial_status(
+    db: &Db,
+    release: &pb::Release,
+    rollouts: &[&pb::Deployment],
+) -> Result<(Status, String), DbError> {
+    if let Some(d) = rollouts.iter().filter(|d| d.release.as_ref().is_some_and(|r| r.id == release.id)).max_by(|a, b| a.id.cmp(&b.id)) {
+        return Ok(match pb::DeploymentState::try_from(d.state).unwrap_or(pb::DeploymentState::Unspecified) {
+            pb::DeploymentState::Promoted => (Status::Running, String::new()),
+            pb::DeploymentState::Failed => (Status::Failed, d.reason.clone()),
+            _ => (Status::Starting, String::new()),
+        });
+    }
+    if !release.image_digest.is_empty() && db.image(&release.image_digest).await?.is_some() {
+        return Ok((Status::Starting, String::new()));
+    }
+    Ok((Status::Pending, String::new()))
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub head: Option<String>,
+    pub changed: bool,
+    pub releases: usize,
+    pub commits_indexed: usize,
+    pub marked_absent: usize,
+}
+
+const MIRROR_HEAD: &str = "mirror_head";
+
+/// Index the head of the meta repository into the database.
+pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncReport, MetaError> {
+    let _g = store.sync_lock.lock().await;
+    let Some(head) = store.head().await? else {
+        return Ok(SyncReport::default());
+    };
+    if db.setting(MIRROR_HEAD).await?.as_deref() == Some(head.as_str()) && db.commit_indexed(&head).await? {
+        return Ok(SyncReport {
+            head: Some(head),
+            ..Default::default()
+        });
+    }
+    let now = meta_schema::now_millis();
+    let (tree, log) = {
+        let me = store.clone();
+        let h = head.clone();
+        blocking(move || {
+            let tree = me.repo.tree_at(&h).map_err(repo_err("reading the head tree"))?;
+            let log = me.repo.log(DEFAULT_BRANCH, &LogFilter::default()).map_err(repo_err("reading history"))?;
+            Ok((tree, log))
+        })
+        .await?
+    };
+    let loaded = meta_schema::validate::load(&tree).map_err(|errors| MetaError::InvalidHead {
+        commit: head.clone(),
+        errors,
+    })?;
+    let mut report = SyncReport {
+        head: Some(head.clone()),
+        changed: true,
+        ..Default::default()
+    };
+    let empty = BTreeMap::new();
+    let mut present = BTreeSet::new();
+    for ((env, app), releases) in &loaded.releases {
+        let Some((_, newest)) = releases.last_key_value() else { continue };
+        let src = newest.source.clone().unwrap_or_default();
+        let pid = project_id(&src.repo, &src.branch);
+        db.insert_project(&ProjectRow {
+            id: pid.clone(),
+            name: derived_project_name(&src.repo),
+            repo: src.repo.clone(),
+            branch: src.branch.clone(),
+            created_at: newest.created_at,
+        })
+        .await?;
+        let aid = app_id(env, app);
+        let first = releases.first_key_value().map(|(_, r)| r.created_at).unwrap_or(now);
+        db.ensure_app(&AppRow {
+            id: aid.clone(),
+            project_id: pid.clone(),
+            env: env.clone(),
+            name: app.clone(),
+            created_at: first,
+        })
+        .await?;
+        let rollouts: Vec<&pb::Deployment> = loaded
+            .deployments
+            .get(&(env.clone(), app.clone()))
+            .unwrap_or(&empty)
+            .values()
+            .collect();
+        for (id, rel) in releases {
+            let (status, reason) = initial_status(db, rel, &rollouts).await?;
+            let rsrc = rel.source.clone().unwrap_or_default();
+            db.upsert_deployment(&DeploymentRow {
+                id: id.clone(),
+                app_id: aid.clone(),
+                project_id: project_id(&rsrc.repo, &rsrc.branch),
+                env: env.clone(),
+                app: app.clone(),
+                image_digest: rel.image_digest.clone(),
+                source_commit: rsrc.commit.clone(),
+                min_instances: i64::from(rel.instances()),
+                status: status.as_str().to_string(),
+                reason,
+                present: true,
+                commit_id: head.clone(),
+                created_at: rel.created_at,
+                updated_at: now,
+            })
+            .await?;
+            present.insert(id.clone());
+            report.releases += 1;
+        }
+    }
+    for id in db.present_deployment_ids().await? {
+        if !present.contains(&id) {
+            db.set_deployment_present(&id, false, now).await?;
+            report.marked_absent += 1;
+        }
+    }
+    let mut head_time = now / 1000;
+    for e in &log {
+        if e.commit == head {
+            head_time = e.time;
+        }
+        let fresh = db
+            .insert_commit(
+                &CommitRow {
+                    id: e.commit.clone(),
+                    message: e.message.clone(),
+                    author: e.author.clone(),
+                    time: e.time,
+                },
+                now,
+            )
+            .await?;
+        if fresh {
+            report.commits_indexed += 1;
+        }
+    }
+    db.set_setting(MIRROR_HEAD, &head).await?;
+    crate::metrics::mirror_synced(now / 1000 - head_time);
+    tracing::info!(head = %head, releases = report.releases, commits = report.commits_indexed, absent = report.marked_absent, "meta repository indexed");
+    Ok(report)
+}

@@ -1,0 +1,113 @@
+-- Captain mirror database (SQLite). Same tables and column names as
+-- migrations/postgres: times are unix milliseconds (INTEGER), ids TEXT, flags
+-- INTEGER 0/1, so one set of queries runs on both through sqlx's Any driver.
+
+CREATE TABLE tokens (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,          -- admin | user | node
+    name        TEXT NOT NULL,
+    hash        TEXT NOT NULL UNIQUE,   -- hex sha256 of the secret token
+    node_id     TEXT,
+    created_at  INTEGER NOT NULL,
+    revoked_at  INTEGER
+);
+
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+CREATE TABLE projects (
+    id          TEXT PRIMARY KEY,       -- derived from (repo, branch)
+    name        TEXT NOT NULL,
+    repo        TEXT NOT NULL,
+    branch      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    UNIQUE (repo, branch)
+);
+
+CREATE TABLE apps (
+    id          TEXT PRIMARY KEY,       -- <name>.<env>
+    project_id  TEXT NOT NULL,
+    env         TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    UNIQUE (env, name)
+);
+CREATE INDEX apps_project ON apps (project_id);
+
+-- One row per Release file of the meta repo (id = release id).
+CREATE TABLE deployments (
+    id             TEXT PRIMARY KEY,
+    app_id         TEXT NOT NULL,
+    project_id     TEXT NOT NULL,
+    env            TEXT NOT NULL,
+    app            TEXT NOT NULL,
+    image_digest   TEXT NOT NULL,
+    source_commit  TEXT NOT NULL,
+    min_instances  INTEGER NOT NULL,
+    status         TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    present        INTEGER NOT NULL,     -- 1 while the release file is at the head
+    commit_id      TEXT NOT NULL,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL
+);
+CREATE INDEX deployments_app ON deployments (app_id, id);
+
+CREATE TABLE nodes (
+    id                 TEXT PRIMARY KEY,
+    address            TEXT NOT NULL,
+    region             TEXT NOT NULL,
+    cpus               INTEGER NOT NULL,
+    memory_bytes       INTEGER NOT NULL,
+    disk_bytes         INTEGER NOT NULL,
+    age_recipient      TEXT NOT NULL,
+    api_url            TEXT NOT NULL,
+    proxy_addr         TEXT NOT NULL,
+    state              TEXT NOT NULL,
+    memory_used_bytes  INTEGER NOT NULL,
+    instances          INTEGER NOT NULL,
+    last_seen          INTEGER NOT NULL,
+    registered_at      INTEGER NOT NULL
+);
+
+CREATE TABLE instances (
+    id          TEXT PRIMARY KEY,
+    node_id     TEXT NOT NULL,
+    env         TEXT NOT NULL,
+    app         TEXT NOT NULL,
+    rollout_id  TEXT NOT NULL,
+    release_id  TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    address     TEXT NOT NULL,
+    port        INTEGER NOT NULL,
+    attempts    INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE INDEX instances_release ON instances (release_id, state);
+
+CREATE TABLE images (
+    id             TEXT PRIMARY KEY,
+    digest         TEXT NOT NULL UNIQUE,
+    size_bytes     INTEGER NOT NULL,
+    source_commit  TEXT NOT NULL,
+    created_at     INTEGER NOT NULL
+);
+
+CREATE TABLE waitlist (
+    id          TEXT PRIMARY KEY,
+    email       TEXT NOT NULL UNIQUE,
+    created_at  INTEGER NOT NULL
+);
+
+-- Every meta repo commit the mirror has seen, by commit id.
+CREATE TABLE meta_commits (
+    id          TEXT PRIMARY KEY,
+    message     TEXT NOT NULL,
+    author      TEXT NOT NULL,
+    time        INTEGER NOT NULL,
+    indexed_at  INTEGER NOT NULL
+);
