@@ -1,4 +1,385 @@
-//! zeitwork's node agent.
+//! zeitwork's node agent: follows the meta repository, reconciles the
+//! instances of this node through a [`runtime::Runtime`], health-checks
+//! them, reports to the captain and serves the node API.
+//!
+//! Entry points: [`cli::run`] for `zw follower`, [`Follower::start`] for
+//! tests and `zw up`. Code map:
+//! - [`follow`]: fetch the meta repo (gix), never move backwards.
+//! - [`reconciler`]: the level-triggered loop and its ledger of instances.
+//! - [`runtime`]: drivers (`process` here; qemu/firecracker beside it).
+//! - [`net`]: per-instance netns, IPv6 addresses, isolation.
+//! - [`image`], [`health`], [`logs`], [`captain`], [`api`], [`ledger`].
+
+pub mod api;
+pub mod captain;
+pub mod cli;
+pub mod follow;
+pub mod health;
 pub mod image;
+pub mod ledger;
+pub mod logs;
 pub mod net;
+pub mod reconciler;
 pub mod runtime;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, watch};
+
+use crate::captain::{Captain, HttpCaptain, NoCaptain, NodeRegistration};
+use crate::follow::{FollowState, MetaDesiredSource, MetaFollower};
+use crate::image::{ImageSource, LocalDirImageSource};
+use crate::net::InstanceRange;
+use crate::reconciler::{Reconciler, ReconcilerConfig, ReconcilerHandle};
+use crate::runtime::{Runtime, RuntimeChoice};
+
+/// Everything a follower needs; [`FollowerConfig::new`] fills defaults.
+#[derive(Clone)]
+pub struct FollowerConfig {
+    pub data_dir: PathBuf,
+    /// Default: generated once and kept in `<data_dir>/node-id`.
+    pub node_id: Option<String>,
+    pub region: String,
+    /// Address the captain and edge reach this node at. Default: the API's
+    /// listen IP.
+    pub address: Option<String>,
+    pub api_listen: SocketAddr,
+    /// Captain base URL; `None` runs standalone (no reports).
+    pub captain_url: Option<String>,
+    /// Token for the captain's API; also accepted on the node API.
+    pub token: String,
+    /// Meta repository URL or path, and its branch.
+    pub meta_repo: String,
+    pub branch: String,
+    pub runtime: RuntimeChoice,
+    /// Default: derived from the node id.
+    pub instance_range: Option<InstanceRange>,
+    /// Default: the object-store layout under `<data_dir>/store`.
+    pub images: Option<Arc<dyn ImageSource>>,
+    pub poll_interval: Duration,
+    pub reconcile_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub start_timeout: Duration,
+}
+
+impl FollowerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, meta_repo: impl Into<String>) -> Self {
+        FollowerConfig {
+            data_dir: data_dir.into(),
+            node_id: None,
+            region: "local".into(),
+            address: None,
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            captain_url: None,
+            token: String::new(),
+            meta_repo: meta_repo.into(),
+            branch: "main".into(),
+            runtime: RuntimeChoice::Auto,
+            instance_range: None,
+            images: None,
+            poll_interval: Duration::from_secs(5),
+            reconcile_interval: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_secs(10),
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FollowerError {
+    #[error("preparing {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("choosing the runtime")]
+    Runtime(#[from] runtime::RuntimeError),
+    #[error("following the meta repository")]
+    Follow(#[from] follow::FollowError),
+    #[error("starting the reconciler")]
+    Reconciler(#[from] reconciler::ReconcilerError),
+    #[error("binding the node API on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running follower.
+pub struct Follower {
+    pub node_id: String,
+    /// Where the node API listens.
+    pub api_addr: SocketAddr,
+    /// The node's own API token.
+    pub node_token: String,
+    pub runtime_reason: String,
+    pub reconciler: ReconcilerHandle,
+    pub follow: watch::Receiver<FollowState>,
+    /// Wakes the meta follower (what `POST /v1/notify` does).
+    pub notify: Arc<Notify>,
+    runtime: Arc<dyn Runtime>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Reads `<data_dir>/<name>`, or writes `make()` there (mode 0600) first.
+fn persistent_value(data_dir: &std::path::Path, name: &str, make: impl FnOnce() -> String) -> Result<String, FollowerError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(name);
+    let err = |source| FollowerError::DataDir { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let v = make();
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(v.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(v)
+}
+
+impl Follower {
+    /// Starts following, reconciling, reporting and serving. Instances the
+    /// ledger in `data_dir` knows and that still run are adopted.
+    pub async fn start(cfg: FollowerConfig) -> Result<Follower, FollowerError> {
+        let data = cfg.data_dir.clone();
+        std::fs::create_dir_all(&data).map_err(|source| FollowerError::DataDir { path: data.clone(), source })?;
+        let node_id = match &cfg.node_id {
+            Some(id) => id.clone(),
+            None => persistent_value(&data, "node-id", || ulid::Ulid::new().to_string())?,
+        };
+        let node_token =
+            persistent_value(&data, "node-token", || format!("zwn_{}{}", ulid::Ulid::new(), ulid::Ulid::new()))?;
+        let range = cfg.instance_range.unwrap_or_else(|| InstanceRange::for_node(&node_id));
+
+        let activate = Arc::new(Notify::new());
+        let notify = Arc::new(Notify::new());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let (runtime, runtime_reason) = runtime::choose(cfg.runtime, &data.join("scripts"), activate.clone())?;
+        tracing::info!(node = %node_id, runtime = runtime.name(), "{runtime_reason}");
+
+        let follower = MetaFollower::open(
+            &data.join("meta.git"),
+            &data.join("ledger").join("follow.json"),
+            &cfg.meta_repo,
+            &cfg.branch,
+        )?;
+        let follow = follower.subscribe();
+        let desired = Arc::new(MetaDesiredSource {
+            repo: follower.repo().clone(),
+            node_id: node_id.clone(),
+            follow: follow.clone(),
+        });
+
+        let captain: Arc<dyn Captain> = match &cfg.captain_url {
+            Some(url) => Arc::new(HttpCaptain::new(url, &cfg.token)),
+            None => Arc::new(NoCaptain),
+        };
+        let images: Arc<dyn ImageSource> =
+            cfg.images.clone().unwrap_or_else(|| Arc::new(LocalDirImageSource::new(data.join("store"))));
+
+        let mut rcfg = ReconcilerConfig::new(&node_id, &data, range);
+        rcfg.start_timeout = cfg.start_timeout;
+        let rec = Reconciler::new(rcfg, desired, runtime.clone(), images, captain.clone())?;
+        let (reconciler, rec_task) =
+            reconciler::spawn(rec, cfg.reconcile_interval, activate.clone(), shutdown_rx.clone());
+        let follow_task =
+            follow::spawn(follower, cfg.poll_interval, notify.clone(), activate.clone(), shutdown_rx.clone());
+
+        let listener = tokio::net::TcpListener::bind(cfg.api_listen)
+            .await
+            .map_err(|source| FollowerError::Bind { addr: cfg.api_listen, source })?;
+        let api_addr = listener.local_addr().map_err(|source| FollowerError::Bind { addr: cfg.api_listen, source })?;
+        let address = cfg.address.clone().unwrap_or_else(|| api_addr.ip().to_string());
+        let api_url = match api_addr {
+            SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
+            SocketAddr::V4(a) => format!("http://{a}"),
+        };
+        let state = Arc::new(api::ApiState {
+            info: api::NodeInfo {
+                id: node_id.clone(),
+                region: cfg.region.clone(),
+                address: address.clone(),
+                api_url: api_url.clone(),
+                runtime: runtime.name().to_string(),
+                runtime_reason: runtime_reason.clone(),
+                instance_range: range.to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            tokens: ArcSwap::from_pointee(vec![cfg.token.clone(), node_token.clone()]),
+            reconciler: reconciler.clone(),
+            follow: follow.clone(),
+            notify: notify.clone(),
+            data_dir: data.clone(),
+        });
+        let mut api_shutdown = shutdown_rx.clone();
+        let api_task = tokio::spawn({
+            let state = state.clone();
+            async move {
+                let r = axum::serve(listener, api::router(state))
+                    .with_graceful_shutdown(async move {
+                        let _ = api_shutdown.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "node API stopped");
+                }
+            }
+        });
+
+        let reg = NodeRegistration {
+            id: node_id.clone(),
+            address,
+            region: cfg.region.clone(),
+            cpus: 0,
+            memory_bytes: 0,
+            disk_bytes: 0,
+            age_recipient: String::new(),
+            api_url,
+            proxy_addr: String::new(),
+        };
+        let hb_task = tokio::spawn(heartbeats(
+            captain,
+            reg,
+            data.clone(),
+            cfg.heartbeat_interval,
+            state,
+            reconciler.instances.clone(),
+            follow.clone(),
+            shutdown_rx,
+        ));
+
+        Ok(Follower {
+            node_id,
+            api_addr,
+            node_token,
+            runtime_reason,
+            reconciler,
+            follow,
+            notify,
+            runtime,
+            shutdown,
+            tasks: vec![rec_task, follow_task, api_task, hb_task],
+        })
+    }
+
+    /// Stops the follower's own tasks. Instances keep running (a follower
+    /// restart or upgrade must not take apps down); the next follower on the
+    /// same data dir adopts them.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Stops the follower and every instance its ledger knows: decommission
+    /// of a node, and cleanup in tests.
+    pub async fn shutdown_and_stop_instances(self) {
+        let records: Vec<_> = self.reconciler.instances.borrow().values().cloned().collect();
+        let runtime = self.runtime.clone();
+        self.shutdown.send_replace(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        for r in records {
+            let result = match &r.handle {
+                Some(h) => runtime.stop(h).await,
+                None => runtime.reclaim(&r.instance_id, &r.work_dir).await,
+            };
+            if let Err(e) = result {
+                tracing::error!(instance = %r.instance_id, error = %e, "stopping at shutdown");
+            }
+        }
+    }
+}
+
+/// Registers with the captain (retrying with backoff until it answers),
+/// then sends a heartbeat with resources and meta status on `interval`.
+#[allow(clippy::too_many_arguments)]
+async fn heartbeats(
+    captain: Arc<dyn Captain>,
+    mut reg: NodeRegistration,
+    data_dir: PathBuf,
+    interval: Duration,
+    api: Arc<api::ApiState>,
+    instances: watch::Receiver<std::collections::BTreeMap<String, reconciler::InstanceRecord>>,
+    follow: watch::Receiver<FollowState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let res = {
+        let d = data_dir.clone();
+        tokio::task::spawn_blocking(move || captain::node_resources(&d, 0)).await.unwrap_or_default()
+    };
+    reg.cpus = res.cpus;
+    reg.memory_bytes = res.memory_bytes;
+    reg.disk_bytes = res.disk_bytes;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match captain.register(&reg).await {
+            Ok(r) => {
+                if !r.token.is_empty() {
+                    let mut t = (**api.tokens.load()).clone();
+                    t.push(r.token);
+                    api.tokens.store(Arc::new(t));
+                }
+                tracing::info!(node = %reg.id, "registered with the captain");
+                break;
+            }
+            Err(e) => tracing::warn!(error = %follow::error_chain(&e), "registration failed; retrying in {delay:?}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+    loop {
+        let n = instances.borrow().values().filter(|r| r.handle.is_some()).count() as u32;
+        let d = data_dir.clone();
+        let resources = tokio::task::spawn_blocking(move || captain::node_resources(&d, n)).await.unwrap_or_default();
+        let f = follow.borrow().clone();
+        let hb = captain::Heartbeat {
+            state: "online".into(),
+            resources,
+            meta: captain::MetaStatus {
+                applied_commit: f.applied,
+                refused_commit: f.refused,
+                refused_reason: f.refused_reason,
+            },
+        };
+        if let Err(e) = captain.heartbeat(&reg.id, &hb).await {
+            tracing::warn!(error = %follow::error_chain(&e), "heartbeat failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}

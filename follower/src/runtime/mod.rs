@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub mod process;
+pub mod qemu;
 
 /// Everything a driver needs to start one instance. Built by the reconciler
 /// from the desired state and the image fetched from the object store.
@@ -130,4 +131,66 @@ pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
 /// `start_ticks`?
 pub fn pid_is(pid: u32, start_ticks: u64) -> bool {
     matches!(proc_stat(pid), Some((state, start)) if start == start_ticks && state != 'Z' && state != 'X')
+}
+
+/// Which driver to run instances with (`--runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeChoice {
+    /// firecracker, else qemu, else process.
+    #[default]
+    Auto,
+    Firecracker,
+    Qemu,
+    Process,
+}
+
+/// Probes of the VM drivers compiled into this follower, in order of
+/// preference. A driver that is not built in says so as its reason.
+fn vm_driver_probes() -> Vec<(&'static str, Result<(), String>)> {
+    vec![
+        ("firecracker", Err("the firecracker driver is not built into this follower".into())),
+        ("qemu", Err("the qemu driver is not built into this follower".into())),
+    ]
+}
+
+/// Picks and builds the runtime; returns it with a sentence saying why it
+/// was chosen (logged, and shown in `GET /v1/node/info`).
+pub fn choose(
+    choice: RuntimeChoice,
+    scripts_dir: &Path,
+    on_exit: std::sync::Arc<tokio::sync::Notify>,
+) -> Result<(std::sync::Arc<dyn Runtime>, String), RuntimeError> {
+    let probes = vm_driver_probes();
+    let want = match choice {
+        RuntimeChoice::Auto => None,
+        RuntimeChoice::Firecracker => Some("firecracker"),
+        RuntimeChoice::Qemu => Some("qemu"),
+        RuntimeChoice::Process => Some("process"),
+    };
+    let mut skipped = Vec::new();
+    for (name, probe) in &probes {
+        if want.is_some_and(|w| w != *name) {
+            continue;
+        }
+        match probe {
+            Ok(()) => {
+                // A driver that probes Ok is constructed here once built in.
+                skipped.push(format!("{name}: probed ok but has no constructor in this build"));
+            }
+            Err(reason) => skipped.push(format!("{name}: {reason}")),
+        }
+        if want.is_some() {
+            return Err(RuntimeError::Unavailable { driver: name, reason: skipped.join("; ") });
+        }
+    }
+    process::ProcessRuntime::probe()
+        .map_err(|reason| RuntimeError::Unavailable { driver: "process", reason })?;
+    let reason = match want {
+        Some(_) => "process: asked for with --runtime process".to_string(),
+        None => format!("auto chose process because {}", skipped.join("; ")),
+    };
+    let rt = process::ProcessRuntime::new(scripts_dir, on_exit)?;
+    tracing::warn!("{reason}");
+    Ok((std::sync::Arc::new(rt), reason))
 }

@@ -97,3 +97,180 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
 }
+
+/// A meta repository on disk (the upstream a follower fetches from), with
+/// helpers to write releases and deployments the way the captain does.
+pub struct Meta {
+    pub repo: meta_schema::repo::MetaRepo,
+    pub path: PathBuf,
+}
+
+impl Meta {
+    pub fn new(dir: &Path) -> Meta {
+        use prost::Message;
+        let path = dir.join("upstream.git");
+        let repo = meta_schema::repo::MetaRepo::init_bare(&path).unwrap();
+        let env = meta_schema::pb::Env { name: "prod".into(), ..Default::default() };
+        repo.commit(
+            "main",
+            &meta_schema::repo::ChangeSet::new().add(meta_schema::layout::env_path("prod"), env.encode_to_vec()),
+            "env prod",
+        )
+        .unwrap();
+        Meta { repo, path }
+    }
+
+    pub fn url(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    pub fn release(&self, app: &str, digest: &str, port: u32) -> meta_schema::pb::Release {
+        meta_schema::pb::Release {
+            id: meta_schema::new_id(),
+            app: app.into(),
+            env: "prod".into(),
+            image_digest: digest.into(),
+            port,
+            health_check: Some(meta_schema::pb::HealthCheck {
+                kind: Some(meta_schema::pb::health_check::Kind::HttpPath("/".into())),
+                interval_ms: 500,
+                timeout_ms: 1000,
+            }),
+            created_at: meta_schema::now_millis(),
+            drain_seconds: Some(0),
+            ..Default::default()
+        }
+    }
+
+    /// A deployment of `release` in `state`; a new rollout (with `n`
+    /// instances on `node`) unless `rollout` is given.
+    pub fn deployment(
+        &self,
+        release: &meta_schema::pb::Release,
+        state: meta_schema::pb::DeploymentState,
+        rollout: Option<&meta_schema::pb::Deployment>,
+        node: &str,
+        n: usize,
+    ) -> meta_schema::pb::Deployment {
+        let id = meta_schema::new_id();
+        meta_schema::pb::Deployment {
+            id: id.clone(),
+            app: release.app.clone(),
+            env: "prod".into(),
+            rollout_id: rollout.map(|r| r.rollout_id.clone()).unwrap_or_else(|| id.clone()),
+            state: state as i32,
+            release: Some(release.clone()),
+            instances: rollout.map(|r| r.instances.clone()).unwrap_or_else(|| {
+                (0..n)
+                    .map(|_| meta_schema::pb::Placement { instance_id: meta_schema::new_id(), node: node.into() })
+                    .collect()
+            }),
+            created_at: meta_schema::now_millis(),
+            reason: String::new(),
+        }
+    }
+
+    /// Commits releases and deployments (added) and removed paths.
+    pub fn commit(
+        &self,
+        releases: &[&meta_schema::pb::Release],
+        deployments: &[&meta_schema::pb::Deployment],
+        remove: &[String],
+        msg: &str,
+    ) -> String {
+        use prost::Message;
+        let mut cs = meta_schema::repo::ChangeSet::new();
+        for r in releases {
+            cs = cs.add(meta_schema::layout::release_path(&r.env, &r.app, &r.id), r.encode_to_vec());
+        }
+        for d in deployments {
+            cs = cs.add(meta_schema::layout::deployment_path(&d.env, &d.app, &d.id), d.encode_to_vec());
+        }
+        for p in remove {
+            cs = cs.remove(p.clone());
+        }
+        self.repo.commit("main", &cs, msg).unwrap()
+    }
+
+    /// Moves `main` to `commit` by force, as a `git push --force` would.
+    pub fn force_main(&self, commit: &str) {
+        let st = Command::new("git")
+            .arg("--git-dir")
+            .arg(&self.path)
+            .args(["update-ref", "refs/heads/main", commit])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+/// One request a [`RecordingCaptain`] received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub auth: String,
+    pub body: serde_json::Value,
+}
+
+/// A captain on loopback that records every request and answers like the
+/// captain's API contract: 201 {node, token} on registration, 200 otherwise.
+pub struct RecordingCaptain {
+    pub url: String,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+pub const ISSUED_TOKEN: &str = "node-token-issued-by-captain";
+
+impl RecordingCaptain {
+    pub async fn start() -> RecordingCaptain {
+        use axum::extract::{Request, State};
+        use axum::http::StatusCode;
+        let requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>> = Default::default();
+        async fn record(
+            State(reqs): State<std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>>,
+            req: Request,
+        ) -> (StatusCode, axum::Json<serde_json::Value>) {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let auth = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let bytes = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            let is_register = method == "POST" && path == "/v1/nodes";
+            reqs.lock().unwrap().push(Recorded { method, path, auth, body: body.clone() });
+            if is_register {
+                (StatusCode::CREATED, axum::Json(serde_json::json!({"node": body, "token": ISSUED_TOKEN})))
+            } else {
+                (StatusCode::OK, axum::Json(serde_json::json!({})))
+            }
+        }
+        let app = axum::Router::new().fallback(record).with_state(requests.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        RecordingCaptain { url, requests }
+    }
+
+    pub fn all(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// Polls `f` every 100 ms for at most `secs` seconds.
+pub async fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("timed out after {secs} s waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,94 @@
+//! `zw follower`: the node agent as a command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::image::LocalDirImageSource;
+use crate::net::InstanceRange;
+use crate::runtime::RuntimeChoice;
+use crate::{Follower, FollowerConfig};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Directory for the ledger, the meta repo copy, instance state, logs.
+    #[arg(long, env = "ZW_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Captain base URL (`http://captain:7700`); without it the node runs
+    /// standalone and reports nowhere.
+    #[arg(long, env = "ZW_CAPTAIN")]
+    pub captain: Option<String>,
+    /// Token for the captain's API (also accepted on this node's API).
+    #[arg(long, env = "ZW_TOKEN", default_value = "", hide_env_values = true)]
+    pub token: String,
+    /// Meta repository to follow: URL (file://, http(s)://) or path.
+    #[arg(long, env = "ZW_META_REPO")]
+    pub meta_repo: String,
+    #[arg(long, default_value = "main")]
+    pub branch: String,
+    #[arg(long, value_enum, default_value_t = RuntimeChoice::Auto)]
+    pub runtime: RuntimeChoice,
+    /// Node id; default: generated once and kept in the data dir.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    #[arg(long, default_value = "local")]
+    pub region: String,
+    /// Node API listen address.
+    #[arg(long, default_value = "[::1]:7710")]
+    pub listen: SocketAddr,
+    /// Address advertised to the captain; default: the listen IP.
+    #[arg(long)]
+    pub address: Option<String>,
+    /// The node's instance range, a /64 (`fd00:7a77:0:12::/64`); default:
+    /// derived from the node id.
+    #[arg(long)]
+    pub instance_range: Option<String>,
+    /// Object store directory (`images/<hex>/...`); default `<data-dir>/store`.
+    #[arg(long)]
+    pub image_store: Option<PathBuf>,
+    /// Seconds between meta fetches when not notified.
+    #[arg(long, default_value_t = 5)]
+    pub poll_seconds: u64,
+}
+
+impl Args {
+    pub fn config(&self) -> anyhow::Result<FollowerConfig> {
+        let mut cfg = FollowerConfig::new(&self.data_dir, &self.meta_repo);
+        cfg.captain_url = self.captain.clone();
+        cfg.token = self.token.clone();
+        cfg.branch = self.branch.clone();
+        cfg.runtime = self.runtime;
+        cfg.node_id = self.node_id.clone();
+        cfg.region = self.region.clone();
+        cfg.api_listen = self.listen;
+        cfg.address = self.address.clone();
+        cfg.poll_interval = Duration::from_secs(self.poll_seconds.max(1));
+        if let Some(r) = &self.instance_range {
+            cfg.instance_range = Some(InstanceRange::parse(r).context("--instance-range")?);
+        }
+        if let Some(s) = &self.image_store {
+            cfg.images = Some(Arc::new(LocalDirImageSource::new(s)));
+        }
+        Ok(cfg)
+    }
+}
+
+/// Runs the follower until SIGINT or SIGTERM. Instances keep running after
+/// it exits; the next start on the same data dir adopts them.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = args.config()?;
+    let f = Follower::start(cfg).await.context("starting the follower")?;
+    tracing::info!(node = %f.node_id, api = %f.api_addr, "follower running");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; instances keep running");
+    f.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,686 @@
+//! The instance reconciler: makes what runs on this node match the desired
+//! state at the applied meta commit.
+//!
+//! Shaped after omicron's background tasks and sled-agent config
+//! reconciler: an activation (timer, new commit, instance exit, operator
+//! command) takes no input; every pass re-reads the desired state and the
+//! actual state and acts on the difference, so every pass can be the first.
+//! There is no retry loop inside a pass: the next activation is the retry.
+//! Every side effect is behind a trait ([`DesiredSource`], [`Runtime`],
+//! [`ImageSource`], [`Captain`]), so the loop is testable without hardware.
+//!
+//! Crash safety: the [`Ledger`] records an instance *before* the runtime is
+//! asked to start it, and its [`RuntimeHandle`] as soon as the start
+//! returns. After a `kill -9` and restart, a record with a handle whose
+//! process still lives is adopted; a record without a handle is an
+//! interrupted start, whose leftovers the runtime reclaims before starting
+//! afresh; a record no longer desired is stopped. So no instance is ever
+//! duplicated or leaked.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use meta_schema::desired::DesiredInstance;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::captain::{Captain, InstanceReport, InstanceState};
+use crate::health::Probe;
+use crate::image::ImageSource;
+use crate::ledger::{Ledger, LedgerError};
+use crate::net::InstanceRange;
+use crate::runtime::process::log_tail;
+use crate::runtime::{InstanceSpec, Liveness, Runtime, RuntimeHandle};
+
+/// A failed start is retried this many times, then the instance is failed.
+pub const START_RETRIES: u32 = 3;
+/// Port an app gets when neither the release nor the image names one.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// The desired instances of this node at the applied commit.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    /// The meta commit this was read at.
+    pub commit: Option<String>,
+    pub instances: Vec<DesiredInstance>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredError {
+    /// Nothing applied yet: the reconciler must not act (an empty desired
+    /// state would stop everything).
+    #[error("no meta commit applied yet")]
+    NotReady,
+    #[error("reading the desired state at {commit}: {reason}")]
+    Read { commit: String, reason: String },
+}
+
+pub trait DesiredSource: Send + Sync + 'static {
+    fn desired(&self) -> BoxFuture<'_, Result<Desired, DesiredError>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// To be started, or started and not yet healthy.
+    Starting,
+    Healthy,
+    /// Was healthy: failing checks, or crashed and waiting to restart.
+    Unhealthy,
+    /// Out of start attempts; stays failed until no longer desired.
+    Failed,
+}
+
+impl Phase {
+    pub fn report_state(self) -> InstanceState {
+        match self {
+            Phase::Starting => InstanceState::Starting,
+            Phase::Healthy => InstanceState::Healthy,
+            Phase::Unhealthy => InstanceState::Unhealthy,
+            Phase::Failed => InstanceState::Failed,
+        }
+    }
+}
+
+/// What the node knows about one instance; the unit of the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub instance_id: String,
+    pub env: String,
+    pub app: String,
+    pub rollout_id: String,
+    pub release_id: String,
+    pub image_digest: String,
+    pub ip: Ipv6Addr,
+    pub port: u16,
+    pub work_dir: PathBuf,
+    pub phase: Phase,
+    pub reason: String,
+    /// The running instance, once a start returned.
+    pub handle: Option<RuntimeHandle>,
+    /// Starts asked for so far (the first and its retries).
+    pub attempts: u32,
+    /// Exits after having been healthy (drives the restart backoff).
+    pub crashes: u32,
+    /// The current handle has passed a health check.
+    pub healthy_once: bool,
+    /// Unix ms of the current start.
+    pub started_at_ms: i64,
+    /// No start before this (unix ms): the backoff.
+    pub not_before_ms: i64,
+    /// Operator hold: stopped and not restarted until released.
+    #[serde(default)]
+    pub held: bool,
+}
+
+/// Everything the reconciler keeps on disk.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeLedger {
+    pub instances: BTreeMap<String, InstanceRecord>,
+    /// Instances stopped whose "stopped" report has not reached the captain.
+    #[serde(default)]
+    pub unreported_stops: BTreeMap<String, InstanceReport>,
+}
+
+/// Outcome of one pass, for the node API, logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PassStatus {
+    /// Passes run so far by this process.
+    pub pass: u64,
+    pub commit: Option<String>,
+    pub desired: usize,
+    pub running: usize,
+    pub healthy: usize,
+    pub failed: usize,
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+    pub adopted: Vec<String>,
+    pub errors: Vec<String>,
+    pub ledger_generation: u64,
+    /// False when the pass could not read the desired state.
+    pub desired_read: bool,
+}
+
+/// Operator commands from the node API, applied between passes.
+#[derive(Debug)]
+pub enum Command {
+    /// Stop the instance now; the next pass restarts it if still desired.
+    Restart(String),
+    /// Hold (stop and keep stopped) or release an instance.
+    Hold(String, bool),
+}
+
+#[derive(Debug, Clone)]
+pub struct ReconcilerConfig {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub range: InstanceRange,
+    /// How long a started instance may take to pass its first check before
+    /// the start counts as failed.
+    pub start_timeout: Duration,
+    /// Backoff after a failed start; doubled per attempt.
+    pub start_backoff: Duration,
+    /// Backoff after a crash; doubled per crash, capped at `max_backoff`.
+    pub crash_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl ReconcilerConfig {
+    pub fn new(node_id: &str, data_dir: &std::path::Path, range: InstanceRange) -> Self {
+        ReconcilerConfig {
+            node_id: node_id.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            range,
+            start_timeout: Duration::from_secs(30),
+            start_backoff: Duration::from_millis(500),
+            crash_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        self.data_dir.join("ledger").join("instances.json")
+    }
+}
+
+pub struct Reconciler {
+    cfg: ReconcilerConfig,
+    desired: Arc<dyn DesiredSource>,
+    runtime: Arc<dyn Runtime>,
+    images: Arc<dyn ImageSource>,
+    captain: Arc<dyn Captain>,
+    ledger: Ledger<NodeLedger>,
+    /// Last report the captain accepted per instance (memory only: after a
+    /// restart everything is reported once more).
+    reported: BTreeMap<String, InstanceReport>,
+    pass: u64,
+    /// Adoption is logged once per process.
+    adopted_checked: BTreeSet<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcilerError {
+    #[error("loading the instance ledger")]
+    Ledger(#[from] LedgerError),
+}
+
+fn now_ms() -> i64 {
+    meta_schema::now_millis()
+}
+
+fn backoff(base: Duration, n: u32, max: Duration) -> i64 {
+    let d = base.saturating_mul(1u32 << n.saturating_sub(1).min(16));
+    d.min(max).as_millis() as i64
+}
+
+impl Reconciler {
+    pub fn new(
+        cfg: ReconcilerConfig,
+        desired: Arc<dyn DesiredSource>,
+        runtime: Arc<dyn Runtime>,
+        images: Arc<dyn ImageSource>,
+        captain: Arc<dyn Captain>,
+    ) -> Result<Self, ReconcilerError> {
+        let ledger = Ledger::load(&cfg.ledger_path())?;
+        Ok(Reconciler {
+            cfg,
+            desired,
+            runtime,
+            images,
+            captain,
+            ledger,
+            reported: BTreeMap::new(),
+            pass: 0,
+            adopted_checked: BTreeSet::new(),
+        })
+    }
+
+    pub fn ledger(&self) -> &NodeLedger {
+        self.ledger.data()
+    }
+
+    fn commit(&mut self, status: &mut PassStatus) {
+        if let Err(e) = self.ledger.commit() {
+            tracing::error!(error = %e, "committing the ledger");
+            status.errors.push(format!("{e}"));
+        }
+    }
+
+    /// Applies an operator command.
+    pub async fn command(&mut self, cmd: Command) -> Result<(), String> {
+        let mut status = PassStatus::default();
+        let (id, hold) = match &cmd {
+            Command::Restart(id) => (id.clone(), None),
+            Command::Hold(id, h) => (id.clone(), Some(*h)),
+        };
+        let Some(rec) = self.ledger.data().instances.get(&id).cloned() else {
+            return Err(format!("no instance {id} on this node"));
+        };
+        if let Some(h) = &rec.handle {
+            self.runtime.stop(h).await.map_err(|e| e.to_string())?;
+        }
+        let r = self.ledger.data_mut().instances.get_mut(&id).expect("checked above");
+        r.handle = None;
+        r.healthy_once = false;
+        if let Some(h) = hold {
+            r.held = h;
+            r.reason = if h { "held by operator".into() } else { String::new() };
+        }
+        r.phase = if r.held { Phase::Unhealthy } else { Phase::Starting };
+        self.commit(&mut status);
+        Ok(())
+    }
+
+    /// One pass. Never panics on a bad instance: its failure is recorded and
+    /// the others proceed.
+    pub async fn activate(&mut self) -> PassStatus {
+        self.pass += 1;
+        let mut status = PassStatus { pass: self.pass, ..Default::default() };
+        let desired = match self.desired.desired().await {
+            Ok(d) => d,
+            Err(e) => {
+                status.errors.push(e.to_string());
+                self.finish(&mut status).await;
+                return status;
+            }
+        };
+        status.desired_read = true;
+        status.commit = desired.commit.clone();
+        status.desired = desired.instances.len();
+        let want: BTreeMap<&str, &DesiredInstance> =
+            desired.instances.iter().map(|d| (d.instance_id.as_str(), d)).collect();
+
+        // 1. Stop what is no longer desired, or desired with another release.
+        let existing: Vec<InstanceRecord> = self.ledger.data().instances.values().cloned().collect();
+        for rec in existing {
+            let keep = want.get(rec.instance_id.as_str()).is_some_and(|d| d.release.id == rec.release_id);
+            if keep {
+                continue;
+            }
+            let r = match &rec.handle {
+                Some(h) => self.runtime.stop(h).await,
+                None => self.runtime.reclaim(&rec.instance_id, &rec.work_dir).await,
+            };
+            if let Err(e) = r {
+                status.errors.push(format!("stopping {}: {e}", rec.instance_id));
+                continue;
+            }
+            tracing::info!(instance = %rec.instance_id, app = %rec.app, "stopped: no longer desired");
+            let mut report = self.report_of(&rec);
+            report.state = InstanceState::Stopped;
+            report.reason = "no longer desired".into();
+            let data = self.ledger.data_mut();
+            data.instances.remove(&rec.instance_id);
+            data.unreported_stops.insert(rec.instance_id.clone(), report);
+            self.commit(&mut status);
+            let _ = std::fs::remove_dir_all(&rec.work_dir);
+            status.stopped.push(rec.instance_id.clone());
+        }
+
+        // 2. Make every desired instance exist and run.
+        let mut checks = Vec::new();
+        for d in &desired.instances {
+            if let Some(id) = self.ensure(d, &mut status).await {
+                checks.push(id);
+            }
+        }
+
+        // 3. Health checks of the running ones, concurrently.
+        let probes: Vec<(String, SocketAddr, Probe)> = checks
+            .into_iter()
+            .filter_map(|id| {
+                let rec = self.ledger.data().instances.get(&id)?;
+                let d = want.get(id.as_str())?;
+                let addr = SocketAddr::new(rec.ip.into(), rec.port);
+                Some((id, addr, Probe::from_release(d.release.health_check.as_ref())))
+            })
+            .collect();
+        let results = futures::future::join_all(
+            probes.iter().map(|(id, addr, p)| async move { (id.clone(), p.check(*addr).await) }),
+        )
+        .await;
+        let now = now_ms();
+        let mut changed = false;
+        for (id, result) in results {
+            let Some(rec) = self.ledger.data().instances.get(&id).cloned() else { continue };
+            let mut rec2 = rec.clone();
+            match result {
+                Ok(()) => {
+                    rec2.phase = Phase::Healthy;
+                    rec2.healthy_once = true;
+                    rec2.reason.clear();
+                }
+                Err(why) if rec.healthy_once => {
+                    rec2.phase = Phase::Unhealthy;
+                    rec2.reason = why;
+                }
+                Err(why) if now - rec.started_at_ms > self.cfg.start_timeout.as_millis() as i64 => {
+                    // Never became healthy: a failed start.
+                    if let Some(h) = &rec.handle {
+                        if let Err(e) = self.runtime.stop(h).await {
+                            status.errors.push(format!("stopping {id}: {e}"));
+                            continue;
+                        }
+                    }
+                    rec2.handle = None;
+                    self.failed_attempt(&mut rec2, format!("not healthy within {:?}: {why}", self.cfg.start_timeout));
+                }
+                Err(why) => rec2.reason = why,
+            }
+            if rec2 != rec {
+                self.ledger.data_mut().instances.insert(id, rec2);
+                changed = true;
+            }
+        }
+        if changed {
+            self.commit(&mut status);
+        }
+        self.finish(&mut status).await;
+        status
+    }
+
+    /// Brings one desired instance forward; returns its id if it is running
+    /// and should be health-checked.
+    async fn ensure(&mut self, d: &DesiredInstance, status: &mut PassStatus) -> Option<String> {
+        let id = d.instance_id.clone();
+        if !self.ledger.data().instances.contains_key(&id) {
+            let used = self.ledger.data().instances.values().filter_map(|r| self.cfg.range.slot_of(r.ip));
+            let slot = match self.cfg.range.free_slot(used) {
+                Ok(s) => s,
+                Err(e) => {
+                    status.errors.push(format!("{id}: {e}"));
+                    return None;
+                }
+            };
+            let rec = InstanceRecord {
+                instance_id: id.clone(),
+                env: d.env.clone(),
+                app: d.app.clone(),
+                rollout_id: d.rollout_id.clone(),
+                release_id: d.release.id.clone(),
+                image_digest: d.release.image_digest.clone(),
+                ip: self.cfg.range.instance_addr(slot),
+                port: 0,
+                work_dir: self.cfg.data_dir.join("instances").join(&id),
+                phase: Phase::Starting,
+                reason: String::new(),
+                handle: None,
+                attempts: 0,
+                crashes: 0,
+                healthy_once: false,
+                started_at_ms: 0,
+                not_before_ms: 0,
+                held: false,
+            };
+            self.ledger.data_mut().instances.insert(id.clone(), rec);
+            self.commit(status);
+        }
+        let mut rec = self.ledger.data().instances.get(&id).cloned().expect("inserted above");
+        if rec.phase == Phase::Failed || rec.held {
+            return None;
+        }
+        if let Some(h) = rec.handle.clone() {
+            match self.runtime.liveness(&h) {
+                Liveness::Running => {
+                    if self.adopted_checked.insert(id.clone()) && self.pass == 1 {
+                        tracing::info!(instance = %id, pid = h.pid, "adopted a running instance");
+                        status.adopted.push(id.clone());
+                    }
+                    status.running += 1;
+                    return Some(id);
+                }
+                Liveness::Exited(code) => {
+                    let log = log_tail(&h.work_dir.join("stdout.log"), 2);
+                    let why = format!(
+                        "exited with {}{}",
+                        code.map_or("a signal".to_string(), |c| format!("status {c}")),
+                        if log.is_empty() { String::new() } else { format!(": {log}") }
+                    );
+                    if let Err(e) = self.runtime.stop(&h).await {
+                        status.errors.push(format!("cleaning up {id}: {e}"));
+                        return None;
+                    }
+                    rec.handle = None;
+                    if rec.healthy_once {
+                        rec.crashes += 1;
+                        rec.phase = Phase::Unhealthy;
+                        rec.reason = format!("crashed, restarting: {why}");
+                        rec.not_before_ms =
+                            now_ms() + backoff(self.cfg.crash_backoff, rec.crashes, self.cfg.max_backoff);
+                        rec.healthy_once = false;
+                        tracing::warn!(instance = %id, crashes = rec.crashes, "{why}");
+                    } else {
+                        self.failed_attempt(&mut rec, why);
+                    }
+                    self.ledger.data_mut().instances.insert(id.clone(), rec.clone());
+                    self.commit(status);
+                }
+            }
+        }
+        if rec.phase == Phase::Failed || now_ms() < rec.not_before_ms {
+            return None;
+        }
+
+        // Start (again). The attempt is on disk before the runtime acts, so
+        // a crash here leaves a record without handle: reclaimed next time.
+        if let Err(e) = self.runtime.reclaim(&id, &rec.work_dir).await {
+            status.errors.push(format!("reclaiming {id}: {e}"));
+            return None;
+        }
+        rec.attempts += 1;
+        self.ledger.data_mut().instances.insert(id.clone(), rec.clone());
+        self.commit(status);
+
+        let spec = match self.spec_for(d, &rec).await {
+            Ok(s) => s,
+            Err(why) => {
+                self.failed_attempt(&mut rec, why);
+                self.ledger.data_mut().instances.insert(id.clone(), rec);
+                self.commit(status);
+                return None;
+            }
+        };
+        rec.port = spec.port;
+        match self.runtime.start(&spec).await {
+            Ok(h) => {
+                tracing::info!(instance = %id, app = %d.app, ip = %h.ip, attempt = rec.attempts, "started");
+                rec.handle = Some(h);
+                rec.started_at_ms = now_ms();
+                rec.healthy_once = false;
+                if rec.phase != Phase::Unhealthy {
+                    rec.phase = Phase::Starting;
+                }
+                status.started.push(id.clone());
+                status.running += 1;
+                self.ledger.data_mut().instances.insert(id.clone(), rec);
+                self.commit(status);
+                Some(id)
+            }
+            Err(e) => {
+                self.failed_attempt(&mut rec, e.to_string());
+                self.ledger.data_mut().instances.insert(id, rec);
+                self.commit(status);
+                None
+            }
+        }
+    }
+
+    fn failed_attempt(&self, rec: &mut InstanceRecord, why: String) {
+        if rec.attempts > START_RETRIES {
+            tracing::error!(instance = %rec.instance_id, attempts = rec.attempts, "failed: {why}");
+            rec.phase = Phase::Failed;
+        } else {
+            tracing::warn!(instance = %rec.instance_id, attempts = rec.attempts, "start failed, will retry: {why}");
+            rec.phase = Phase::Starting;
+            rec.not_before_ms = now_ms() + backoff(self.cfg.start_backoff, rec.attempts, self.cfg.max_backoff);
+        }
+        rec.reason = why;
+        rec.healthy_once = false;
+    }
+
+    async fn spec_for(&self, d: &DesiredInstance, rec: &InstanceRecord) -> Result<InstanceSpec, String> {
+        let cache = self.cfg.data_dir.join("images");
+        let image = self.images.fetch(&d.release.image_digest, &cache).await.map_err(|e| e.to_string())?;
+        let r = &d.release;
+        let c = &image.config;
+        let (entrypoint, cmd) = if !r.entrypoint.is_empty() {
+            (r.entrypoint.clone(), r.cmd.clone())
+        } else if !r.cmd.is_empty() {
+            (c.entrypoint.clone(), r.cmd.clone())
+        } else {
+            (c.entrypoint.clone(), c.cmd.clone())
+        };
+        let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+        if argv.is_empty() {
+            return Err(format!("image {} has neither entrypoint nor cmd", r.image_digest));
+        }
+        let port = match r.port {
+            0 => c.exposed_ports.first().copied().unwrap_or(DEFAULT_PORT),
+            p => u16::try_from(p).map_err(|_| format!("port {p} out of range"))?,
+        };
+        if !r.secret_refs.is_empty() {
+            return Err(format!(
+                "release {} needs secrets {:?}, which this follower cannot decrypt yet",
+                r.id, r.secret_refs
+            ));
+        }
+        let mut env_vars = c.env.clone();
+        env_vars.extend(r.env_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env_vars.insert("PORT".into(), port.to_string());
+        let res = r.resources.clone().unwrap_or_default();
+        Ok(InstanceSpec {
+            instance_id: rec.instance_id.clone(),
+            env: d.env.clone(),
+            app: d.app.clone(),
+            image_dir: image.dir,
+            argv,
+            env_vars,
+            workdir: if c.workdir.is_empty() { "/".into() } else { c.workdir.clone() },
+            user: c.user.clone(),
+            ip: rec.ip,
+            port,
+            vcpus: res.vcpus.max(1),
+            memory_mb: if res.memory_mb == 0 { 256 } else { res.memory_mb },
+            work_dir: rec.work_dir.clone(),
+        })
+    }
+
+    fn report_of(&self, rec: &InstanceRecord) -> InstanceReport {
+        InstanceReport {
+            id: rec.instance_id.clone(),
+            node_id: self.cfg.node_id.clone(),
+            env: rec.env.clone(),
+            app: rec.app.clone(),
+            rollout_id: rec.rollout_id.clone(),
+            release_id: rec.release_id.clone(),
+            state: rec.phase.report_state(),
+            reason: rec.reason.clone(),
+            address: rec.ip.to_string(),
+            port: rec.port,
+            attempts: rec.attempts,
+        }
+    }
+
+    /// Counts, and reports every change the captain has not accepted yet.
+    async fn finish(&mut self, status: &mut PassStatus) {
+        let recs: Vec<InstanceRecord> = self.ledger.data().instances.values().cloned().collect();
+        status.healthy = recs.iter().filter(|r| r.phase == Phase::Healthy).count();
+        status.failed = recs.iter().filter(|r| r.phase == Phase::Failed).count();
+        for rec in &recs {
+            let report = self.report_of(rec);
+            if self.reported.get(&rec.instance_id) == Some(&report) {
+                continue;
+            }
+            match self.captain.report_instance(&report).await {
+                Ok(()) => {
+                    self.reported.insert(rec.instance_id.clone(), report);
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %rec.instance_id, error = %e, "instance report not delivered");
+                    break;
+                }
+            }
+        }
+        let stops: Vec<InstanceReport> = self.ledger.data().unreported_stops.values().cloned().collect();
+        let mut delivered = false;
+        for report in stops {
+            match self.captain.report_instance(&report).await {
+                Ok(()) => {
+                    self.reported.remove(&report.id);
+                    self.ledger.data_mut().unreported_stops.remove(&report.id);
+                    delivered = true;
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %report.id, error = %e, "stop report not delivered");
+                    break;
+                }
+            }
+        }
+        if delivered {
+            self.commit(status);
+        }
+        status.ledger_generation = self.ledger.generation();
+    }
+}
+
+/// Handles to a running reconciler task.
+#[derive(Clone)]
+pub struct ReconcilerHandle {
+    /// Wakes the reconciler for a pass as soon as possible.
+    pub activate: Arc<Notify>,
+    pub status: watch::Receiver<PassStatus>,
+    /// Snapshot of the ledger after each pass and command.
+    pub instances: watch::Receiver<BTreeMap<String, InstanceRecord>>,
+    pub commands: mpsc::Sender<(Command, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+}
+
+/// Runs passes on `activate`, on `period`, and on commands, until
+/// `shutdown` turns true. The task owns the reconciler (one writer of the
+/// ledger). Cancel-safety: each `select!` arm only wakes the loop; the work
+/// is done outside `select!`, so no pass is ever cut in half by another arm.
+pub fn spawn(
+    mut rec: Reconciler,
+    period: Duration,
+    activate: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) -> (ReconcilerHandle, tokio::task::JoinHandle<()>) {
+    let (status_tx, status_rx) = watch::channel(PassStatus::default());
+    let (inst_tx, inst_rx) = watch::channel(rec.ledger().instances.clone());
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<(Command, tokio::sync::oneshot::Sender<Result<(), String>>)>(16);
+    let handle = ReconcilerHandle {
+        activate: activate.clone(),
+        status: status_rx,
+        instances: inst_rx,
+        commands: cmd_tx,
+    };
+    let task = tokio::spawn(async move {
+        loop {
+            let st = rec.activate().await;
+            if !st.errors.is_empty() {
+                tracing::debug!(errors = ?st.errors, "pass finished with errors");
+            }
+            let _ = inst_tx.send(rec.ledger().instances.clone());
+            let _ = status_tx.send(st);
+            tokio::select! {
+                // Notify::notified is cancel-safe: a permit stored while we
+                // were busy is kept and fires here at once.
+                _ = activate.notified() => {}
+                _ = tokio::time::sleep(period) => {}
+                Some((cmd, reply)) = cmd_rx.recv() => {
+                    let r = rec.command(cmd).await;
+                    let _ = inst_tx.send(rec.ledger().instances.clone());
+                    let _ = reply.send(r);
+                }
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+    });
+    (handle, task)
+}
