@@ -52,6 +52,7 @@ mod sys {
     pub const EBUSY: i32 = 16;
     pub const EEXIST: i32 = 17;
     pub const EROFS: i32 = 30;
+    pub const EACCES: i32 = 13;
     pub const ECHILD: i32 = 10;
     pub const EINTR: i32 = 4;
     pub const SYS_FINIT_MODULE: c_long = 313;
@@ -381,7 +382,7 @@ fn switch_root() -> Result<(), String> {
     // The VMM gives a writable copy-on-write view of the image (QEMU's
     // snapshot=on); an image attached read-only still boots, read-only.
     if let Err(e) = mount(ROOT_DEVICE, NEWROOT, "ext4", 0, "") {
-        if e.raw_os_error() != Some(sys::EROFS) {
+        if !matches!(e.raw_os_error(), Some(sys::EROFS | sys::EACCES)) {
             return Err(format!("mounting {ROOT_DEVICE} on {NEWROOT}: {e}"));
         }
         mount(ROOT_DEVICE, NEWROOT, "ext4", sys::MS_RDONLY, "")
