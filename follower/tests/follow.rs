@@ -1,0 +1,81 @@
+//! Following the meta repo: a head that does not descend from the applied
+//! commit (a force-pushed older head) is refused, kept out of the desired
+//! state, and reported to the captain; following resumes once the branch
+//! moves forward from the applied commit again.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use follower::image::LocalDirImageSource;
+use follower::runtime::RuntimeChoice;
+use follower::{Follower, FollowerConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_head_pushed_by_force_is_refused_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let meta = common::Meta::new(tmp.path());
+    let captain = common::RecordingCaptain::start().await;
+    let mut cfg = FollowerConfig::new(tmp.path().join("node"), meta.url());
+    cfg.node_id = Some("node-r".into());
+    cfg.runtime = RuntimeChoice::Process;
+    cfg.instance_range = Some(common::random_range());
+    cfg.images = Some(Arc::new(LocalDirImageSource::new(tmp.path().join("store"))));
+    cfg.captain_url = Some(captain.url.clone());
+    cfg.poll_interval = Duration::from_millis(200);
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    let f = Follower::start(cfg).await.unwrap();
+
+    // Releases without deployments: commits that change nothing on the node.
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let c1 = meta.commit(&[&meta.release("web", &digest, 8080)], &[], &[], "r1");
+    let c2 = meta.commit(&[&meta.release("web", &digest, 8080)], &[], &[], "r2");
+    f.notify.notify_one();
+    let mut follow = f.follow.clone();
+    common::wait_for(20, "c2 applied", || (follow.borrow_and_update().applied.as_deref() == Some(&c2)).then_some(())).await;
+
+    meta.force_main(&c1);
+    f.notify.notify_one();
+    let st = common::wait_for(20, "c1 refused", || {
+        let s = follow.borrow_and_update().clone();
+        (s.refused.as_deref() == Some(&c1)).then_some(s)
+    })
+    .await;
+    assert_eq!(st.applied.as_deref(), Some(c2.as_str()), "the applied commit never moves back");
+    assert!(st.refused_reason.unwrap().contains("does not descend"));
+    common::wait_for(20, "the refusal in a heartbeat", || {
+        captain
+            .all()
+            .iter()
+            .any(|r| r.method == "PUT" && r.body["meta"]["refused_commit"] == c1.as_str() && r.body["meta"]["applied_commit"] == c2.as_str())
+            .then_some(())
+    })
+    .await;
+    // The pass reads the applied commit, not the refused one.
+    let pass = f.reconciler.status.clone();
+    common::wait_for(20, "a pass at c2", || (pass.borrow().commit.as_deref() == Some(&c2)).then_some(())).await;
+    // The node API shows it too.
+    let info: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/v1/node/info", f.api_addr))
+        .bearer_auth(&f.node_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["meta"]["refused_commit"], c1.as_str());
+
+    // Forward again from the applied commit: followed, refusal cleared.
+    meta.force_main(&c2);
+    let c3 = meta.commit(&[&meta.release("web", &digest, 8080)], &[], &[], "r3");
+    f.notify.notify_one();
+    let st = common::wait_for(20, "c3 applied", || {
+        let s = follow.borrow_and_update().clone();
+        (s.applied.as_deref() == Some(&c3)).then_some(s)
+    })
+    .await;
+    assert_eq!(st.refused, None);
+    f.shutdown_and_stop_instances().await;
+}
