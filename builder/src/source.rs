@@ -248,18 +248,36 @@ fn safe_relative(p: &str) -> Option<PathBuf> {
     (!out.as_os_str().is_empty()).then_some(out)
 }
 
-async fn fetch_github(gh: &GitHubSource, work: &Path, limit: u64, log: &dyn LogSink) -> Result<PathBuf, BuildError> {
-    let input = |message: String| {
-        BuildError::from(InputError::GitHub { owner: gh.owner.clone(), repo: gh.repo.clone(), reference: gh.reference.clone(), message })
-    };
+/// The octocrab client for `gh` (sync: its builder is not `Send`).
+fn github_client(gh: &GitHubSource) -> Result<octocrab::Octocrab, BuildError> {
+    // octocrab's TLS stack needs a process-wide rustls crypto provider; if
+    // another part of the process installed one first, that one is used.
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
     let mut builder = octocrab::Octocrab::builder();
     if let Some(base) = &gh.api_base {
-        builder = builder.base_uri(base.as_str()).map_err(|e| input(format!("invalid API base URI {base}: {e}")))?;
+        builder = builder.base_uri(base.as_str()).map_err(|e| {
+            BuildError::from(InputError::GitHub {
+                owner: gh.owner.clone(),
+                repo: gh.repo.clone(),
+                reference: gh.reference.clone(),
+                message: format!("invalid API base URI {base}: {e}"),
+            })
+        })?;
     }
     if let Some(token) = &gh.token {
         builder = builder.personal_token(token.clone());
     }
-    let crab = builder.build().map_err(|e| BuildError::infra(Stage::Source, "creating the GitHub client", e))?;
+    builder.build().map_err(|e| BuildError::infra(Stage::Source, "creating the GitHub client", e))
+}
+
+async fn fetch_github(gh: &GitHubSource, work: &Path, limit: u64, log: &dyn LogSink) -> Result<PathBuf, BuildError> {
+    let input = |message: String| {
+        BuildError::from(InputError::GitHub { owner: gh.owner.clone(), repo: gh.repo.clone(), reference: gh.reference.clone(), message })
+    };
+    let crab = github_client(gh)?;
     log.builder(format!("downloading tarball of {}/{} at {}", gh.owner, gh.repo, gh.reference));
     let response = crab
         .repos(&gh.owner, &gh.repo)

@@ -347,6 +347,12 @@ impl S3Store {
             .credentials_provider(creds)
             .force_path_style(config.force_path_style)
             .timeout_config(timeouts)
+            // Plain bodies with Content-Length, no aws-chunked CRC trailers:
+            // S3-compatible servers differ in their support (moto returns
+            // mismatching CRCs for multi-chunk uploads). Integrity is checked
+            // end to end by sha256 instead (see `fetch_image`).
+            .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
             .retry_config(aws_smithy_types::retry::RetryConfig::standard().with_max_attempts(config.sdk_max_attempts.max(1)));
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint.clone());
@@ -477,7 +483,13 @@ impl ObjectStore for S3Store {
                     match body.next().await {
                         Some(Ok(b)) => Some((Ok(b), Some(body))),
                         Some(Err(e)) => Some((
-                            Err(StoreError::Remote { store, op: "get (body)", key, message: e.to_string(), transient: true }),
+                            Err(StoreError::Remote {
+                                store,
+                                op: "get (body)",
+                                key,
+                                message: aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
+                                transient: true,
+                            }),
                             None,
                         )),
                         None => None,
