@@ -85,7 +85,7 @@ pub fn routes() -> Vec<RouteSpec> {
             request: No,
             status: 200,
             response: One(sch::<GithubLogin>),
-            handler: axum::routing::any(auth_github),
+            handler: axum::routing::get(auth_github).post(auth_github),
         },
         route!(POST "/v1/webhook/github", Public, "GitHub push webhook (HMAC X-Hub-Signature-256)", One(sch::<GithubPush>), 202 => One(sch::<WebhookResult>), crate::webhook::github),
         route!(POST "/v1/waitlist", Public, "Join the waitlist", One(sch::<JoinWaitlist>), 201 => One(sch::<WaitlistResult>), join_waitlist),
@@ -136,8 +136,8 @@ pub fn router(state: AppState) -> Router {
         };
         let handler = spec
             .handler
-            .layer(limit)
-            .route_layer(axum::middleware::from_fn_with_state((state.clone(), spec.access), auth::require));
+            .route_layer(axum::middleware::from_fn_with_state((state.clone(), spec.access), auth::require))
+            .layer(limit);
         r = r.route(spec.path, handler);
     }
     r.fallback(crate::error::not_found_fallback)
