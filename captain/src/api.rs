@@ -136,7 +136,10 @@ pub fn router(state: AppState) -> Router {
         };
         let handler = spec
             .handler
-            .route_layer(axum::middleware::from_fn_with_state((state.clone(), spec.access), auth::require))
+            .route_layer(axum::middleware::from_fn_with_state(
+                (state.clone(), spec.access),
+                auth::require,
+            ))
             .layer(limit);
         r = r.route(spec.path, handler);
     }
@@ -149,10 +152,17 @@ pub fn router(state: AppState) -> Router {
 
 /// The OpenAPI document, generated from [`routes`].
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem};
+    use utoipa::openapi::path::{
+        HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem,
+    };
     use utoipa::openapi::request_body::RequestBodyBuilder;
-    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-    use utoipa::openapi::{ArrayBuilder, ComponentsBuilder, ContentBuilder, InfoBuilder, OpenApiBuilder, PathsBuilder, Ref, ResponseBuilder};
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    use utoipa::openapi::{
+        ArrayBuilder, ComponentsBuilder, ContentBuilder, InfoBuilder, OpenApiBuilder, PathsBuilder,
+        Ref, ResponseBuilder,
+    };
 
     let mut schemas: Schemas = Vec::new();
     let err = sch::<crate::error::ErrorBody>(&mut schemas);
@@ -160,10 +170,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let content = |b: Body, schemas: &mut Schemas| -> Option<utoipa::openapi::Content> {
         match b {
             Body::None => None,
-            Body::One(f) => Some(ContentBuilder::new().schema(Some(Ref::from_schema_name(f(schemas)))).build()),
+            Body::One(f) => Some(
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name(f(schemas))))
+                    .build(),
+            ),
             Body::List(f) => Some(
                 ContentBuilder::new()
-                    .schema(Some(ArrayBuilder::new().items(Ref::from_schema_name(f(schemas))).build()))
+                    .schema(Some(
+                        ArrayBuilder::new()
+                            .items(Ref::from_schema_name(f(schemas)))
+                            .build(),
+                    ))
                     .build(),
             ),
         }
@@ -179,14 +197,29 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             };
             let mut op = OperationBuilder::new()
                 .summary(Some(spec.summary))
-                .operation_id(Some(format!("{}_{}", m.as_str().to_lowercase(), spec.path.trim_start_matches('/').replace(['/', '{', '}', '.'], "_"))));
+                .operation_id(Some(format!(
+                    "{}_{}",
+                    m.as_str().to_lowercase(),
+                    spec.path
+                        .trim_start_matches('/')
+                        .replace(['/', '{', '}', '.'], "_")
+                )));
             for seg in spec.path.split('/') {
                 if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                    op = op.parameter(ParameterBuilder::new().name(name).parameter_in(ParameterIn::Path).required(utoipa::openapi::Required::True));
+                    op = op.parameter(
+                        ParameterBuilder::new()
+                            .name(name)
+                            .parameter_in(ParameterIn::Path)
+                            .required(utoipa::openapi::Required::True),
+                    );
                 }
             }
             if let Some(c) = content(spec.request, &mut schemas) {
-                op = op.request_body(Some(RequestBodyBuilder::new().content("application/json", c).build()));
+                op = op.request_body(Some(
+                    RequestBodyBuilder::new()
+                        .content("application/json", c)
+                        .build(),
+                ));
             }
             let mut ok = ResponseBuilder::new().description("success");
             if let Some(c) = content(spec.response, &mut schemas) {
@@ -196,7 +229,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
                 "default",
                 ResponseBuilder::new()
                     .description("error: {\"error\": {\"code\", \"message\"}}")
-                    .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name(err.clone()))).build())
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name(err.clone())))
+                            .build(),
+                    )
                     .build(),
             );
             if !matches!(spec.access, Access::Public) {
@@ -206,12 +244,20 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         }
     }
     OpenApiBuilder::new()
-        .info(InfoBuilder::new().title("zeitwork captain").version(env!("CARGO_PKG_VERSION")).build())
+        .info(
+            InfoBuilder::new()
+                .title("zeitwork captain")
+                .version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        )
         .paths(paths.build())
         .components(Some(
             ComponentsBuilder::new()
                 .schemas_from_iter(schemas)
-                .security_scheme("token", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()))
+                .security_scheme(
+                    "token",
+                    SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+                )
                 .build(),
         ))
         .build()
@@ -228,7 +274,10 @@ fn json<T: Serialize>(status: StatusCode, v: T) -> Response {
 fn meta_err(e: MetaError) -> ApiError {
     match e.repo_error() {
         Some(RepoError::Invalid(v)) => ApiError::new(Code::InvalidRelease, v.to_string()),
-        Some(RepoError::AlreadyExists { path }) => ApiError::new(Code::Conflict, format!("{path} exists in the meta repository")),
+        Some(RepoError::AlreadyExists { path }) => ApiError::new(
+            Code::Conflict,
+            format!("{path} exists in the meta repository"),
+        ),
         _ => ApiError::internal("meta repository", &e),
     }
 }
@@ -239,7 +288,9 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::new(
             Code::InvalidName,
-            format!("{what} {name:?} is not a DNS label: 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"),
+            format!(
+                "{what} {name:?} is not a DNS label: 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+            ),
         ))
     }
 }
@@ -279,8 +330,14 @@ struct OauthQuery {
     code: Option<String>,
 }
 
-async fn auth_github(State(st): State<AppState>, ApiQuery(q): ApiQuery<OauthQuery>) -> Result<Response, ApiError> {
-    let (Some(id), Some(secret)) = (st.config.github_client_id.clone(), st.config.github_client_secret.clone()) else {
+async fn auth_github(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<OauthQuery>,
+) -> Result<Response, ApiError> {
+    let (Some(id), Some(secret)) = (
+        st.config.github_client_id.clone(),
+        st.config.github_client_secret.clone(),
+    ) else {
         return Err(ApiError::new(
             Code::GithubOauthNotConfigured,
             "GitHub OAuth is not configured: start the captain with a GitHub OAuth app's client id and secret",
@@ -292,11 +349,17 @@ async fn auth_github(State(st): State<AppState>, ApiQuery(q): ApiQuery<OauthQuer
         return Ok(Redirect::to(&url).into_response());
     };
     let client = reqwest::Client::new();
-    let unreachable = |e: reqwest::Error| ApiError::new(Code::NotConfigured, format!("GitHub is unreachable: {e}"));
+    let unreachable = |e: reqwest::Error| {
+        ApiError::new(Code::NotConfigured, format!("GitHub is unreachable: {e}"))
+    };
     let tok: serde_json::Value = client
         .post(format!("{base}/login/oauth/access_token"))
         .header("Accept", "application/json")
-        .form(&[("client_id", id.as_str()), ("client_secret", secret.as_str()), ("code", code.as_str())])
+        .form(&[
+            ("client_id", id.as_str()),
+            ("client_secret", secret.as_str()),
+            ("code", code.as_str()),
+        ])
         .send()
         .await
         .map_err(unreachable)?
@@ -304,10 +367,16 @@ async fn auth_github(State(st): State<AppState>, ApiQuery(q): ApiQuery<OauthQuer
         .await
         .map_err(unreachable)?;
     let Some(access) = tok.get("access_token").and_then(|v| v.as_str()) else {
-        return Err(ApiError::new(Code::Unauthorized, format!("GitHub refused the code: {tok}")));
+        return Err(ApiError::new(
+            Code::Unauthorized,
+            format!("GitHub refused the code: {tok}"),
+        ));
     };
     let user: serde_json::Value = client
-        .get(format!("{}/user", st.config.github_api_url.trim_end_matches('/')))
+        .get(format!(
+            "{}/user",
+            st.config.github_api_url.trim_end_matches('/')
+        ))
         .bearer_auth(access)
         .header("User-Agent", "zeitwork-captain")
         .send()
@@ -317,7 +386,10 @@ async fn auth_github(State(st): State<AppState>, ApiQuery(q): ApiQuery<OauthQuer
         .await
         .map_err(unreachable)?;
     let Some(login) = user.get("login").and_then(|v| v.as_str()) else {
-        return Err(ApiError::new(Code::Unauthorized, "GitHub did not return a user"));
+        return Err(ApiError::new(
+            Code::Unauthorized,
+            "GitHub did not return a user",
+        ));
     };
     let (_, token) = auth::issue(&st.db, TokenKind::User, &format!("github:{login}"), None).await?;
     Ok(json(
@@ -368,7 +440,9 @@ pub struct WaitlistResult {
 }
 
 fn is_email(s: &str) -> bool {
-    let Some((local, domain)) = s.split_once('@') else { return false };
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
     s.len() <= 254
         && !local.is_empty()
         && !s.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -376,13 +450,25 @@ fn is_email(s: &str) -> bool {
         && meta_schema::layout::is_domain(&domain.to_ascii_lowercase())
 }
 
-async fn join_waitlist(State(st): State<AppState>, ApiJson(b): ApiJson<JoinWaitlist>) -> Result<Response, ApiError> {
+async fn join_waitlist(
+    State(st): State<AppState>,
+    ApiJson(b): ApiJson<JoinWaitlist>,
+) -> Result<Response, ApiError> {
     let email = b.email.trim().to_string();
     if !is_email(&email) {
-        return Err(ApiError::bad_request(format!("{email:?} is not an email address")));
+        return Err(ApiError::bad_request(format!(
+            "{email:?} is not an email address"
+        )));
     }
-    let joined = st.db.join_waitlist(&meta_schema::new_id(), &email, meta_schema::now_millis()).await?;
-    let status = if joined { StatusCode::CREATED } else { StatusCode::OK };
+    let joined = st
+        .db
+        .join_waitlist(&meta_schema::new_id(), &email, meta_schema::now_millis())
+        .await?;
+    let status = if joined {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok(json(status, WaitlistResult { email, joined }))
 }
 
@@ -427,16 +513,29 @@ pub struct CreatedToken {
 }
 
 async fn list_tokens(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let v: Vec<TokenView> = st.db.list_tokens().await?.into_iter().map(Into::into).collect();
+    let v: Vec<TokenView> = st
+        .db
+        .list_tokens()
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
     Ok(json(StatusCode::OK, v))
 }
 
-async fn create_token(State(st): State<AppState>, ApiJson(b): ApiJson<CreateToken>) -> Result<Response, ApiError> {
+async fn create_token(
+    State(st): State<AppState>,
+    ApiJson(b): ApiJson<CreateToken>,
+) -> Result<Response, ApiError> {
     if b.kind == TokenKind::Node {
-        return Err(ApiError::bad_request("node tokens are issued by POST /v1/nodes"));
+        return Err(ApiError::bad_request(
+            "node tokens are issued by POST /v1/nodes",
+        ));
     }
     if b.name.trim().is_empty() || b.name.len() > 200 {
-        return Err(ApiError::bad_request("a token needs a name of 1-200 characters"));
+        return Err(ApiError::bad_request(
+            "a token needs a name of 1-200 characters",
+        ));
     }
     let (row, secret) = auth::issue(&st.db, b.kind, b.name.trim(), None).await?;
     Ok(json(
@@ -448,7 +547,10 @@ async fn create_token(State(st): State<AppState>, ApiJson(b): ApiJson<CreateToke
     ))
 }
 
-async fn revoke_token(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+async fn revoke_token(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     if st.db.revoke_token(&id, meta_schema::now_millis()).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
@@ -533,7 +635,9 @@ async fn list_projects(State(st): State<AppState>) -> Result<Response, ApiError>
 }
 
 fn valid_repo(repo: &str) -> bool {
-    !repo.is_empty() && repo.len() <= 2048 && !repo.chars().any(|c| c.is_whitespace() || c.is_control())
+    !repo.is_empty()
+        && repo.len() <= 2048
+        && !repo.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 fn valid_branch(b: &str) -> bool {
@@ -542,17 +646,27 @@ fn valid_branch(b: &str) -> bool {
         && !b.starts_with(['-', '/'])
         && !b.ends_with(['/', '.'])
         && !b.contains("..")
-        && !b.chars().any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
+        && !b
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
 }
 
-async fn create_project(State(st): State<AppState>, ApiJson(b): ApiJson<CreateProject>) -> Result<Response, ApiError> {
+async fn create_project(
+    State(st): State<AppState>,
+    ApiJson(b): ApiJson<CreateProject>,
+) -> Result<Response, ApiError> {
     check_name("project name", &b.name)?;
     if !valid_repo(&b.repo) {
-        return Err(ApiError::bad_request(format!("{:?} is not a git URL or path", b.repo)));
+        return Err(ApiError::bad_request(format!(
+            "{:?} is not a git URL or path",
+            b.repo
+        )));
     }
     let branch = b.branch.unwrap_or_else(|| "main".into());
     if !valid_branch(&branch) {
-        return Err(ApiError::bad_request(format!("{branch:?} is not a git branch name")));
+        return Err(ApiError::bad_request(format!(
+            "{branch:?} is not a git branch name"
+        )));
     }
     let row = ProjectRow {
         id: meta::project_id(&b.repo, &branch),
@@ -564,19 +678,36 @@ async fn create_project(State(st): State<AppState>, ApiJson(b): ApiJson<CreatePr
     if !st.db.insert_project(&row).await? {
         return Err(ApiError::new(
             Code::Conflict,
-            format!("a project for {} (branch {}) exists already: {}", row.repo, row.branch, row.id),
+            format!(
+                "a project for {} (branch {}) exists already: {}",
+                row.repo, row.branch, row.id
+            ),
         ));
     }
     Ok(json(StatusCode::CREATED, project_view(&st, row).await?))
 }
 
-async fn get_project(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let p = st.db.project(&id).await?.ok_or_else(|| ApiError::not_found("project", &id))?;
+async fn get_project(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let p = st
+        .db
+        .project(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("project", &id))?;
     Ok(json(StatusCode::OK, project_view(&st, p).await?))
 }
 
-async fn list_apps(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let p = st.db.project(&id).await?.ok_or_else(|| ApiError::not_found("project", &id))?;
+async fn list_apps(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let p = st
+        .db
+        .project(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("project", &id))?;
     Ok(json(StatusCode::OK, project_view(&st, p).await?.apps))
 }
 
@@ -585,7 +716,11 @@ async fn create_app(
     ApiPath(id): ApiPath<String>,
     ApiJson(b): ApiJson<CreateApp>,
 ) -> Result<Response, ApiError> {
-    let p = st.db.project(&id).await?.ok_or_else(|| ApiError::not_found("project", &id))?;
+    let p = st
+        .db
+        .project(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("project", &id))?;
     check_name("app name", &b.name)?;
     let env = b.env.unwrap_or_else(|| "production".into());
     check_name("env name", &env)?;
@@ -597,27 +732,54 @@ async fn create_app(
         created_at: meta_schema::now_millis(),
     };
     if st.db.app(&row.id).await?.is_some() {
-        return Err(ApiError::new(Code::Conflict, format!("an app named {:?} exists in env {env:?}", b.name)));
+        return Err(ApiError::new(
+            Code::Conflict,
+            format!("an app named {:?} exists in env {env:?}", b.name),
+        ));
     }
     match st.db.insert_app(&row).await {
         Ok(()) => {}
         Err(e) if e.is_unique_violation() => {
-            return Err(ApiError::new(Code::Conflict, format!("an app named {:?} exists in env {env:?}", b.name)));
+            return Err(ApiError::new(
+                Code::Conflict,
+                format!("an app named {:?} exists in env {env:?}", b.name),
+            ));
         }
         Err(e) => return Err(e.into()),
     }
-    st.meta.ensure_env(&env, &st.config.platform_domains).await.map_err(meta_err)?;
+    st.meta
+        .ensure_env(&env, &st.config.platform_domains)
+        .await
+        .map_err(meta_err)?;
     Ok(json(StatusCode::CREATED, app_view(&st, row).await?))
 }
 
-async fn get_app(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let a = st.db.app(&id).await?.ok_or_else(|| ApiError::not_found("app", &id))?;
+async fn get_app(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let a = st
+        .db
+        .app(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("app", &id))?;
     Ok(json(StatusCode::OK, app_view(&st, a).await?))
 }
 
-async fn delete_app(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let a = st.db.app(&id).await?.ok_or_else(|| ApiError::not_found("app", &id))?;
-    let paths = st.meta.release_paths(&a.env, &a.name).await.map_err(meta_err)?;
+async fn delete_app(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let a = st
+        .db
+        .app(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("app", &id))?;
+    let paths = st
+        .meta
+        .release_paths(&a.env, &a.name)
+        .await
+        .map_err(meta_err)?;
     if !paths.is_empty() {
         let mut cs = ChangeSet::new();
         for p in paths {
@@ -662,7 +824,9 @@ pub struct DeploymentView {
 
 impl From<DeploymentRow> for DeploymentView {
     fn from(d: DeploymentRow) -> Self {
-        let legal = Status::parse(&d.status).map(|s| s.legal_next().to_vec()).unwrap_or_default();
+        let legal = Status::parse(&d.status)
+            .map(|s| s.legal_next().to_vec())
+            .unwrap_or_default();
         DeploymentView {
             path: release_path(&d.env, &d.app, &d.id),
             id: d.id,
@@ -705,18 +869,28 @@ struct DeploymentQuery {
     limit: Option<i64>,
 }
 
-async fn list_deployments(State(st): State<AppState>, ApiQuery(q): ApiQuery<DeploymentQuery>) -> Result<Response, ApiError> {
+async fn list_deployments(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<DeploymentQuery>,
+) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1-10000"));
     }
-    let rows = st.db.deployments(q.app_id.as_deref(), q.before.as_deref(), limit).await?;
+    let rows = st
+        .db
+        .deployments(q.app_id.as_deref(), q.before.as_deref(), limit)
+        .await?;
     let v: Vec<DeploymentView> = rows.into_iter().map(Into::into).collect();
     Ok(json(StatusCode::OK, v))
 }
 
 /// Create a release for `app` and commit it; returns the new deployment.
-pub async fn deploy(st: &AppState, app: &AppRow, b: CreateDeployment) -> Result<DeploymentView, ApiError> {
+pub async fn deploy(
+    st: &AppState,
+    app: &AppRow,
+    b: CreateDeployment,
+) -> Result<DeploymentView, ApiError> {
     let project = st
         .db
         .project(&app.project_id)
@@ -725,17 +899,27 @@ pub async fn deploy(st: &AppState, app: &AppRow, b: CreateDeployment) -> Result<
     let digest = b.image_digest.unwrap_or_default();
     let commit = b.commit.unwrap_or_default();
     if digest.is_empty() && commit.is_empty() {
-        return Err(ApiError::bad_request("a deployment needs an image_digest or a source commit"));
+        return Err(ApiError::bad_request(
+            "a deployment needs an image_digest or a source commit",
+        ));
     }
     if !digest.is_empty()
-        && !digest
-            .strip_prefix("sha256:")
-            .is_some_and(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
+        && !digest.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        })
     {
-        return Err(ApiError::bad_request(format!("image_digest {digest:?} is not sha256:<64 lowercase hex>")));
+        return Err(ApiError::bad_request(format!(
+            "image_digest {digest:?} is not sha256:<64 lowercase hex>"
+        )));
     }
-    if !commit.is_empty() && !(commit.len() >= 4 && commit.len() <= 64 && commit.bytes().all(|c| c.is_ascii_hexdigit())) {
-        return Err(ApiError::bad_request(format!("commit {commit:?} is not a git commit id")));
+    let commit_ok =
+        (4..=64).contains(&commit.len()) && commit.bytes().all(|c| c.is_ascii_hexdigit());
+    if !commit.is_empty() && !commit_ok {
+        return Err(ApiError::bad_request(format!(
+            "commit {commit:?} is not a git commit id"
+        )));
     }
     let release = pb::Release {
         id: meta_schema::new_id(),
@@ -773,7 +957,10 @@ pub async fn deploy(st: &AppState, app: &AppRow, b: CreateDeployment) -> Result<
     if let Err(e) = meta_schema::validate::validate_tree(&check) {
         return Err(ApiError::new(Code::InvalidRelease, e.to_string()));
     }
-    st.meta.ensure_env(&app.env, &st.config.platform_domains).await.map_err(meta_err)?;
+    st.meta
+        .ensure_env(&app.env, &st.config.platform_domains)
+        .await
+        .map_err(meta_err)?;
     let commit_id = st
         .meta
         .commit(
@@ -806,14 +993,28 @@ pub async fn deploy(st: &AppState, app: &AppRow, b: CreateDeployment) -> Result<
     Ok(stored.into())
 }
 
-async fn create_deployment(State(st): State<AppState>, ApiJson(b): ApiJson<CreateDeployment>) -> Result<Response, ApiError> {
-    let app = st.db.app(&b.app_id).await?.ok_or_else(|| ApiError::not_found("app", &b.app_id))?;
+async fn create_deployment(
+    State(st): State<AppState>,
+    ApiJson(b): ApiJson<CreateDeployment>,
+) -> Result<Response, ApiError> {
+    let app = st
+        .db
+        .app(&b.app_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("app", &b.app_id))?;
     let d = deploy(&st, &app, b).await?;
     Ok(json(StatusCode::CREATED, d))
 }
 
-async fn get_deployment(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let d = st.db.deployment(&id).await?.ok_or_else(|| ApiError::not_found("deployment", &id))?;
+async fn get_deployment(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let d = st
+        .db
+        .deployment(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("deployment", &id))?;
     Ok(json(StatusCode::OK, DeploymentView::from(d)))
 }
 
@@ -830,12 +1031,17 @@ async fn set_deployment_status(
     ApiPath(id): ApiPath<String>,
     ApiJson(b): ApiJson<SetStatus>,
 ) -> Result<Response, ApiError> {
-    let d = st.db.deployment(&id).await?.ok_or_else(|| ApiError::not_found("deployment", &id))?;
+    let d = st
+        .db
+        .deployment(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("deployment", &id))?;
     let reason = b.reason.unwrap_or_default();
     if b.status == Status::Failed && reason.trim().is_empty() {
         return Err(ApiError::bad_request("a failed deployment needs a reason"));
     }
-    let from = Status::parse(&d.status).ok_or_else(|| ApiError::internal("deployment status", &UnknownStatus(d.status.clone())))?;
+    let from = Status::parse(&d.status)
+        .ok_or_else(|| ApiError::internal("deployment status", &UnknownStatus(d.status.clone())))?;
     let illegal = |from: Status| {
         let legal: Vec<&str> = from.legal_next().iter().map(|s| s.as_str()).collect();
         ApiError::new(
@@ -852,13 +1058,28 @@ async fn set_deployment_status(
     }
     if !st
         .db
-        .set_deployment_status(&id, from.as_str(), b.status.as_str(), reason.trim(), meta_schema::now_millis())
+        .set_deployment_status(
+            &id,
+            from.as_str(),
+            b.status.as_str(),
+            reason.trim(),
+            meta_schema::now_millis(),
+        )
         .await?
     {
-        let now = st.db.deployment(&id).await?.and_then(|d| Status::parse(&d.status)).unwrap_or(from);
+        let now = st
+            .db
+            .deployment(&id)
+            .await?
+            .and_then(|d| Status::parse(&d.status))
+            .unwrap_or(from);
         return Err(illegal(now));
     }
-    let d = st.db.deployment(&id).await?.ok_or_else(|| ApiError::not_found("deployment", &id))?;
+    let d = st
+        .db
+        .deployment(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("deployment", &id))?;
     Ok(json(StatusCode::OK, DeploymentView::from(d)))
 }
 
@@ -976,13 +1197,18 @@ async fn list_nodes(State(st): State<AppState>) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, v))
 }
 
-async fn register_node(State(st): State<AppState>, ApiJson(b): ApiJson<RegisterNode>) -> Result<Response, ApiError> {
+async fn register_node(
+    State(st): State<AppState>,
+    ApiJson(b): ApiJson<RegisterNode>,
+) -> Result<Response, ApiError> {
     check_name("node id", &b.id)?;
     if b.address.trim().is_empty() {
         return Err(ApiError::bad_request("a node needs an address"));
     }
     if !b.age_recipient.is_empty() && !b.age_recipient.starts_with("age1") {
-        return Err(ApiError::bad_request("age_recipient must be an age X25519 recipient (age1...)"));
+        return Err(ApiError::bad_request(
+            "age_recipient must be an age X25519 recipient (age1...)",
+        ));
     }
     let now = meta_schema::now_millis();
     let row = NodeRow {
@@ -1004,11 +1230,20 @@ async fn register_node(State(st): State<AppState>, ApiJson(b): ApiJson<RegisterN
     match st.db.insert_node(&row).await {
         Ok(()) => {}
         Err(e) if e.is_unique_violation() => {
-            return Err(ApiError::new(Code::Conflict, format!("node {:?} is registered already", row.id)));
+            return Err(ApiError::new(
+                Code::Conflict,
+                format!("node {:?} is registered already", row.id),
+            ));
         }
         Err(e) => return Err(e.into()),
     }
-    let (_, token) = auth::issue(&st.db, TokenKind::Node, &format!("node {}", row.id), Some(&row.id)).await?;
+    let (_, token) = auth::issue(
+        &st.db,
+        TokenKind::Node,
+        &format!("node {}", row.id),
+        Some(&row.id),
+    )
+    .await?;
     Ok(json(
         StatusCode::CREATED,
         RegisteredNode {
@@ -1018,16 +1253,28 @@ async fn register_node(State(st): State<AppState>, ApiJson(b): ApiJson<RegisterN
     ))
 }
 
-async fn get_node(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let n = st.db.node(&id).await?.ok_or_else(|| ApiError::not_found("node", &id))?;
+async fn get_node(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let n = st
+        .db
+        .node(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("node", &id))?;
     Ok(json(StatusCode::OK, NodeView::from(n)))
 }
 
-async fn delete_node(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+async fn delete_node(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     if !st.db.delete_node(&id).await? {
         return Err(ApiError::not_found("node", &id));
     }
-    st.db.revoke_node_tokens(&id, meta_schema::now_millis()).await?;
+    st.db
+        .revoke_node_tokens(&id, meta_schema::now_millis())
+        .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -1037,7 +1284,10 @@ fn node_forbidden(caller: &Caller, node: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::new(
             Code::Forbidden,
-            format!("this node token belongs to {:?}, not to node {node:?}", caller.node_id.as_deref().unwrap_or("")),
+            format!(
+                "this node token belongs to {:?}, not to node {node:?}",
+                caller.node_id.as_deref().unwrap_or("")
+            ),
         ))
     }
 }
@@ -1059,10 +1309,18 @@ async fn node_heartbeat(
         )),
         None => None,
     };
-    if !st.db.heartbeat(&id, b.state.as_str(), res, meta_schema::now_millis()).await? {
+    if !st
+        .db
+        .heartbeat(&id, b.state.as_str(), res, meta_schema::now_millis())
+        .await?
+    {
         return Err(ApiError::not_found("node", &id));
     }
-    let n = st.db.node(&id).await?.ok_or_else(|| ApiError::not_found("node", &id))?;
+    let n = st
+        .db
+        .node(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("node", &id))?;
     Ok(json(StatusCode::OK, NodeView::from(n)))
 }
 
@@ -1161,15 +1419,26 @@ struct InstanceQuery {
     node_id: Option<String>,
 }
 
-async fn list_instances(State(st): State<AppState>, ApiQuery(q): ApiQuery<InstanceQuery>) -> Result<Response, ApiError> {
-    let v: Vec<InstanceView> = st.db.instances(q.node_id.as_deref()).await?.into_iter().map(Into::into).collect();
+async fn list_instances(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<InstanceQuery>,
+) -> Result<Response, ApiError> {
+    let v: Vec<InstanceView> = st
+        .db
+        .instances(q.node_id.as_deref())
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
     Ok(json(StatusCode::OK, v))
 }
 
 /// After an instance report: promote the release's deployment to running
 /// once enough of its instances are healthy.
 async fn check_running(st: &AppState, release_id: &str) -> Result<(), ApiError> {
-    let Some(d) = st.db.deployment(release_id).await? else { return Ok(()) };
+    let Some(d) = st.db.deployment(release_id).await? else {
+        return Ok(());
+    };
     if d.status != Status::Starting.as_str() {
         return Ok(());
     }
@@ -1192,12 +1461,19 @@ async fn report_instance(
 ) -> Result<Response, ApiError> {
     node_forbidden(&caller, &b.node_id)?;
     if b.id.is_empty() || b.id.len() > 128 || b.release_id.is_empty() {
-        return Err(ApiError::bad_request("an instance report needs an id (at most 128 characters) and a release_id"));
+        return Err(ApiError::bad_request(
+            "an instance report needs an id (at most 128 characters) and a release_id",
+        ));
     }
     check_name("env", &b.env)?;
     check_name("app", &b.app)?;
     let now = meta_schema::now_millis();
-    let created = st.db.instance(&b.id).await?.map(|x| x.created_at).unwrap_or(now);
+    let created = st
+        .db
+        .instance(&b.id)
+        .await?
+        .map(|x| x.created_at)
+        .unwrap_or(now);
     let row = InstanceRow {
         id: b.id,
         node_id: b.node_id,
@@ -1218,8 +1494,15 @@ async fn report_instance(
     Ok(json(StatusCode::OK, InstanceView::from(row)))
 }
 
-async fn get_instance(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let x = st.db.instance(&id).await?.ok_or_else(|| ApiError::not_found("instance", &id))?;
+async fn get_instance(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let x = st
+        .db
+        .instance(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("instance", &id))?;
     Ok(json(StatusCode::OK, InstanceView::from(x)))
 }
 
@@ -1228,7 +1511,11 @@ async fn delete_instance(
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let x = st.db.instance(&id).await?.ok_or_else(|| ApiError::not_found("instance", &id))?;
+    let x = st
+        .db
+        .instance(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("instance", &id))?;
     node_forbidden(&caller, &x.node_id)?;
     st.db.delete_instance(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -1240,11 +1527,21 @@ async fn set_instance_state(
     ApiPath(id): ApiPath<String>,
     ApiJson(b): ApiJson<InstanceStateUpdate>,
 ) -> Result<Response, ApiError> {
-    let x = st.db.instance(&id).await?.ok_or_else(|| ApiError::not_found("instance", &id))?;
+    let x = st
+        .db
+        .instance(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("instance", &id))?;
     node_forbidden(&caller, &x.node_id)?;
-    st.db.set_instance_state(&id, b.state.as_str(), &b.reason, meta_schema::now_millis()).await?;
+    st.db
+        .set_instance_state(&id, b.state.as_str(), &b.reason, meta_schema::now_millis())
+        .await?;
     check_running(&st, &x.release_id).await?;
-    let x = st.db.instance(&id).await?.ok_or_else(|| ApiError::not_found("instance", &id))?;
+    let x = st
+        .db
+        .instance(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("instance", &id))?;
     Ok(json(StatusCode::OK, InstanceView::from(x)))
 }
 
@@ -1285,13 +1582,20 @@ async fn list_images(State(st): State<AppState>) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, v))
 }
 
-async fn create_image(State(st): State<AppState>, ApiJson(b): ApiJson<CreateImage>) -> Result<Response, ApiError> {
-    let ok = b
-        .digest
-        .strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
+async fn create_image(
+    State(st): State<AppState>,
+    ApiJson(b): ApiJson<CreateImage>,
+) -> Result<Response, ApiError> {
+    let ok = b.digest.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    });
     if !ok {
-        return Err(ApiError::bad_request(format!("digest {:?} is not sha256:<64 lowercase hex>", b.digest)));
+        return Err(ApiError::bad_request(format!(
+            "digest {:?} is not sha256:<64 lowercase hex>",
+            b.digest
+        )));
     }
     let row = ImageRow {
         id: meta_schema::new_id(),
@@ -1302,17 +1606,30 @@ async fn create_image(State(st): State<AppState>, ApiJson(b): ApiJson<CreateImag
     };
     match st.db.insert_image(&row).await {
         Ok(()) => Ok(json(StatusCode::CREATED, ImageView::from(row))),
-        Err(e) if e.is_unique_violation() => Err(ApiError::new(Code::Conflict, format!("image {} is recorded already", row.digest))),
+        Err(e) if e.is_unique_violation() => Err(ApiError::new(
+            Code::Conflict,
+            format!("image {} is recorded already", row.digest),
+        )),
         Err(e) => Err(e.into()),
     }
 }
 
-async fn get_image(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let x = st.db.image(&id).await?.ok_or_else(|| ApiError::not_found("image", &id))?;
+async fn get_image(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let x = st
+        .db
+        .image(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("image", &id))?;
     Ok(json(StatusCode::OK, ImageView::from(x)))
 }
 
-async fn delete_image(State(st): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+async fn delete_image(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     if st.db.delete_image(&id).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
@@ -1322,7 +1639,9 @@ async fn delete_image(State(st): State<AppState>, ApiPath(id): ApiPath<String>) 
 
 /// Headers-only authentication for handlers that do their own (git).
 pub async fn authenticate_git(st: &AppState, headers: &HeaderMap) -> Result<Caller, Response> {
-    auth::authenticate(st, headers).await.map_err(|e| auth::unauthorized(e, "Basic"))
+    auth::authenticate(st, headers)
+        .await
+        .map_err(|e| auth::unauthorized(e, "Basic"))
 }
 
 /// The request's content type, lower case.

@@ -31,7 +31,9 @@ pub enum Access {
 }
 
 /// Kinds of token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenKind {
     Admin,
@@ -115,11 +117,18 @@ pub async fn issue(
 /// with the token as password (what git sends).
 pub fn presented_secret(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    if let Some(t) = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")) {
+    if let Some(t) = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+    {
         return Some(t.trim().to_string());
     }
-    let b = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic "))?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(b.trim()).ok()?;
+    let b = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b.trim())
+        .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (_, pass) = text.split_once(':')?;
     Some(pass.to_string())
@@ -134,10 +143,17 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
         ));
     };
     let Some(row) = state.db.token_by_hash(&hash_secret(&secret)).await? else {
-        return Err(ApiError::new(Code::Unauthorized, "invalid or revoked token"));
+        return Err(ApiError::new(
+            Code::Unauthorized,
+            "invalid or revoked token",
+        ));
     };
-    let kind = TokenKind::parse(&row.kind)
-        .ok_or_else(|| ApiError::new(Code::Unauthorized, format!("token has unknown kind {:?}", row.kind)))?;
+    let kind = TokenKind::parse(&row.kind).ok_or_else(|| {
+        ApiError::new(
+            Code::Unauthorized,
+            format!("token has unknown kind {:?}", row.kind),
+        )
+    })?;
     Ok(Caller {
         token_id: row.id,
         kind,
@@ -157,7 +173,11 @@ pub fn allowed(access: Access, kind: TokenKind) -> bool {
 
 /// Middleware: authenticate and authorise for `access`, then put the
 /// [`Caller`] into the request's extensions.
-pub async fn require(State((state, access)): State<(AppState, Access)>, mut req: Request, next: Next) -> Response {
+pub async fn require(
+    State((state, access)): State<(AppState, Access)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     if matches!(access, Access::Public | Access::Git) {
         return next.run(req).await;
     }
@@ -172,7 +192,10 @@ pub async fn require(State((state, access)): State<(AppState, Access)>, mut req:
         };
         return ApiError::new(
             Code::Forbidden,
-            format!("a {} token may not call this endpoint; it needs {need}", caller.kind.as_str()),
+            format!(
+                "a {} token may not call this endpoint; it needs {need}",
+                caller.kind.as_str()
+            ),
         )
         .into_response();
     }

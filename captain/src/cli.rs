@@ -59,12 +59,15 @@ impl Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let config = args.config();
     let token_path = config.admin_token_path();
-    let captain = Captain::start(config).await.context("starting the captain")?;
+    let captain = Captain::start(config)
+        .await
+        .context("starting the captain")?;
     if captain.admin_token().is_some() {
         println!("admin API token written to {}", token_path.display());
     }
     println!("captain listening on http://{}", captain.local_addr());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing SIGTERM handler")?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
         _ = term.recv() => {}

@@ -91,10 +91,16 @@ fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
     move |source| DbError::Query { op, source }
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "captain", include_str!("../../migrations/sqlite/0001_captain.sql"))];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "captain", include_str!("../../migrations/postgres/0001_captain.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "captain",
+    include_str!("../../migrations/sqlite/0001_captain.sql"),
+)];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "captain",
+    include_str!("../../migrations/postgres/0001_captain.sql"),
+)];
 
 /// The migrations of `backend`, embedded from `migrations/<backend>/`.
 pub fn migrator(backend: Backend) -> Migrator {
@@ -104,7 +110,15 @@ pub fn migrator(backend: Backend) -> Migrator {
     };
     Migrator::with_migrations(
         list.iter()
-            .map(|(v, d, sql)| Migration::new(*v, Cow::Borrowed(*d), MigrationType::Simple, sqlx::SqlSafeStr::into_sql_str(*sql), false))
+            .map(|(v, d, sql)| {
+                Migration::new(
+                    *v,
+                    Cow::Borrowed(*d),
+                    MigrationType::Simple,
+                    sqlx::SqlSafeStr::into_sql_str(*sql),
+                    false,
+                )
+            })
             .collect(),
     )
 }
@@ -331,7 +345,10 @@ impl ImageRow {
 macro_rules! rows {
     ($ty:ty, $op:literal, $query:expr, $pool:expr) => {{
         let rows = $query.fetch_all($pool).await.map_err(q($op))?;
-        rows.iter().map(<$ty>::from_row).collect::<std::result::Result<Vec<_>, _>>().map_err(q($op))
+        rows.iter()
+            .map(<$ty>::from_row)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(q($op))
     }};
 }
 macro_rules! row {
@@ -350,7 +367,8 @@ impl Db {
     /// the migrations of its backend.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db> {
         sqlx::any::install_default_drivers();
-        let backend = Backend::of_url(url).ok_or_else(|| DbError::UnsupportedUrl { url: url.into() })?;
+        let backend =
+            Backend::of_url(url).ok_or_else(|| DbError::UnsupportedUrl { url: url.into() })?;
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
             .after_connect(move |conn, _| {
@@ -393,7 +411,9 @@ impl Db {
             .fetch_optional(&self.pool)
             .await
             .map_err(q("reading a setting"))?;
-        r.map(|r| s(&r, "value")).transpose().map_err(q("reading a setting"))
+        r.map(|r| s(&r, "value"))
+            .transpose()
+            .map_err(q("reading a setting"))
     }
 
     pub async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
@@ -443,7 +463,9 @@ impl Db {
         rows!(
             TokenRow,
             "listing tokens",
-            sqlx::query("SELECT id, kind, name, node_id, created_at, revoked_at FROM tokens ORDER BY id"),
+            sqlx::query(
+                "SELECT id, kind, name, node_id, created_at, revoked_at FROM tokens ORDER BY id"
+            ),
             &self.pool
         )
     }
@@ -459,12 +481,13 @@ impl Db {
 
     /// Revoke a token; false if it does not exist or was already revoked.
     pub async fn revoke_token(&self, id: &str, now: i64) -> Result<bool> {
-        let r = sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(q("revoking a token"))?;
+        let r =
+            sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(q("revoking a token"))?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -500,7 +523,8 @@ impl Db {
         row!(
             ProjectRow,
             "reading a project",
-            sqlx::query("SELECT id, name, repo, branch, created_at FROM projects WHERE id = $1").bind(id),
+            sqlx::query("SELECT id, name, repo, branch, created_at FROM projects WHERE id = $1")
+                .bind(id),
             &self.pool
         )
     }
@@ -509,7 +533,9 @@ impl Db {
         rows!(
             ProjectRow,
             "listing projects",
-            sqlx::query("SELECT id, name, repo, branch, created_at FROM projects ORDER BY created_at, id"),
+            sqlx::query(
+                "SELECT id, name, repo, branch, created_at FROM projects ORDER BY created_at, id"
+            ),
             &self.pool
         )
     }
@@ -528,15 +554,17 @@ impl Db {
     // ------------------------------------------------------------ apps
 
     pub async fn insert_app(&self, a: &AppRow) -> Result<()> {
-        sqlx::query("INSERT INTO apps (id, project_id, env, name, created_at) VALUES ($1, $2, $3, $4, $5)")
-            .bind(&a.id)
-            .bind(&a.project_id)
-            .bind(&a.env)
-            .bind(&a.name)
-            .bind(a.created_at)
-            .execute(&self.pool)
-            .await
-            .map_err(q("inserting an app"))?;
+        sqlx::query(
+            "INSERT INTO apps (id, project_id, env, name, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&a.id)
+        .bind(&a.project_id)
+        .bind(&a.env)
+        .bind(&a.name)
+        .bind(a.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(q("inserting an app"))?;
         Ok(())
     }
 
@@ -560,7 +588,8 @@ impl Db {
         row!(
             AppRow,
             "reading an app",
-            sqlx::query("SELECT id, project_id, env, name, created_at FROM apps WHERE id = $1").bind(id),
+            sqlx::query("SELECT id, project_id, env, name, created_at FROM apps WHERE id = $1")
+                .bind(id),
             &self.pool
         )
     }
@@ -635,7 +664,12 @@ impl Db {
     }
 
     /// Deployments newest first, optionally of one app, ids below `before`.
-    pub async fn deployments(&self, app_id: Option<&str>, before: Option<&str>, limit: i64) -> Result<Vec<DeploymentRow>> {
+    pub async fn deployments(
+        &self,
+        app_id: Option<&str>,
+        before: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DeploymentRow>> {
         let _ = DEPLOYMENT_COLS;
         rows!(
             DeploymentRow,
@@ -676,17 +710,26 @@ impl Db {
 
     /// Newest release of an app still present at the meta repo head.
     pub async fn active_release(&self, app_id: &str) -> Result<Option<String>> {
-        let r = sqlx::query("SELECT MAX(id) AS id FROM deployments WHERE app_id = $1 AND present = 1")
-            .bind(app_id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(q("finding the active release"))?;
-        r.try_get::<Option<String>, _>("id").map_err(q("finding the active release"))
+        let r =
+            sqlx::query("SELECT MAX(id) AS id FROM deployments WHERE app_id = $1 AND present = 1")
+                .bind(app_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q("finding the active release"))?;
+        r.try_get::<Option<String>, _>("id")
+            .map_err(q("finding the active release"))
     }
 
     /// Compare-and-set the status: Ok(false) when the row's status is no
     /// longer `from` (another writer moved it).
-    pub async fn set_deployment_status(&self, id: &str, from: &str, to: &str, reason: &str, now: i64) -> Result<bool> {
+    pub async fn set_deployment_status(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE deployments SET status = $1, reason = $2, updated_at = $3 WHERE id = $4 AND status = $5",
         )
@@ -760,7 +803,13 @@ impl Db {
     }
 
     /// Record a heartbeat: state, optional resources, last_seen.
-    pub async fn heartbeat(&self, id: &str, state: &str, res: Option<(i64, i64, i64, i64, i64)>, now: i64) -> Result<bool> {
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        state: &str,
+        res: Option<(i64, i64, i64, i64, i64)>,
+        now: i64,
+    ) -> Result<bool> {
         let r = match res {
             Some((cpus, mem, disk, used, inst)) => sqlx::query(
                 "UPDATE nodes SET state = $1, last_seen = $2, cpus = $3, memory_bytes = $4, disk_bytes = $5, memory_used_bytes = $6, instances = $7 WHERE id = $8",
@@ -862,15 +911,23 @@ impl Db {
         )
     }
 
-    pub async fn set_instance_state(&self, id: &str, state: &str, reason: &str, now: i64) -> Result<bool> {
-        let r = sqlx::query("UPDATE instances SET state = $1, reason = $2, updated_at = $3 WHERE id = $4")
-            .bind(state)
-            .bind(reason)
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(q("updating an instance"))?;
+    pub async fn set_instance_state(
+        &self,
+        id: &str,
+        state: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE instances SET state = $1, reason = $2, updated_at = $3 WHERE id = $4",
+        )
+        .bind(state)
+        .bind(reason)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("updating an instance"))?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -884,11 +941,13 @@ impl Db {
     }
 
     pub async fn healthy_instances_of_release(&self, release_id: &str) -> Result<i64> {
-        let r = sqlx::query("SELECT COUNT(*) AS n FROM instances WHERE release_id = $1 AND state = 'healthy'")
-            .bind(release_id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(q("counting healthy instances"))?;
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n FROM instances WHERE release_id = $1 AND state = 'healthy'",
+        )
+        .bind(release_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("counting healthy instances"))?;
         i(&r, "n").map_err(q("counting healthy instances"))
     }
 
@@ -921,7 +980,9 @@ impl Db {
         rows!(
             ImageRow,
             "listing images",
-            sqlx::query("SELECT id, digest, size_bytes, source_commit, created_at FROM images ORDER BY id"),
+            sqlx::query(
+                "SELECT id, digest, size_bytes, source_commit, created_at FROM images ORDER BY id"
+            ),
             &self.pool
         )
     }

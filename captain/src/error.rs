@@ -38,7 +38,9 @@ pub enum Code {
 impl Code {
     pub fn status(self) -> StatusCode {
         match self {
-            Code::BadRequest | Code::InvalidJson | Code::UnknownField | Code::InvalidName => StatusCode::BAD_REQUEST,
+            Code::BadRequest | Code::InvalidJson | Code::UnknownField | Code::InvalidName => {
+                StatusCode::BAD_REQUEST
+            }
             Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::Unauthorized | Code::InvalidSignature => StatusCode::UNAUTHORIZED,
             Code::Forbidden => StatusCode::FORBIDDEN,
@@ -150,7 +152,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         if let Some(ct) = req.headers().get(axum::http::header::CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or("");
-            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             if mime != "application/json" && !mime.ends_with("+json") {
                 return Err(ApiError::new(
                     Code::UnsupportedMediaType,
@@ -158,14 +165,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 ));
             }
         }
-        let bytes = bytes::Bytes::from_request(req, state).await.map_err(bytes_rejection)?;
+        let bytes = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(bytes_rejection)?;
         parse_json(&bytes).map(ApiJson)
     }
 }
 
 pub fn bytes_rejection(r: BytesRejection) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(Code::PayloadTooLarge, "request body is larger than the limit of 1 MiB")
+        ApiError::new(
+            Code::PayloadTooLarge,
+            "request body is larger than the limit of 1 MiB",
+        )
     } else {
         ApiError::bad_request(format!("could not read the request body: {r}"))
     }
@@ -174,7 +186,10 @@ pub fn bytes_rejection(r: BytesRejection) -> ApiError {
 /// Parse a JSON body into `T`, classifying serde's errors.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
-        return Err(ApiError::new(Code::InvalidJson, "request body is empty; expected a JSON object"));
+        return Err(ApiError::new(
+            Code::InvalidJson,
+            "request body is empty; expected a JSON object",
+        ));
     }
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
@@ -183,7 +198,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             Category::Syntax | Category::Eof | Category::Io => {
                 ApiError::new(Code::InvalidJson, format!("malformed JSON: {msg}"))
             }
-            Category::Data if msg.starts_with("unknown field") => ApiError::new(Code::UnknownField, msg),
+            Category::Data if msg.starts_with("unknown field") => {
+                ApiError::new(Code::UnknownField, msg)
+            }
             Category::Data => ApiError::bad_request(format!("invalid request body: {msg}")),
         }
     })
@@ -199,7 +216,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| ApiQuery(q.0))
-            .map_err(|e: QueryRejection| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))
+            .map_err(|e: QueryRejection| {
+                ApiError::bad_request(format!("invalid query string: {}", e.body_text()))
+            })
     }
 }
 
@@ -213,7 +232,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| ApiPath(p.0))
-            .map_err(|e: PathRejection| ApiError::bad_request(format!("invalid path: {}", e.body_text())))
+            .map_err(|e: PathRejection| {
+                ApiError::bad_request(format!("invalid path: {}", e.body_text()))
+            })
     }
 }
 
@@ -223,6 +244,12 @@ pub async fn not_found_fallback(uri: axum::http::Uri) -> ApiError {
 }
 
 /// Fallback for a known route called with the wrong method.
-pub async fn method_not_allowed_fallback(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(Code::MethodNotAllowed, format!("{method} is not allowed on {}", uri.path()))
+pub async fn method_not_allowed_fallback(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> ApiError {
+    ApiError::new(
+        Code::MethodNotAllowed,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }

@@ -33,11 +33,19 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
     let rest = path.strip_prefix("/meta.git").unwrap_or("");
     let push = rest == "/git-receive-pack" || query.contains("service=git-receive-pack");
     if push && caller.kind == TokenKind::Node {
-        return Err(ApiError::new(Code::Forbidden, "node tokens may fetch the meta repository, not push to it").into_response());
+        return Err(ApiError::new(
+            Code::Forbidden,
+            "node tokens may fetch the meta repository, not push to it",
+        )
+        .into_response());
     }
     let git_dir = st.meta.git_dir();
     let (Some(root), Some(name)) = (git_dir.parent(), git_dir.file_name()) else {
-        return Err(ApiError::internal("meta repository path", &std::io::Error::other("no parent directory")).into_response());
+        return Err(ApiError::internal(
+            "meta repository path",
+            &std::io::Error::other("no parent directory"),
+        )
+        .into_response());
     };
     let header = |n: &str| {
         req_headers
@@ -58,7 +66,10 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
         .env("CONTENT_TYPE", header("content-type"))
         .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
         .env("GIT_PROTOCOL", header("git-protocol"))
-        .env("REMOTE_USER", format!("{}:{}", caller.kind.as_str(), caller.token_id))
+        .env(
+            "REMOTE_USER",
+            format!("{}:{}", caller.kind.as_str(), caller.token_id),
+        )
         .env("REMOTE_ADDR", "127.0.0.1")
         .env("GIT_CONFIG_COUNT", "1")
         .env("GIT_CONFIG_KEY_0", "http.receivepack")
@@ -72,7 +83,10 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
         .spawn()
         .map_err(|e| ApiError::internal("starting git http-backend", &e).into_response())?;
     let mut stdin = child.stdin.take();
-    let body = req.into_body().into_data_stream().map_err(std::io::Error::other);
+    let body = req
+        .into_body()
+        .into_data_stream()
+        .map_err(std::io::Error::other);
     let feeder = tokio::spawn(async move {
         let mut reader = StreamReader::new(body);
         if let Some(stdin) = stdin.as_mut() {
@@ -85,7 +99,10 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
     let stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let Some(stdout) = stdout else {
-        return Err(ApiError::internal("git http-backend", &std::io::Error::other("no stdout")).into_response());
+        return Err(
+            ApiError::internal("git http-backend", &std::io::Error::other("no stdout"))
+                .into_response(),
+        );
     };
     let mut out = BufReader::new(stdout);
     let mut status = StatusCode::OK;
@@ -100,7 +117,9 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
         if n == 0 || line.is_empty() {
             break;
         }
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         let v = v.trim();
         if k.eq_ignore_ascii_case("status") {
             status = v

@@ -108,7 +108,10 @@ fn read_blobs(git_dir: &Path, files: &BTreeMap<String, String>) -> Result<MetaTr
         .stdout(Stdio::piped())
         .spawn()
         .map_err(git_err)?;
-    let mut stdin = child.stdin.take().ok_or_else(|| git_err(std::io::Error::other("no stdin")))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| git_err(std::io::Error::other("no stdin")))?;
     let ids: Vec<String> = files.values().cloned().collect();
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
         for id in ids {
@@ -116,7 +119,10 @@ fn read_blobs(git_dir: &Path, files: &BTreeMap<String, String>) -> Result<MetaTr
         }
         Ok(())
     });
-    let stdout = child.stdout.take().ok_or_else(|| git_err(std::io::Error::other("no stdout")))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| git_err(std::io::Error::other("no stdout")))?;
     let mut r = std::io::BufReader::new(stdout);
     let mut tree = MetaTree::new();
     for path in files.keys() {
@@ -203,7 +209,10 @@ pub fn install(git_dir: &Path) -> Result<(), HookError> {
     use std::os::unix::fs::PermissionsExt;
     let dir = git_dir.join("hooks");
     let path = dir.join("pre-receive");
-    let io = |source| HookError::Install { path: path.clone(), source };
+    let io = |source| HookError::Install {
+        path: path.clone(),
+        source,
+    };
     std::fs::create_dir_all(&dir).map_err(io)?;
     std::fs::write(&path, PRE_RECEIVE_SCRIPT).map_err(io)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io)?;

@@ -80,9 +80,12 @@ impl Config {
     }
 
     pub fn database_url(&self) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("captain.db").display()))
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("captain.db").display()
+            )
+        })
     }
 
     pub fn hook_command(&self) -> Vec<String> {
@@ -182,9 +185,13 @@ impl Captain {
         let db = Db::connect(&config.database_url(), config.max_db_connections).await?;
         let mut admin_token = None;
         if db.count_tokens("admin").await? == 0 {
-            let (_, secret) = auth::issue(&db, auth::TokenKind::Admin, "admin (first start)", None).await?;
+            let (_, secret) =
+                auth::issue(&db, auth::TokenKind::Admin, "admin (first start)", None).await?;
             let path = config.admin_token_path();
-            write_secret(&path, &secret).map_err(|source| StartError::AdminToken { path: path.clone(), source })?;
+            write_secret(&path, &secret).map_err(|source| StartError::AdminToken {
+                path: path.clone(),
+                source,
+            })?;
             tracing::info!(path = %path.display(), "created the admin API token");
             admin_token = Some(secret);
         }
@@ -209,8 +216,14 @@ impl Captain {
         ];
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
         let app = api::router(state.clone());
         let mut srx = rx;
         let server = tokio::spawn(async move {
@@ -285,7 +298,8 @@ async fn liveness_loop(state: AppState, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        let cutoff = meta_schema::now_millis() - 3 * i64::try_from(interval.as_millis()).unwrap_or(i64::MAX / 4);
+        let cutoff = meta_schema::now_millis()
+            - 3 * i64::try_from(interval.as_millis()).unwrap_or(i64::MAX / 4);
         match state.db.mark_stale_nodes_offline(cutoff).await {
             Ok(ids) => {
                 for id in ids {

@@ -99,7 +99,9 @@ pub struct MetaStore {
     sync_lock: tokio::sync::Mutex<()>,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, MetaError> + Send + 'static) -> Result<T, MetaError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, MetaError> + Send + 'static,
+) -> Result<T, MetaError> {
     tokio::task::spawn_blocking(f).await?
 }
 
@@ -127,7 +129,8 @@ impl MetaStore {
     pub fn open(location: &MetaLocation) -> Result<MetaStore, MetaError> {
         let (repo, origin) = match location {
             MetaLocation::Local(path) => (
-                MetaRepo::open_or_init(path).map_err(repo_err(format!("opening {}", path.display())))?,
+                MetaRepo::open_or_init(path)
+                    .map_err(repo_err(format!("opening {}", path.display())))?,
                 None,
             ),
             MetaLocation::Remote { url, clone } => {
@@ -136,9 +139,19 @@ impl MetaStore {
                         op: format!("creating {}", clone.display()),
                         detail: e.to_string(),
                     })?;
-                    git(clone, &["init", "--bare", "--quiet", "--initial-branch", DEFAULT_BRANCH])?;
+                    git(
+                        clone,
+                        &[
+                            "init",
+                            "--bare",
+                            "--quiet",
+                            "--initial-branch",
+                            DEFAULT_BRANCH,
+                        ],
+                    )?;
                 }
-                let repo = MetaRepo::open(clone).map_err(repo_err(format!("opening {}", clone.display())))?;
+                let repo = MetaRepo::open(clone)
+                    .map_err(repo_err(format!("opening {}", clone.display())))?;
                 (repo, Some(url.clone()))
             }
         };
@@ -165,18 +178,32 @@ impl MetaStore {
 
     /// Fetch the origin and fast-forward the local branch to it. Blocking.
     fn follow_origin_blocking(&self) -> Result<bool, MetaError> {
-        let Some(url) = &self.origin else { return Ok(false) };
+        let Some(url) = &self.origin else {
+            return Ok(false);
+        };
         let fetched = self
             .repo
             .fetch(url, DEFAULT_BRANCH)
             .map_err(repo_err(format!("fetching {url}")))?;
-        let Some(fetched) = fetched else { return Ok(false) };
-        let local = self.repo.head(DEFAULT_BRANCH).map_err(repo_err("reading head"))?;
+        let Some(fetched) = fetched else {
+            return Ok(false);
+        };
+        let local = self
+            .repo
+            .head(DEFAULT_BRANCH)
+            .map_err(repo_err("reading head"))?;
         match local {
             Some(l) if l == fetched => Ok(false),
             Some(l) => {
-                if self.repo.is_ancestor(&l, &fetched).map_err(repo_err("comparing heads"))? {
-                    git(&self.repo.git_dir(), &["update-ref", "refs/heads/main", &fetched, &l])?;
+                if self
+                    .repo
+                    .is_ancestor(&l, &fetched)
+                    .map_err(repo_err("comparing heads"))?
+                {
+                    git(
+                        &self.repo.git_dir(),
+                        &["update-ref", "refs/heads/main", &fetched, &l],
+                    )?;
                     Ok(true)
                 } else {
                     tracing::warn!(local = %l, origin = %fetched, "origin of the meta repository does not descend from the local head; not following");
@@ -184,7 +211,10 @@ impl MetaStore {
                 }
             }
             None => {
-                git(&self.repo.git_dir(), &["update-ref", "refs/heads/main", &fetched])?;
+                git(
+                    &self.repo.git_dir(),
+                    &["update-ref", "refs/heads/main", &fetched],
+                )?;
                 Ok(true)
             }
         }
@@ -202,28 +232,49 @@ impl MetaStore {
 
     pub async fn head(self: &std::sync::Arc<Self>) -> Result<Option<String>, MetaError> {
         let me = self.clone();
-        blocking(move || me.repo.head(DEFAULT_BRANCH).map_err(repo_err("reading head"))).await
+        blocking(move || {
+            me.repo
+                .head(DEFAULT_BRANCH)
+                .map_err(repo_err("reading head"))
+        })
+        .await
     }
 
     pub async fn tree(self: &std::sync::Arc<Self>, commit: String) -> Result<MetaTree, MetaError> {
         let me = self.clone();
-        blocking(move || me.repo.tree_at(&commit).map_err(repo_err(format!("reading tree of {commit}")))).await
+        blocking(move || {
+            me.repo
+                .tree_at(&commit)
+                .map_err(repo_err(format!("reading tree of {commit}")))
+        })
+        .await
     }
 
     /// Commit `changes` to the branch (and push it to the origin when
     /// following one). Returns the commit id.
-    pub async fn commit(self: &std::sync::Arc<Self>, changes: ChangeSet, message: String) -> Result<String, MetaError> {
+    pub async fn commit(
+        self: &std::sync::Arc<Self>,
+        changes: ChangeSet,
+        message: String,
+    ) -> Result<String, MetaError> {
         let me = self.clone();
         if self.origin.is_none() {
-            let c = blocking(move || me.repo.commit(DEFAULT_BRANCH, &changes, &message).map_err(repo_err("committing")))
-                .await?;
+            let c = blocking(move || {
+                me.repo
+                    .commit(DEFAULT_BRANCH, &changes, &message)
+                    .map_err(repo_err("committing"))
+            })
+            .await?;
             crate::metrics::commit_written();
             return Ok(c);
         }
         let _g = self.write_lock.lock().await;
         let c = blocking(move || {
             me.follow_origin_blocking()?;
-            let before = me.repo.head(DEFAULT_BRANCH).map_err(repo_err("reading head"))?;
+            let before = me
+                .repo
+                .head(DEFAULT_BRANCH)
+                .map_err(repo_err("reading head"))?;
             let c = me
                 .repo
                 .commit(DEFAULT_BRANCH, &changes, &message)
@@ -251,7 +302,11 @@ impl MetaStore {
     }
 
     /// Make sure `envs/<env>/env.pb` exists, committing it when absent.
-    pub async fn ensure_env(self: &std::sync::Arc<Self>, env: &str, domains: &[String]) -> Result<(), MetaError> {
+    pub async fn ensure_env(
+        self: &std::sync::Arc<Self>,
+        env: &str,
+        domains: &[String],
+    ) -> Result<(), MetaError> {
         if self.envs.lock().map(|s| s.contains(env)).unwrap_or(false) {
             return Ok(());
         }
@@ -268,7 +323,10 @@ impl MetaStore {
                 age_recipients: vec![],
             };
             match self
-                .commit(ChangeSet::new().add(path, doc.encode_to_vec()), format!("Create env {env}"))
+                .commit(
+                    ChangeSet::new().add(path, doc.encode_to_vec()),
+                    format!("Create env {env}"),
+                )
                 .await
             {
                 Ok(_) => {}
@@ -286,8 +344,14 @@ impl MetaStore {
     }
 
     /// Release files of one app at the head.
-    pub async fn release_paths(self: &std::sync::Arc<Self>, env: &str, app: &str) -> Result<Vec<String>, MetaError> {
-        let Some(h) = self.head().await? else { return Ok(vec![]) };
+    pub async fn release_paths(
+        self: &std::sync::Arc<Self>,
+        env: &str,
+        app: &str,
+    ) -> Result<Vec<String>, MetaError> {
+        let Some(h) = self.head().await? else {
+            return Ok(vec![]);
+        };
         let prefix = format!("{}/releases/", meta_schema::layout::app_dir(env, app));
         Ok(self
             .tree(h)
@@ -324,7 +388,11 @@ pub fn derived_project_name(repo: &str) -> String {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
-    let cleaned = cleaned.trim_matches('-').chars().take(63).collect::<String>();
+    let cleaned = cleaned
+        .trim_matches('-')
+        .chars()
+        .take(63)
+        .collect::<String>();
     if cleaned.is_empty() {
         "unlinked".into()
     } else {
@@ -339,12 +407,19 @@ pub async fn initial_status(
     release: &pb::Release,
     rollouts: &[&pb::Deployment],
 ) -> Result<(Status, String), DbError> {
-    if let Some(d) = rollouts.iter().filter(|d| d.release.as_ref().is_some_and(|r| r.id == release.id)).max_by(|a, b| a.id.cmp(&b.id)) {
-        return Ok(match pb::DeploymentState::try_from(d.state).unwrap_or(pb::DeploymentState::Unspecified) {
-            pb::DeploymentState::Promoted => (Status::Running, String::new()),
-            pb::DeploymentState::Failed => (Status::Failed, d.reason.clone()),
-            _ => (Status::Starting, String::new()),
-        });
+    if let Some(d) = rollouts
+        .iter()
+        .filter(|d| d.release.as_ref().is_some_and(|r| r.id == release.id))
+        .max_by(|a, b| a.id.cmp(&b.id))
+    {
+        return Ok(
+            match pb::DeploymentState::try_from(d.state).unwrap_or(pb::DeploymentState::Unspecified)
+            {
+                pb::DeploymentState::Promoted => (Status::Running, String::new()),
+                pb::DeploymentState::Failed => (Status::Failed, d.reason.clone()),
+                _ => (Status::Starting, String::new()),
+            },
+        );
     }
     if !release.image_digest.is_empty() && db.image(&release.image_digest).await?.is_some() {
         return Ok((Status::Starting, String::new()));
@@ -370,7 +445,9 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
     let Some(head) = store.head().await? else {
         return Ok(SyncReport::default());
     };
-    if db.setting(MIRROR_HEAD).await?.as_deref() == Some(head.as_str()) && db.commit_indexed(&head).await? {
+    if db.setting(MIRROR_HEAD).await?.as_deref() == Some(head.as_str())
+        && db.commit_indexed(&head).await?
+    {
         return Ok(SyncReport {
             head: Some(head),
             ..Default::default()
@@ -381,8 +458,14 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
         let me = store.clone();
         let h = head.clone();
         blocking(move || {
-            let tree = me.repo.tree_at(&h).map_err(repo_err("reading the head tree"))?;
-            let log = me.repo.log(DEFAULT_BRANCH, &LogFilter::default()).map_err(repo_err("reading history"))?;
+            let tree = me
+                .repo
+                .tree_at(&h)
+                .map_err(repo_err("reading the head tree"))?;
+            let log = me
+                .repo
+                .log(DEFAULT_BRANCH, &LogFilter::default())
+                .map_err(repo_err("reading history"))?;
             Ok((tree, log))
         })
         .await?
@@ -399,7 +482,9 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
     let empty = BTreeMap::new();
     let mut present = BTreeSet::new();
     for ((env, app), releases) in &loaded.releases {
-        let Some((_, newest)) = releases.last_key_value() else { continue };
+        let Some((_, newest)) = releases.last_key_value() else {
+            continue;
+        };
         let src = newest.source.clone().unwrap_or_default();
         let pid = project_id(&src.repo, &src.branch);
         db.insert_project(&ProjectRow {
@@ -411,7 +496,10 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
         })
         .await?;
         let aid = app_id(env, app);
-        let first = releases.first_key_value().map(|(_, r)| r.created_at).unwrap_or(now);
+        let first = releases
+            .first_key_value()
+            .map(|(_, r)| r.created_at)
+            .unwrap_or(now);
         db.ensure_app(&AppRow {
             id: aid.clone(),
             project_id: pid.clone(),

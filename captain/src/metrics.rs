@@ -40,20 +40,37 @@ struct Metrics {
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let mut registry = Registry::with_prefix("zw_captain");
     let requests = Family::<RouteLabels, Counter>::default();
-    let latency =
-        Family::<LatencyLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16)));
+    let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
+        Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+    });
     let commits = Counter::default();
     let mirror_lag = Gauge::default();
     let mirror_syncs = Counter::default();
-    registry.register("http_requests", "HTTP requests by route and status", requests.clone());
-    registry.register("http_request_duration_seconds", "HTTP request latency by route", latency.clone());
-    registry.register("meta_commits_written", "Commits the captain wrote to the meta repository", commits.clone());
+    registry.register(
+        "http_requests",
+        "HTTP requests by route and status",
+        requests.clone(),
+    );
+    registry.register(
+        "http_request_duration_seconds",
+        "HTTP request latency by route",
+        latency.clone(),
+    );
+    registry.register(
+        "meta_commits_written",
+        "Commits the captain wrote to the meta repository",
+        commits.clone(),
+    );
     registry.register(
         "mirror_lag_seconds",
         "Seconds between the meta repository head commit and its indexing, at the last sync",
         mirror_lag.clone(),
     );
-    registry.register("mirror_syncs", "Syncs of the mirror that indexed a new head", mirror_syncs.clone());
+    registry.register(
+        "mirror_syncs",
+        "Syncs of the mirror that indexed a new head",
+        mirror_syncs.clone(),
+    );
     Metrics {
         registry,
         requests,
@@ -106,7 +123,10 @@ pub async fn render() -> Response {
     let mut out = String::new();
     match prometheus_client::encoding::text::encode(&mut out, &METRICS.registry) {
         Ok(()) => (
-            [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             out,
         )
             .into_response(),

@@ -5,7 +5,9 @@
 
 use std::fmt;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Pending,
@@ -16,7 +18,13 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 5] = [Status::Pending, Status::Building, Status::Starting, Status::Running, Status::Failed];
+    pub const ALL: [Status; 5] = [
+        Status::Pending,
+        Status::Building,
+        Status::Starting,
+        Status::Running,
+        Status::Failed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

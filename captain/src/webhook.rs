@@ -17,9 +17,15 @@ use crate::error::{ApiError, Code, bytes_rejection, parse_json};
 
 /// Does `signature` ("sha256=<hex>") sign `body` with `secret`?
 pub fn verify_signature(secret: &[u8], body: &[u8], signature: &str) -> bool {
-    let Some(hex_sig) = signature.strip_prefix("sha256=") else { return false };
-    let Ok(sig) = hex::decode(hex_sig.trim()) else { return false };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { return false };
+    let Some(hex_sig) = signature.strip_prefix("sha256=") else {
+        return false;
+    };
+    let Ok(sig) = hex::decode(hex_sig.trim()) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
     mac.update(body);
     mac.verify_slice(&sig).is_ok()
 }
@@ -46,7 +52,9 @@ pub async fn github(
     let sig = headers
         .get("x-hub-signature-256")
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::new(Code::InvalidSignature, "missing X-Hub-Signature-256 header"))?;
+        .ok_or_else(|| {
+            ApiError::new(Code::InvalidSignature, "missing X-Hub-Signature-256 header")
+        })?;
     if !verify_signature(secret.as_bytes(), &body, sig) {
         return Err(ApiError::new(
             Code::InvalidSignature,
@@ -59,15 +67,36 @@ pub async fn github(
         .unwrap_or("")
         .to_string();
     if event != "push" {
-        return Ok((StatusCode::ACCEPTED, axum::Json(WebhookResult { event, deployments: vec![] })).into_response());
+        return Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(WebhookResult {
+                event,
+                deployments: vec![],
+            }),
+        )
+            .into_response());
     }
     let push: GithubPush = parse_json(&body)?;
     let Some(branch) = push.git_ref.strip_prefix("refs/heads/") else {
-        return Ok((StatusCode::ACCEPTED, axum::Json(WebhookResult { event, deployments: vec![] })).into_response());
+        return Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(WebhookResult {
+                event,
+                deployments: vec![],
+            }),
+        )
+            .into_response());
     };
     if push.after.bytes().all(|b| b == b'0') {
         // A deleted branch: nothing to build.
-        return Ok((StatusCode::ACCEPTED, axum::Json(WebhookResult { event, deployments: vec![] })).into_response());
+        return Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(WebhookResult {
+                event,
+                deployments: vec![],
+            }),
+        )
+            .into_response());
     }
     let r = &push.repository;
     let mut urls: Vec<&str> = [&r.clone_url, &r.html_url, &r.ssh_url, &r.git_url]
@@ -99,5 +128,9 @@ pub async fn github(
         }
     }
     tracing::info!(branch, commit = %push.after, deployments = deployments.len(), "GitHub push");
-    Ok((StatusCode::ACCEPTED, axum::Json(WebhookResult { event, deployments })).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(WebhookResult { event, deployments }),
+    )
+        .into_response())
 }

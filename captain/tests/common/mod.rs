@@ -35,7 +35,11 @@ fn free_port() -> u16 {
 fn pg() -> &'static PgCluster {
     let r = PG.get_or_init(|| {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pg-test-cluster.sh");
-        let dir = std::env::temp_dir().join(format!("zw-captain-pg-{}-{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "zw-captain-pg-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
         let port = free_port();
         let out = Command::new("bash")
             .arg(script)
@@ -65,15 +69,22 @@ pub async fn fresh_database(backend: Backend, dir: &Path) -> String {
         Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.join("captain.db").display()),
         Backend::Postgres => {
             let port = pg().port;
-            let name = format!("t{}_{}", std::process::id(), DB_SEQ.fetch_add(1, Ordering::SeqCst));
+            let name = format!(
+                "t{}_{}",
+                std::process::id(),
+                DB_SEQ.fetch_add(1, Ordering::SeqCst)
+            );
             sqlx::any::install_default_drivers();
             let admin = format!("postgres://postgres@127.0.0.1:{port}/postgres");
             let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
                 .await
                 .expect("connect to the test cluster");
-            sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .await
-                .expect("create a test database");
+            sqlx::Executor::execute(
+                &mut conn,
+                sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+            )
+            .await
+            .expect("create a test database");
             let _ = sqlx::Connection::close(conn).await;
             format!("postgres://postgres@127.0.0.1:{port}/{name}")
         }
@@ -85,16 +96,26 @@ pub async fn wipe_database(url: &str, backend: Backend) {
     sqlx::any::install_default_drivers();
     match backend {
         Backend::Sqlite => {
-            let path = url.trim_start_matches("sqlite://").split('?').next().unwrap().to_string();
+            let path = url
+                .trim_start_matches("sqlite://")
+                .split('?')
+                .next()
+                .unwrap()
+                .to_string();
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{path}{suffix}"));
             }
         }
         Backend::Postgres => {
-            let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await.expect("connect");
-            sqlx::Executor::execute(&mut conn, "DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+            let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url)
                 .await
-                .expect("wipe the database");
+                .expect("connect");
+            sqlx::Executor::execute(
+                &mut conn,
+                "DROP SCHEMA public CASCADE; CREATE SCHEMA public;",
+            )
+            .await
+            .expect("wipe the database");
             let _ = sqlx::Connection::close(conn).await;
         }
     }
@@ -164,8 +185,13 @@ impl Env {
     pub async fn start(backend: Backend) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let database_url = fresh_database(backend, dir.path()).await;
-        let captain = Captain::start(config(dir.path(), &database_url)).await.expect("captain starts");
-        let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
+        let captain = Captain::start(config(dir.path(), &database_url))
+            .await
+            .expect("captain starts");
+        let token = std::fs::read_to_string(dir.path().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
         assert_eq!(Some(token.as_str()), captain.admin_token());
         let base = format!("http://{}", captain.local_addr());
         Env {
@@ -196,7 +222,9 @@ impl Env {
         if wipe {
             wipe_database(&self.database_url, self.backend).await;
         }
-        let c = Captain::start(config(self.dir.path(), &self.database_url)).await.expect("captain restarts");
+        let c = Captain::start(config(self.dir.path(), &self.database_url))
+            .await
+            .expect("captain restarts");
         if let Some(t) = c.admin_token() {
             self.token = t.to_string();
         }
@@ -210,15 +238,27 @@ impl Env {
         }
     }
 
-    pub async fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+    pub async fn req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             r = r.json(&b);
         }
         let resp = r.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, v)
     }
 
@@ -239,7 +279,12 @@ impl Env {
             .await;
         assert_eq!(s, 201, "{p}");
         let pid = p["id"].as_str().unwrap().to_string();
-        let (s, a) = self.post(&format!("/v1/projects/{pid}/apps"), serde_json::json!({"name": app})).await;
+        let (s, a) = self
+            .post(
+                &format!("/v1/projects/{pid}/apps"),
+                serde_json::json!({"name": app}),
+            )
+            .await;
         assert_eq!(s, 201, "{a}");
         (pid, a["id"].as_str().unwrap().to_string())
     }
@@ -256,13 +301,28 @@ pub fn git(dir: Option<&Path>, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("git runs");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Number of commits on main of a bare repository.
 pub fn commit_count(git_dir: &Path) -> usize {
-    git(None, &["--git-dir", git_dir.to_str().unwrap(), "rev-list", "--count", "main"]).parse().unwrap()
+    git(
+        None,
+        &[
+            "--git-dir",
+            git_dir.to_str().unwrap(),
+            "rev-list",
+            "--count",
+            "main",
+        ],
+    )
+    .parse()
+    .unwrap()
 }
 
 pub fn digest(n: u32) -> String {
