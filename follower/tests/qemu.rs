@@ -28,8 +28,14 @@ const HEALTHY_WITHIN: Duration = Duration::from_secs(45);
 const SECRET: &str = "zw-test-secret-5b1f0c";
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Kills a VM and removes its tap when the test ends, however it ends.
@@ -48,14 +54,20 @@ impl Drop for VmGuard {
         if let Some((pid, ticks)) = self.pid
             && pid_is(pid, ticks)
         {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let _ = Command::new("ip").args(["link", "del", &self.tap]).output();
     }
 }
 
 async fn wait_healthy(addr: SocketAddr, log: &Path) -> Duration {
-    let probe = Probe::Http { path: "/index.html".into(), timeout: Duration::from_secs(1) };
+    let probe = Probe::Http {
+        path: "/index.html".into(),
+        timeout: Duration::from_secs(1),
+    };
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < HEALTHY_WITHIN {
@@ -76,8 +88,13 @@ fn build_rootfs(dir: &Path) -> PathBuf {
     for d in ["bin", "www/cgi-bin", "tmp", "proc", "sys", "dev", "etc"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static at /bin/busybox");
-    std::fs::write(root.join("www/index.html"), "hello from a zeitwork microVM\n").unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static at /bin/busybox");
+    std::fs::write(
+        root.join("www/index.html"),
+        "hello from a zeitwork microVM\n",
+    )
+    .unwrap();
     // GET /cgi-bin/stop makes the app exit: it SIGTERMs the main httpd,
     // the leader of the session zw-init started the app in.
     let stop = root.join("www/cgi-bin/stop");
@@ -91,7 +108,11 @@ fn build_rootfs(dir: &Path) -> PathBuf {
     std::fs::set_permissions(&stop, std::fs::Permissions::from_mode(0o755)).unwrap();
     let image = dir.join("image");
     std::fs::create_dir_all(&image).unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-d"]).arg(&root).arg(image.join("rootfs.ext4")).arg("32M"));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-d"])
+        .arg(&root)
+        .arg(image.join("rootfs.ext4"))
+        .arg("32M"));
     image
 }
 
@@ -101,8 +122,13 @@ fn spec(id: &str, image: &Path, ip: Ipv6Addr, work: PathBuf) -> InstanceSpec {
         env: "test".into(),
         app: "web".into(),
         image_dir: image.to_path_buf(),
-        argv: ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"].map(String::from).to_vec(),
-        env_vars: BTreeMap::from([("PORT".into(), PORT.to_string()), ("API_TOKEN".into(), SECRET.into())]),
+        argv: ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
+            .map(String::from)
+            .to_vec(),
+        env_vars: BTreeMap::from([
+            ("PORT".into(), PORT.to_string()),
+            ("API_TOKEN".into(), SECRET.into()),
+        ]),
         workdir: "/".into(),
         user: String::new(),
         ip,
@@ -122,7 +148,9 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let cache = std::env::var_os("ZW_CACHE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/zeitwork"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/zeitwork")
+        })
         .join("qemu-guest");
     let tmp = tempfile::tempdir().unwrap();
 
@@ -132,7 +160,9 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
         .arg(manifest.join("../scripts/build-guest-init.sh"))
         .arg(manifest.join("src/bin/zw-init.rs"))
         .arg(&zw_init));
-    let guest = qemu::prepare_guest(&cache, &zw_init).await.expect("guest kernel and initramfs");
+    let guest = qemu::prepare_guest(&cache, &zw_init)
+        .await
+        .expect("guest kernel and initramfs");
     let image = build_rootfs(tmp.path());
 
     let accel_choice = match std::env::var("ZW_QEMU_ACCEL").as_deref() {
@@ -153,13 +183,26 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
     // The KVM boot check runs once per process; keep it out of the timing.
     let probe_start = Instant::now();
     let accel = runtime.accelerator().await;
-    eprintln!("accelerator: {} (decided in {:?})", accel.as_str(), probe_start.elapsed());
+    eprintln!(
+        "accelerator: {} (decided in {:?})",
+        accel.as_str(),
+        probe_start.elapsed()
+    );
 
     let range = InstanceRange::parse("fd00:7a77:ffff:51::").unwrap();
     let id = format!("qemu-test-{}", std::process::id());
-    let spec1 = spec(&id, &image, range.instance_addr(1), tmp.path().join("instance"));
+    let spec1 = spec(
+        &id,
+        &image,
+        range.instance_addr(1),
+        tmp.path().join("instance"),
+    );
     let tap = InstanceNetNames::for_instance(&id).host_if;
-    let mut guard = VmGuard { pid: None, child: None, tap: tap.clone() };
+    let mut guard = VmGuard {
+        pid: None,
+        child: None,
+        tap: tap.clone(),
+    };
     let log = spec1.work_dir.join("stdout.log");
 
     let t0 = Instant::now();
@@ -168,31 +211,64 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
     let addr = SocketAddr::from((spec1.ip, PORT));
     wait_healthy(addr, &log).await;
     let ours = t0.elapsed();
-    eprintln!("qemu driver ({}): boot to healthy in {:?}", accel.as_str(), ours);
+    eprintln!(
+        "qemu driver ({}): boot to healthy in {:?}",
+        accel.as_str(),
+        ours
+    );
     assert_eq!(runtime.liveness(&handle), Liveness::Running);
-    assert_eq!(handle.extra.get("accel").map(String::as_str), Some(accel.as_str()));
+    assert_eq!(
+        handle.extra.get("accel").map(String::as_str),
+        Some(accel.as_str())
+    );
 
     // The app exits -> zw-init reaps it and powers off -> QEMU exits; the
     // app's status (SIGTERM: 128 + 15) is in the log and in liveness.
-    let _ = Probe::Http { path: "/cgi-bin/stop".into(), timeout: Duration::from_secs(2) }.check(addr).await;
+    let _ = Probe::Http {
+        path: "/cgi-bin/stop".into(),
+        timeout: Duration::from_secs(2),
+    }
+    .check(addr)
+    .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while runtime.liveness(&handle) == Liveness::Running && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let console = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(runtime.liveness(&handle), Liveness::Exited(Some(143)), "console log:\n{console}");
-    assert!(console.contains("zw-init: app killed by signal 15"), "console log:\n{console}");
-    assert!(console.contains(&format!("zw-init: eth0 {}/{INSTANCE_PREFIX_LEN}", spec1.ip)), "{console}");
-    assert!(!console.contains(SECRET), "a secret value reached the console log");
+    assert_eq!(
+        runtime.liveness(&handle),
+        Liveness::Exited(Some(143)),
+        "console log:\n{console}"
+    );
+    assert!(
+        console.contains("zw-init: app killed by signal 15"),
+        "console log:\n{console}"
+    );
+    assert!(
+        console.contains(&format!("zw-init: eth0 {}/{INSTANCE_PREFIX_LEN}", spec1.ip)),
+        "{console}"
+    );
+    assert!(
+        !console.contains(SECRET),
+        "a secret value reached the console log"
+    );
     runtime.stop(&handle).await.expect("stop");
     runtime.stop(&handle).await.expect("stop is idempotent");
-    assert!(!Path::new("/sys/class/net").join(&tap).exists(), "tap {tap} left behind");
+    assert!(
+        !Path::new("/sys/class/net").join(&tap).exists(),
+        "tap {tap} left behind"
+    );
     drop(guard);
 
     // Reference: the same QEMU command line, started by hand with the same
     // kernel, initramfs (a file here) and rootfs; tap made with `ip`.
     let ref_id = format!("qemu-ref-{}", std::process::id());
-    let spec2 = spec(&ref_id, &image, range.instance_addr(2), tmp.path().join("reference"));
+    let spec2 = spec(
+        &ref_id,
+        &image,
+        range.instance_addr(2),
+        tmp.path().join("reference"),
+    );
     std::fs::create_dir_all(&spec2.work_dir).unwrap();
     let initrd = spec2.work_dir.join("initrd");
     {
@@ -205,18 +281,37 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
     }
     let ref_tap = InstanceNetNames::for_instance(&ref_id).host_if;
     let args = runtime.command_line(&spec2, accel, &ref_tap, initrd.to_str().unwrap());
-    let mut ref_guard = VmGuard { pid: None, child: None, tap: ref_tap.clone() };
+    let mut ref_guard = VmGuard {
+        pid: None,
+        child: None,
+        tap: ref_tap.clone(),
+    };
     let t1 = Instant::now();
     run(Command::new("ip").args(["tuntap", "add", "dev", &ref_tap, "mode", "tap"]));
-    run(Command::new("ip").args(["-6", "addr", "add"]).arg(format!("{}/{INSTANCE_PREFIX_LEN}", gateway_of(spec2.ip))).args(["dev", &ref_tap, "nodad"]));
+    run(Command::new("ip")
+        .args(["-6", "addr", "add"])
+        .arg(format!("{}/{INSTANCE_PREFIX_LEN}", gateway_of(spec2.ip)))
+        .args(["dev", &ref_tap, "nodad"]));
     run(Command::new("ip").args(["link", "set", &ref_tap, "up"]));
-    ref_guard.child = Some(Command::new(qemu::QEMU_BINARY).args(&args).spawn().expect("qemu by hand"));
-    wait_healthy(SocketAddr::from((spec2.ip, PORT)), &spec2.work_dir.join("stdout.log")).await;
+    ref_guard.child = Some(
+        Command::new(qemu::QEMU_BINARY)
+            .args(&args)
+            .spawn()
+            .expect("qemu by hand"),
+    );
+    wait_healthy(
+        SocketAddr::from((spec2.ip, PORT)),
+        &spec2.work_dir.join("stdout.log"),
+    )
+    .await;
     let reference = t1.elapsed();
     drop(ref_guard);
 
     let (o, r) = (ours.as_secs_f64(), reference.as_secs_f64());
-    eprintln!("qemu by hand ({}): boot to healthy in {reference:?}", accel.as_str());
+    eprintln!(
+        "qemu by hand ({}): boot to healthy in {reference:?}",
+        accel.as_str()
+    );
     println!(
         "{{\"bench\":\"qemu_boot_to_healthy\",\"accel\":\"{}\",\"ours\":{o:.3},\"reference\":{r:.3},\"ratio\":{:.3}}}",
         accel.as_str(),

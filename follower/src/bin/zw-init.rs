@@ -154,7 +154,8 @@ fn main() {
 fn run() -> Result<i32, String> {
     early_mounts()?;
     console_stdio();
-    let cmdline = fs::read_to_string("/proc/cmdline").map_err(|e| format!("reading /proc/cmdline: {e}"))?;
+    let cmdline =
+        fs::read_to_string("/proc/cmdline").map_err(|e| format!("reading /proc/cmdline: {e}"))?;
     let args = KernelArgs::parse(&cmdline)?;
     if args.probe {
         say("probe ok");
@@ -181,7 +182,11 @@ fn run() -> Result<i32, String> {
         started.elapsed().as_millis(),
         config.env.len(),
         config.workdir,
-        if config.user.is_empty() { "root" } else { &config.user }
+        if config.user.is_empty() {
+            "root"
+        } else {
+            &config.user
+        }
     ));
     run_app(&config)
 }
@@ -204,16 +209,34 @@ fn mount(src: &str, target: &str, fstype: &str, flags: c_ulong, data: &str) -> i
     );
     // SAFETY: valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
-        sys::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast())
+        sys::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn early_mounts() -> Result<(), String> {
     for (fs_type, dir, flags) in [
         ("devtmpfs", "/dev", sys::MS_NOSUID),
-        ("proc", "/proc", sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC),
-        ("sysfs", "/sys", sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC),
+        (
+            "proc",
+            "/proc",
+            sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC,
+        ),
+        (
+            "sysfs",
+            "/sys",
+            sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC,
+        ),
     ] {
         let _ = fs::create_dir_all(dir);
         match mount(fs_type, dir, fs_type, flags, "") {
@@ -229,7 +252,11 @@ fn early_mounts() -> Result<(), String> {
 /// /dev/console in the initramfs) and turns off the tty's "\n" -> "\r\n"
 /// translation so the log holds the app's bytes as they were written.
 fn console_stdio() {
-    let Ok(console) = fs::OpenOptions::new().read(true).write(true).open("/dev/console") else {
+    let Ok(console) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    else {
         return;
     };
     let fd = console.as_raw_fd();
@@ -295,7 +322,12 @@ fn load_modules() -> Result<(), String> {
         let params = c"";
         // SAFETY: finit_module(fd, params, flags) with an open fd and a C string.
         let rc = unsafe {
-            sys::syscall(sys::SYS_FINIT_MODULE, file.as_raw_fd() as c_long, params.as_ptr(), 0 as c_long)
+            sys::syscall(
+                sys::SYS_FINIT_MODULE,
+                file.as_raw_fd() as c_long,
+                params.as_ptr(),
+                0 as c_long,
+            )
         };
         if rc != 0 {
             let e = io::Error::last_os_error();
@@ -314,7 +346,10 @@ fn wait_for(path: &str, limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     while !Path::new(path).exists() {
         if Instant::now() >= deadline {
-            return Err(format!("{path} did not appear within {} ms", limit.as_millis()));
+            return Err(format!(
+                "{path} did not appear within {} ms",
+                limit.as_millis()
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -330,7 +365,10 @@ fn ioctl<T>(fd: c_int, req: c_ulong, arg: &mut T, what: &str) -> Result<(), Stri
 }
 
 fn ifreq(name: &str) -> sys::Ifreq {
-    let mut r = sys::Ifreq { name: [0; 16], data: [0; 24] };
+    let mut r = sys::Ifreq {
+        name: [0; 16],
+        data: [0; 24],
+    };
     r.name[..name.len()].copy_from_slice(name.as_bytes());
     r
 }
@@ -343,22 +381,37 @@ fn link_up(fd: c_int, name: &str) -> Result<c_int, String> {
     ioctl(fd, sys::SIOCSIFFLAGS, &mut r, &format!("setting {name} up"))?;
     let mut r = ifreq(name);
     ioctl(fd, sys::SIOCGIFINDEX, &mut r, &format!("index of {name}"))?;
-    Ok(c_int::from_ne_bytes([r.data[0], r.data[1], r.data[2], r.data[3]]))
+    Ok(c_int::from_ne_bytes([
+        r.data[0], r.data[1], r.data[2], r.data[3],
+    ]))
 }
 
 fn configure_network(ip: Ipv6Addr, plen: u8, gw: Ipv6Addr) -> Result<(), String> {
     wait_for("/sys/class/net/eth0", Duration::from_secs(5))?;
     // No duplicate address detection: the follower owns this address, and
     // DAD would keep it unusable ("tentative") for a second or more.
-    for conf in ["/proc/sys/net/ipv6/conf/default/accept_dad", "/proc/sys/net/ipv6/conf/eth0/accept_dad"] {
+    for conf in [
+        "/proc/sys/net/ipv6/conf/default/accept_dad",
+        "/proc/sys/net/ipv6/conf/eth0/accept_dad",
+    ] {
         fs::write(conf, "0").map_err(|e| format!("writing {conf}: {e}"))?;
     }
-    let sock = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).map_err(|e| format!("AF_INET6 socket: {e}"))?;
+    let sock =
+        UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).map_err(|e| format!("AF_INET6 socket: {e}"))?;
     let fd = sock.as_raw_fd();
     link_up(fd, "lo")?;
     let ifindex = link_up(fd, "eth0")?;
-    let mut addr = sys::In6Ifreq { addr: ip.octets(), prefixlen: u32::from(plen), ifindex };
-    ioctl(fd, sys::SIOCSIFADDR, &mut addr, &format!("adding {ip}/{plen} to eth0"))?;
+    let mut addr = sys::In6Ifreq {
+        addr: ip.octets(),
+        prefixlen: u32::from(plen),
+        ifindex,
+    };
+    ioctl(
+        fd,
+        sys::SIOCSIFADDR,
+        &mut addr,
+        &format!("adding {ip}/{plen} to eth0"),
+    )?;
     let mut route = sys::In6Rtmsg {
         dst: [0; 16],
         src: [0; 16],
@@ -371,7 +424,12 @@ fn configure_network(ip: Ipv6Addr, plen: u8, gw: Ipv6Addr) -> Result<(), String>
         flags: sys::RTF_UP | sys::RTF_GATEWAY,
         ifindex,
     };
-    ioctl(fd, sys::SIOCADDRT, &mut route, &format!("default route via {gw}"))?;
+    ioctl(
+        fd,
+        sys::SIOCADDRT,
+        &mut route,
+        &format!("default route via {gw}"),
+    )?;
     say(&format!("eth0 {ip}/{plen} via {gw}"));
     Ok(())
 }
@@ -397,15 +455,22 @@ fn switch_root() -> Result<(), String> {
     let tmp = format!("{NEWROOT}/tmp");
     let _ = fs::create_dir_all(&tmp);
     if Path::new(&tmp).is_dir() {
-        mount("tmpfs", &tmp, "tmpfs", sys::MS_NOSUID | sys::MS_NODEV, "mode=1777")
-            .map_err(|e| format!("mounting tmpfs on /tmp: {e}"))?;
+        mount(
+            "tmpfs",
+            &tmp,
+            "tmpfs",
+            sys::MS_NOSUID | sys::MS_NODEV,
+            "mode=1777",
+        )
+        .map_err(|e| format!("mounting tmpfs on /tmp: {e}"))?;
     }
     // What is left of the initramfs (the config, read already) goes.
     let _ = fs::remove_dir_all("/zw");
     let _ = fs::remove_dir_all(MODULES_DIR);
     let _ = fs::remove_file("/init");
     std::env::set_current_dir(NEWROOT).map_err(|e| format!("chdir {NEWROOT}: {e}"))?;
-    mount(".", "/", "", sys::MS_MOVE, "").map_err(|e| format!("moving the app's rootfs to /: {e}"))?;
+    mount(".", "/", "", sys::MS_MOVE, "")
+        .map_err(|e| format!("moving the app's rootfs to /: {e}"))?;
     let dot = cstr(".")?;
     // SAFETY: chroot with a C string.
     if unsafe { sys::chroot(dot.as_ptr()) } != 0 {
@@ -428,7 +493,12 @@ fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<(u32, u32), Str
         text.lines()
             .map(|line| line.split(':').collect::<Vec<_>>())
             .find(|f| f.len() > 3 && f[0] == name)
-            .map(|f| f[2..].iter().map_while(|x| x.parse().ok()).collect::<Vec<u32>>())
+            .map(|f| {
+                f[2..]
+                    .iter()
+                    .map_while(|x| x.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
             .filter(|ids| !ids.is_empty())
             .ok_or_else(|| format!("{name:?} is not in the image's {table}"))
     };
@@ -457,7 +527,10 @@ fn run_app(config: &Config) -> Result<i32, String> {
     let group = fs::read_to_string("/etc/group").unwrap_or_default();
     let (uid, gid) = resolve_user(&config.user, &passwd, &group)?;
     let mut cmd = Command::new(program);
-    cmd.args(&config.argv[1..]).env_clear().envs(&config.env).stdin(Stdio::null());
+    cmd.args(&config.argv[1..])
+        .env_clear()
+        .envs(&config.env)
+        .stdin(Stdio::null());
     if !config.env.contains_key("PATH") {
         cmd.env("PATH", DEFAULT_PATH);
     }
@@ -474,7 +547,9 @@ fn run_app(config: &Config) -> Result<i32, String> {
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| format!("starting {program:?}: {e}"))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {program:?}: {e}"))?;
     let app = child.id() as c_int;
     // PID 1 reaps everything: the app, and orphans reparented to us.
     loop {
@@ -550,7 +625,10 @@ struct Config {
 
 impl Config {
     fn parse(text: &str) -> Result<Self, String> {
-        let mut p = Json { s: text.as_bytes(), i: 0 };
+        let mut p = Json {
+            s: text.as_bytes(),
+            i: 0,
+        };
         let value = p.value()?;
         p.ws();
         if p.i != p.s.len() {
@@ -665,7 +743,9 @@ impl Json<'_> {
             }
             Some(b'"') => Ok(JsonValue::String(self.string()?)),
             Some(b't' | b'f' | b'n' | b'-' | b'0'..=b'9') => {
-                while self.i < self.s.len() && matches!(self.s[self.i], b'a'..=b'z' | b'0'..=b'9' | b'-' | b'+' | b'.' | b'E') {
+                while self.i < self.s.len()
+                    && matches!(self.s[self.i], b'a'..=b'z' | b'0'..=b'9' | b'-' | b'+' | b'.' | b'E')
+                {
                     self.i += 1;
                 }
                 Ok(JsonValue::Other)
@@ -678,7 +758,9 @@ impl Json<'_> {
         let Some(h) = self.s.get(self.i..self.i + 4) else {
             return self.err("short \\u escape");
         };
-        let v = std::str::from_utf8(h).ok().and_then(|h| u32::from_str_radix(h, 16).ok());
+        let v = std::str::from_utf8(h)
+            .ok()
+            .and_then(|h| u32::from_str_radix(h, 16).ok());
         self.i += 4;
         v.map_or_else(|| self.err("bad \\u escape"), Ok)
     }
@@ -755,7 +837,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.argv, vec!["sh", "-c", "echo \"hi\"\n\u{e9}\u{1f600}"]);
         assert_eq!(c.env.get("PATH").map(String::as_str), Some("/bin"));
-        assert_eq!((c.workdir.as_str(), c.user.as_str(), c.hostname.as_str()), ("/srv", "app:staff", "i-1"));
+        assert_eq!(
+            (c.workdir.as_str(), c.user.as_str(), c.hostname.as_str()),
+            ("/srv", "app:staff", "i-1")
+        );
         assert!(Config::parse(r#"{"argv":[1]}"#).is_err());
         assert!(Config::parse(r#"{"argv":["a"]} x"#).is_err());
         assert!(Config::parse(r#"{"argv":["a"}"#).is_err());
@@ -763,8 +848,16 @@ mod tests {
 
     #[test]
     fn kernel_args_and_users() {
-        let a = KernelArgs::parse("console=ttyS0 zw.ip=fd00::3:2/112 zw.gw=fd00::3:1 quiet").unwrap();
-        assert_eq!(a.net, Some(("fd00::3:2".parse().unwrap(), 112, "fd00::3:1".parse().unwrap())));
+        let a =
+            KernelArgs::parse("console=ttyS0 zw.ip=fd00::3:2/112 zw.gw=fd00::3:1 quiet").unwrap();
+        assert_eq!(
+            a.net,
+            Some((
+                "fd00::3:2".parse().unwrap(),
+                112,
+                "fd00::3:1".parse().unwrap()
+            ))
+        );
         assert!(!a.probe);
         assert!(KernelArgs::parse("zw.probe").unwrap().probe);
         assert!(KernelArgs::parse("zw.ip=fd00::2/112").is_err());

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+pub mod firecracker;
 pub mod process;
 pub mod qemu;
 

@@ -47,7 +47,7 @@ use crate::net::{INSTANCE_PREFIX_LEN, InstanceNetNames, gateway_of, stable_hash,
 const DRIVER: &str = "qemu";
 const PREPARE_KERNEL_SH: &str = include_str!("../../../scripts/prepare-kernel.sh");
 const BUILD_INITRAMFS_SH: &str = include_str!("../../../scripts/build-initramfs.sh");
-const GUEST_TAP_SH: &str = include_str!("../../../scripts/guest-tap.sh");
+pub(crate) const GUEST_TAP_SH: &str = include_str!("../../../scripts/guest-tap.sh");
 /// The QEMU binary looked up on PATH by default.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// How long a guest under `-accel kvm` may take to reach init before KVM is
@@ -56,10 +56,10 @@ pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Between SIGTERM and SIGKILL when stopping.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// The fd number the initrd memfd has in QEMU.
-const INITRD_FD: i32 = 3;
+pub(crate) const INITRD_FD: i32 = 3;
 /// Kernel arguments of every boot: console on the serial port, no reboot
 /// loop on panic, no BIOS EDD probing, and little kernel chatter in the log.
-const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t quiet edd=off";
+pub(crate) const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t quiet edd=off";
 /// Marker zw-init prints before powering off.
 const EXIT_MARKER: &str = "zw-init: powering off (exit code ";
 
@@ -105,17 +105,25 @@ pub struct QemuConfig {
     pub scripts_dir: PathBuf,
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
     let what = what.into();
     move |source| RuntimeError::Io { what, source }
 }
 
 fn unavailable(reason: impl Into<String>) -> RuntimeError {
-    RuntimeError::Unavailable { driver: DRIVER, reason: reason.into() }
+    RuntimeError::Unavailable {
+        driver: DRIVER,
+        reason: reason.into(),
+    }
 }
 
 /// Runs an embedded script (written to `scripts_dir` first); returns stdout.
-async fn run_script(scripts_dir: &Path, name: &str, body: &str, args: &[&OsString]) -> Result<String, RuntimeError> {
+async fn run_script(
+    scripts_dir: &Path,
+    name: &str,
+    body: &str,
+    args: &[&OsString],
+) -> Result<String, RuntimeError> {
     let path = scripts_dir.join(name);
     write_script(&path, body).map_err(io_err(format!("writing {}", path.display())))?;
     let out = tokio::process::Command::new("bash")
@@ -142,17 +150,30 @@ async fn run_script(scripts_dir: &Path, name: &str, body: &str, args: &[&OsStrin
 pub async fn prepare_guest(cache_dir: &Path, zw_init: &Path) -> Result<GuestImage, RuntimeError> {
     let scripts = cache_dir.join("scripts");
     let kernel_cache = cache_dir.join("kernel");
-    let kdir = run_script(&scripts, "prepare-kernel.sh", PREPARE_KERNEL_SH, &[&kernel_cache.into_os_string()]).await?;
+    let kdir = run_script(
+        &scripts,
+        "prepare-kernel.sh",
+        PREPARE_KERNEL_SH,
+        &[&kernel_cache.into_os_string()],
+    )
+    .await?;
     let kdir = PathBuf::from(kdir.lines().last().unwrap_or_default());
     let initramfs = cache_dir.join("initramfs.cpio");
     run_script(
         &scripts,
         "build-initramfs.sh",
         BUILD_INITRAMFS_SH,
-        &[&kdir.clone().into_os_string(), &zw_init.as_os_str().to_owned(), &initramfs.clone().into_os_string()],
+        &[
+            &kdir.clone().into_os_string(),
+            &zw_init.as_os_str().to_owned(),
+            &initramfs.clone().into_os_string(),
+        ],
     )
     .await?;
-    Ok(GuestImage { kernel: kdir.join("vmlinuz"), initramfs })
+    Ok(GuestImage {
+        kernel: kdir.join("vmlinuz"),
+        initramfs,
+    })
 }
 
 /// Cheap, cached: is QEMU with the microvm machine here, and are we root
@@ -167,8 +188,13 @@ pub fn probe() -> Result<(), String> {
             let out = std::process::Command::new(QEMU_BINARY)
                 .args(["-machine", "help"])
                 .output()
-                .map_err(|e| format!("{QEMU_BINARY} not runnable: {e} (apt-get install qemu-system-x86)"))?;
-            if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("microvm ")) {
+                .map_err(|e| {
+                    format!("{QEMU_BINARY} not runnable: {e} (apt-get install qemu-system-x86)")
+                })?;
+            if String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with("microvm "))
+            {
                 Ok(())
             } else {
                 Err(format!("{QEMU_BINARY} has no microvm machine"))
@@ -187,8 +213,18 @@ pub async fn kvm_boot_check(qemu: &Path, guest: &GuestImage) -> Result<Duration,
         .map_err(|e| format!("/dev/kvm: {e}"))?;
     let started = Instant::now();
     let mut child = tokio::process::Command::new(qemu)
-        .args(["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "128", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio"])
+        .args([
+            "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "128", "-smp", "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
         .arg("-kernel")
         .arg(&guest.kernel)
         .arg("-initrd")
@@ -222,9 +258,13 @@ pub async fn kvm_boot_check(qemu: &Path, guest: &GuestImage) -> Result<Duration,
                 let _ = e.read_to_string(&mut err).await;
             }
             let err = err.trim().lines().last().unwrap_or("").to_string();
-            Err(format!("guest under KVM ended before init ({status:?}): {err}"))
+            Err(format!(
+                "guest under KVM ended before init ({status:?}): {err}"
+            ))
         }
-        Err(_) => Err(format!("guest under KVM did not reach init within {KVM_PROBE_TIMEOUT:?}")),
+        Err(_) => Err(format!(
+            "guest under KVM did not reach init within {KVM_PROBE_TIMEOUT:?}"
+        )),
     }
 }
 
@@ -233,8 +273,15 @@ pub async fn kvm_boot_check(qemu: &Path, guest: &GuestImage) -> Result<Duration,
 /// at boot. (Under TCG the guest reads the host's TSC.)
 fn host_tsc_khz() -> Option<u64> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0) as u64)
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
 }
 
 /// QEMU option values double their commas.
@@ -243,9 +290,12 @@ fn opt_path(p: &Path) -> String {
 }
 
 /// The locally administered MAC of an instance's NIC.
-fn mac_of(instance_id: &str) -> String {
+pub(crate) fn mac_of(instance_id: &str) -> String {
     let h = stable_hash(instance_id).to_be_bytes();
-    format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3], h[4])
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        h[0], h[1], h[2], h[3], h[4]
+    )
 }
 
 /// A newc cpio archive holding `zw/config.json` (mode 0600), appended to
@@ -269,11 +319,11 @@ fn config_cpio(json: &[u8]) -> Vec<u8> {
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     }
@@ -311,6 +361,100 @@ pub fn guest_exit_code(log: &Path, offset: u64) -> Option<i32> {
     rest[..rest.find(')')?].parse().ok()
 }
 
+/// `base` (the guest initramfs) followed by the instance's config archive,
+/// in a memfd (close-on-exec; a driver hands it to its VMM as fd 3).
+pub(crate) fn instance_initrd(base: &[u8], spec: &InstanceSpec) -> Result<OwnedFd, RuntimeError> {
+    // SAFETY: memfd_create with a static C string; the fd is owned below.
+    let fd = unsafe { libc::memfd_create(c"zw-initrd".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io_err("memfd_create for the initrd")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut file = std::fs::File::from(fd);
+    file.write_all(base)
+        .and_then(|()| file.write_all(&config_cpio(&guest_config(spec))))
+        .map_err(io_err("writing the initrd memfd"))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Makes `fd` the child's fd [`INITRD_FD`] (without close-on-exec) and puts
+/// the child in its own session, so the VMM outlives a follower killed with
+/// `kill -9`. Runs between fork and exec.
+pub(crate) fn vmm_pre_exec(fd: i32) -> std::io::Result<()> {
+    // SAFETY: async-signal-safe libc calls only.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let rc = if fd == INITRD_FD {
+            libc::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, INITRD_FD)
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_GRACE`]; waits until it is gone.
+pub(crate) async fn kill_vmm(pid: u32, start_ticks: u64) {
+    let target = nix::unistd::Pid::from_raw(pid as i32);
+    for (signal, wait) in [
+        (nix::sys::signal::Signal::SIGTERM, STOP_GRACE),
+        (nix::sys::signal::Signal::SIGKILL, Duration::from_secs(2)),
+    ] {
+        if !pid_is(pid, start_ticks) {
+            return;
+        }
+        let _ = nix::sys::signal::kill(target, signal);
+        let deadline = Instant::now() + wait;
+        while pid_is(pid, start_ticks) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The app's exit code of a VM handle, from its console log.
+pub(crate) fn handle_exit_code(handle: &RuntimeHandle) -> Option<i32> {
+    let offset = handle
+        .extra
+        .get("log_offset")
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0);
+    guest_exit_code(&handle.work_dir.join("stdout.log"), offset)
+}
+
+/// Runs `guest-tap.sh` (written at `script`) with `args`.
+pub(crate) async fn run_tap(script: &Path, args: &[&str]) -> Result<(), String> {
+    let out = tokio::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("running guest-tap.sh: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "guest-tap.sh {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Exit statuses of VMMs a runtime spawned (and reaps), by instance id,
+/// with the pid they belong to.
+pub(crate) type Exits = Arc<Mutex<HashMap<String, (u32, Option<i32>)>>>;
+
 pub struct QemuRuntime {
     config: QemuConfig,
     base_initrd: Vec<u8>,
@@ -318,7 +462,7 @@ pub struct QemuRuntime {
     tsc_khz: Option<u64>,
     /// QEMU exit statuses of VMs this process spawned (and reaps), by
     /// instance id, with the pid they belong to.
-    exits: Arc<Mutex<HashMap<String, (u32, Option<i32>)>>>,
+    exits: Exits,
     /// Woken when a VM this runtime started exits.
     on_exit: Arc<Notify>,
 }
@@ -327,13 +471,26 @@ impl QemuRuntime {
     pub fn new(config: QemuConfig, on_exit: Arc<Notify>) -> Result<Self, RuntimeError> {
         probe().map_err(unavailable)?;
         if !config.guest.kernel.is_file() {
-            return Err(unavailable(format!("no guest kernel at {}", config.guest.kernel.display())));
+            return Err(unavailable(format!(
+                "no guest kernel at {}",
+                config.guest.kernel.display()
+            )));
         }
-        let base_initrd = std::fs::read(&config.guest.initramfs)
-            .map_err(io_err(format!("reading the guest initramfs {}", config.guest.initramfs.display())))?;
+        let base_initrd = std::fs::read(&config.guest.initramfs).map_err(io_err(format!(
+            "reading the guest initramfs {}",
+            config.guest.initramfs.display()
+        )))?;
         let tap_script = config.scripts_dir.join("guest-tap.sh");
-        write_script(&tap_script, GUEST_TAP_SH).map_err(io_err(format!("writing {}", tap_script.display())))?;
-        Ok(QemuRuntime { config, base_initrd, tap_script, tsc_khz: host_tsc_khz(), exits: Default::default(), on_exit })
+        write_script(&tap_script, GUEST_TAP_SH)
+            .map_err(io_err(format!("writing {}", tap_script.display())))?;
+        Ok(QemuRuntime {
+            config,
+            base_initrd,
+            tap_script,
+            tsc_khz: host_tsc_khz(),
+            exits: Default::default(),
+            on_exit,
+        })
     }
 
     /// The accelerator guests get; the first call under `Auto` boots the KVM
@@ -348,20 +505,35 @@ impl QemuRuntime {
                     .get_or_init(|| async {
                         let v = kvm_boot_check(&self.config.qemu, &self.config.guest).await;
                         match &v {
-                            Ok(t) => tracing::info!(boot_ms = t.as_millis() as u64, "qemu: KVM works, guests use it"),
-                            Err(why) => tracing::warn!("qemu: KVM unusable ({why}); guests run under TCG (slow)"),
+                            Ok(t) => tracing::info!(
+                                boot_ms = t.as_millis() as u64,
+                                "qemu: KVM works, guests use it"
+                            ),
+                            Err(why) => tracing::warn!(
+                                "qemu: KVM unusable ({why}); guests run under TCG (slow)"
+                            ),
                         }
                         v
                     })
                     .await;
-                if verdict.is_ok() { Accel::Kvm } else { Accel::Tcg }
+                if verdict.is_ok() {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
             }
         }
     }
 
     /// The complete QEMU command line of an instance (without the binary),
     /// the initrd read from `initrd`.
-    pub fn command_line(&self, spec: &InstanceSpec, accel: Accel, tap: &str, initrd: &str) -> Vec<OsString> {
+    pub fn command_line(
+        &self,
+        spec: &InstanceSpec,
+        accel: Accel,
+        tap: &str,
+        initrd: &str,
+    ) -> Vec<OsString> {
         let rootfs = spec.image_dir.join("rootfs.ext4");
         let log = spec.work_dir.join("stdout.log");
         let mut append = format!(
@@ -369,7 +541,12 @@ impl QemuRuntime {
             spec.ip,
             gateway_of(spec.ip)
         );
-        let mut args: Vec<String> = vec!["-M".into(), "microvm".into(), "-accel".into(), accel.as_str().into()];
+        let mut args: Vec<String> = vec![
+            "-M".into(),
+            "microvm".into(),
+            "-accel".into(),
+            accel.as_str().into(),
+        ];
         match accel {
             Accel::Kvm => args.extend(["-cpu".into(), "host".into()]),
             Accel::Tcg => {
@@ -403,64 +580,53 @@ impl QemuRuntime {
             "-append".into(),
             append,
             "-drive".into(),
-            format!("id=root,file={},format=raw,if=none,snapshot=on", opt_path(&rootfs)),
+            format!(
+                "id=root,file={},format=raw,if=none,snapshot=on",
+                opt_path(&rootfs)
+            ),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-netdev".into(),
             format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
             "-device".into(),
-            format!("virtio-net-device,netdev=net0,mac={}", mac_of(&spec.instance_id)),
+            format!(
+                "virtio-net-device,netdev=net0,mac={}",
+                mac_of(&spec.instance_id)
+            ),
         ]);
         args.into_iter().map(OsString::from).collect()
     }
 
     /// The base initramfs followed by the instance's config, in a memfd.
     pub fn initrd_memfd(&self, spec: &InstanceSpec) -> Result<OwnedFd, RuntimeError> {
-        // SAFETY: memfd_create with a static C string; the fd is owned below.
-        let fd = unsafe { libc::memfd_create(c"zw-initrd".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io_err("memfd_create for the initrd")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: a fresh fd nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut file = std::fs::File::from(fd);
-        file.write_all(&self.base_initrd)
-            .and_then(|()| file.write_all(&config_cpio(&guest_config(spec))))
-            .map_err(io_err("writing the initrd memfd"))?;
-        Ok(OwnedFd::from(file))
+        instance_initrd(&self.base_initrd, spec)
     }
 
     async fn tap(&self, args: &[&str]) -> Result<(), String> {
-        let out = tokio::process::Command::new("bash")
-            .arg(&self.tap_script)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| format!("running guest-tap.sh: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "guest-tap.sh {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        run_tap(&self.tap_script, args).await
     }
 
-    async fn start_inner(&self, spec: &InstanceSpec, tap: &str) -> Result<RuntimeHandle, RuntimeError> {
-        let failed = |reason: String| RuntimeError::StartFailed { instance_id: spec.instance_id.clone(), reason };
+    async fn start_inner(
+        &self,
+        spec: &InstanceSpec,
+        tap: &str,
+    ) -> Result<RuntimeHandle, RuntimeError> {
+        let failed = |reason: String| RuntimeError::StartFailed {
+            instance_id: spec.instance_id.clone(),
+            reason,
+        };
         let rootfs = spec.image_dir.join("rootfs.ext4");
         if !rootfs.is_file() {
-            return Err(RuntimeError::BadImage { path: rootfs, reason: "rootfs.ext4 is missing".into() });
+            return Err(RuntimeError::BadImage {
+                path: rootfs,
+                reason: "rootfs.ext4 is missing".into(),
+            });
         }
         if spec.argv.is_empty() {
             return Err(failed("the image has neither entrypoint nor cmd".into()));
         }
-        std::fs::create_dir_all(&spec.work_dir).map_err(io_err(format!("creating {}", spec.work_dir.display())))?;
+        std::fs::create_dir_all(&spec.work_dir)
+            .map_err(io_err(format!("creating {}", spec.work_dir.display())))?;
         let log = spec.work_dir.join("stdout.log");
         let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let qemu_log_path = spec.work_dir.join("qemu.log");
@@ -473,39 +639,38 @@ impl QemuRuntime {
         let initrd = self.initrd_memfd(spec)?;
         let args = self.command_line(spec, accel, tap, &format!("/proc/self/fd/{INITRD_FD}"));
 
-        self.tap(&["up", tap, &gateway_of(spec.ip).to_string(), &INSTANCE_PREFIX_LEN.to_string()])
-            .await
-            .map_err(failed)?;
+        self.tap(&[
+            "up",
+            tap,
+            &gateway_of(spec.ip).to_string(),
+            &INSTANCE_PREFIX_LEN.to_string(),
+        ])
+        .await
+        .map_err(failed)?;
         let mut cmd = tokio::process::Command::new(&self.config.qemu);
-        cmd.args(&args).stdin(std::process::Stdio::null()).stdout(qemu_log.try_clone().map_err(io_err("dup qemu.log"))?);
+        cmd.args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(qemu_log.try_clone().map_err(io_err("dup qemu.log"))?);
         cmd.stderr(qemu_log);
         let raw = initrd.as_raw_fd();
-        // SAFETY: only async-signal-safe calls between fork and exec.
+        // SAFETY: vmm_pre_exec makes only async-signal-safe calls.
         unsafe {
-            cmd.pre_exec(move || {
-                // Its own session: QEMU outlives a follower killed with -9.
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if raw == INITRD_FD {
-                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(raw, INITRD_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || vmm_pre_exec(raw));
         }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 let _ = self.tap(&["down", tap]).await;
-                return Err(failed(format!("spawning {}: {e}", self.config.qemu.display())));
+                return Err(failed(format!(
+                    "spawning {}: {e}",
+                    self.config.qemu.display()
+                )));
             }
         };
         drop(initrd);
-        let pid = child.id().ok_or_else(|| failed("QEMU exited at once".into()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| failed("QEMU exited at once".into()))?;
         let pid_start_ticks = proc_stat(pid).map(|(_, t)| t).unwrap_or(0);
         {
             let exits = Arc::clone(&self.exits);
@@ -534,29 +699,6 @@ impl QemuRuntime {
             extra,
         })
     }
-
-    fn exit_code(handle: &RuntimeHandle) -> Option<i32> {
-        let offset = handle.extra.get("log_offset").and_then(|o| o.parse().ok()).unwrap_or(0);
-        guest_exit_code(&handle.work_dir.join("stdout.log"), offset)
-    }
-
-    /// SIGTERM, then SIGKILL after [`STOP_GRACE`]; waits until it is gone.
-    async fn kill_vm(pid: u32, start_ticks: u64) {
-        let target = nix::unistd::Pid::from_raw(pid as i32);
-        for (signal, wait) in [
-            (nix::sys::signal::Signal::SIGTERM, STOP_GRACE),
-            (nix::sys::signal::Signal::SIGKILL, Duration::from_secs(2)),
-        ] {
-            if !pid_is(pid, start_ticks) {
-                return;
-            }
-            let _ = nix::sys::signal::kill(target, signal);
-            let deadline = Instant::now() + wait;
-            while pid_is(pid, start_ticks) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
 }
 
 impl Runtime for QemuRuntime {
@@ -564,7 +706,10 @@ impl Runtime for QemuRuntime {
         DRIVER
     }
 
-    fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>> {
+    fn start<'a>(
+        &'a self,
+        spec: &'a InstanceSpec,
+    ) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>> {
         Box::pin(async move {
             let tap = InstanceNetNames::for_instance(&spec.instance_id).host_if;
             self.start_inner(spec, &tap).await
@@ -573,7 +718,7 @@ impl Runtime for QemuRuntime {
 
     fn stop<'a>(&'a self, handle: &'a RuntimeHandle) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
-            Self::kill_vm(handle.pid, handle.pid_start_ticks).await;
+            kill_vmm(handle.pid, handle.pid_start_ticks).await;
             if pid_is(handle.pid, handle.pid_start_ticks) {
                 return Err(RuntimeError::Io {
                     what: format!("stopping QEMU pid {} of {}", handle.pid, handle.instance_id),
@@ -585,10 +730,12 @@ impl Runtime for QemuRuntime {
                 .get("tap")
                 .cloned()
                 .unwrap_or_else(|| InstanceNetNames::for_instance(&handle.instance_id).host_if);
-            self.tap(&["down", &tap]).await.map_err(|e| RuntimeError::Io {
-                what: format!("removing tap {tap} of {}", handle.instance_id),
-                source: std::io::Error::other(e),
-            })?;
+            self.tap(&["down", &tap])
+                .await
+                .map_err(|e| RuntimeError::Io {
+                    what: format!("removing tap {tap} of {}", handle.instance_id),
+                    source: std::io::Error::other(e),
+                })?;
             Ok(())
         })
     }
@@ -601,11 +748,15 @@ impl Runtime for QemuRuntime {
         if !reaped && pid_is(handle.pid, handle.pid_start_ticks) {
             Liveness::Running
         } else {
-            Liveness::Exited(Self::exit_code(handle))
+            Liveness::Exited(handle_exit_code(handle))
         }
     }
 
-    fn reclaim<'a>(&'a self, instance_id: &'a str, work_dir: &'a Path) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    fn reclaim<'a>(
+        &'a self,
+        instance_id: &'a str,
+        work_dir: &'a Path,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             // A QEMU whose start was never recorded: found by its pidfile,
             // and only if its command line names this instance's work dir.
@@ -617,15 +768,21 @@ impl Runtime for QemuRuntime {
                     .map(|c| String::from_utf8_lossy(&c).contains(&work_dir.display().to_string()))
                     .unwrap_or(false);
                 if let (true, Some((_, ticks))) = (ours, proc_stat(pid)) {
-                    tracing::warn!(instance = instance_id, pid, "qemu: reclaiming an unrecorded VM");
-                    Self::kill_vm(pid, ticks).await;
+                    tracing::warn!(
+                        instance = instance_id,
+                        pid,
+                        "qemu: reclaiming an unrecorded VM"
+                    );
+                    kill_vmm(pid, ticks).await;
                 }
             }
             let tap = InstanceNetNames::for_instance(instance_id).host_if;
-            self.tap(&["down", &tap]).await.map_err(|e| RuntimeError::Io {
-                what: format!("removing tap {tap} of {instance_id}"),
-                source: std::io::Error::other(e),
-            })
+            self.tap(&["down", &tap])
+                .await
+                .map_err(|e| RuntimeError::Io {
+                    what: format!("removing tap {tap} of {instance_id}"),
+                    source: std::io::Error::other(e),
+                })
         })
     }
 }
@@ -649,10 +806,18 @@ mod tests {
     fn exit_code_is_read_after_the_offset() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("stdout.log");
-        std::fs::write(&log, "zw-init: powering off (exit code 3)\nboot\napp says hi\n").unwrap();
+        std::fs::write(
+            &log,
+            "zw-init: powering off (exit code 3)\nboot\napp says hi\n",
+        )
+        .unwrap();
         assert_eq!(guest_exit_code(&log, 0), Some(3));
         assert_eq!(guest_exit_code(&log, 10), None);
-        std::fs::write(&log, "old\nzw-init: app exited with status 7\nzw-init: powering off (exit code 7)\n").unwrap();
+        std::fs::write(
+            &log,
+            "old\nzw-init: app exited with status 7\nzw-init: powering off (exit code 7)\n",
+        )
+        .unwrap();
         assert_eq!(guest_exit_code(&log, 4), Some(7));
     }
 }
