@@ -289,9 +289,7 @@ impl Secrets {
 
 impl fmt::Debug for Secrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.0.iter().map(|(k, v)| (k, v)))
-            .finish()
+        f.debug_map().entries(self.0.iter()).finish()
     }
 }
 
@@ -549,12 +547,18 @@ impl Metadata {
                     if !matches!(value, Value::Null)
                         && value.as_sequence().is_none_or(|s| !s.is_empty())
                     {
-                        return Err(unsupported("sops.key_groups", "key groups (Shamir secret sharing)"));
+                        return Err(unsupported(
+                            "sops.key_groups",
+                            "key groups (Shamir secret sharing)",
+                        ));
                     }
                 }
                 "encrypted_comment_regex" | "unencrypted_comment_regex" => {
                     if meta_string(key, value)?.is_some() {
-                        return Err(unsupported(format!("sops.{key}"), "comment-based encryption rules"));
+                        return Err(unsupported(
+                            format!("sops.{key}"),
+                            "comment-based encryption rules",
+                        ));
                     }
                 }
                 _ => other.push((key.to_owned(), value.clone())),
@@ -562,8 +566,7 @@ impl Metadata {
         }
         Ok(Metadata {
             age,
-            lastmodified: lastmodified
-                .ok_or_else(|| malformed("sops.lastmodified", "missing"))?,
+            lastmodified: lastmodified.ok_or_else(|| malformed("sops.lastmodified", "missing"))?,
             mac: mac.ok_or_else(|| malformed("sops.mac", "missing"))?,
             rules,
             version,
@@ -584,7 +587,10 @@ impl Metadata {
             })
             .collect();
         map.insert("age".into(), Value::Sequence(age));
-        map.insert("lastmodified".into(), Value::String(self.lastmodified.clone()));
+        map.insert(
+            "lastmodified".into(),
+            Value::String(self.lastmodified.clone()),
+        );
         map.insert("mac".into(), Value::String(self.mac.clone()));
         for (k, v) in &self.other {
             map.insert(Value::String(k.clone()), v.clone());
@@ -699,11 +705,12 @@ impl SopsFile {
         let mut walk = Walk::new(&self.meta.rules, key, Direction::Decrypt);
         let plain = DecryptedDocument(Value::Mapping(walk.walk_map(&self.tree, &mut Vec::new())?));
         let computed = walk.finish();
-        let stored = open_value(key, &self.meta.mac, &mac_ad(&self.meta.lastmodified))
-            .map_err(|e| match e {
+        let stored = open_value(key, &self.meta.mac, &mac_ad(&self.meta.lastmodified)).map_err(
+            |e| match e {
                 SopsError::ValueAuthentication { .. } => SopsError::MacMismatch,
                 other => other,
-            })?;
+            },
+        )?;
         let Value::String(stored) = &stored else {
             return Err(malformed("sops.mac", "the MAC must have type str"));
         };
@@ -807,9 +814,18 @@ pub fn encrypt(
     let mut tree = Mapping::new();
     for (name, value) in secrets.iter() {
         check_name(name)?;
-        tree.insert(Value::String(name.to_owned()), Value::String(value.expose().to_owned()));
+        tree.insert(
+            Value::String(name.to_owned()),
+            Value::String(value.expose().to_owned()),
+        );
     }
-    let result = seal(&tree, Rules::zeitwork_default(), Vec::new(), recipients, now_millis);
+    let result = seal(
+        &tree,
+        Rules::zeitwork_default(),
+        Vec::new(),
+        recipients,
+        now_millis,
+    );
     scrub(&mut Value::Mapping(tree));
     result
 }
@@ -971,7 +987,12 @@ impl<'a> Walk<'a> {
                 if !encrypted || matches!(value, Value::String(s) if s.is_empty()) {
                     return Ok(value.clone());
                 }
-                Ok(Value::String(seal_value(self.key, &bytes, ty, &ad_path(path))))
+                Ok(Value::String(seal_value(
+                    self.key,
+                    &bytes,
+                    ty,
+                    &ad_path(path),
+                )))
             }
             Direction::Decrypt => {
                 let plain = if encrypted {
@@ -1066,7 +1087,13 @@ fn seal_value(key: &DataKey, plaintext: &[u8], ty: &str, ad: &str) -> String {
 
 /// Opens one `ENC[...]` value into a typed YAML scalar.
 fn open_value(key: &DataKey, text: &str, ad: &str) -> Result<Value, SopsError> {
-    let path = || if ad.is_empty() { "sops.mac".to_owned() } else { ad.to_owned() };
+    let path = || {
+        if ad.is_empty() {
+            "sops.mac".to_owned()
+        } else {
+            ad.to_owned()
+        }
+    };
     let bad = |reason: &str| malformed(path(), reason.to_owned());
     let body = text
         .strip_prefix(ENC_PREFIX)
@@ -1075,7 +1102,9 @@ fn open_value(key: &DataKey, text: &str, ad: &str) -> Result<Value, SopsError> {
     let mut fields = [("data", ""), ("iv", ""), ("tag", ""), ("type", "")];
     let mut parts = body.split(',');
     for (name, slot) in fields.iter_mut() {
-        let part = parts.next().ok_or_else(|| bad("missing field in ENC[...]"))?;
+        let part = parts
+            .next()
+            .ok_or_else(|| bad("missing field in ENC[...]"))?;
         *slot = part
             .strip_prefix(*name)
             .and_then(|p| p.strip_prefix(':'))
@@ -1093,7 +1122,10 @@ fn open_value(key: &DataKey, text: &str, ad: &str) -> Result<Value, SopsError> {
     let iv = decode("iv", iv)?;
     let tag = decode("tag", tag)?;
     if iv.len() != IV_LEN {
-        return Err(unsupported(path(), format!("{}-byte AES-GCM nonce", iv.len())));
+        return Err(unsupported(
+            path(),
+            format!("{}-byte AES-GCM nonce", iv.len()),
+        ));
     }
     if tag.len() != TAG_LEN {
         return Err(bad("the GCM tag must be 16 bytes"));
@@ -1247,7 +1279,8 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// a zero offset becomes `Z`. `None` if the text is not RFC 3339.
 fn normalize_rfc3339(s: &str) -> Option<String> {
     let b = s.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
     let shape = b.len() >= 20
         && digits(0..4)
         && b[4] == b'-'
@@ -1273,10 +1306,14 @@ fn normalize_rfc3339(s: &str) -> Option<String> {
     }
     let zone = match rest {
         "Z" | "z" | "+00:00" | "-00:00" => "Z".to_owned(),
-        offset if offset.len() == 6
-            && matches!(offset.as_bytes()[0], b'+' | b'-')
-            && offset.as_bytes()[3] == b':'
-            && offset[1..3].bytes().chain(offset[4..].bytes()).all(|c| c.is_ascii_digit()) =>
+        offset
+            if offset.len() == 6
+                && matches!(offset.as_bytes()[0], b'+' | b'-')
+                && offset.as_bytes()[3] == b':'
+                && offset[1..3]
+                    .bytes()
+                    .chain(offset[4..].bytes())
+                    .all(|c| c.is_ascii_digit()) =>
         {
             offset.to_owned()
         }
@@ -1299,10 +1336,22 @@ mod tests {
 
     #[test]
     fn rfc3339_normalization_follows_go() {
-        assert_eq!(normalize_rfc3339("2023-12-25T10:31:01Z").as_deref(), Some("2023-12-25T10:31:01Z"));
-        assert_eq!(normalize_rfc3339("2023-12-25T10:31:01.123Z").as_deref(), Some("2023-12-25T10:31:01Z"));
-        assert_eq!(normalize_rfc3339("2023-12-25T10:31:01+00:00").as_deref(), Some("2023-12-25T10:31:01Z"));
-        assert_eq!(normalize_rfc3339("2023-12-25T10:31:01+02:00").as_deref(), Some("2023-12-25T10:31:01+02:00"));
+        assert_eq!(
+            normalize_rfc3339("2023-12-25T10:31:01Z").as_deref(),
+            Some("2023-12-25T10:31:01Z")
+        );
+        assert_eq!(
+            normalize_rfc3339("2023-12-25T10:31:01.123Z").as_deref(),
+            Some("2023-12-25T10:31:01Z")
+        );
+        assert_eq!(
+            normalize_rfc3339("2023-12-25T10:31:01+00:00").as_deref(),
+            Some("2023-12-25T10:31:01Z")
+        );
+        assert_eq!(
+            normalize_rfc3339("2023-12-25T10:31:01+02:00").as_deref(),
+            Some("2023-12-25T10:31:01+02:00")
+        );
         assert_eq!(normalize_rfc3339("yesterday"), None);
     }
 
@@ -1317,6 +1366,39 @@ mod tests {
     }
 
     #[test]
+    fn typed_scalars_of_a_hand_edited_file_read_as_text() {
+        let identity = age::x25519::Identity::generate();
+        let mut plain = Mapping::new();
+        plain.insert("PORT".into(), Value::Number(8080.into()));
+        plain.insert("DEBUG".into(), Value::Bool(true));
+        plain.insert("RATIO".into(), Value::Number(1.5.into()));
+        let yaml = seal(
+            &plain,
+            Rules::zeitwork_default(),
+            Vec::new(),
+            &[identity.to_public()],
+            0,
+        )
+        .unwrap();
+        assert!(
+            yaml.contains("type:int]")
+                && yaml.contains("type:bool]")
+                && yaml.contains("type:float]")
+        );
+        let file = SopsFile::parse(&yaml).unwrap();
+        let doc = file
+            .decrypt_document(std::slice::from_ref(&identity))
+            .unwrap();
+        assert_eq!(doc.expose(), &Value::Mapping(plain));
+        let secrets = file.decrypt(&[identity]).unwrap();
+        let text = |n: &str| secrets.get(n).unwrap().expose().to_owned();
+        assert_eq!(
+            (text("PORT"), text("DEBUG"), text("RATIO")),
+            ("8080".into(), "true".into(), "1.5".into())
+        );
+    }
+
+    #[test]
     fn rules_apply_in_sops_order() {
         let rules = Rules {
             unencrypted_suffix: Some("_plain".into()),
@@ -1324,7 +1406,10 @@ mod tests {
             ..Rules::default()
         };
         let p = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
-        assert!(rules.encrypts(&p(&["secret_plain"])), "encrypted_regex overrides the suffix");
+        assert!(
+            rules.encrypts(&p(&["secret_plain"])),
+            "encrypted_regex overrides the suffix"
+        );
         assert!(!rules.encrypts(&p(&["other"])));
         assert!(rules.encrypts(&p(&["a", "secrets"])));
         assert!(Rules::default().encrypts(&p(&["x"])));
