@@ -10,6 +10,7 @@ use anyhow::Context;
 use crate::image::LocalDirImageSource;
 use crate::net::InstanceRange;
 use crate::runtime::RuntimeChoice;
+use crate::runtime::qemu::GuestImage;
 use crate::{Follower, FollowerConfig};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -49,6 +50,17 @@ pub struct Args {
     /// Object store directory (`images/<hex>/...`); default `<data-dir>/store`.
     #[arg(long)]
     pub image_store: Option<PathBuf>,
+    /// Kernel and initramfs of qemu guests (see `qemu::prepare_guest`).
+    #[arg(long, requires = "qemu_initramfs")]
+    pub qemu_kernel: Option<PathBuf>,
+    #[arg(long, requires = "qemu_kernel")]
+    pub qemu_initramfs: Option<PathBuf>,
+    /// Uncompressed kernel (virtio-mmio on the command line) and initramfs
+    /// of firecracker guests.
+    #[arg(long, requires = "firecracker_initramfs")]
+    pub firecracker_kernel: Option<PathBuf>,
+    #[arg(long, requires = "firecracker_kernel")]
+    pub firecracker_initramfs: Option<PathBuf>,
     /// Seconds between meta fetches when not notified.
     #[arg(long, default_value_t = 5)]
     pub poll_seconds: u64,
@@ -68,6 +80,12 @@ impl Args {
         cfg.poll_interval = Duration::from_secs(self.poll_seconds.max(1));
         if let Some(r) = &self.instance_range {
             cfg.instance_range = Some(InstanceRange::parse(r).context("--instance-range")?);
+        }
+        if let (Some(kernel), Some(initramfs)) = (&self.qemu_kernel, &self.qemu_initramfs) {
+            cfg.vm.qemu_guest = Some(GuestImage { kernel: kernel.clone(), initramfs: initramfs.clone() });
+        }
+        if let (Some(kernel), Some(initramfs)) = (&self.firecracker_kernel, &self.firecracker_initramfs) {
+            cfg.vm.firecracker_guest = Some(GuestImage { kernel: kernel.clone(), initramfs: initramfs.clone() });
         }
         if let Some(s) = &self.image_store {
             cfg.images = Some(Arc::new(LocalDirImageSource::new(s)));

@@ -56,6 +56,8 @@ pub struct FollowerConfig {
     pub meta_repo: String,
     pub branch: String,
     pub runtime: RuntimeChoice,
+    /// Guests of the VM drivers; without them `auto` falls back to process.
+    pub vm: runtime::VmOptions,
     /// Default: derived from the node id.
     pub instance_range: Option<InstanceRange>,
     /// Default: the object-store layout under `<data_dir>/store`.
@@ -79,6 +81,7 @@ impl FollowerConfig {
             meta_repo: meta_repo.into(),
             branch: "main".into(),
             runtime: RuntimeChoice::Auto,
+            vm: runtime::VmOptions::default(),
             instance_range: None,
             images: None,
             poll_interval: Duration::from_secs(5),
@@ -175,7 +178,7 @@ impl Follower {
         let notify = Arc::new(Notify::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let (runtime, runtime_reason) = runtime::choose(cfg.runtime, &data.join("scripts"), activate.clone())?;
+        let (runtime, runtime_reason) = runtime::choose(cfg.runtime, &data.join("scripts"), &cfg.vm, activate.clone())?;
         tracing::info!(node = %node_id, runtime = runtime.name(), "{runtime_reason}");
 
         let follower = MetaFollower::open(

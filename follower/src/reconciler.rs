@@ -63,6 +63,21 @@ pub trait DesiredSource: Send + Sync + 'static {
     fn desired(&self) -> BoxFuture<'_, Result<Desired, DesiredError>>;
 }
 
+/// Runs health checks; [`NetworkChecker`] is the real one.
+pub trait HealthChecker: Send + Sync + 'static {
+    fn check(&self, addr: SocketAddr, probe: Probe) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// Checks over the network from the node.
+#[derive(Debug, Default)]
+pub struct NetworkChecker;
+
+impl HealthChecker for NetworkChecker {
+    fn check(&self, addr: SocketAddr, probe: Probe) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move { probe.check(addr).await })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -193,6 +208,7 @@ pub struct Reconciler {
     runtime: Arc<dyn Runtime>,
     images: Arc<dyn ImageSource>,
     captain: Arc<dyn Captain>,
+    checker: Arc<dyn HealthChecker>,
     ledger: Ledger<NodeLedger>,
     /// Last report the captain accepted per instance (memory only: after a
     /// restart everything is reported once more).
@@ -232,11 +248,18 @@ impl Reconciler {
             runtime,
             images,
             captain,
+            checker: Arc::new(NetworkChecker),
             ledger,
             reported: BTreeMap::new(),
             pass: 0,
             adopted_checked: BTreeSet::new(),
         })
+    }
+
+    /// Replaces the health checker (tests without a network).
+    pub fn with_checker(mut self, checker: Arc<dyn HealthChecker>) -> Self {
+        self.checker = checker;
+        self
     }
 
     pub fn ledger(&self) -> &NodeLedger {
@@ -340,7 +363,10 @@ impl Reconciler {
             })
             .collect();
         let results = futures::future::join_all(
-            probes.iter().map(|(id, addr, p)| async move { (id.clone(), p.check(*addr).await) }),
+            probes.into_iter().map(|(id, addr, p)| {
+                let check = self.checker.check(addr, p);
+                async move { (id, check.await) }
+            }),
         )
         .await;
         let now = now_ms();
@@ -683,4 +709,280 @@ pub fn spawn(
         }
     });
     (handle, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use meta_schema::pb;
+
+    use super::*;
+    use crate::captain::{CaptainError, Heartbeat, NodeRegistration, Registered};
+    use crate::image::{FetchedImage, ImageConfig, ImageError};
+    use crate::runtime::RuntimeError;
+
+    /// A runtime in memory. `start` checks that the ledger on disk already
+    /// holds the attempt (the intent is durable before the side effect).
+    #[derive(Default)]
+    struct FakeRuntime {
+        ledger_path: PathBuf,
+        alive: Mutex<HashMap<String, Liveness>>,
+        starts: Mutex<Vec<String>>,
+        stops: Mutex<Vec<String>>,
+        reclaims: Mutex<Vec<String>>,
+        fail_start: Mutex<BTreeSet<String>>,
+        next_pid: Mutex<u32>,
+    }
+
+    impl Runtime for FakeRuntime {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>> {
+            Box::pin(async move {
+                let on_disk: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&self.ledger_path).unwrap()).unwrap();
+                let rec = &on_disk["data"]["instances"][&spec.instance_id];
+                assert!(rec["attempts"].as_u64().unwrap() >= 1, "attempt not on disk before start: {rec}");
+                assert!(rec["handle"].is_null());
+                self.starts.lock().unwrap().push(spec.instance_id.clone());
+                if self.fail_start.lock().unwrap().contains(&spec.instance_id) {
+                    return Err(RuntimeError::StartFailed {
+                        instance_id: spec.instance_id.clone(),
+                        reason: "boom".into(),
+                    });
+                }
+                let mut pid = self.next_pid.lock().unwrap();
+                *pid += 1;
+                self.alive.lock().unwrap().insert(spec.instance_id.clone(), Liveness::Running);
+                Ok(RuntimeHandle {
+                    instance_id: spec.instance_id.clone(),
+                    driver: "fake".into(),
+                    pid: *pid,
+                    pid_start_ticks: 1,
+                    ip: spec.ip,
+                    port: spec.port,
+                    work_dir: spec.work_dir.clone(),
+                    extra: Default::default(),
+                })
+            })
+        }
+        fn stop<'a>(&'a self, handle: &'a RuntimeHandle) -> BoxFuture<'a, Result<(), RuntimeError>> {
+            Box::pin(async move {
+                self.stops.lock().unwrap().push(handle.instance_id.clone());
+                self.alive.lock().unwrap().remove(&handle.instance_id);
+                Ok(())
+            })
+        }
+        fn liveness(&self, handle: &RuntimeHandle) -> Liveness {
+            self.alive.lock().unwrap().get(&handle.instance_id).copied().unwrap_or(Liveness::Exited(None))
+        }
+        fn reclaim<'a>(&'a self, instance_id: &'a str, _work_dir: &'a Path) -> BoxFuture<'a, Result<(), RuntimeError>> {
+            Box::pin(async move {
+                self.reclaims.lock().unwrap().push(instance_id.to_string());
+                Ok(())
+            })
+        }
+    }
+
+    struct FakeImages;
+    impl ImageSource for FakeImages {
+        fn fetch<'a>(&'a self, digest: &'a str, cache: &'a Path) -> BoxFuture<'a, Result<FetchedImage, ImageError>> {
+            Box::pin(async move {
+                if digest.ends_with('0') {
+                    return Err(ImageError::NotFound { digest: digest.into(), path: cache.into() });
+                }
+                Ok(FetchedImage {
+                    dir: cache.join(digest),
+                    config: ImageConfig { entrypoint: vec!["/app".into()], exposed_ports: vec![9000], ..Default::default() },
+                })
+            })
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeDesired(Mutex<Vec<DesiredInstance>>);
+    impl DesiredSource for FakeDesired {
+        fn desired(&self) -> BoxFuture<'_, Result<Desired, DesiredError>> {
+            Box::pin(async move { Ok(Desired { commit: Some("c".into()), instances: self.0.lock().unwrap().clone() }) })
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeCaptain(Mutex<Vec<InstanceReport>>);
+    impl Captain for FakeCaptain {
+        fn register<'a>(&'a self, _r: &'a NodeRegistration) -> BoxFuture<'a, Result<Registered, CaptainError>> {
+            unreachable!("the reconciler never registers")
+        }
+        fn heartbeat<'a>(&'a self, _n: &'a str, _h: &'a Heartbeat) -> BoxFuture<'a, Result<(), CaptainError>> {
+            unreachable!("the reconciler never sends heartbeats")
+        }
+        fn report_instance<'a>(&'a self, r: &'a InstanceReport) -> BoxFuture<'a, Result<(), CaptainError>> {
+            Box::pin(async move {
+                self.0.lock().unwrap().push(r.clone());
+                Ok(())
+            })
+        }
+    }
+
+    /// Healthy unless the instance's slot is listed.
+    #[derive(Default)]
+    struct FakeChecker(Mutex<BTreeSet<Ipv6Addr>>);
+    impl HealthChecker for FakeChecker {
+        fn check(&self, addr: SocketAddr, _p: Probe) -> BoxFuture<'static, Result<(), String>> {
+            let sick = match addr {
+                SocketAddr::V6(a) => self.0.lock().unwrap().contains(a.ip()),
+                SocketAddr::V4(_) => true,
+            };
+            Box::pin(async move { if sick { Err("sick".to_string()) } else { Ok(()) } })
+        }
+    }
+
+    fn desired(id: &str, release: &str, digest_tail: char) -> DesiredInstance {
+        DesiredInstance {
+            instance_id: id.into(),
+            node: "n".into(),
+            env: "prod".into(),
+            app: "web".into(),
+            rollout_id: "r".into(),
+            release: pb::Release {
+                id: release.into(),
+                image_digest: format!("sha256:{}{digest_tail}", "a".repeat(63)),
+                ..Default::default()
+            },
+        }
+    }
+
+    struct World {
+        _dir: tempfile::TempDir,
+        rt: Arc<FakeRuntime>,
+        want: Arc<FakeDesired>,
+        captain: Arc<FakeCaptain>,
+        checker: Arc<FakeChecker>,
+        cfg: ReconcilerConfig,
+    }
+
+    impl World {
+        fn new() -> World {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg =
+                ReconcilerConfig::new("n", dir.path(), InstanceRange::parse("fd00:7a77:0:1::/64").unwrap());
+            cfg.start_backoff = Duration::ZERO;
+            cfg.crash_backoff = Duration::ZERO;
+            let rt = Arc::new(FakeRuntime { ledger_path: cfg.ledger_path(), ..Default::default() });
+            World {
+                _dir: dir,
+                rt,
+                want: Default::default(),
+                captain: Default::default(),
+                checker: Default::default(),
+                cfg,
+            }
+        }
+        fn reconciler(&self) -> Reconciler {
+            Reconciler::new(
+                self.cfg.clone(),
+                self.want.clone(),
+                self.rt.clone(),
+                Arc::new(FakeImages),
+                self.captain.clone(),
+            )
+            .unwrap()
+            .with_checker(self.checker.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn converges_once_and_then_does_nothing() {
+        let w = World::new();
+        *w.want.0.lock().unwrap() = vec![desired("i1", "r1", 'b'), desired("i2", "r1", 'b')];
+        let mut r = w.reconciler();
+        let st = r.activate().await;
+        assert_eq!(st.started, ["i1", "i2"]);
+        assert_eq!(st.healthy, 2);
+        let ips: BTreeSet<Ipv6Addr> = r.ledger().instances.values().map(|i| i.ip).collect();
+        assert_eq!(ips.len(), 2, "one address each");
+        assert!(r.ledger().instances.values().all(|i| i.port == 9000), "the image's exposed port");
+        let generation = st.ledger_generation;
+        for _ in 0..3 {
+            let st = r.activate().await;
+            assert!(st.started.is_empty() && st.stopped.is_empty() && st.errors.is_empty(), "{st:?}");
+            assert_eq!(st.ledger_generation, generation, "an idle pass writes nothing");
+        }
+        assert_eq!(w.rt.starts.lock().unwrap().len(), 2);
+        // Reported once each as healthy, not once per pass.
+        let reports = w.captain.0.lock().unwrap().clone();
+        assert_eq!(reports.iter().filter(|r| r.state == InstanceState::Healthy).count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_process_adopts_running_instances_and_replaces_changed_ones() {
+        let w = World::new();
+        *w.want.0.lock().unwrap() = vec![desired("i1", "r1", 'b'), desired("i2", "r1", 'b')];
+        w.reconciler().activate().await;
+        // A "restart": a fresh reconciler on the same ledger.
+        *w.want.0.lock().unwrap() = vec![desired("i1", "r1", 'b'), desired("i2", "r2", 'b')];
+        let mut r = w.reconciler();
+        let st = r.activate().await;
+        assert_eq!(st.adopted, ["i1"]);
+        assert_eq!(st.stopped, ["i2"], "desired with another release: replaced");
+        assert_eq!(st.started, ["i2"]);
+        assert_eq!(w.rt.starts.lock().unwrap().len(), 3);
+        // Gone from the desired state: stopped and reported stopped.
+        w.want.0.lock().unwrap().clear();
+        let st = r.activate().await;
+        assert_eq!(st.stopped.len(), 2);
+        assert!(r.ledger().instances.is_empty() && r.ledger().unreported_stops.is_empty());
+        assert!(w.rt.alive.lock().unwrap().is_empty());
+        let stopped = w.captain.0.lock().unwrap().iter().filter(|r| r.state == InstanceState::Stopped).count();
+        assert_eq!(stopped, 3);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_start_is_reclaimed_before_starting_again() {
+        let w = World::new();
+        *w.want.0.lock().unwrap() = vec![desired("i1", "r1", 'b')];
+        w.rt.fail_start.lock().unwrap().insert("i1".into());
+        w.reconciler().activate().await;
+        w.rt.fail_start.lock().unwrap().clear();
+        let before = w.rt.reclaims.lock().unwrap().len();
+        let st = w.reconciler().activate().await;
+        assert_eq!(st.started, ["i1"]);
+        assert_eq!(w.rt.reclaims.lock().unwrap().len(), before + 1);
+    }
+
+    #[tokio::test]
+    async fn failed_starts_give_up_after_the_retries_and_crashes_restart() {
+        let w = World::new();
+        *w.want.0.lock().unwrap() = vec![desired("bad", "r1", '0'), desired("ok", "r1", 'b')];
+        let mut r = w.reconciler();
+        for _ in 0..(START_RETRIES + 3) {
+            r.activate().await;
+        }
+        let bad = &r.ledger().instances["bad"];
+        assert_eq!(bad.phase, Phase::Failed);
+        assert_eq!(bad.attempts, START_RETRIES + 1);
+        assert!(bad.reason.contains("not in the store"), "{}", bad.reason);
+        let failed: Vec<InstanceReport> =
+            w.captain.0.lock().unwrap().iter().filter(|r| r.state == InstanceState::Failed).cloned().collect();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].attempts, START_RETRIES + 1);
+
+        // The healthy one crashes: restarted, counted as a crash, not an attempt.
+        assert_eq!(r.ledger().instances["ok"].phase, Phase::Healthy);
+        w.rt.alive.lock().unwrap().insert("ok".into(), Liveness::Exited(Some(1)));
+        let st = r.activate().await;
+        assert_eq!(st.started, ["ok"]);
+        let ok = &r.ledger().instances["ok"];
+        assert_eq!((ok.crashes, ok.attempts, ok.phase), (1, 2, Phase::Healthy));
+
+        // Failing checks after being healthy: unhealthy, reported.
+        w.checker.0.lock().unwrap().insert(ok.ip);
+        r.activate().await;
+        assert_eq!(r.ledger().instances["ok"].phase, Phase::Unhealthy);
+        assert_eq!(w.captain.0.lock().unwrap().last().unwrap().state, InstanceState::Unhealthy);
+    }
 }

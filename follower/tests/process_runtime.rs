@@ -168,3 +168,23 @@ async fn bad_rootfs_and_instant_exit_are_reported_with_a_reason() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn auto_says_which_runtime_it_chose_and_why() {
+    use follower::runtime::{RuntimeChoice, VmOptions, choose};
+    let tmp = tempfile::tempdir().unwrap();
+    let scripts = tmp.path().join("scripts");
+    // No guest kernels configured: both VM drivers are skipped, with reasons.
+    let (rt, reason) = choose(RuntimeChoice::Auto, &scripts, &VmOptions::default(), Arc::default()).unwrap();
+    assert_eq!(rt.name(), "process");
+    assert!(reason.starts_with("auto chose process because"), "{reason}");
+    assert!(reason.contains("firecracker skipped:") && reason.contains("qemu skipped:"), "{reason}");
+    // Asking for a VM driver that cannot run here is an error naming why.
+    match choose(RuntimeChoice::Qemu, &scripts, &VmOptions::default(), Arc::default()) {
+        Err(RuntimeError::Unavailable { driver: "qemu", reason }) => assert!(!reason.is_empty()),
+        Err(e) => panic!("unexpected {e:?}"),
+        Ok((rt, _)) => panic!("qemu without a guest kernel chose {}", rt.name()),
+    }
+    let (rt, reason) = choose(RuntimeChoice::Process, &scripts, &VmOptions::default(), Arc::default()).unwrap();
+    assert_eq!((rt.name(), reason.as_str()), ("process", "process: asked for with --runtime process"));
+}

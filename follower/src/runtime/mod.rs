@@ -146,50 +146,98 @@ pub enum RuntimeChoice {
     Process,
 }
 
-/// Probes of the VM drivers compiled into this follower, in order of
-/// preference. A driver that is not built in says so as its reason.
-fn vm_driver_probes() -> Vec<(&'static str, Result<(), String>)> {
-    vec![
-        ("firecracker", Err("the firecracker driver is not built into this follower".into())),
-        ("qemu", Err("the qemu driver is not built into this follower".into())),
-    ]
+/// What the VM drivers need besides their probe: guest kernels and
+/// initramfs (prepared by `qemu::prepare_guest` or given by the operator).
+/// A driver without its guest is skipped by `auto`, with that reason.
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    /// Kernel + initramfs for the qemu microvm driver.
+    pub qemu_guest: Option<qemu::GuestImage>,
+    /// An uncompressed kernel with virtio-mmio command-line devices, and the
+    /// initramfs, for firecracker.
+    pub firecracker_guest: Option<qemu::GuestImage>,
+}
+
+fn build_firecracker(
+    vm: &VmOptions,
+    scripts_dir: &Path,
+    on_exit: &std::sync::Arc<tokio::sync::Notify>,
+) -> Result<std::sync::Arc<dyn Runtime>, String> {
+    firecracker::probe()?;
+    let g = vm.firecracker_guest.as_ref().ok_or("no firecracker guest kernel/initramfs configured")?;
+    let cfg = firecracker::FirecrackerConfig {
+        binary: PathBuf::from("firecracker"),
+        kernel: g.kernel.clone(),
+        initramfs: g.initramfs.clone(),
+        scripts_dir: scripts_dir.to_path_buf(),
+    };
+    let rt = firecracker::FirecrackerRuntime::new(cfg, on_exit.clone()).map_err(|e| e.to_string())?;
+    Ok(std::sync::Arc::new(rt))
+}
+
+fn build_qemu(
+    vm: &VmOptions,
+    scripts_dir: &Path,
+    on_exit: &std::sync::Arc<tokio::sync::Notify>,
+) -> Result<std::sync::Arc<dyn Runtime>, String> {
+    qemu::probe()?;
+    let guest = vm.qemu_guest.clone().ok_or("no qemu guest kernel/initramfs configured")?;
+    let cfg = qemu::QemuConfig {
+        guest,
+        accel: qemu::AccelChoice::Auto,
+        qemu: PathBuf::from("qemu-system-x86_64"),
+        scripts_dir: scripts_dir.to_path_buf(),
+    };
+    let rt = qemu::QemuRuntime::new(cfg, on_exit.clone()).map_err(|e| e.to_string())?;
+    Ok(std::sync::Arc::new(rt))
 }
 
 /// Picks and builds the runtime; returns it with a sentence saying why it
-/// was chosen (logged, and shown in `GET /v1/node/info`).
+/// was chosen (logged, and shown in `GET /v1/node/info`). `auto` tries
+/// firecracker, then qemu, then process, and names why each was skipped.
 pub fn choose(
     choice: RuntimeChoice,
     scripts_dir: &Path,
+    vm: &VmOptions,
     on_exit: std::sync::Arc<tokio::sync::Notify>,
 ) -> Result<(std::sync::Arc<dyn Runtime>, String), RuntimeError> {
-    let probes = vm_driver_probes();
-    let want = match choice {
-        RuntimeChoice::Auto => None,
-        RuntimeChoice::Firecracker => Some("firecracker"),
-        RuntimeChoice::Qemu => Some("qemu"),
-        RuntimeChoice::Process => Some("process"),
-    };
+    type Builder = fn(
+        &VmOptions,
+        &Path,
+        &std::sync::Arc<tokio::sync::Notify>,
+    ) -> Result<std::sync::Arc<dyn Runtime>, String>;
+    let vms: [(&'static str, RuntimeChoice, Builder); 2] = [
+        ("firecracker", RuntimeChoice::Firecracker, build_firecracker),
+        ("qemu", RuntimeChoice::Qemu, build_qemu),
+    ];
     let mut skipped = Vec::new();
-    for (name, probe) in &probes {
-        if want.is_some_and(|w| w != *name) {
+    for (name, c, build) in vms {
+        if choice != RuntimeChoice::Auto && choice != c {
             continue;
         }
-        match probe {
-            Ok(()) => {
-                // A driver that probes Ok is constructed here once built in.
-                skipped.push(format!("{name}: probed ok but has no constructor in this build"));
+        match build(vm, scripts_dir, &on_exit) {
+            Ok(rt) => {
+                let reason = if choice == RuntimeChoice::Auto {
+                    let mut r = format!("auto chose {name}");
+                    if !skipped.is_empty() {
+                        r.push_str(&format!(" ({})", skipped.join("; ")));
+                    }
+                    r
+                } else {
+                    format!("{name}: asked for with --runtime {name}")
+                };
+                tracing::info!("{reason}");
+                return Ok((rt, reason));
             }
-            Err(reason) => skipped.push(format!("{name}: {reason}")),
-        }
-        if want.is_some() {
-            return Err(RuntimeError::Unavailable { driver: name, reason: skipped.join("; ") });
+            Err(reason) if choice == c => return Err(RuntimeError::Unavailable { driver: name, reason }),
+            Err(reason) => skipped.push(format!("{name} skipped: {reason}")),
         }
     }
     process::ProcessRuntime::probe()
         .map_err(|reason| RuntimeError::Unavailable { driver: "process", reason })?;
-    let reason = match want {
-        Some(_) => "process: asked for with --runtime process".to_string(),
-        None => format!("auto chose process because {}", skipped.join("; ")),
+    let reason = match choice {
+        RuntimeChoice::Process => "process: asked for with --runtime process".to_string(),
+        _ => format!("auto chose process because {}", skipped.join("; ")),
     };
     let rt = process::ProcessRuntime::new(scripts_dir, on_exit)?;
     tracing::warn!("{reason}");
