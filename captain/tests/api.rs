@@ -454,6 +454,29 @@ async fn revert_by_git_push(backend: Backend) {
         err.contains("push refused") && err.contains("not-a-ulid.pb"),
         "{err}"
     );
+    // Changing a committed release is refused: releases are immutable.
+    git(Some(&clone), &["reset", "--quiet", "--hard", "HEAD~1"]);
+    let r1 = clone.join(d1["path"].as_str().unwrap());
+    let mut bytes = std::fs::read(&r1).unwrap();
+    bytes.extend_from_slice(&[0x38, 0x01]); // field 7 (port) = 1
+    std::fs::write(&r1, bytes).unwrap();
+    git(
+        Some(&clone),
+        &["commit", "--quiet", "-am", "edit a release"],
+    );
+    let out = std::process::Command::new("git")
+        .current_dir(&clone)
+        .args(["push", "origin", "main"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("immutable"), "{err}");
+    git(Some(&clone), &["reset", "--quiet", "--hard", "HEAD~1"]);
+    git(
+        Some(&clone),
+        &["commit", "--quiet", "--allow-empty", "-m", "placeholder"],
+    );
     // A node token may fetch but not push.
     let (_, n) = env
         .post(
@@ -944,4 +967,110 @@ async fn openapi_and_metrics(backend: Backend) {
 both!(
     openapi_lists_every_route_and_metrics_are_served,
     openapi_and_metrics
+);
+
+async fn follows_an_external_origin(backend: Backend) {
+    // The meta repo lives on another git server (here: a bare repo reached
+    // by file://); the captain pushes its commits there and follows commits
+    // others push.
+    let origin_dir = tempfile::tempdir().unwrap();
+    let origin_path = origin_dir.path().join("origin.git");
+    let origin = MetaRepo::init_bare(&origin_path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::fresh_database(backend, dir.path()).await;
+    let mut config = common::config(dir.path(), &url);
+    config.meta_repo = Some(format!("file://{}", origin_path.display()));
+    let c = captain::Captain::start(config).await.unwrap();
+    let token = c.admin_token().unwrap().to_string();
+    let base = format!("http://{}", c.local_addr());
+    let http = reqwest::Client::new();
+    let post = |p: &str, b: Value| {
+        http.post(format!("{base}{p}"))
+            .bearer_auth(&token)
+            .json(&b)
+            .send()
+    };
+    let r: Value = post(
+        "/v1/projects",
+        json!({"name": "shop", "repo": "https://github.com/acme/shop.git"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let pid = r["id"].as_str().unwrap().to_string();
+    let a: Value = post(&format!("/v1/projects/{pid}/apps"), json!({"name": "web"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let app = a["id"].as_str().unwrap().to_string();
+    let r = post(
+        "/v1/deployments",
+        json!({"app_id": app, "image_digest": digest(1)}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let d: Value = r.json().await.unwrap();
+    assert_eq!(
+        origin.head("main").unwrap().as_deref(),
+        d["commit"].as_str(),
+        "the commit was pushed to origin"
+    );
+
+    // Another writer commits a release straight to origin.
+    let id = meta_schema::new_id();
+    let rel = meta_schema::pb::Release {
+        id: id.clone(),
+        app: "web".into(),
+        env: "production".into(),
+        image_digest: digest(2),
+        created_at: meta_schema::now_millis(),
+        source: Some(meta_schema::pb::Source {
+            repo: "https://github.com/acme/shop.git".into(),
+            branch: "main".into(),
+            commit: String::new(),
+        }),
+        ..Default::default()
+    };
+    origin
+        .commit(
+            "main",
+            &meta_schema::repo::ChangeSet::new().add(
+                meta_schema::layout::release_path("production", "web", &id),
+                prost::Message::encode_to_vec(&rel),
+            ),
+            "release by another writer",
+        )
+        .unwrap();
+    let mut active = Value::Null;
+    for _ in 0..100 {
+        let v: Value = http
+            .get(format!("{base}/v1/apps/{app}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        active = v["active_release"].clone();
+        if active == json!(id) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        active,
+        json!(id),
+        "the captain followed origin (poll every 300 ms)"
+    );
+    c.shutdown().await;
+}
+both!(
+    follows_commits_of_an_external_meta_repo_origin,
+    follows_an_external_origin
 );
