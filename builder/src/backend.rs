@@ -282,13 +282,14 @@ impl BuildBackend for DockerBackend {
 fn tag_single_manifest_latest(dir: &Path) -> std::io::Result<()> {
     let path = dir.join("index.json");
     let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?).map_err(std::io::Error::other)?;
-    if let Some(first) = index.get_mut("manifests").and_then(|m| m.as_array_mut()).and_then(|m| m.first_mut()) {
-        if let Some(obj) = first.as_object_mut() {
-            let ann = obj.entry("annotations").or_insert_with(|| serde_json::json!({}));
-            if let Some(ann) = ann.as_object_mut() {
-                ann.insert("org.opencontainers.image.ref.name".into(), "latest".into());
-            }
-        }
+    if let Some(obj) = index
+        .get_mut("manifests")
+        .and_then(|m| m.as_array_mut())
+        .and_then(|m| m.first_mut())
+        .and_then(|first| first.as_object_mut())
+        && let Some(ann) = obj.entry("annotations").or_insert_with(|| serde_json::json!({})).as_object_mut()
+    {
+        ann.insert("org.opencontainers.image.ref.name".into(), "latest".into());
     }
     std::fs::write(&path, serde_json::to_vec(&index).map_err(std::io::Error::other)?)
 }
@@ -318,10 +319,10 @@ pub async fn select_backend(kind: BackendKind, state_dir: &Path) -> Result<Box<d
             if let Ok(b) = BuildahBackend::new(state_dir) {
                 return Ok(Box::new(b));
             }
-            if let Ok(d) = DockerBackend::new() {
-                if d.engine_answers().await {
-                    return Ok(Box::new(d));
-                }
+            if let Ok(d) = DockerBackend::new()
+                && d.engine_answers().await
+            {
+                return Ok(Box::new(d));
             }
             Err(BuildError::infra_permanent(
                 Stage::Build,

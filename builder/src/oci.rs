@@ -524,3 +524,181 @@ pub fn measure_tree(root: &Path) -> io::Result<TreeSize> {
     }
     Ok(size)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    enum E<'a> {
+        Dir(&'a str),
+        File(&'a str, &'a [u8]),
+        Symlink(&'a str, &'a str),
+        Hardlink(&'a str, &'a str),
+    }
+
+    fn layer(entries: &[E<'_>]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            match e {
+                E::Dir(p) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    b.append_data(&mut h, p, io::empty()).unwrap();
+                }
+                E::File(p, data) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(0o644);
+                    h.set_size(data.len() as u64);
+                    b.append_data(&mut h, p, *data).unwrap();
+                }
+                E::Symlink(p, target) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_mode(0o777);
+                    h.set_size(0);
+                    b.append_link(&mut h, p, target).unwrap();
+                }
+                E::Hardlink(p, target) => {
+                    h.set_entry_type(tar::EntryType::Link);
+                    h.set_mode(0o644);
+                    h.set_size(0);
+                    b.append_link(&mut h, p, target).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn apply(root: &Path, entries: &[E<'_>]) -> Result<ApplyStats, ExportError> {
+        let mut stats = ApplyStats::default();
+        apply_layer(&layer(entries)[..], root, "test", &mut stats)?;
+        Ok(stats)
+    }
+
+    #[test]
+    fn whiteouts_and_opaque_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fs::create_dir(&root).unwrap();
+        apply(
+            &root,
+            &[
+                E::Dir("a/"),
+                E::File("a/keep", b"keep"),
+                E::File("a/drop", b"drop"),
+                E::Dir("o/"),
+                E::File("o/old", b"old"),
+                E::Dir("o/sub/"),
+                E::File("o/sub/deep", b"deep"),
+                E::Hardlink("a/keep-link", "a/keep"),
+                E::Dir("gone/"),
+                E::File("gone/x", b"x"),
+            ],
+        )
+        .unwrap();
+        let stats = apply(
+            &root,
+            &[
+                E::File("a/.wh.drop", b""),
+                E::File("o/early", b"early"),
+                E::File("o/.wh..wh..opq", b""),
+                E::File("o/late", b"late"),
+                E::File(".wh.gone", b""),
+                E::File("a/.wh.never-existed", b""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(stats.whiteouts, 3);
+        assert_eq!(stats.opaque_dirs, 1);
+        assert!(root.join("a/keep").exists());
+        assert!(!root.join("a/drop").exists());
+        assert!(!root.join("gone").exists());
+        let mut o: Vec<_> = fs::read_dir(root.join("o")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        o.sort();
+        assert_eq!(o, vec!["early", "late"], "opaque dir keeps only this layer's entries");
+        let keep = fs::metadata(root.join("a/keep")).unwrap();
+        assert_eq!(keep.nlink(), 2, "hard link kept");
+        assert!(!root.join("a/.wh.drop").exists() && !root.join("o/.wh..wh..opq").exists());
+    }
+
+    #[test]
+    fn replacing_types_and_writing_through_symlinks_stays_inside_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let outside = tmp.path().join("outside");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        // An absolute symlink to a host path and a relative one escaping upwards.
+        let abs_target = outside.to_str().unwrap().to_string();
+        apply(&root, &[E::Symlink("abs", &abs_target), E::Symlink("rel", "../../outside"), E::File("f", b"file")]).unwrap();
+        apply(&root, &[E::File("abs/x", b"1"), E::File("rel/y", b"2"), E::Dir("f/"), E::File("f/inner", b"3")]).unwrap();
+        assert!(fs::read_dir(&outside).unwrap().next().is_none(), "nothing written outside the root");
+        assert_eq!(fs::read(root.join(outside.strip_prefix("/").unwrap()).join("x")).unwrap(), b"1");
+        assert_eq!(fs::read(root.join("outside/y")).unwrap(), b"2");
+        assert!(root.join("f").is_dir(), "a directory replaced the file");
+        assert_eq!(fs::read(root.join("f/inner")).unwrap(), b"3");
+    }
+
+    #[test]
+    fn parent_components_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        // tar::Builder refuses '..' itself; write the name into the header by hand.
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut data = h.as_bytes().to_vec();
+        data.extend_from_slice(&[b'x'; 512]);
+        data.extend_from_slice(&[0; 1024]);
+        let err = apply_layer(&data[..], tmp.path(), "evil", &mut ApplyStats::default()).unwrap_err();
+        assert!(matches!(err, ExportError::UnsafePath { .. }), "{err}");
+    }
+
+    #[test]
+    fn corrupt_blobs_are_detected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).unwrap();
+        let put = |data: &[u8]| {
+            let d = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+            fs::write(blobs.join(&d[7..]), data).unwrap();
+            d
+        };
+        let layer_bytes = layer(&[E::File("hello", b"hi")]);
+        let layer_digest = put(&layer_bytes);
+        let config = put(br#"{"config":{"Cmd":["/hello"],"ExposedPorts":{"80/tcp":{}}}}"#);
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":1}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{}}}]}}"#,
+            layer_bytes.len()
+        );
+        let manifest_digest = put(manifest.as_bytes());
+        fs::write(
+            dir.join("index.json"),
+            format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":1,"annotations":{{"org.opencontainers.image.ref.name":"latest"}}}}]}}"#),
+        )
+        .unwrap();
+        let image = read_layout(dir, Some("latest")).unwrap();
+        assert_eq!(image.manifest_digest, manifest_digest);
+        assert_eq!(image.config.cmd, vec!["/hello"]);
+        assert_eq!(image.config.exposed_ports, vec![80]);
+        assert_eq!(image.config.workdir, "/");
+        let root = dir.join("root");
+        apply_image(&image, &root).unwrap();
+        assert_eq!(fs::read(root.join("hello")).unwrap(), b"hi");
+
+        // Flip a byte in the layer: the apply fails on the digest.
+        let mut bad = layer_bytes.clone();
+        bad[600] ^= 1;
+        fs::write(blobs.join(&layer_digest[7..]), &bad).unwrap();
+        let err = apply_image(&image, &dir.join("root2")).unwrap_err();
+        assert!(matches!(err, ExportError::DigestMismatch { .. }), "{err}");
+        assert!(matches!(read_layout(dir, Some("other")), Err(ExportError::Layout { .. })));
+    }
+}

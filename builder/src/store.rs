@@ -539,10 +539,8 @@ impl ObjectStore for S3Store {
                     .await
                     .map_err(|e| self.remote("list", prefix, e))?;
                 for obj in out.contents() {
-                    if let Some(k) = obj.key() {
-                        if let Some(rel) = k.strip_prefix(&self.prefix) {
-                            keys.push(rel.to_string());
-                        }
+                    if let Some(rel) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) {
+                        keys.push(rel.to_string());
                     }
                 }
                 match out.next_continuation_token() {
