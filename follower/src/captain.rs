@@ -228,7 +228,7 @@ pub fn node_resources(data_dir: &std::path::Path, instances: u32) -> Resources {
     let memory_bytes = field("MemTotal:");
     let memory_used_bytes = memory_bytes.saturating_sub(field("MemAvailable:"));
     let disk_bytes = nix::sys::statvfs::statvfs(data_dir)
-        .map(|s| s.blocks() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks() * s.fragment_size())
         .unwrap_or(0);
     Resources { cpus, memory_bytes, disk_bytes, memory_used_bytes, instances }
 }

@@ -386,11 +386,11 @@ impl Reconciler {
                 }
                 Err(why) if now - rec.started_at_ms > self.cfg.start_timeout.as_millis() as i64 => {
                     // Never became healthy: a failed start.
-                    if let Some(h) = &rec.handle {
-                        if let Err(e) = self.runtime.stop(h).await {
-                            status.errors.push(format!("stopping {id}: {e}"));
-                            continue;
-                        }
+                    if let Some(h) = &rec.handle
+                        && let Err(e) = self.runtime.stop(h).await
+                    {
+                        status.errors.push(format!("stopping {id}: {e}"));
+                        continue;
                     }
                     rec2.handle = None;
                     self.failed_attempt(&mut rec2, format!("not healthy within {:?}: {why}", self.cfg.start_timeout));
@@ -577,7 +577,7 @@ impl Reconciler {
         let mut env_vars = c.env.clone();
         env_vars.extend(r.env_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
         env_vars.insert("PORT".into(), port.to_string());
-        let res = r.resources.clone().unwrap_or_default();
+        let res = r.resources.unwrap_or_default();
         Ok(InstanceSpec {
             instance_id: rec.instance_id.clone(),
             env: d.env.clone(),

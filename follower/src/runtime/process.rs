@@ -34,12 +34,15 @@ const STOP_GRACE: Duration = Duration::from_millis(1500);
 /// (Docker's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Exit codes by instance id, with the pid they belong to.
+type Exits = Arc<Mutex<HashMap<String, (u32, Option<i32>)>>>;
+
 pub struct ProcessRuntime {
     supervisor: PathBuf,
     net: InstanceNet,
     /// Exit codes of supervisors this process spawned (and reaps), by
     /// instance id, with the pid they belong to.
-    exits: Arc<Mutex<HashMap<String, (u32, Option<i32>)>>>,
+    exits: Exits,
     /// Woken when an instance this process supervises exits.
     on_exit: Arc<Notify>,
 }
