@@ -224,15 +224,16 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
 
     // The app exits -> zw-init reaps it and powers off -> QEMU exits; the
     // app's status (SIGTERM: 128 + 15) is in the log and in liveness.
-    let _ = Probe::Http {
+    // (Asked again while it runs: an emulated guest on a busy host may be
+    // slower than one request's timeout.)
+    let stop_app = Probe::Http {
         path: "/cgi-bin/stop".into(),
-        timeout: Duration::from_secs(2),
-    }
-    .check(addr)
-    .await;
+        timeout: Duration::from_secs(10),
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while runtime.liveness(&handle) == Liveness::Running && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = stop_app.check(addr).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let console = std::fs::read_to_string(&log).unwrap();
     assert_eq!(
@@ -260,56 +261,55 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
     );
     drop(guard);
 
-    // Reference: the same QEMU command line, started by hand with the same
-    // kernel, initramfs (a file here) and rootfs; tap made with `ip`.
-    let ref_id = format!("qemu-ref-{}", std::process::id());
-    let spec2 = spec(
-        &ref_id,
+    // Second round, reference first this time (the machine is noisy): the
+    // figures reported are the best of each side.
+    let reference1 = boot_by_hand(
+        &runtime,
+        accel,
         &image,
         range.instance_addr(2),
-        tmp.path().join("reference"),
+        tmp.path(),
+        1,
+    )
+    .await;
+    let reference2 = boot_by_hand(
+        &runtime,
+        accel,
+        &image,
+        range.instance_addr(3),
+        tmp.path(),
+        2,
+    )
+    .await;
+    let id2 = format!("qemu-test2-{}", std::process::id());
+    let spec2 = spec(
+        &id2,
+        &image,
+        range.instance_addr(4),
+        tmp.path().join("instance2"),
     );
-    std::fs::create_dir_all(&spec2.work_dir).unwrap();
-    let initrd = spec2.work_dir.join("initrd");
-    {
-        let mut f = std::fs::File::from(runtime.initrd_memfd(&spec2).unwrap());
-        use std::io::{Read, Seek};
-        f.rewind().unwrap();
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).unwrap();
-        std::fs::write(&initrd, bytes).unwrap();
-    }
-    let ref_tap = InstanceNetNames::for_instance(&ref_id).host_if;
-    let args = runtime.command_line(&spec2, accel, &ref_tap, initrd.to_str().unwrap());
-    let mut ref_guard = VmGuard {
+    let mut guard2 = VmGuard {
         pid: None,
         child: None,
-        tap: ref_tap.clone(),
+        tap: InstanceNetNames::for_instance(&id2).host_if,
     };
-    let t1 = Instant::now();
-    run(Command::new("ip").args(["tuntap", "add", "dev", &ref_tap, "mode", "tap"]));
-    run(Command::new("ip")
-        .args(["-6", "addr", "add"])
-        .arg(format!("{}/{INSTANCE_PREFIX_LEN}", gateway_of(spec2.ip)))
-        .args(["dev", &ref_tap, "nodad"]));
-    run(Command::new("ip").args(["link", "set", &ref_tap, "up"]));
-    ref_guard.child = Some(
-        Command::new(qemu::QEMU_BINARY)
-            .args(&args)
-            .spawn()
-            .expect("qemu by hand"),
-    );
+    let t2 = Instant::now();
+    let handle2 = runtime.start(&spec2).await.expect("start");
+    guard2.pid = Some((handle2.pid, handle2.pid_start_ticks));
     wait_healthy(
         SocketAddr::from((spec2.ip, PORT)),
         &spec2.work_dir.join("stdout.log"),
     )
     .await;
-    let reference = t1.elapsed();
-    drop(ref_guard);
+    let ours2 = t2.elapsed();
+    runtime.stop(&handle2).await.expect("stop");
+    assert!(matches!(runtime.liveness(&handle2), Liveness::Exited(_)));
+    drop(guard2);
 
-    let (o, r) = (ours.as_secs_f64(), reference.as_secs_f64());
+    let best = |a: Duration, b: Duration| a.min(b).as_secs_f64();
+    let (o, r) = (best(ours, ours2), best(reference1, reference2));
     eprintln!(
-        "qemu by hand ({}): boot to healthy in {reference:?}",
+        "boot to healthy ({}): driver {ours:?} {ours2:?}, by hand {reference1:?} {reference2:?}",
         accel.as_str()
     );
     println!(
@@ -317,4 +317,57 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
         accel.as_str(),
         o / r
     );
+}
+
+/// The reference: the driver's QEMU command line started by hand, with the
+/// same kernel, initramfs (written to a file here) and rootfs, the tap made
+/// with `ip`. Returns spawn-to-healthy.
+async fn boot_by_hand(
+    runtime: &QemuRuntime,
+    accel: qemu::Accel,
+    image: &Path,
+    ip: Ipv6Addr,
+    tmp: &Path,
+    n: u32,
+) -> Duration {
+    let ref_id = format!("qemu-ref{n}-{}", std::process::id());
+    let spec = spec(&ref_id, image, ip, tmp.join(format!("reference{n}")));
+    std::fs::create_dir_all(&spec.work_dir).unwrap();
+    let initrd = spec.work_dir.join("initrd");
+    {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::from(runtime.initrd_memfd(&spec).unwrap());
+        f.rewind().unwrap();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        std::fs::write(&initrd, bytes).unwrap();
+    }
+    let tap = InstanceNetNames::for_instance(&ref_id).host_if;
+    let args = runtime.command_line(&spec, accel, &tap, initrd.to_str().unwrap());
+    let mut guard = VmGuard {
+        pid: None,
+        child: None,
+        tap: tap.clone(),
+    };
+    let t = Instant::now();
+    run(Command::new("ip").args(["tuntap", "add", "dev", &tap, "mode", "tap"]));
+    run(Command::new("ip")
+        .args(["-6", "addr", "add"])
+        .arg(format!("{}/{INSTANCE_PREFIX_LEN}", gateway_of(spec.ip)))
+        .args(["dev", &tap, "nodad"]));
+    run(Command::new("ip").args(["link", "set", &tap, "up"]));
+    guard.child = Some(
+        Command::new(qemu::QEMU_BINARY)
+            .args(&args)
+            .spawn()
+            .expect("qemu by hand"),
+    );
+    wait_healthy(
+        SocketAddr::from((spec.ip, PORT)),
+        &spec.work_dir.join("stdout.log"),
+    )
+    .await;
+    let took = t.elapsed();
+    drop(guard);
+    took
 }
