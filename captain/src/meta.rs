@@ -22,7 +22,7 @@ use std::sync::Mutex;
 
 use meta_schema::MetaTree;
 use meta_schema::pb;
-use meta_schema::repo::{ChangeSet, DEFAULT_BRANCH, LogFilter, MetaRepo, RepoError};
+use meta_schema::repo::{ChangeSet, DEFAULT_BRANCH, MetaRepo, RepoError};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
@@ -438,6 +438,47 @@ pub struct SyncReport {
 }
 
 const MIRROR_HEAD: &str = "mirror_head";
+const COMMIT_BATCH: usize = 256;
+
+/// Up to `n` commits reachable from `head`, newest first, after `skip`.
+fn commits_batch(
+    git_dir: &Path,
+    head: &str,
+    skip: usize,
+    n: usize,
+) -> Result<Vec<CommitRow>, MetaError> {
+    let out = git(
+        git_dir,
+        &[
+            "log",
+            "--format=%H%x1f%an <%ae>%x1f%ct%x1f%s%x1e",
+            &format!("--max-count={n}"),
+            &format!("--skip={skip}"),
+            head,
+        ],
+    )?;
+    let mut v = Vec::new();
+    for rec in out.split('\x1e') {
+        let rec = rec.trim_matches(['\n', '\r']);
+        if rec.is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = rec.split('\x1f').collect();
+        let [id, author, time, subject] = f.as_slice() else {
+            return Err(MetaError::Git {
+                op: "log".into(),
+                detail: format!("unexpected record {rec:?}"),
+            });
+        };
+        v.push(CommitRow {
+            id: id.to_string(),
+            author: author.to_string(),
+            time: time.parse().unwrap_or(0),
+            message: subject.to_string(),
+        });
+    }
+    Ok(v)
+}
 
 /// Index the head of the meta repository into the database.
 pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncReport, MetaError> {
@@ -454,22 +495,7 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
         });
     }
     let now = meta_schema::now_millis();
-    let (tree, log) = {
-        let me = store.clone();
-        let h = head.clone();
-        blocking(move || {
-            let tree = me
-                .repo
-                .tree_at(&h)
-                .map_err(repo_err("reading the head tree"))?;
-            let log = me
-                .repo
-                .log(DEFAULT_BRANCH, &LogFilter::default())
-                .map_err(repo_err("reading history"))?;
-            Ok((tree, log))
-        })
-        .await?
-    };
+    let tree = store.tree(head.clone()).await?;
     let loaded = meta_schema::validate::load(&tree).map_err(|errors| MetaError::InvalidHead {
         commit: head.clone(),
         errors,
@@ -481,6 +507,8 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
     };
     let empty = BTreeMap::new();
     let mut present = BTreeSet::new();
+    // Rows already present need no write: a sync costs what changed.
+    let present_before: BTreeSet<String> = db.present_deployment_ids().await?.into_iter().collect();
     for ((env, app), releases) in &loaded.releases {
         let Some((_, newest)) = releases.last_key_value() else {
             continue;
@@ -515,6 +543,10 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
             .values()
             .collect();
         for (id, rel) in releases {
+            if present_before.contains(id) {
+                present.insert(id.clone());
+                continue;
+            }
             let (status, reason) = initial_status(db, rel, &rollouts).await?;
             let rsrc = rel.source.clone().unwrap_or_default();
             db.upsert_deployment(&DeploymentRow {
@@ -538,34 +570,84 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
             report.releases += 1;
         }
     }
-    for id in db.present_deployment_ids().await? {
+    for id in present_before {
         if !present.contains(&id) {
             db.set_deployment_present(&id, false, now).await?;
             report.marked_absent += 1;
         }
     }
+    // Commits newest first, in batches, until a batch reaches commits
+    // indexed before.
     let mut head_time = now / 1000;
-    for e in &log {
-        if e.commit == head {
-            head_time = e.time;
+    let mut skip = 0usize;
+    loop {
+        let batch = {
+            let me = store.clone();
+            let h = head.clone();
+            blocking(move || commits_batch(&me.repo.git_dir(), &h, skip, COMMIT_BATCH)).await?
+        };
+        if batch.is_empty() {
+            break;
         }
-        let fresh = db
-            .insert_commit(
-                &CommitRow {
-                    id: e.commit.clone(),
-                    message: e.message.clone(),
-                    author: e.author.clone(),
-                    time: e.time,
-                },
-                now,
-            )
-            .await?;
-        if fresh {
-            report.commits_indexed += 1;
+        skip += batch.len();
+        let mut reached_indexed = false;
+        for c in &batch {
+            if c.id == head {
+                head_time = c.time;
+            }
+            if db.insert_commit(c, now).await? {
+                report.commits_indexed += 1;
+            } else {
+                reached_indexed = true;
+            }
+        }
+        if reached_indexed || batch.len() < COMMIT_BATCH {
+            break;
         }
     }
     db.set_setting(MIRROR_HEAD, &head).await?;
     crate::metrics::mirror_synced(now / 1000 - head_time);
     tracing::info!(head = %head, releases = report.releases, commits = report.commits_indexed, absent = report.marked_absent, "meta repository indexed");
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_names_derived_from_the_source() {
+        assert_eq!(app_id("production", "web"), "web.production");
+        let a = project_id("https://github.com/acme/shop.git", "main");
+        assert_eq!(a, project_id("https://github.com/acme/shop.git", "main"));
+        assert_ne!(a, project_id("https://github.com/acme/shop.git", "dev"));
+        assert!(a.starts_with("prj-") && a.len() == 24);
+        assert_eq!(
+            derived_project_name("https://github.com/acme/Shop_App.git"),
+            "shop-app"
+        );
+        assert_eq!(derived_project_name("git@github.com:acme/shop.git"), "shop");
+        assert_eq!(derived_project_name("/srv/code/api/"), "api");
+        assert_eq!(derived_project_name(""), "unlinked");
+    }
+
+    #[test]
+    fn meta_repo_argument() {
+        let d = Path::new("/d");
+        assert_eq!(
+            MetaLocation::from_arg(None, d),
+            MetaLocation::Local("/d/meta.git".into())
+        );
+        assert_eq!(
+            MetaLocation::from_arg(Some("/srv/meta.git"), d),
+            MetaLocation::Local("/srv/meta.git".into())
+        );
+        assert_eq!(
+            MetaLocation::from_arg(Some("https://git.example.com/meta.git"), d),
+            MetaLocation::Remote {
+                url: "https://git.example.com/meta.git".into(),
+                clone: "/d/meta-origin.git".into()
+            }
+        );
+    }
 }

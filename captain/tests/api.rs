@@ -263,6 +263,9 @@ async fn fifty_concurrent(backend: Backend) {
             "{id} lost"
         );
     }
+    // The mirror indexed every commit exactly once.
+    let (commits, rows, indexed) = counts(&env).await;
+    assert_eq!((rows, indexed as usize), (50, commits));
     let (_, list) = env.get("/v1/deployments?limit=1000").await;
     let mut listed: Vec<String> = list
         .as_array()

@@ -22,7 +22,13 @@ async fn latency(env: &Env, path: &str, n: usize) -> Value {
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let r = env.http.get(format!("{}{path}", env.base)).bearer_auth(&env.token).send().await.unwrap();
+        let r = env
+            .http
+            .get(format!("{}{path}", env.base))
+            .bearer_auth(&env.token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 200);
         let body = r.bytes().await.unwrap();
         assert!(body.len() > 2);
