@@ -39,6 +39,13 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
         )
         .into_response());
     }
+    if push && let Some(origin) = st.meta.origin() {
+        return Err(ApiError::new(
+            Code::Forbidden,
+            format!("this captain follows the meta repository at {origin}; push there"),
+        )
+        .into_response());
+    }
     let git_dir = st.meta.git_dir();
     let (Some(root), Some(name)) = (git_dir.parent(), git_dir.file_name()) else {
         return Err(ApiError::internal(

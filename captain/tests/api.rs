@@ -1077,3 +1077,114 @@ both!(
     follows_commits_of_an_external_meta_repo_origin,
     follows_an_external_origin
 );
+
+/// A stand-in for github.com on loopback: the two OAuth endpoints the
+/// captain calls, checking what it sends.
+async fn fake_github() -> (String, tokio::task::JoinHandle<()>) {
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route(
+            "/login/oauth/access_token",
+            post(|body: String| async move {
+                let ok = body.contains("client_id=cid")
+                    && body.contains("client_secret=csecret")
+                    && body.contains("code=good");
+                if ok {
+                    axum::Json(json!({"access_token": "gho_test", "token_type": "bearer"}))
+                } else {
+                    axum::Json(json!({"error": "bad_verification_code"}))
+                }
+            }),
+        )
+        .route(
+            "/user",
+            get(|h: axum::http::HeaderMap| async move {
+                let auth = h
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                if auth == "Bearer gho_test" {
+                    (
+                        axum::http::StatusCode::OK,
+                        axum::Json(json!({"login": "octocat", "id": 1})),
+                    )
+                } else {
+                    (
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        axum::Json(json!({"message": "Bad credentials"})),
+                    )
+                }
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    (
+        base,
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() }),
+    )
+}
+
+async fn github_oauth(backend: Backend) {
+    let (gh, server) = fake_github().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::fresh_database(backend, dir.path()).await;
+    let mut config = common::config(dir.path(), &url);
+    config.github_client_id = Some("cid".into());
+    config.github_client_secret = Some("csecret".into());
+    config.github_url = gh.clone();
+    config.github_api_url = gh.clone();
+    let c = captain::Captain::start(config).await.unwrap();
+    let base = format!("http://{}", c.local_addr());
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http
+        .get(format!("{base}/v1/auth/github"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection());
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        loc.starts_with(&format!("{gh}/login/oauth/authorize?client_id=cid")),
+        "{loc}"
+    );
+    let r = http
+        .get(format!("{base}/v1/auth/github?code=bad"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http
+        .get(format!("{base}/v1/auth/github?code=good"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["login"], "octocat");
+    let token = v["token"].as_str().unwrap();
+    let r = http
+        .get(format!("{base}/v1/projects"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "the GitHub user's token works");
+    let r = http
+        .get(format!("{base}/v1/tokens"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        403,
+        "but it is a user token, not admin"
+    );
+    c.shutdown().await;
+    server.abort();
+}
+both!(github_oauth_code_exchange_issues_a_user_token, github_oauth);
