@@ -190,7 +190,7 @@ impl Builder {
         let work = self.new_work_dir()?;
         log.stage(Stage::Source);
         log.builder(format!("source: {source}"));
-        let context = materialize(&source, &work.0, self.config.max_context_bytes, log).await?;
+        let context = retry.run("source", log, |_| materialize(&source, &work.0, self.config.max_context_bytes, log)).await?;
         let dockerfile = resolve_dockerfile(&context, &opts.dockerfile)?;
 
         log.stage(Stage::Build);
@@ -237,28 +237,12 @@ impl Builder {
         }
 
         let rootfs_dir = work.0.join("rootfs");
-        let (img2, root2) = (image.clone(), rootfs_dir.clone());
-        let stats = blocking(Stage::Export, "applying layers", move || apply_image(&img2, &root2))
-            .await?
-            .map_err(|e| export_err(Stage::Export, "applying image layers", e))?;
-        log.builder(format!(
-            "applied {} layer(s): {} entries, {} whiteouts, {} opaque dirs, {} file bytes",
-            stats.layers, stats.entries, stats.whiteouts, stats.opaque_dirs, stats.file_bytes
-        ));
-
-        log.stage(Stage::Filesystem);
         let ext4_path = work.0.join("rootfs.ext4");
-        let (root3, out3, seed, opts3) = (rootfs_dir.clone(), ext4_path.clone(), digest.clone(), self.config.ext4.clone());
-        let fs_stats = blocking(Stage::Filesystem, "mkfs.ext4", move || make_ext4(&root3, &out3, &seed, &opts3))
-            .await?
-            .map_err(|e| export_err(Stage::Filesystem, "making the ext4 image", e))?;
-        let p2 = ext4_path.clone();
-        let (rootfs_sha256, rootfs_bytes) = blocking(Stage::Filesystem, "hashing rootfs", move || sha256_file(&p2))
-            .await?
-            .map_err(|e| BuildError::infra(Stage::Filesystem, "hashing rootfs.ext4", e))?;
-        log.builder(format!("rootfs.ext4: {rootfs_bytes} bytes ({} bytes of content, {} inodes)", fs_stats.content_bytes, fs_stats.inodes));
-        // The tree is in the image now; free the space before uploading.
-        let _ = tokio::fs::remove_dir_all(&rootfs_dir).await;
+        // Export and filesystem steps only touch local disk: a fault there
+        // (disk full, I/O error) is retried from a clean tree.
+        let (rootfs_sha256, rootfs_bytes) = retry
+            .run("export", log, |_| self.export(&image, &rootfs_dir, &ext4_path, &digest, log))
+            .await?;
 
         let config = ImageConfig { rootfs_bytes, ..image.config.clone() };
         let stored = StoredConfig { config: config.clone(), format: FORMAT.into(), oci_manifest: image.manifest_digest.clone(), rootfs_sha256: rootfs_sha256.clone() };
@@ -277,6 +261,42 @@ impl Builder {
         Ok(Artifact { digest, config, rootfs_sha256, oci_manifest: image.manifest_digest, rootfs_key: rkey, config_key: ckey, uploaded: true })
     }
 
+    /// Apply the layers of `image` to `rootfs_dir`, make `ext4_path` of it,
+    /// and return the image's sha256 and size.
+    async fn export(
+        &self,
+        image: &crate::oci::OciImage,
+        rootfs_dir: &Path,
+        ext4_path: &Path,
+        digest: &str,
+        log: &dyn LogSink,
+    ) -> Result<(String, u64), BuildError> {
+        log.stage(Stage::Export);
+        let _ = tokio::fs::remove_dir_all(rootfs_dir).await;
+        let (img2, root2) = (image.clone(), rootfs_dir.to_path_buf());
+        let stats = blocking(Stage::Export, "applying layers", move || apply_image(&img2, &root2))
+            .await?
+            .map_err(|e| export_err(Stage::Export, "applying image layers", e))?;
+        log.builder(format!(
+            "applied {} layer(s): {} entries, {} whiteouts, {} opaque dirs, {} file bytes",
+            stats.layers, stats.entries, stats.whiteouts, stats.opaque_dirs, stats.file_bytes
+        ));
+
+        log.stage(Stage::Filesystem);
+        let (root3, out3, seed, opts3) = (rootfs_dir.to_path_buf(), ext4_path.to_path_buf(), digest.to_string(), self.config.ext4.clone());
+        let fs_stats = blocking(Stage::Filesystem, "mkfs.ext4", move || make_ext4(&root3, &out3, &seed, &opts3))
+            .await?
+            .map_err(|e| export_err(Stage::Filesystem, "making the ext4 image", e))?;
+        // The tree is in the image now; free the space before uploading.
+        let _ = tokio::fs::remove_dir_all(rootfs_dir).await;
+        let p2 = ext4_path.to_path_buf();
+        let (sha, bytes) = blocking(Stage::Filesystem, "hashing rootfs", move || sha256_file(&p2))
+            .await?
+            .map_err(|e| BuildError::infra(Stage::Filesystem, "hashing rootfs.ext4", e))?;
+        log.builder(format!("rootfs.ext4: {bytes} bytes ({} bytes of content, {} inodes)", fs_stats.content_bytes, fs_stats.inodes));
+        Ok((sha, bytes))
+    }
+
     /// The stored config of `digest`, or `None` if it is corrupt or belongs to another digest.
     async fn stored_config(&self, ckey: &str, digest: &str, log: &dyn LogSink) -> Result<Option<StoredConfig>, BuildError> {
         let bytes = self
@@ -291,6 +311,14 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Compile-time check: the captain can `tokio::spawn` builds and fetches.
+    #[allow(dead_code)]
+    fn futures_are_send(b: &Builder, log: &dyn LogSink, store: &dyn ObjectStore) {
+        fn is_send<T: Send>(_: &T) {}
+        is_send(&b.build(Source::Local(PathBuf::new()), BuildOptions::default(), log));
+        is_send(&crate::fetch_image(store, "sha256:00", Path::new("/")));
+    }
 
     #[test]
     fn build_args() {

@@ -143,6 +143,7 @@ impl LocalStore {
             match src {
                 WriteSource::File(src) => {
                     tokio::fs::copy(src, &tmp).await?;
+                    tokio::fs::File::open(&tmp).await?.sync_all().await?;
                 }
                 WriteSource::Bytes(data) => {
                     let mut f = tokio::fs::File::create(&tmp).await?;
