@@ -120,10 +120,19 @@ impl DesiredState {
 
     /// Every instance that should run, on any node.
     pub fn instances(&self) -> Vec<DesiredInstance> {
+        self.collect_instances(|_| true)
+    }
+
+    /// The instances that should run on `node`.
+    pub fn instances_for_node(&self, node: &str) -> Vec<DesiredInstance> {
+        self.collect_instances(|p| p.node == node)
+    }
+
+    fn collect_instances(&self, keep: impl Fn(&pb::Placement) -> bool) -> Vec<DesiredInstance> {
         let mut out = Vec::new();
         for app in self.apps() {
             for r in app.running_rollouts() {
-                for p in &r.latest.instances {
+                for p in r.latest.instances.iter().filter(|p| keep(p)) {
                     out.push(DesiredInstance {
                         instance_id: p.instance_id.clone(),
                         node: p.node.clone(),
@@ -136,13 +145,6 @@ impl DesiredState {
             }
         }
         out
-    }
-
-    /// The instances that should run on `node`.
-    pub fn instances_for_node(&self, node: &str) -> Vec<DesiredInstance> {
-        let mut v = self.instances();
-        v.retain(|i| i.node == node);
-        v
     }
 }
 
