@@ -295,6 +295,7 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
     };
     let t2 = Instant::now();
     let handle2 = runtime.start(&spec2).await.expect("start");
+    let start_call = t2.elapsed();
     guard2.pid = Some((handle2.pid, handle2.pid_start_ticks));
     wait_healthy(
         SocketAddr::from((spec2.ip, PORT)),
@@ -309,7 +310,8 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
     let best = |a: Duration, b: Duration| a.min(b).as_secs_f64();
     let (o, r) = (best(ours, ours2), best(reference1, reference2));
     eprintln!(
-        "boot to healthy ({}): driver {ours:?} {ours2:?}, by hand {reference1:?} {reference2:?}",
+        "boot to healthy ({}): driver {ours:?} {ours2:?} (start() took {start_call:?}), \
+         by hand {reference1:?} {reference2:?}",
         accel.as_str()
     );
     println!(

@@ -373,12 +373,7 @@ fn ifreq(name: &str) -> sys::Ifreq {
     r
 }
 
-fn link_up(fd: c_int, name: &str) -> Result<c_int, String> {
-    let mut r = ifreq(name);
-    ioctl(fd, sys::SIOCGIFFLAGS, &mut r, &format!("flags of {name}"))?;
-    let flags = i16::from_ne_bytes([r.data[0], r.data[1]]) | sys::IFF_UP;
-    r.data[..2].copy_from_slice(&flags.to_ne_bytes());
-    ioctl(fd, sys::SIOCSIFFLAGS, &mut r, &format!("setting {name} up"))?;
+fn if_index(fd: c_int, name: &str) -> Result<c_int, String> {
     let mut r = ifreq(name);
     ioctl(fd, sys::SIOCGIFINDEX, &mut r, &format!("index of {name}"))?;
     Ok(c_int::from_ne_bytes([
@@ -386,21 +381,33 @@ fn link_up(fd: c_int, name: &str) -> Result<c_int, String> {
     ]))
 }
 
+fn link_up(fd: c_int, name: &str) -> Result<(), String> {
+    let mut r = ifreq(name);
+    ioctl(fd, sys::SIOCGIFFLAGS, &mut r, &format!("flags of {name}"))?;
+    let flags = i16::from_ne_bytes([r.data[0], r.data[1]]) | sys::IFF_UP;
+    r.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    ioctl(fd, sys::SIOCSIFFLAGS, &mut r, &format!("setting {name} up"))
+}
+
 fn configure_network(ip: Ipv6Addr, plen: u8, gw: Ipv6Addr) -> Result<(), String> {
     wait_for("/sys/class/net/eth0", Duration::from_secs(5))?;
     // No duplicate address detection: the follower owns this address, and
     // DAD would keep it unusable ("tentative") for a second or more.
-    for conf in [
-        "/proc/sys/net/ipv6/conf/default/accept_dad",
-        "/proc/sys/net/ipv6/conf/eth0/accept_dad",
+    // And an unsolicited neighbour advertisement when eth0 comes up (the
+    // address is added before), so a host already knocking (health checks)
+    // learns our MAC at once instead of after its next 1 s NDP retry.
+    for (conf, value) in [
+        ("/proc/sys/net/ipv6/conf/default/accept_dad", "0"),
+        ("/proc/sys/net/ipv6/conf/eth0/accept_dad", "0"),
+        ("/proc/sys/net/ipv6/conf/eth0/ndisc_notify", "1"),
     ] {
-        fs::write(conf, "0").map_err(|e| format!("writing {conf}: {e}"))?;
+        fs::write(conf, value).map_err(|e| format!("writing {conf}: {e}"))?;
     }
     let sock =
         UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).map_err(|e| format!("AF_INET6 socket: {e}"))?;
     let fd = sock.as_raw_fd();
     link_up(fd, "lo")?;
-    let ifindex = link_up(fd, "eth0")?;
+    let ifindex = if_index(fd, "eth0")?;
     let mut addr = sys::In6Ifreq {
         addr: ip.octets(),
         prefixlen: u32::from(plen),
@@ -412,6 +419,7 @@ fn configure_network(ip: Ipv6Addr, plen: u8, gw: Ipv6Addr) -> Result<(), String>
         &mut addr,
         &format!("adding {ip}/{plen} to eth0"),
     )?;
+    link_up(fd, "eth0")?;
     let mut route = sys::In6Rtmsg {
         dst: [0; 16],
         src: [0; 16],
