@@ -15,6 +15,8 @@ pub mod githttp;
 pub mod hooks;
 pub mod meta;
 pub mod metrics;
+pub mod rollout;
+pub mod routes;
 pub mod status;
 pub mod webhook;
 
@@ -56,6 +58,10 @@ pub struct Config {
     /// executable with `captain-pre-receive`.
     pub hook_command: Option<Vec<String>>,
     pub max_db_connections: u32,
+    /// How often the rollout reconciler runs without being woken.
+    pub rollout_interval: Duration,
+    /// How long a rollout may take to become healthy before it fails.
+    pub rollout_timeout: Duration,
 }
 
 impl Config {
@@ -76,6 +82,8 @@ impl Config {
             github_api_url: "https://api.github.com".into(),
             hook_command: None,
             max_db_connections: 8,
+            rollout_interval: Duration::from_secs(2),
+            rollout_timeout: rollout::DEFAULT_ROLLOUT_TIMEOUT,
         }
     }
 
@@ -112,6 +120,12 @@ pub struct Inner {
     pub config: Config,
     /// Wakes the mirror after a commit.
     pub mirror_wake: Notify,
+    /// Wakes the rollout reconciler (instance reports, commits).
+    pub rollout_wake: Notify,
+    /// Wakes the route table refresh.
+    pub routes_wake: Notify,
+    /// The route table edges stream.
+    pub routes: routes::RouteFeed,
 }
 
 impl Deref for AppState {
@@ -208,11 +222,21 @@ impl Captain {
             meta: store,
             config: config.clone(),
             mirror_wake: Notify::new(),
+            rollout_wake: Notify::new(),
+            routes_wake: Notify::new(),
+            routes: routes::RouteFeed::default(),
         }));
         let (shutdown, rx) = watch::channel(false);
         let tasks = vec![
             tokio::spawn(mirror_loop(state.clone(), rx.clone())),
             tokio::spawn(liveness_loop(state.clone(), rx.clone())),
+            tokio::spawn(rollout::run(
+                state.clone(),
+                config.rollout_interval,
+                config.rollout_timeout,
+                rx.clone(),
+            )),
+            tokio::spawn(routes::run(state.clone(), Duration::from_secs(1), rx.clone())),
         ];
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -286,6 +310,10 @@ async fn mirror_loop(state: AppState, mut stop: watch::Receiver<bool>) {
         if let Err(e) = meta::sync(&state.meta, &state.db).await {
             tracing::error!(error = %e, "indexing the meta repository");
         }
+        // A new commit (ours or pushed by hand, e.g. a `git revert`) may
+        // need a rollout and may change the routes.
+        state.rollout_wake.notify_one();
+        state.routes_wake.notify_one();
     }
 }
 
