@@ -54,9 +54,13 @@ fn last_record(path: &Path) -> Option<LogLine> {
         .find_map(|l| serde_json::from_str::<LogLine>(l).ok())
 }
 
-/// Stamps the complete lines of `stdout.log` not stamped yet. Blocking; the
-/// caller serialises calls for one instance.
+/// Collection runs from the reconciler's loop and from API reads; one at a
+/// time, so no line is stamped twice.
+static COLLECTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Stamps the complete lines of `stdout.log` not stamped yet. Blocking.
 pub fn collect(work_dir: &Path) -> Result<usize, LogError> {
+    let _one_at_a_time = COLLECTING.lock().unwrap_or_else(|e| e.into_inner());
     let raw = work_dir.join("stdout.log");
     let index = work_dir.join("log.jsonl");
     let io = |op, path: &Path| {

@@ -317,17 +317,28 @@ impl Reconciler {
         let want: BTreeMap<&str, &DesiredInstance> =
             desired.instances.iter().map(|d| (d.instance_id.as_str(), d)).collect();
 
-        // 1. Stop what is no longer desired, or desired with another release.
-        let existing: Vec<InstanceRecord> = self.ledger.data().instances.values().cloned().collect();
-        for rec in existing {
-            let keep = want.get(rec.instance_id.as_str()).is_some_and(|d| d.release.id == rec.release_id);
-            if keep {
-                continue;
+        // 1. Stop what is no longer desired, or desired with another release
+        //    (concurrently: stopping may wait out a grace period).
+        let doomed: Vec<InstanceRecord> = self
+            .ledger
+            .data()
+            .instances
+            .values()
+            .filter(|rec| !want.get(rec.instance_id.as_str()).is_some_and(|d| d.release.id == rec.release_id))
+            .cloned()
+            .collect();
+        let runtime = self.runtime.clone();
+        let results = futures::future::join_all(doomed.iter().map(|rec| {
+            let runtime = runtime.clone();
+            async move {
+                match &rec.handle {
+                    Some(h) => runtime.stop(h).await,
+                    None => runtime.reclaim(&rec.instance_id, &rec.work_dir).await,
+                }
             }
-            let r = match &rec.handle {
-                Some(h) => self.runtime.stop(h).await,
-                None => self.runtime.reclaim(&rec.instance_id, &rec.work_dir).await,
-            };
+        }))
+        .await;
+        for (rec, r) in doomed.into_iter().zip(results) {
             if let Err(e) = r {
                 status.errors.push(format!("stopping {}: {e}", rec.instance_id));
                 continue;
@@ -691,6 +702,17 @@ pub fn spawn(
             }
             let _ = inst_tx.send(rec.ledger().instances.clone());
             let _ = status_tx.send(st);
+            // Stamp new log lines close to when they were written.
+            let dirs: Vec<PathBuf> =
+                rec.ledger().instances.values().filter(|r| r.handle.is_some()).map(|r| r.work_dir.clone()).collect();
+            let _ = tokio::task::spawn_blocking(move || {
+                for d in dirs {
+                    if let Err(e) = crate::logs::collect(&d) {
+                        tracing::debug!(error = %e, "collecting logs");
+                    }
+                }
+            })
+            .await;
             tokio::select! {
                 // Notify::notified is cancel-safe: a permit stored while we
                 // were busy is kept and fires here at once.

@@ -132,6 +132,31 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
     assert!(seen.iter().any(|(_, l)| l.contains("NOT a VM") || l.contains("not a VM")), "{seen:?}");
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "no line twice, in order: {seen:?}");
 
+    // DELETE restarts an instance (a new process); PUT state holds and
+    // releases it.
+    let old_pid = first[&id].handle.as_ref().unwrap().pid;
+    let resp = http.delete(format!("{api}/v1/instances/{id}")).bearer_auth(&f.node_token).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    common::wait_for(30, "restarted and healthy", || {
+        let s = snapshot(&f);
+        let r = s.get(&id)?;
+        (r.phase == Phase::Healthy && r.handle.as_ref()?.pid != old_pid).then_some(())
+    })
+    .await;
+    let state_url = format!("{api}/v1/instances/{id}/state");
+    let held = http.put(&state_url).bearer_auth(&f.node_token).json(&serde_json::json!({"state": "stopped"}));
+    assert_eq!(held.send().await.unwrap().status(), 202);
+    let mut pass = f.reconciler.status.clone();
+    let seen_pass = pass.borrow_and_update().pass;
+    common::wait_for(30, "two passes after the hold", || (pass.borrow_and_update().pass >= seen_pass + 2).then_some(())).await;
+    let r = snapshot(&f)[&id].clone();
+    assert!(r.held && r.handle.is_none(), "a held instance is not restarted: {r:?}");
+    let bad = http.put(&state_url).bearer_auth(&f.node_token).json(&serde_json::json!({"state": "paused"}));
+    assert_eq!(bad.send().await.unwrap().status(), 400);
+    let release = http.put(&state_url).bearer_auth(&f.node_token).json(&serde_json::json!({"state": "running"}));
+    assert_eq!(release.send().await.unwrap().status(), 202);
+    common::wait_for(30, "healthy again after the release", || all_healthy_of(&f, &r1.id, 3)).await;
+
     // Release 2 rolls out beside release 1, then is promoted: 1 goes.
     let p1 = meta.deployment(&r1, DeploymentState::Promoted, Some(&d1), "node-a", 3);
     let r2 = meta.release("web", &v2, 8080);

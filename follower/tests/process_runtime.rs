@@ -80,6 +80,11 @@ async fn instances_are_isolated_from_each_other_but_reachable_from_the_node() {
     assert!(!can_connect_from_ns(ns_a, addr_b).await, "instance a reached instance b");
     assert!(!can_connect_from_ns(ns_b, addr_a).await, "instance b reached instance a");
 
+    // Forwarding from and to instance interfaces is dropped on the host.
+    let nft = std::process::Command::new("nft").args(["list", "table", "inet", "zeitwork_instances"]).output().unwrap();
+    let nft = String::from_utf8_lossy(&nft.stdout);
+    assert!(nft.contains("iifname \"zwi*\" drop") && nft.contains("oifname \"zwi*\" drop"), "{nft}");
+
     // The app runs as the image's user, in its own pid namespace, chrooted.
     let status = std::fs::read_to_string(format!("/proc/{}/task/{}/children", a.pid, a.pid)).unwrap();
     let unshare_pid: u32 = status.split_whitespace().next().unwrap().parse().unwrap();

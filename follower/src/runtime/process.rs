@@ -209,18 +209,23 @@ impl ProcessRuntime {
         Ok(handle)
     }
 
-    /// SIGTERM the process group, then SIGKILL after a grace period.
+    /// Stops the process group of supervisor `pid`. The app is pid 1 of its
+    /// namespace, where a signal without a handler is ignored: if it catches
+    /// SIGTERM it gets SIGTERM and a grace period, else SIGKILL at once.
     async fn kill_group(&self, pid: u32) {
         let group = Pid::from_raw(-(pid as i32));
-        if kill(group, Signal::SIGTERM).is_err() {
+        if kill(group, None).is_err() {
             return;
         }
-        let deadline = tokio::time::Instant::now() + STOP_GRACE;
-        while tokio::time::Instant::now() < deadline {
-            if kill(group, None).is_err() {
-                return;
+        if app_catches_sigterm(pid) {
+            let _ = kill(group, Signal::SIGTERM);
+            let deadline = tokio::time::Instant::now() + STOP_GRACE;
+            while tokio::time::Instant::now() < deadline {
+                if kill(group, None).is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = kill(group, Signal::SIGKILL);
         for _ in 0..250 {
@@ -231,6 +236,29 @@ impl ProcessRuntime {
         }
         tracing::error!(pid, "process group survived SIGKILL for 5 s");
     }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Supervisor -> unshare -> app (the namespace's pid 1): does the app have
+/// a SIGTERM handler (bit 15 of `SigCgt`)?
+fn app_catches_sigterm(supervisor: u32) -> bool {
+    let Some(app) = children(supervisor).into_iter().flat_map(children).next() else {
+        return false;
+    };
+    std::fs::read_to_string(format!("/proc/{app}/status"))
+        .ok()
+        .and_then(|st| {
+            let mask = st.lines().find_map(|l| l.strip_prefix("SigCgt:"))?.trim().to_string();
+            u64::from_str_radix(&mask, 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
 }
 
 /// Last `n` non-empty lines of a log file, joined with " | ".

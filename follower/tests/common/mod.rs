@@ -29,6 +29,7 @@ pub fn busybox_image(store: &Path, config: &ImageConfig) -> String {
         .arg(&root)
         .arg(&img)
         .arg("16M")
+        .stdout(std::process::Stdio::null())
         .status()
         .expect("mkfs.ext4 (e2fsprogs) is installed");
     assert!(st.success(), "mkfs.ext4 failed");
