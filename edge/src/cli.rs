@@ -51,6 +51,29 @@ pub struct Args {
     /// Extra names (or `*.parent`) the local development CA issues for.
     #[arg(long = "domain")]
     pub domains: Vec<String>,
+    /// PEM certificate chain served when no other certificate matches
+    /// (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// ACME directory URL; enables certificates for every HTTP route domain
+    /// (e.g. https://acme-v02.api.letsencrypt.org/directory).
+    #[arg(long)]
+    pub acme_directory: Option<String>,
+    /// ACME contact (`mailto:...`), repeatable.
+    #[arg(long)]
+    pub acme_contact: Vec<String>,
+    /// PEM root of the ACME server's own HTTPS (test CAs such as pebble).
+    #[arg(long)]
+    pub acme_root: Option<PathBuf>,
+    /// ACME challenge to answer.
+    #[arg(long, value_enum, default_value = "http01")]
+    pub acme_challenge: crate::acme::Challenge,
+    /// Renew ACME certificates this many days before expiry.
+    #[arg(long, default_value_t = 30)]
+    pub acme_renew_days: u64,
     /// Do not issue local-CA certificates.
     #[arg(long)]
     pub no_local_ca: bool,
@@ -78,6 +101,7 @@ pub struct Args {
 
 /// Runs the edge until Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    crate::tls::install_default_provider();
     let shutdown = CancellationToken::new();
     let routes = Arc::new(Routes::new());
     std::fs::create_dir_all(&args.data_dir)
@@ -87,25 +111,40 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut feed_task = None;
     if let Some(path) = &args.routes_file {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let table = RouteTable::from_json(&bytes).with_context(|| format!("route table {}", path.display()))?;
+        let table = RouteTable::from_json(&bytes)
+            .with_context(|| format!("route table {}", path.display()))?;
         routes.replace(&table);
-        tracing::info!(version = table.version, routes = table.routes.len(), "serving static route table");
+        tracing::info!(
+            version = table.version,
+            routes = table.routes.len(),
+            "serving static route table"
+        );
     } else {
         match feed::load_cache(&cache) {
             Ok(Some(table)) => {
                 routes.replace(&table);
-                tracing::info!(version = table.version, "serving cached route table until the captain answers");
+                tracing::info!(
+                    version = table.version,
+                    "serving cached route table until the captain answers"
+                );
             }
             Ok(None) => {}
-            Err(err) => tracing::warn!(error = %crate::proxy::error_chain(&err), "ignoring the route cache"),
+            Err(err) => {
+                tracing::warn!(error = %crate::proxy::error_chain(&err), "ignoring the route cache")
+            }
         }
         let captain = args
             .captain
             .clone()
             .context("--captain is required unless --routes-file is given")?;
-        let token = args.token.clone().context("--token (or ZW_EDGE_TOKEN) is required with --captain")?;
+        let token = args
+            .token
+            .clone()
+            .context("--token (or ZW_EDGE_TOKEN) is required with --captain")?;
         let captain_ca_pem = match &args.captain_ca {
-            Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+            Some(p) => Some(
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            ),
             None => None,
         };
         let cfg = FeedConfig {
@@ -120,12 +159,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         feed_task = Some(tokio::spawn(async move { feed::follow(cfg, r, s).await }));
     }
 
-    let mtls_dir = args.mtls_dir.clone().unwrap_or_else(|| args.data_dir.join("mtls"));
+    let mtls_dir = args
+        .mtls_dir
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("mtls"));
     let mtls = if mtls_dir.join("edge.crt").exists() {
         let ca = std::fs::read_to_string(mtls_dir.join("ca.crt"))
             .with_context(|| format!("reading {}/ca.crt", mtls_dir.display()))?;
-        let client = IssuedCert::load(&mtls_dir, "edge").context("loading the edge client certificate")?;
-        Some(crate::upstream::mtls_client_config(&ca, &client).context("mTLS client configuration")?)
+        let client =
+            IssuedCert::load(&mtls_dir, "edge").context("loading the edge client certificate")?;
+        Some(
+            crate::upstream::mtls_client_config(&ca, &client)
+                .context("mTLS client configuration")?,
+        )
     } else {
         tracing::warn!(dir = %mtls_dir.display(), "no edge client certificate; mTLS backends will answer 502");
         None
@@ -146,6 +192,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_header_bytes: args.max_header_bytes,
         ..Limits::default()
     };
+    let http01 = proxy.http01().clone();
     let server = Server::new(proxy, limits, shutdown.clone());
 
     let http = TcpListener::bind(args.http)
@@ -161,9 +208,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let local_ca = if args.no_local_ca {
             None
         } else {
-            Some(Ca::load_or_create(&args.data_dir.join("local-ca"), "zeitwork local development CA").context("local CA")?)
+            Some(
+                Ca::load_or_create(
+                    &args.data_dir.join("local-ca"),
+                    "zeitwork local development CA",
+                )
+                .context("local CA")?,
+            )
         };
         let resolver = CertResolver::new(routes.clone(), local_ca, args.domains.clone());
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            let chain =
+                std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+            let key_pem =
+                std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+            let (chain, key) = crate::pki::parse_pem(&chain, &key_pem, cert)?;
+            resolver.set_fallback(Some(crate::pki::certified_key(chain, &key)?));
+        }
+        if let Some(directory_url) = &args.acme_directory {
+            let cfg = crate::acme::AcmeConfig {
+                directory_url: directory_url.clone(),
+                contact: args.acme_contact.clone(),
+                server_root: args.acme_root.clone(),
+                state_dir: args.data_dir.join("acme"),
+                renew_before: Duration::from_secs(args.acme_renew_days * 24 * 3600),
+                challenge: args.acme_challenge,
+                scan_interval: Duration::from_secs(60),
+                retry_after_failure: Duration::from_secs(600),
+            };
+            let manager = crate::acme::AcmeManager::new(cfg, resolver.clone(), http01.clone());
+            tasks.spawn(manager.run(routes.clone(), shutdown.clone()));
+        }
         let tls_cfg = tls::server_config(resolver)?;
         let https = TcpListener::bind(args.https)
             .await

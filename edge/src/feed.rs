@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::routes::{RouteTable, RouteTableError, SseError, SseParser, STREAM_PATH};
+use crate::routes::{RouteTable, RouteTableError, STREAM_PATH, SseError, SseParser};
 use crate::table::Routes;
 
 /// Feed failures.
@@ -106,7 +106,12 @@ pub fn save_cache(path: &Path, table: &RouteTable) -> Result<(), FeedError> {
 
 /// Follows the captain's stream until `shutdown`, swapping every valid table
 /// into `routes` and the cache.
-pub async fn follow(cfg: FeedConfig, routes: Arc<Routes>, shutdown: CancellationToken) -> Result<(), FeedError> {
+pub async fn follow(
+    cfg: FeedConfig,
+    routes: Arc<Routes>,
+    shutdown: CancellationToken,
+) -> Result<(), FeedError> {
+    crate::tls::install_default_provider();
     let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
@@ -145,7 +150,12 @@ pub async fn follow(cfg: FeedConfig, routes: Arc<Routes>, shutdown: Cancellation
 
 /// One connection to the stream. Returns `Ok(true)` if at least one table was
 /// applied before the stream ended cleanly.
-async fn stream_once(client: &reqwest::Client, url: &str, cfg: &FeedConfig, routes: &Routes) -> Result<bool, FeedError> {
+async fn stream_once(
+    client: &reqwest::Client,
+    url: &str,
+    cfg: &FeedConfig,
+    routes: &Routes,
+) -> Result<bool, FeedError> {
     let http_err = |source| FeedError::Http {
         url: url.to_owned(),
         source,
@@ -173,7 +183,13 @@ async fn stream_once(client: &reqwest::Client, url: &str, cfg: &FeedConfig, rout
     loop {
         let chunk = match tokio::time::timeout(cfg.idle_timeout, body.next()).await {
             Err(_) => return Err(FeedError::Idle(cfg.idle_timeout)),
-            Ok(None) => return if applied { Ok(true) } else { Err(FeedError::Closed) },
+            Ok(None) => {
+                return if applied {
+                    Ok(true)
+                } else {
+                    Err(FeedError::Closed)
+                };
+            }
             Ok(Some(Err(e))) => return Err(http_err(e)),
             Ok(Some(Ok(chunk))) => chunk,
         };
@@ -196,7 +212,12 @@ async fn stream_once(client: &reqwest::Client, url: &str, cfg: &FeedConfig, rout
 pub fn apply(routes: &Routes, table: &RouteTable, cache: Option<&Path>) {
     let previous = routes.load().version;
     routes.replace(table);
-    tracing::info!(version = table.version, previous, routes = table.routes.len(), "route table applied");
+    tracing::info!(
+        version = table.version,
+        previous,
+        routes = table.routes.len(),
+        "route table applied"
+    );
     if let Some(path) = cache
         && let Err(err) = save_cache(path, table)
     {

@@ -9,8 +9,10 @@
 //! - [`node_proxy`]: the mTLS server the follower runs on every node.
 //! - [`passthrough`]: TLS passthrough by SNI.
 //! - [`feed`]: the route stream client with its on-disk cache.
+//! - [`acme`]: ACME certificates (HTTP-01, TLS-ALPN-01) with renewal.
 //! - [`cli`]: `zw edge`.
 
+pub mod acme;
 pub mod cli;
 pub mod feed;
 pub mod forward;

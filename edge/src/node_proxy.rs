@@ -85,14 +85,20 @@ pub struct NodeProxy {
 
 impl std::fmt::Debug for NodeProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeProxy").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("NodeProxy")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 type NpBody = BoxBody<Bytes, hyper::Error>;
 
 fn text(status: StatusCode, msg: &'static str) -> Response<NpBody> {
-    let mut r = Response::new(Full::new(Bytes::from_static(msg.as_bytes())).map_err(|n| match n {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(msg.as_bytes()))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
     *r.status_mut() = status;
     r
 }
@@ -100,18 +106,24 @@ fn text(status: StatusCode, msg: &'static str) -> Response<NpBody> {
 /// The rustls server config of a node-proxy: `server` is the node's
 /// certificate; clients must present a clientAuth certificate signed by the
 /// CA in `ca_pem`.
-pub fn server_config(ca_pem: &str, server: &IssuedCert) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+    ca_pem: &str,
+    server: &IssuedCert,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.map_err(|_| TlsError::CaPem)?).map_err(TlsError::Rustls)?;
+        roots
+            .add(cert.map_err(|_| TlsError::CaPem)?)
+            .map_err(TlsError::Rustls)?;
     }
     if roots.is_empty() {
         return Err(TlsError::CaPem);
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(TlsError::Verifier)?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(TlsError::Verifier)?;
     let (chain, key) = server.to_rustls()?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -177,8 +189,15 @@ impl NodeProxy {
         }
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, remote: SocketAddr, shutdown: CancellationToken) {
-        let tls = match tokio::time::timeout(self.config.handshake_timeout, self.tls.accept(stream)).await {
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        remote: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
+        let tls = match tokio::time::timeout(self.config.handshake_timeout, self.tls.accept(stream))
+            .await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(err)) => {
                 tracing::warn!(client = %remote, error = %err, "node-proxy refused a client (TLS)");
@@ -209,15 +228,27 @@ impl NodeProxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<NpBody>, std::convert::Infallible> {
-        let Some(instance) = req.headers().get(INSTANCE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<NpBody>, std::convert::Infallible> {
+        let Some(instance) = req
+            .headers()
+            .get(INSTANCE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
         else {
-            return Ok(text(StatusCode::BAD_REQUEST, "missing x-zeitwork-instance\n"));
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                "missing x-zeitwork-instance\n",
+            ));
         };
         let Some(addr) = self.resolver.resolve(&instance) else {
             let mut r = text(StatusCode::BAD_GATEWAY, "instance not on this node\n");
-            r.headers_mut()
-                .insert(UPSTREAM_STATUS_HEADER, HeaderValue::from_static(UPSTREAM_CONNECT_FAILED));
+            r.headers_mut().insert(
+                UPSTREAM_STATUS_HEADER,
+                HeaderValue::from_static(UPSTREAM_CONNECT_FAILED),
+            );
             return Ok(r);
         };
         if req.method() == Method::CONNECT {
@@ -229,7 +260,11 @@ impl NodeProxy {
         strip_hop_by_hop(&mut parts.headers, upgrade);
         parts.headers.remove(INSTANCE_HEADER);
         parts.version = Version::HTTP_11;
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         parts.uri = match Uri::builder()
             .scheme("http")
             .authority(addr.to_string())
@@ -255,24 +290,35 @@ impl NodeProxy {
                 tracing::warn!(instance, %addr, error = %error_chain(&err), "node-proxy could not reach the instance");
                 let mut r = text(StatusCode::BAD_GATEWAY, "instance unreachable\n");
                 if connect {
-                    r.headers_mut()
-                        .insert(UPSTREAM_STATUS_HEADER, HeaderValue::from_static(UPSTREAM_CONNECT_FAILED));
+                    r.headers_mut().insert(
+                        UPSTREAM_STATUS_HEADER,
+                        HeaderValue::from_static(UPSTREAM_CONNECT_FAILED),
+                    );
                 }
                 Ok(r)
             }
         }
     }
 
-    async fn tunnel(&self, req: Request<Incoming>, addr: SocketAddr, instance: String) -> Response<NpBody> {
-        let upstream = match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                let mut r = text(StatusCode::BAD_GATEWAY, "instance unreachable\n");
-                r.headers_mut()
-                    .insert(UPSTREAM_STATUS_HEADER, HeaderValue::from_static(UPSTREAM_CONNECT_FAILED));
-                return r;
-            }
-        };
+    async fn tunnel(
+        &self,
+        req: Request<Incoming>,
+        addr: SocketAddr,
+        instance: String,
+    ) -> Response<NpBody> {
+        let upstream =
+            match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await
+            {
+                Ok(Ok(s)) => s,
+                _ => {
+                    let mut r = text(StatusCode::BAD_GATEWAY, "instance unreachable\n");
+                    r.headers_mut().insert(
+                        UPSTREAM_STATUS_HEADER,
+                        HeaderValue::from_static(UPSTREAM_CONNECT_FAILED),
+                    );
+                    return r;
+                }
+            };
         let _ = upstream.set_nodelay(true);
         let on_upgrade = hyper::upgrade::on(req);
         tokio::spawn(async move {

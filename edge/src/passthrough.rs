@@ -108,7 +108,9 @@ fn sni(mut b: &[u8]) -> Option<Option<String>> {
 
 /// Reads from `stream` until a full ClientHello is buffered (or it is clear
 /// there is none). Returns what was read and the verdict.
-pub async fn read_client_hello<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<(Vec<u8>, Hello)> {
+pub async fn read_client_hello<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> io::Result<(Vec<u8>, Hello)> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         let verdict = parse_client_hello(&buf);
@@ -142,7 +144,11 @@ impl<S> Prefixed<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
@@ -155,7 +161,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -184,9 +194,13 @@ pub enum TunnelError {
 }
 
 /// Opens a byte stream to a passthrough backend.
-pub async fn open_tunnel(connector: &UpstreamConnector, backend: &BackendState) -> Result<UpstreamStream, TunnelError> {
+pub async fn open_tunnel(
+    connector: &UpstreamConnector,
+    backend: &BackendState,
+) -> Result<UpstreamStream, TunnelError> {
     let b = &backend.backend;
-    let (host, port) = split_host_port(&b.node_proxy).ok_or_else(|| TunnelError::Addr(b.node_proxy.clone()))?;
+    let (host, port) =
+        split_host_port(&b.node_proxy).ok_or_else(|| TunnelError::Addr(b.node_proxy.clone()))?;
     match b.transport {
         Transport::Plain => Ok(connector.connect(host, port, false).await?),
         Transport::Mtls => {
@@ -208,7 +222,9 @@ pub async fn open_tunnel(connector: &UpstreamConnector, backend: &BackendState) 
                 }
                 head.push(byte[0]);
             }
-            let status_line = String::from_utf8_lossy(head.split(|&c| c == b'\r').next().unwrap_or_default()).into_owned();
+            let status_line =
+                String::from_utf8_lossy(head.split(|&c| c == b'\r').next().unwrap_or_default())
+                    .into_owned();
             if !status_line.starts_with("HTTP/1.1 200") {
                 return Err(TunnelError::Refused(status_line));
             }

@@ -124,7 +124,9 @@ impl Ca {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
         params.not_after = now + CA_VALIDITY;
-        let cert = params.self_signed(&key).map_err(gen_err("CA certificate"))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(gen_err("CA certificate"))?;
         let cert_pem = cert.pem();
         let cert_der = cert.der().clone();
         Ok(Ca {
@@ -137,12 +139,11 @@ impl Ca {
     /// Builds a CA from its PEM certificate and key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
         let key = KeyPair::from_pem(key_pem).map_err(gen_err("parse CA key"))?;
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| {
-            PkiError::Pem {
+        let cert_der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| PkiError::Pem {
                 path: PathBuf::from(CA_CERT_FILE),
                 what: "certificate",
-            }
-        })?;
+            })?;
         let issuer =
             Issuer::from_ca_cert_der(&cert_der, key).map_err(gen_err("parse CA certificate"))?;
         Ok(Ca {
@@ -201,7 +202,11 @@ impl Ca {
     /// A server certificate for a node's node-proxy. `names` are the DNS
     /// names and IP addresses the edge dials (the host part of
     /// [`crate::routes::Backend::node_proxy`]).
-    pub fn issue_node_proxy(&self, node_id: &str, names: &[String]) -> Result<IssuedCert, PkiError> {
+    pub fn issue_node_proxy(
+        &self,
+        node_id: &str,
+        names: &[String],
+    ) -> Result<IssuedCert, PkiError> {
         self.issue(node_id, names, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
@@ -269,7 +274,11 @@ impl IssuedCert {
     pub fn to_rustls(
         &self,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
-        parse_pem(self.chain_pem.as_bytes(), self.key_pem.as_bytes(), Path::new("<memory>"))
+        parse_pem(
+            self.chain_pem.as_bytes(),
+            self.key_pem.as_bytes(),
+            Path::new("<memory>"),
+        )
     }
 
     /// A rustls [`CertifiedKey`] for a certificate resolver.
@@ -280,8 +289,16 @@ impl IssuedCert {
 
     /// Writes `<stem>.crt` and `<stem>.key` (0600) into `dir`.
     pub fn save(&self, dir: &Path, stem: &str) -> Result<(), PkiError> {
-        write_atomic(&dir.join(format!("{stem}.crt")), self.chain_pem.as_bytes(), 0o644)?;
-        write_atomic(&dir.join(format!("{stem}.key")), self.key_pem.as_bytes(), 0o600)
+        write_atomic(
+            &dir.join(format!("{stem}.crt")),
+            self.chain_pem.as_bytes(),
+            0o644,
+        )?;
+        write_atomic(
+            &dir.join(format!("{stem}.key")),
+            self.key_pem.as_bytes(),
+            0o600,
+        )
     }
 
     /// Reads `<stem>.crt` and `<stem>.key` from `dir`.
@@ -341,7 +358,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError
         path: path.to_owned(),
         source,
     };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(err)?;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = fs::OpenOptions::new()
@@ -371,7 +391,10 @@ mod tests {
     fn ca_roundtrip_and_issue() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::load_or_create(dir.path(), "test CA").unwrap();
-        let mode = fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let again = Ca::load_or_create(dir.path(), "ignored").unwrap();
         assert_eq!(again.cert_pem(), ca.cert_pem());
@@ -381,15 +404,32 @@ mod tests {
             .unwrap();
         let (chain, _key) = leaf.to_rustls().unwrap();
         let roots = Arc::new(ca.root_store());
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, crate::tls::provider()).build().unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots,
+            crate::tls::provider(),
+        )
+        .build()
+        .unwrap();
         let name = rustls_pki_types::ServerName::try_from("node-1.internal").unwrap();
         verifier
-            .verify_server_cert(&chain[0], &chain[1..], &name, &[], rustls_pki_types::UnixTime::now())
+            .verify_server_cert(
+                &chain[0],
+                &chain[1..],
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
             .unwrap();
         let wrong = rustls_pki_types::ServerName::try_from("node-2.internal").unwrap();
         assert!(
             verifier
-                .verify_server_cert(&chain[0], &chain[1..], &wrong, &[], rustls_pki_types::UnixTime::now())
+                .verify_server_cert(
+                    &chain[0],
+                    &chain[1..],
+                    &wrong,
+                    &[],
+                    rustls_pki_types::UnixTime::now()
+                )
                 .is_err()
         );
         leaf.save(dir.path(), "np").unwrap();

@@ -92,11 +92,14 @@ pub struct Proxy {
     config: ProxyConfig,
     id_prefix: u32,
     next_id: AtomicU64,
+    http01: Arc<crate::acme::Http01Tokens>,
 }
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Proxy")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,7 +161,11 @@ impl Body for ProxyBody {
 }
 
 /// Builds a small HTML error page.
-pub fn error_page(status: StatusCode, detail: &str, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
+pub fn error_page(
+    status: StatusCode,
+    detail: &str,
+    request_id: Option<&HeaderValue>,
+) -> Response<ProxyBody> {
     let reason = status.canonical_reason().unwrap_or("");
     let body = format!(
         "<!doctype html>\n<html><head><title>{code} {reason}</title></head>\n<body><h1>{code} {reason}</h1>\n<p>{detail}</p>\n</body></html>\n",
@@ -168,7 +175,10 @@ pub fn error_page(status: StatusCode, detail: &str, request_id: Option<&HeaderVa
     let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(id) = request_id {
         h.insert(REQUEST_ID_HEADER, id.clone());
@@ -223,7 +233,11 @@ enum Attempt {
 impl Proxy {
     /// Creates the proxy over a live route table. `mtls` is the client config
     /// for node-proxies (see [`crate::upstream::mtls_client_config`]).
-    pub fn new(routes: Arc<Routes>, mtls: Option<Arc<rustls::ClientConfig>>, config: ProxyConfig) -> Arc<Self> {
+    pub fn new(
+        routes: Arc<Routes>,
+        mtls: Option<Arc<rustls::ClientConfig>>,
+        config: ProxyConfig,
+    ) -> Arc<Self> {
         let connector = UpstreamConnector::new(mtls, config.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -238,12 +252,18 @@ impl Proxy {
             config,
             id_prefix: rand::random(),
             next_id: AtomicU64::new(0),
+            http01: Arc::new(crate::acme::Http01Tokens::default()),
         })
     }
 
     /// The live route table.
     pub fn routes(&self) -> &Arc<Routes> {
         &self.routes
+    }
+
+    /// Pending ACME HTTP-01 tokens this proxy answers on plain HTTP.
+    pub fn http01(&self) -> &Arc<crate::acme::Http01Tokens> {
+        &self.http01
     }
 
     /// The connector (used by TLS passthrough to reach backends).
@@ -258,7 +278,11 @@ impl Proxy {
     }
 
     /// Handles one request from a client.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
         let start = Instant::now();
         let request_id = self.request_id();
         let method = req.method().clone();
@@ -292,26 +316,51 @@ impl Proxy {
         request_id: &HeaderValue,
     ) -> (Response<ProxyBody>, Option<String>) {
         let Some(host) = host else {
-            return (error_page(StatusCode::BAD_REQUEST, "The request has no Host.", Some(request_id)), None);
+            return (
+                error_page(
+                    StatusCode::BAD_REQUEST,
+                    "The request has no Host.",
+                    Some(request_id),
+                ),
+                None,
+            );
         };
+        if !conn.tls
+            && let Some(token) = req.uri().path().strip_prefix(crate::acme::HTTP01_PREFIX)
+            && let Some(key_auth) = self.http01.get(token)
+        {
+            let mut resp = Response::new(ProxyBody::full(key_auth));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return (resp, Some("acme-http-01".into()));
+        }
         let router = self.routes.load();
         let Some(entry) = router.lookup(host) else {
             let msg = format!("No app is served at {host}.");
-            return (error_page(StatusCode::NOT_FOUND, &msg, Some(request_id)), None);
+            return (
+                error_page(StatusCode::NOT_FOUND, &msg, Some(request_id)),
+                None,
+            );
         };
         if entry.route.kind == RouteKind::Passthrough {
             let msg = format!("{host} is served by TLS passthrough only.");
-            return (error_page(StatusCode::MISDIRECTED_REQUEST, &msg, Some(request_id)), None);
+            return (
+                error_page(StatusCode::MISDIRECTED_REQUEST, &msg, Some(request_id)),
+                None,
+            );
         }
 
         let upgrade = is_upgrade_request(req.version(), req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let original_host = parts
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         strip_hop_by_hop(&mut parts.headers, upgrade);
         let h = &mut parts.headers;
         if let Some(oh) = &original_host {
@@ -320,7 +369,8 @@ impl Proxy {
         }
         h.insert(
             "x-forwarded-for",
-            HeaderValue::from_str(&conn.remote.ip().to_string()).expect("an IP is a valid header value"),
+            HeaderValue::from_str(&conn.remote.ip().to_string())
+                .expect("an IP is a valid header value"),
         );
         h.insert(
             "x-forwarded-proto",
@@ -348,9 +398,14 @@ impl Proxy {
         let mut last_err = String::from("no backend");
         for _ in 0..max_attempts {
             let exclude: Vec<&Arc<BackendState>> = tried.iter().collect();
-            let Some(backend) = entry.pick(&exclude) else { break };
+            let Some(backend) = entry.pick(&exclude) else {
+                break;
+            };
             let guard = backend.start();
-            let label = format!("{}@{}", backend.backend.instance_id, backend.backend.node_proxy);
+            let label = format!(
+                "{}@{}",
+                backend.backend.instance_id, backend.backend.node_proxy
+            );
             let mut attempt_parts = parts.clone();
             let scheme = match backend.transport() {
                 Transport::Mtls => {
@@ -370,7 +425,11 @@ impl Proxy {
                 Ok(u) => u,
                 Err(e) => {
                     return (
-                        error_page(StatusCode::BAD_GATEWAY, "Invalid backend address.", Some(request_id)),
+                        error_page(
+                            StatusCode::BAD_GATEWAY,
+                            "Invalid backend address.",
+                            Some(request_id),
+                        ),
                         Some(format!("{label}: {e}")),
                     );
                 }
@@ -445,11 +504,18 @@ impl Proxy {
         }
         if tried.is_empty() {
             let msg = format!("No instance of {} is available.", entry.route.app);
-            return (error_page(StatusCode::SERVICE_UNAVAILABLE, &msg, Some(request_id)), None);
+            return (
+                error_page(StatusCode::SERVICE_UNAVAILABLE, &msg, Some(request_id)),
+                None,
+            );
         }
         tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %last_err, "all attempts failed");
         (
-            error_page(StatusCode::BAD_GATEWAY, "The app could not be reached.", Some(request_id)),
+            error_page(
+                StatusCode::BAD_GATEWAY,
+                "The app could not be reached.",
+                Some(request_id),
+            ),
             None,
         )
     }
@@ -469,7 +535,9 @@ impl Proxy {
                         .get(UPSTREAM_STATUS_HEADER)
                         .is_some_and(|v| v == UPSTREAM_CONNECT_FAILED)
                 {
-                    return Attempt::ConnectFailed("node-proxy could not connect to the instance".into());
+                    return Attempt::ConnectFailed(
+                        "node-proxy could not connect to the instance".into(),
+                    );
                 }
                 Attempt::Done(resp)
             }

@@ -250,7 +250,9 @@ fn validate_domain(domain: &str) -> Result<(), &'static str> {
 pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     if let Ok(sa) = addr.parse::<SocketAddr>() {
         let host_end = addr.rfind(':')?;
-        let host = addr[..host_end].trim_start_matches('[').trim_end_matches(']');
+        let host = addr[..host_end]
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         return Some((host, sa.port()));
     }
     let (host, port) = addr.rsplit_once(':')?;
@@ -348,7 +350,10 @@ impl SseParser {
 /// Formats one table as an SSE event, exactly as the captain must send it.
 pub fn sse_event(table: &RouteTable) -> String {
     let json = String::from_utf8(table.to_json()).expect("serde_json writes UTF-8");
-    format!("event: {STREAM_EVENT}\nid: {}\ndata: {json}\n\n", table.version)
+    format!(
+        "event: {STREAM_EVENT}\nid: {}\ndata: {json}\n\n",
+        table.version
+    )
 }
 
 #[cfg(test)]
@@ -424,7 +429,10 @@ mod tests {
     fn split_host_port_forms() {
         assert_eq!(split_host_port("[::1]:80"), Some(("::1", 80)));
         assert_eq!(split_host_port("1.2.3.4:5"), Some(("1.2.3.4", 5)));
-        assert_eq!(split_host_port("node-1.internal:443"), Some(("node-1.internal", 443)));
+        assert_eq!(
+            split_host_port("node-1.internal:443"),
+            Some(("node-1.internal", 443))
+        );
         assert_eq!(split_host_port("::1:80"), None);
         assert_eq!(split_host_port("host"), None);
     }

@@ -73,7 +73,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("limits", &self.limits).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,7 +105,8 @@ impl Server {
 
     /// Serves TLS (HTTP/1.1 and HTTP/2 by ALPN, plus TLS passthrough routes).
     pub async fn serve_https(&self, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-        self.accept_loop(listener, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+        self.accept_loop(listener, Some(tokio_rustls::TlsAcceptor::from(tls)))
+            .await
     }
 
     async fn accept_loop(&self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
@@ -142,12 +145,23 @@ impl Server {
     async fn drain(&self) {
         let all = self.limits.max_connections as u32;
         let wait = self.conns.acquire_many(all);
-        if tokio::time::timeout(self.limits.shutdown_grace, wait).await.is_err() {
-            tracing::warn!(open = self.open_connections(), "shutdown grace period over; closing connections");
+        if tokio::time::timeout(self.limits.shutdown_grace, wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.open_connections(),
+                "shutdown grace period over; closing connections"
+            );
         }
     }
 
-    async fn serve_plain(&self, stream: TcpStream, remote: SocketAddr, _permit: OwnedSemaphorePermit) {
+    async fn serve_plain(
+        &self,
+        stream: TcpStream,
+        remote: SocketAddr,
+        _permit: OwnedSemaphorePermit,
+    ) {
         let info = ConnInfo { remote, tls: false };
         self.serve_h1(stream, info).await;
     }
@@ -162,16 +176,18 @@ impl Server {
         let info = ConnInfo { remote, tls: true };
         let deadline = self.limits.handshake_timeout;
         if self.proxy.routes().load().has_passthrough() {
-            let (buf, hello) = match tokio::time::timeout(deadline, read_client_hello(&mut stream)).await {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(_)) | Err(_) => return,
-            };
+            let (buf, hello) =
+                match tokio::time::timeout(deadline, read_client_hello(&mut stream)).await {
+                    Ok(Ok(pair)) => pair,
+                    Ok(Err(_)) | Err(_) => return,
+                };
             if let Hello::Complete(Some(name)) = &hello {
                 let router = self.proxy.routes().load();
                 if let Some(entry) = router.lookup(name)
                     && entry.route.kind == RouteKind::Passthrough
                 {
-                    self.passthrough(stream, buf, entry.clone(), name, remote).await;
+                    self.passthrough(stream, buf, entry.clone(), name, remote)
+                        .await;
                     return;
                 }
             }
@@ -193,7 +209,9 @@ impl Server {
         let mut tried = Vec::new();
         for _ in 0..3 {
             let exclude: Vec<_> = tried.iter().collect();
-            let Some(backend) = entry.pick(&exclude) else { break };
+            let Some(backend) = entry.pick(&exclude) else {
+                break;
+            };
             let guard = backend.start();
             match open_tunnel(self.proxy.connector(), &backend).await {
                 Ok(mut upstream) => {
@@ -221,7 +239,9 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let tls = match tokio::time::timeout(self.limits.handshake_timeout, acceptor.accept(stream)).await {
+        let tls = match tokio::time::timeout(self.limits.handshake_timeout, acceptor.accept(stream))
+            .await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(err)) => {
                 tracing::debug!(client = %info.remote, error = %err, "TLS handshake failed");
@@ -321,7 +341,8 @@ async fn drive<C: Graceful>(conn: C, shutdown: &CancellationToken, info: ConnInf
 async fn refuse(mut stream: TcpStream, tls: bool) {
     tracing::warn!("connection limit reached; refusing a connection");
     if !tls {
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVERLOAD_RESPONSE)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVERLOAD_RESPONSE)).await;
         let _ = stream.shutdown().await;
     }
 }

@@ -168,12 +168,12 @@ impl Router {
             let backends = route
                 .backends
                 .iter()
-                .map(|b| {
-                    match old.get(&(b.instance_id.as_str(), b.node_proxy.as_str())) {
+                .map(
+                    |b| match old.get(&(b.instance_id.as_str(), b.node_proxy.as_str())) {
                         Some(prev) if prev.backend == *b => Arc::clone(prev),
                         _ => Arc::new(BackendState::new(b.clone(), epoch)),
-                    }
-                })
+                    },
+                )
                 .collect();
             let entry = Arc::new(RouteEntry {
                 route: Route {
@@ -205,6 +205,14 @@ impl Router {
     /// at the ClientHello when one is).
     pub fn has_passthrough(&self) -> bool {
         self.has_passthrough
+    }
+
+    /// Every domain in the table with its route kind.
+    pub fn domains(&self) -> impl Iterator<Item = (&str, RouteKind)> {
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .map(|e| (e.route.domain.as_str(), e.route.kind))
     }
 
     /// Whether the router knows this host.
@@ -283,7 +291,10 @@ mod tests {
     #[test]
     fn lookup_exact_then_wildcard() {
         let r = Router::build(
-            &table(1, &[("a.com", &["1"]), ("*.b.com", &["2"]), ("x.b.com", &["3"])]),
+            &table(
+                1,
+                &[("a.com", &["1"]), ("*.b.com", &["2"]), ("x.b.com", &["3"])],
+            ),
             None,
             Instant::now(),
         );
@@ -297,7 +308,11 @@ mod tests {
 
     #[test]
     fn least_outstanding_and_health() {
-        let r = Router::build(&table(1, &[("a.com", &["1", "2", "3"])]), None, Instant::now());
+        let r = Router::build(
+            &table(1, &[("a.com", &["1", "2", "3"])]),
+            None,
+            Instant::now(),
+        );
         let e = r.lookup("a.com").unwrap();
         let g1 = e.pick(&[]).unwrap().start();
         let g2 = e.pick(&[]).unwrap().start();

@@ -5,7 +5,8 @@
 //! the client offers only `acme-tls/1`), installed certificates (ACME or
 //! loaded from disk; exact name, then `*.parent`), then the local
 //! development CA, which issues and caches a certificate on first use for
-//! `localhost`, `*.localhost`, configured names and names in the route table.
+//! `localhost`, `*.localhost`, configured names and names in the route table;
+//! last, the fallback certificate (`--tls-cert`), if one is set.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,9 +47,18 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process-wide rustls provider, for libraries that use the
+/// process default (reqwest, instant-acme). Both ring and aws-lc-rs are
+/// compiled into the workspace, so rustls cannot pick one by itself.
+/// Idempotent; a provider installed earlier by someone else is kept.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Picks a certificate for each handshake by SNI.
 pub struct CertResolver {
     installed: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+    fallback: ArcSwap<Option<Arc<CertifiedKey>>>,
     challenges: Mutex<HashMap<String, Arc<CertifiedKey>>>,
     local: Option<LocalIssuer>,
     routes: Arc<Routes>,
@@ -73,7 +83,9 @@ impl LocalIssuer {
         }
         let parent = name.split_once('.').map(|(_, p)| p);
         let configured = self.names.iter().any(|n| {
-            n == name || n.strip_prefix("*.").is_some_and(|suffix| Some(suffix) == parent)
+            n == name
+                || n.strip_prefix("*.")
+                    .is_some_and(|suffix| Some(suffix) == parent)
         });
         configured || routes.load().knows(name)
     }
@@ -83,7 +95,11 @@ impl LocalIssuer {
         if let Some(k) = cache.get(name) {
             return Some(k.clone());
         }
-        let issued = match self.ca.issue_server(&[name.to_owned()]).and_then(|c| c.certified_key()) {
+        let issued = match self
+            .ca
+            .issue_server(&[name.to_owned()])
+            .and_then(|c| c.certified_key())
+        {
             Ok(k) => k,
             Err(err) => {
                 tracing::warn!(name, error = %crate::proxy::error_chain(&err), "local CA could not issue a certificate");
@@ -105,6 +121,7 @@ impl CertResolver {
     pub fn new(routes: Arc<Routes>, local_ca: Option<Ca>, local_names: Vec<String>) -> Arc<Self> {
         Arc::new(Self {
             installed: ArcSwap::from_pointee(HashMap::new()),
+            fallback: ArcSwap::from_pointee(None),
             challenges: Mutex::new(HashMap::new()),
             local: local_ca.map(|ca| LocalIssuer {
                 ca,
@@ -123,6 +140,12 @@ impl CertResolver {
             next.insert(name.clone(), key.clone());
             next
         });
+    }
+
+    /// Sets the certificate served when no other matches (or the client
+    /// sent no SNI), like a default server.
+    pub fn set_fallback(&self, key: Option<Arc<CertifiedKey>>) {
+        self.fallback.store(Arc::new(key));
     }
 
     /// The certificate installed for exactly `name`, if any.
@@ -149,17 +172,21 @@ impl CertResolver {
         {
             return Some(k.clone());
         }
-        let local = self.local.as_ref()?;
-        if local.allowed(name, &self.routes) {
-            return local.get(name);
+        if let Some(local) = &self.local
+            && local.allowed(name, &self.routes)
+            && let Some(k) = local.get(name)
+        {
+            return Some(k);
         }
-        None
+        self.fallback.load().as_ref().clone()
     }
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = normalize_host(hello.server_name()?);
+        let Some(name) = hello.server_name().map(normalize_host) else {
+            return self.fallback.load().as_ref().clone();
+        };
         let acme = hello
             .alpn()
             .is_some_and(|mut protos| protos.any(|p| p == ACME_TLS_ALPN));

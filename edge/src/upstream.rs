@@ -68,9 +68,16 @@ impl UpstreamConnector {
 
     /// Opens a raw stream to `host:port`, mTLS when `tls` is set. Used for
     /// passthrough tunnels as well as by the HTTP client.
-    pub async fn connect(&self, host: &str, port: u16, tls: bool) -> Result<UpstreamStream, ConnectError> {
+    pub async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+        tls: bool,
+    ) -> Result<UpstreamStream, ConnectError> {
         let addr = format!("{host}:{port}");
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port))).await {
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port)))
+            .await
+        {
             Err(_) => {
                 return Err(ConnectError::Timeout {
                     addr,
@@ -89,8 +96,11 @@ impl UpstreamConnector {
         };
         let name = match host.parse::<std::net::IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),
-            Err(_) => ServerName::try_from(host.to_owned())
-                .map_err(|_| ConnectError::ServerName { host: host.to_owned() })?,
+            Err(_) => {
+                ServerName::try_from(host.to_owned()).map_err(|_| ConnectError::ServerName {
+                    host: host.to_owned(),
+                })?
+            }
         };
         let handshake = connector.connect(name, tcp);
         match tokio::time::timeout(self.connect_timeout, handshake).await {
@@ -119,7 +129,10 @@ impl tower::Service<Uri> for UpstreamConnector {
             let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) else {
                 return Err(ConnectError::BadUri(uri));
             };
-            let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
             let tls = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
             this.connect(&host, port, tls).await.map(TokioIo::new)
         })
@@ -141,7 +154,11 @@ impl Connection for UpstreamStream {
 }
 
 impl AsyncRead for UpstreamStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -150,7 +167,11 @@ impl AsyncRead for UpstreamStream {
 }
 
 impl AsyncWrite for UpstreamStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),

@@ -22,7 +22,13 @@ use tokio_util::sync::CancellationToken;
 
 /// A captain stand-in: `GET /v1/routes/stream` with the right token gets the
 /// events pushed into the returned sender.
-async fn captain(token: &'static str) -> (String, Arc<Mutex<Option<mpsc::UnboundedSender<String>>>>, Arc<AtomicUsize>) {
+async fn captain(
+    token: &'static str,
+) -> (
+    String,
+    Arc<Mutex<Option<mpsc::UnboundedSender<String>>>>,
+    Arc<AtomicUsize>,
+) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     let sender: Arc<Mutex<Option<mpsc::UnboundedSender<String>>>> = Arc::new(Mutex::new(None));
@@ -30,30 +36,45 @@ async fn captain(token: &'static str) -> (String, Arc<Mutex<Option<mpsc::Unbound
     let (s2, r2) = (sender.clone(), rejected.clone());
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = l.accept().await else { return };
+            let Ok((stream, _)) = l.accept().await else {
+                return;
+            };
             let (sender, rejected) = (s2.clone(), r2.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let (sender, rejected) = (sender.clone(), rejected.clone());
-                    async move {
-                        let authorized = req.headers().get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {token}"));
-                        if req.uri().path() != STREAM_PATH || !authorized {
-                            rejected.fetch_add(1, Ordering::SeqCst);
-                            let mut r = Response::new(BoxBody::new(http_body_util::Empty::new().map_err(|n: Infallible| match n {})));
-                            *r.status_mut() = StatusCode::UNAUTHORIZED;
-                            return Ok::<_, Infallible>(r);
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (sender, rejected) = (sender.clone(), rejected.clone());
+                        async move {
+                            let authorized = req
+                                .headers()
+                                .get("authorization")
+                                .and_then(|v| v.to_str().ok())
+                                == Some(&format!("Bearer {token}"));
+                            if req.uri().path() != STREAM_PATH || !authorized {
+                                rejected.fetch_add(1, Ordering::SeqCst);
+                                let mut r = Response::new(BoxBody::new(
+                                    http_body_util::Empty::new()
+                                        .map_err(|n: Infallible| match n {}),
+                                ));
+                                *r.status_mut() = StatusCode::UNAUTHORIZED;
+                                return Ok::<_, Infallible>(r);
+                            }
+                            let (tx, rx) = mpsc::unbounded_channel::<String>();
+                            *sender.lock().await = Some(tx);
+                            let stream = futures::stream::unfold(rx, |mut rx| async move {
+                                rx.recv()
+                                    .await
+                                    .map(|s| (Ok::<_, Infallible>(Frame::data(Bytes::from(s))), rx))
+                            });
+                            let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
+                            r.headers_mut()
+                                .insert("content-type", "text/event-stream".parse().unwrap());
+                            Ok(r)
                         }
-                        let (tx, rx) = mpsc::unbounded_channel::<String>();
-                        *sender.lock().await = Some(tx);
-                        let stream = futures::stream::unfold(rx, |mut rx| async move {
-                            rx.recv().await.map(|s| (Ok::<_, Infallible>(Frame::data(Bytes::from(s))), rx))
-                        });
-                        let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
-                        r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
-                        Ok(r)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
@@ -105,10 +126,17 @@ async fn follows_the_stream_and_keeps_the_last_good_table() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let c = client();
-    assert_eq!(get(&c, edge.http, "a.test", "/").await.unwrap().0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(&c, edge.http, "a.test", "/").await.unwrap().0,
+        StatusCode::NOT_FOUND
+    );
 
     tx.send(": keepalive\n\n".into()).unwrap();
-    tx.send(sse_event(&table(1, vec![route("a.test", "a", vec![plain("a1", a)])]))).unwrap();
+    tx.send(sse_event(&table(
+        1,
+        vec![route("a.test", "a", vec![plain("a1", a)])],
+    )))
+    .unwrap();
     wait_for(|| edge.routes.load().version == 1).await;
     let (status, _, body) = get(&c, edge.http, "a.test", "/").await.unwrap();
     assert_eq!((status, body.starts_with("app-a")), (StatusCode::OK, true));
@@ -145,5 +173,9 @@ async fn follows_the_stream_and_keeps_the_last_good_table() {
     // A corrupt cache is reported, not silently used.
     std::fs::write(&cache, b"{not json").unwrap();
     assert!(load_cache(&cache).is_err());
-    assert!(load_cache(&dir.path().join("absent.json")).unwrap().is_none());
+    assert!(
+        load_cache(&dir.path().join("absent.json"))
+            .unwrap()
+            .is_none()
+    );
 }

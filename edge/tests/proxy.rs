@@ -46,7 +46,10 @@ async fn two_domains_reach_two_apps_and_unknown_is_404() {
     let rid = headers["x-request-id"].to_str().unwrap();
     assert_eq!(headers["x-seen-x-request-id"], rid);
     assert_eq!(rid.len(), 20);
-    assert!(!headers.contains_key("x-seen-x-zeitwork-instance"), "plain backends get no instance header");
+    assert!(
+        !headers.contains_key("x-seen-x-zeitwork-instance"),
+        "plain backends get no instance header"
+    );
 
     let (status, _, body) = get(&c, edge.http, "x.wild.test", "/").await.unwrap();
     assert_eq!(status, StatusCode::OK);
@@ -54,10 +57,25 @@ async fn two_domains_reach_two_apps_and_unknown_is_404() {
 
     let (status, headers, body) = get(&c, edge.http, "nope.test", "/").await.unwrap();
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(body.contains("404 Not Found") && body.contains("nope.test"), "{body}");
-    assert!(headers["content-type"].to_str().unwrap().starts_with("text/html"));
-    let (status, _, body) = get(&c, edge.http, "<script>.test", "/").await.unwrap_or((StatusCode::BAD_REQUEST, Default::default(), String::new()));
-    assert!(status == StatusCode::BAD_REQUEST || (status == StatusCode::NOT_FOUND && !body.contains("<script>")));
+    assert!(
+        body.contains("404 Not Found") && body.contains("nope.test"),
+        "{body}"
+    );
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let (status, _, body) = get(&c, edge.http, "<script>.test", "/").await.unwrap_or((
+        StatusCode::BAD_REQUEST,
+        Default::default(),
+        String::new(),
+    ));
+    assert!(
+        status == StatusCode::BAD_REQUEST
+            || (status == StatusCode::NOT_FOUND && !body.contains("<script>"))
+    );
 
     // A client can not spoof the forwarding headers.
     let req = http::Request::get(format!("http://{}/", edge.http))
@@ -99,34 +117,50 @@ async fn bad_input_is_bounded() {
 
     // No Host at all (HTTP/1.0 allows that).
     let resp = raw(edge.http, b"GET / HTTP/1.0\r\n\r\n").await;
-    assert!(resp.starts_with("HTTP/1.0 400") || resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(
+        resp.starts_with("HTTP/1.0 400") || resp.starts_with("HTTP/1.1 400"),
+        "{resp}"
+    );
 
     // Oversized headers.
-    let big = format!("GET / HTTP/1.1\r\nHost: a.test\r\nx-big: {}\r\n\r\n", "x".repeat(64 * 1024));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a.test\r\nx-big: {}\r\n\r\n",
+        "x".repeat(64 * 1024)
+    );
     let resp = raw(edge.http, big.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp:.100}");
 
     // Garbage.
     let resp = raw(edge.http, b"\x00\x01\x02 nonsense\r\n\r\n").await;
-    assert!(resp.is_empty() || resp.starts_with("HTTP/1.1 400"), "{resp:.100}");
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 400"),
+        "{resp:.100}"
+    );
 
     // A slow client that never finishes its headers is disconnected.
     let mut slow = TcpStream::connect(edge.http).await.unwrap();
-    slow.write_all(b"GET / HTTP/1.1\r\nHost: a.te").await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a.te")
+        .await
+        .unwrap();
     let mut buf = [0u8; 256];
     let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
         .await
         .expect("the edge closes a slow client")
         .unwrap_or(0);
     let _ = n; // hyper may close silently or answer 408; either way the socket is done.
-    let n2 = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n2 = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n2, 0, "connection closed after the header timeout");
 
     // Too many connections: hold 3 open, the 4th is refused with 503.
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut s = TcpStream::connect(edge.http).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
         let n = s.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
         held.push(s);
@@ -137,7 +171,13 @@ async fn bad_input_is_bounded() {
     // Capacity comes back once the held connections are gone.
     let mut ok = false;
     for _ in 0..100 {
-        if raw(edge.http, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await.starts_with("HTTP/1.1 200") {
+        if raw(
+            edge.http,
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .starts_with("HTTP/1.1 200")
+        {
             ok = true;
             break;
         }
@@ -153,7 +193,11 @@ async fn failed_connects_are_retried_and_skipped() {
     let t = table(
         1,
         vec![
-            route("a.test", "a", vec![plain("dead", dead), plain("good", good)]),
+            route(
+                "a.test",
+                "a",
+                vec![plain("dead", dead), plain("good", good)],
+            ),
             route("down.test", "d", vec![plain("dead", dead)]),
             route("empty.test", "e", vec![]),
         ],
@@ -186,21 +230,34 @@ async fn failed_connects_are_retried_and_skipped() {
 
     // Request bodies reach the backend.
     let hc: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
     let req = http::Request::post(format!("http://{}/upload", edge.http))
         .header("host", "a.test")
-        .body(http_body_util::Full::new(bytes::Bytes::from(vec![7u8; 100_000])))
+        .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+            7u8;
+            100_000
+        ])))
         .unwrap();
     let resp = hc.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
     assert_eq!(&body[..], b"good 100000");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_route_changes_under_load_drop_nothing() {
-    let v1: Vec<_> = futures::future::join_all((0..3).map(|i| backend(Box::leak(format!("v1-{i}").into_boxed_str())))).await;
-    let v2: Vec<_> = futures::future::join_all((0..3).map(|i| backend(Box::leak(format!("v2-{i}").into_boxed_str())))).await;
+    let v1: Vec<_> = futures::future::join_all(
+        (0..3).map(|i| backend(Box::leak(format!("v1-{i}").into_boxed_str()))),
+    )
+    .await;
+    let v2: Vec<_> = futures::future::join_all(
+        (0..3).map(|i| backend(Box::leak(format!("v2-{i}").into_boxed_str()))),
+    )
+    .await;
     let other = backend("other").await;
     let make = |version: u64, set: &[std::net::SocketAddr], tag: &str| {
         table(
@@ -209,9 +266,16 @@ async fn hundred_route_changes_under_load_drop_nothing() {
                 route(
                     "app.test",
                     "app",
-                    set.iter().enumerate().map(|(i, a)| plain(&format!("{tag}-{i}"), *a)).collect(),
+                    set.iter()
+                        .enumerate()
+                        .map(|(i, a)| plain(&format!("{tag}-{i}"), *a))
+                        .collect(),
                 ),
-                route(&format!("extra-{version}.test"), "other", vec![plain("o", other)]),
+                route(
+                    &format!("extra-{version}.test"),
+                    "other",
+                    vec![plain("o", other)],
+                ),
             ],
         )
     };
@@ -239,7 +303,11 @@ async fn hundred_route_changes_under_load_drop_nothing() {
         }));
     }
     for i in 1..=100u64 {
-        let t = if i % 2 == 1 { make(i, &v2, "v2") } else { make(i, &v1, "v1") };
+        let t = if i % 2 == 1 {
+            make(i, &v2, "v2")
+        } else {
+            make(i, &v1, "v1")
+        };
         edge.routes.replace(&t);
         if i % 10 == 0 {
             ws_echo(&mut ws, &format!("during {i}")).await;

@@ -21,7 +21,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-fn client_config(roots: rustls::RootCertStore, alpn: &[&[u8]], cert: Option<&IssuedCert>) -> Arc<rustls::ClientConfig> {
+fn client_config(
+    roots: rustls::RootCertStore,
+    alpn: &[&[u8]],
+    cert: Option<&IssuedCert>,
+) -> Arc<rustls::ClientConfig> {
     let b = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -49,17 +53,28 @@ async fn tls_connect(
 }
 
 /// One HTTP/1.1 GET over an established stream.
-async fn h1_get<S>(stream: S, host: &str, path: &str) -> Result<(StatusCode, http::HeaderMap, String), hyper::Error>
+async fn h1_get<S>(
+    stream: S,
+    host: &str,
+    path: &str,
+) -> Result<(StatusCode, http::HeaderMap, String), hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = Request::get(path).header("host", host).body(Empty::<Bytes>::new()).unwrap();
+    let req = Request::get(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     let resp = send.send_request(req).await?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok((parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned()))
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
 }
 
 fn local_tls(edge_routes: &Arc<edge::table::Routes>, ca: &Ca) -> Arc<rustls::ServerConfig> {
@@ -77,7 +92,13 @@ fn ca_key(ca: &Ca) -> String {
 #[tokio::test]
 async fn terminates_tls_with_local_ca_and_speaks_h2() {
     let b = echo_backend("app").await;
-    let t = table(1, vec![route("app.localhost", "app", vec![plain("i1", b)]), route("x.dev.test", "app", vec![plain("i1", b)])]);
+    let t = table(
+        1,
+        vec![
+            route("app.localhost", "app", vec![plain("i1", b)]),
+            route("x.dev.test", "app", vec![plain("i1", b)]),
+        ],
+    );
     let routes = Arc::new(edge::table::Routes::new());
     let local_ca = Ca::generate("local dev CA").unwrap();
     let tls = local_tls(&routes, &local_ca);
@@ -93,14 +114,23 @@ async fn terminates_tls_with_local_ca_and_speaks_h2() {
     let https = edge.https.unwrap();
 
     // HTTP/2 chosen by ALPN.
-    let s = tls_connect(https, "app.localhost", client_config(local_ca.root_store(), &[b"h2", b"http/1.1"], None))
-        .await
-        .unwrap();
+    let s = tls_connect(
+        https,
+        "app.localhost",
+        client_config(local_ca.root_store(), &[b"h2", b"http/1.1"], None),
+    )
+    .await
+    .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     for i in 0..3 {
-        let req = Request::get(format!("https://app.localhost/h2/{i}")).body(Empty::<Bytes>::new()).unwrap();
+        let req = Request::get(format!("https://app.localhost/h2/{i}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
         let resp = send.send_request(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["x-seen-x-forwarded-proto"], "https");
@@ -110,15 +140,24 @@ async fn terminates_tls_with_local_ca_and_speaks_h2() {
     }
 
     // HTTP/1.1 over TLS for a configured wildcard name.
-    let s = tls_connect(https, "x.dev.test", client_config(local_ca.root_store(), &[b"http/1.1"], None))
-        .await
-        .unwrap();
+    let s = tls_connect(
+        https,
+        "x.dev.test",
+        client_config(local_ca.root_store(), &[b"http/1.1"], None),
+    )
+    .await
+    .unwrap();
     let (status, headers, _) = h1_get(s, "x.dev.test", "/").await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["x-seen-x-forwarded-proto"], "https");
 
     // A name the edge has no business serving gets no certificate.
-    let err = tls_connect(https, "bank.example.com", client_config(local_ca.root_store(), &[b"http/1.1"], None)).await;
+    let err = tls_connect(
+        https,
+        "bank.example.com",
+        client_config(local_ca.root_store(), &[b"http/1.1"], None),
+    )
+    .await;
     assert!(err.is_err(), "no certificate for an unknown name");
 }
 
@@ -132,11 +171,22 @@ struct Cluster {
 
 async fn cluster(instances: Vec<(&'static str, SocketAddr)>) -> Cluster {
     let ca = Ca::generate("cluster CA").unwrap();
-    let node_cert = ca.issue_node_proxy("node-1", &["127.0.0.1".into()]).unwrap();
+    let node_cert = ca
+        .issue_node_proxy("node-1", &["127.0.0.1".into()])
+        .unwrap();
     let edge_cert = ca.issue_edge_client("edge-1").unwrap();
-    let map: std::collections::HashMap<String, SocketAddr> = instances.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    let map: std::collections::HashMap<String, SocketAddr> = instances
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
     let resolver = Arc::new(move |id: &str| map.get(id).copied());
-    let np = NodeProxy::new(ca.cert_pem(), &node_cert, resolver, NodeProxyConfig::default()).unwrap();
+    let np = NodeProxy::new(
+        ca.cert_pem(),
+        &node_cert,
+        resolver,
+        NodeProxyConfig::default(),
+    )
+    .unwrap();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let node_proxy = l.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -171,7 +221,11 @@ async fn edge_reaches_instances_through_mtls_node_proxy() {
         vec![
             route("a.test", "a", vec![mtls("inst-1", c.node_proxy)]),
             route("e.test", "e", vec![mtls("inst-2", c.node_proxy)]),
-            route("g.test", "g", vec![mtls("gone", c.node_proxy), mtls("inst-1", c.node_proxy)]),
+            route(
+                "g.test",
+                "g",
+                vec![mtls("gone", c.node_proxy), mtls("inst-1", c.node_proxy)],
+            ),
         ],
     );
     let edge = start_edge(
@@ -189,7 +243,10 @@ async fn edge_reaches_instances_through_mtls_node_proxy() {
     let (status, headers, _) = get(&hc, edge.http, "e.test", "/x").await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["x-seen-x-forwarded-for"], "127.0.0.1");
-    assert!(!headers.contains_key("x-seen-x-zeitwork-instance"), "the node-proxy strips the instance header");
+    assert!(
+        !headers.contains_key("x-seen-x-zeitwork-instance"),
+        "the node-proxy strips the instance header"
+    );
     // An instance the node-proxy cannot reach counts as a failed connect: retried elsewhere.
     for _ in 0..5 {
         let (status, _, body) = get(&hc, edge.http, "g.test", "/").await.unwrap();
@@ -210,8 +267,12 @@ async fn node_proxy_refuses_peers_without_the_edge_certificate() {
         let cfg = client_config(roots.clone(), &[b"http/1.1"], cert.as_ref());
         let addr = c.node_proxy;
         async move {
-            let s = tls_connect(addr, "127.0.0.1", cfg).await.map_err(|e| e.to_string())?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.map_err(|e| e.to_string())?;
+            let s = tls_connect(addr, "127.0.0.1", cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .map_err(|e| e.to_string())?;
             tokio::spawn(conn);
             let req = Request::get("/")
                 .header("host", "x")
@@ -232,12 +293,17 @@ async fn node_proxy_refuses_peers_without_the_edge_certificate() {
     // A node's own (server-only) certificate: refused.
     assert!(attempt(Some(c.node_cert.clone())).await.is_err());
     // A client certificate from another CA: refused.
-    let other = Ca::generate("other CA").unwrap().issue_edge_client("edge-x").unwrap();
+    let other = Ca::generate("other CA")
+        .unwrap()
+        .issue_edge_client("edge-x")
+        .unwrap();
     assert!(attempt(Some(other)).await.is_err());
     // Plain HTTP: refused (never an HTTP answer).
     let mut s = TcpStream::connect(c.node_proxy).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nx-zeitwork-instance: inst-1\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nx-zeitwork-instance: inst-1\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
     assert!(!buf.starts_with(b"HTTP/1.1 200"));
@@ -262,11 +328,17 @@ async fn tls_backend(name: &str) -> (SocketAddr, Ca, IssuedCert) {
             let Ok((s, _)) = l.accept().await else { return };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else { return };
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
                 let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from_static(b"passthrough"))))
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"passthrough")),
+                    ))
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
             });
         }
     });
@@ -283,7 +355,14 @@ async fn passthrough_delivers_the_backends_own_certificate() {
     direct.kind = RouteKind::Passthrough;
     let mut via_node = route("pass2.test", "p", vec![mtls("tls-inst", c.node_proxy)]);
     via_node.kind = RouteKind::Passthrough;
-    let t = table(1, vec![direct, via_node, route("app.localhost", "a", vec![plain("h", http_b)])]);
+    let t = table(
+        1,
+        vec![
+            direct,
+            via_node,
+            route("app.localhost", "a", vec![plain("h", http_b)]),
+        ],
+    );
     let routes = Arc::new(edge::table::Routes::new());
     let local_ca = Ca::generate("local dev CA").unwrap();
     let tls = local_tls(&routes, &local_ca);
@@ -313,7 +392,10 @@ async fn passthrough_delivers_the_backends_own_certificate() {
         if sni == "pass2.test" {
             // The backend's certificate names pass.test only: verification
             // against pass2.test must fail, proving it is the backend's cert.
-            assert!(s.is_err(), "certificate for pass.test presented to pass2.test");
+            assert!(
+                s.is_err(),
+                "certificate for pass.test presented to pass2.test"
+            );
             let s = tls_connect_no_verify(https, sni).await;
             let peer = s.get_ref().1.peer_certificates().unwrap()[0].clone();
             assert_eq!(peer, expected_leaf);
@@ -323,15 +405,22 @@ async fn passthrough_delivers_the_backends_own_certificate() {
         }
         let s = s.unwrap();
         let peer = s.get_ref().1.peer_certificates().unwrap()[0].clone();
-        assert_eq!(peer, expected_leaf, "the client sees the backend's certificate");
+        assert_eq!(
+            peer, expected_leaf,
+            "the client sees the backend's certificate"
+        );
         let (status, _, body) = h1_get(s, sni, "/").await.unwrap();
         assert_eq!((status, body.as_str()), (StatusCode::OK, "passthrough"));
     }
 
     // Terminated routes still work on the same listener.
-    let s = tls_connect(https, "app.localhost", client_config(local_ca.root_store(), &[b"http/1.1"], None))
-        .await
-        .unwrap();
+    let s = tls_connect(
+        https,
+        "app.localhost",
+        client_config(local_ca.root_store(), &[b"http/1.1"], None),
+    )
+    .await
+    .unwrap();
     let (status, _, body) = h1_get(s, "app.localhost", "/").await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert!(body.starts_with("terminated"));
@@ -339,7 +428,10 @@ async fn passthrough_delivers_the_backends_own_certificate() {
 
 /// Connects without verifying the server (to inspect what certificate a
 /// passthrough route delivers for a name the backend does not hold).
-async fn tls_connect_no_verify(addr: SocketAddr, sni: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+async fn tls_connect_no_verify(
+    addr: SocketAddr,
+    sni: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     #[derive(Debug)]
     struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
     impl rustls::client::danger::ServerCertVerifier for AcceptAny {
@@ -359,7 +451,12 @@ async fn tls_connect_no_verify(addr: SocketAddr, sni: &str) -> tokio_rustls::cli
             c: &rustls_pki_types::CertificateDer<'_>,
             d: &rustls::DigitallySignedStruct,
         ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn verify_tls13_signature(
             &self,
@@ -367,7 +464,12 @@ async fn tls_connect_no_verify(addr: SocketAddr, sni: &str) -> tokio_rustls::cli
             c: &rustls_pki_types::CertificateDer<'_>,
             d: &rustls::DigitallySignedStruct,
         ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
             self.0.signature_verification_algorithms.supported_schemes()

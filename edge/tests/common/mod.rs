@@ -34,7 +34,9 @@ pub async fn backend(name: &str) -> SocketAddr {
     let name = Arc::new(name.to_owned());
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let name = name.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| backend_handle(name.clone(), req));
@@ -48,12 +50,20 @@ pub async fn backend(name: &str) -> SocketAddr {
     addr
 }
 
-async fn backend_handle(name: Arc<String>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn backend_handle(
+    name: Arc<String>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if let Some(key) = req.headers().get("sec-websocket-key").cloned() {
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let Ok(up) = on_upgrade.await else { return };
-            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await;
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(up),
+                Role::Server,
+                None,
+            )
+            .await;
             while let Some(Ok(msg)) = ws.next().await {
                 if msg.is_text() || msg.is_binary() {
                     if ws.send(msg).await.is_err() {
@@ -73,10 +83,16 @@ async fn backend_handle(name: Arc<String>, mut req: Request<Incoming>) -> Result
             .unwrap();
         return Ok(resp);
     }
-    let body_in = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body_in = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(format!("{name} {}", body_in.len()))));
     let _ = &resp;
-    resp.headers_mut().insert("x-backend", name.parse().unwrap());
+    resp.headers_mut()
+        .insert("x-backend", name.parse().unwrap());
     Ok(resp)
 }
 
@@ -87,17 +103,28 @@ pub async fn echo_backend(name: &str) -> SocketAddr {
     let name = name.to_owned();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let name = name.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let name = name.clone();
                     async move {
-                        let mut resp = Response::new(Full::new(Bytes::from(format!("{name} {}", req.uri()))));
-                        for h in ["host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "x-zeitwork-instance"] {
+                        let mut resp =
+                            Response::new(Full::new(Bytes::from(format!("{name} {}", req.uri()))));
+                        for h in [
+                            "host",
+                            "x-forwarded-for",
+                            "x-forwarded-proto",
+                            "x-forwarded-host",
+                            "x-request-id",
+                            "x-zeitwork-instance",
+                        ] {
                             if let Some(v) = req.headers().get(h) {
                                 resp.headers_mut().insert(
-                                    http::HeaderName::from_bytes(format!("x-seen-{h}").as_bytes()).unwrap(),
+                                    http::HeaderName::from_bytes(format!("x-seen-{h}").as_bytes())
+                                        .unwrap(),
                                     v.clone(),
                                 );
                             }
@@ -153,12 +180,20 @@ pub struct TestEdge {
     pub https: Option<SocketAddr>,
     pub routes: Arc<Routes>,
     pub server: Server,
+    pub proxy: Arc<Proxy>,
     pub shutdown: CancellationToken,
 }
 
 impl Drop for TestEdge {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+impl TestEdge {
+    /// The HTTP-01 token store the edge's proxy answers from.
+    pub fn server_http01(&self) -> Arc<edge::acme::Http01Tokens> {
+        self.proxy.http01().clone()
     }
 }
 
@@ -190,7 +225,7 @@ pub async fn start_edge(t: &RouteTable, opts: EdgeOptions) -> TestEdge {
     routes.replace(t);
     let proxy = Proxy::new(routes.clone(), opts.mtls, opts.proxy);
     let shutdown = CancellationToken::new();
-    let server = Server::new(proxy, opts.limits, shutdown.clone());
+    let server = Server::new(proxy.clone(), opts.limits, shutdown.clone());
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = l.local_addr().unwrap();
     let s = server.clone();
@@ -207,6 +242,7 @@ pub async fn start_edge(t: &RouteTable, opts: EdgeOptions) -> TestEdge {
         https,
         routes,
         server,
+        proxy,
         shutdown,
     }
 }
@@ -218,7 +254,12 @@ pub fn client() -> TestClient {
 }
 
 /// GET `path` with `Host: host` through the edge; returns status, headers, body.
-pub async fn get(c: &TestClient, edge: SocketAddr, host: &str, path: &str) -> Result<(StatusCode, http::HeaderMap, String), String> {
+pub async fn get(
+    c: &TestClient,
+    edge: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<(StatusCode, http::HeaderMap, String), String> {
     let req = Request::get(format!("http://{edge}{path}"))
         .header("host", host)
         .body(Empty::new())
@@ -229,7 +270,11 @@ pub async fn get(c: &TestClient, edge: SocketAddr, host: &str, path: &str) -> Re
         .map_err(|e| format!("{e:?}"))?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned()))
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
 }
 
 /// Opens a websocket through the edge to `host`.

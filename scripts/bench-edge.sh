@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Benchmark: the edge vs nginx in front of the same backend, on loopback.
+#
+#   scripts/bench-edge.sh [duration_seconds]
+#
+# Both proxies run one worker pinned to CPU 0; wrk and the backend (an nginx
+# answering 200 itself) share CPU 1. Prints one JSON line per figure, as
+# BENCH.md asks: {"bench":..,"ours":..,"reference":..,"ratio":..}.
+# Needs: nginx, wrk, taskset, python3, openssl; builds the edge in release.
+set -euo pipefail
+
+DURATION="${1:-10}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/zeitwork/target}"
+for tool in nginx wrk taskset python3 openssl; do
+  command -v "$tool" >/dev/null || { echo "bench-edge: missing $tool (apt-get install nginx wrk util-linux python3 openssl)" >&2; exit 1; }
+done
+[ "$(nproc)" -ge 2 ] || { echo "bench-edge: needs 2 CPUs to pin proxy and load generator apart" >&2; exit 1; }
+
+(cd "$ROOT" && cargo build --release -q -p edge --example edge_server)
+EDGE_BIN="$CARGO_TARGET_DIR/release/examples/edge_server"
+
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  sleep 0.3
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+ulimit -n 65536
+
+BACKEND=127.0.0.1:18080
+NGINX_HTTP=127.0.0.1:18081
+NGINX_HTTPS=127.0.0.1:18443
+EDGE_HTTP=127.0.0.1:18082
+EDGE_HTTPS=127.0.0.1:18444
+HOST=bench.test
+
+# One ECDSA P-256 certificate for both proxies.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj "/CN=$HOST" -addext "subjectAltName=DNS:$HOST" \
+  -keyout "$WORK/cert.key" -out "$WORK/cert.crt" 2>/dev/null
+
+cat >"$WORK/backend.conf" <<CONF
+worker_processes 1;
+pid $WORK/backend.pid;
+error_log $WORK/backend.err warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen $BACKEND reuseport backlog=4096;
+    location / { return 200 "hello from the backend\n"; }
+  }
+}
+CONF
+
+cat >"$WORK/nginx.conf" <<CONF
+worker_processes 1;
+worker_rlimit_nofile 65536;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err warn;
+events { worker_connections 30000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream app { server $BACKEND; keepalive 128; }
+  server {
+    listen $NGINX_HTTP backlog=4096;
+    listen $NGINX_HTTPS ssl backlog=4096;
+    server_name $HOST;
+    ssl_certificate $WORK/cert.crt;
+    ssl_certificate_key $WORK/cert.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header X-Request-Id \$request_id;
+    }
+  }
+}
+CONF
+
+cat >"$WORK/routes.json" <<JSON
+{"version":1,"routes":[{"domain":"$HOST","env":"bench","app":"bench","kind":"http",
+ "backends":[{"instance_id":"b1","node_id":"local","node_proxy":"$BACKEND","transport":"plain"}]}]}
+JSON
+mkdir -p "$WORK/edge-data/certs"
+
+taskset -c 1 nginx -c "$WORK/backend.conf" -p "$WORK"
+taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK"
+TOKIO_WORKER_THREADS=1 ZW_LOG=error taskset -c 0 "$EDGE_BIN" \
+  --routes-file "$WORK/routes.json" --data-dir "$WORK/edge-data" \
+  --http "$EDGE_HTTP" --https "$EDGE_HTTPS" --no-access-log \
+  --tls-cert "$WORK/cert.crt" --tls-key "$WORK/cert.key" --no-local-ca &
+EDGE_PID=$!
+PIDS+=("$EDGE_PID")
+
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+for p in $BACKEND $NGINX_HTTP $EDGE_HTTP $EDGE_HTTPS $NGINX_HTTPS; do wait_port "$p"; done
+for url in "http://$NGINX_HTTP/" "http://$EDGE_HTTP/"; do
+  out="$(curl -sS -H "Host: $HOST" "$url")"
+  [ "$out" = "hello from the backend" ] || { echo "bench-edge: $url answered '$out'" >&2; exit 1; }
+done
+
+# wrk prints latencies like 1.23ms / 850.00us / 1.02s; normalise to ms.
+to_ms() { python3 -c 'import sys,re
+v=sys.argv[1]; m=re.match(r"([\d.]+)(us|ms|s)$",v); n=float(m.group(1)); u=m.group(2)
+print(n/1000 if u=="us" else n*1000 if u=="s" else n)' "$1"; }
+
+# run_wrk URL [extra wrk args...] -> "rps p99ms"
+run_wrk() {
+  local url="$1"; shift
+  local out
+  out="$(taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency -H "Host: $HOST" "$@" "$url")"
+  local rps p99 errs
+  rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
+  p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
+  errs="$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out")"
+  [ -z "$errs" ] || echo "bench-edge: $url: $errs" >&2
+  echo "$rps $(to_ms "$p99")"
+}
+
+ratio() { python3 -c 'import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(round(a/b,3) if b else 0)' "$1" "$2"; }
+
+# Warm up both, then measure alternately (edge, nginx) to share the noise.
+run_wrk "http://$EDGE_HTTP/" >/dev/null
+run_wrk "http://$NGINX_HTTP/" >/dev/null
+read -r E_RPS E_P99 < <(run_wrk "http://$EDGE_HTTP/")
+read -r N_RPS N_P99 < <(run_wrk "http://$NGINX_HTTP/")
+echo "{\"bench\":\"edge_http1_keepalive_rps\",\"ours\":$E_RPS,\"reference\":$N_RPS,\"ratio\":$(ratio "$E_RPS" "$N_RPS")}"
+echo "{\"bench\":\"edge_http1_keepalive_p99_ms\",\"ours\":$E_P99,\"reference\":$N_P99,\"ratio\":$(ratio "$E_P99" "$N_P99")}"
+
+# Full TLS 1.3 handshakes: one request per connection, no session reuse.
+read -r E_HS _ < <(run_wrk "https://$EDGE_HTTPS/" -H "Connection: close")
+read -r N_HS _ < <(run_wrk "https://$NGINX_HTTPS/" -H "Connection: close")
+echo "{\"bench\":\"edge_tls13_full_handshakes_per_s\",\"ours\":$E_HS,\"reference\":$N_HS,\"ratio\":$(ratio "$E_HS" "$N_HS")}"
+
+# RSS growth for 10,000 idle keep-alive connections (each served one request).
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+idle_rss() {
+  local pid="$1" addr="$2" before after
+  before="$(rss_kb "$pid")"
+  python3 - "$addr" "$HOST" "$pid" <<'PY' &
+import socket, sys, time, os
+host, port = sys.argv[1].rsplit(":", 1)
+req = ("GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % sys.argv[2]).encode()
+socks = []
+for i in range(10000):
+    s = socket.create_connection((host, int(port)))
+    s.sendall(req)
+    got = b""
+    while b"backend" not in got:
+        got += s.recv(4096)
+    socks.append(s)
+print("ready", flush=True)
+time.sleep(4)
+PY
+  local py=$!
+  sleep 3
+  while ! [ "$(ls /proc/$py/fd 2>/dev/null | wc -l)" -ge 10000 ]; do sleep 0.5; kill -0 "$py" 2>/dev/null || break; done
+  sleep 0.5
+  after="$(rss_kb "$pid")"
+  wait "$py" || true
+  echo $(( after - before ))
+}
+NGINX_WORKER="$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)"
+E_RSS="$(idle_rss "$EDGE_PID" "$EDGE_HTTP")"
+N_RSS="$(idle_rss "$NGINX_WORKER" "$NGINX_HTTP")"
+echo "{\"bench\":\"edge_rss_kib_per_10k_idle_conns\",\"ours\":$E_RSS,\"reference\":$N_RSS,\"ratio\":$(ratio "$E_RSS" "$N_RSS")}"
