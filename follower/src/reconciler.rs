@@ -324,7 +324,7 @@ impl Reconciler {
             .data()
             .instances
             .values()
-            .filter(|rec| !want.get(rec.instance_id.as_str()).is_some_and(|d| d.release.id == rec.release_id))
+            .filter(|rec| want.get(rec.instance_id.as_str()).is_none_or(|d| d.release.id != rec.release_id))
             .cloned()
             .collect();
         let runtime = self.runtime.clone();
