@@ -110,3 +110,52 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     f.shutdown().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Zw {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_become_the_follower_config() {
+        let zw = Zw::try_parse_from([
+            "zw",
+            "--data-dir",
+            "/var/lib/zw",
+            "--captain",
+            "http://captain:7700",
+            "--token",
+            "t0k",
+            "--meta-repo",
+            "file:///srv/meta.git",
+            "--runtime",
+            "process",
+            "--instance-range",
+            "fd00:7a77:0:42::/64",
+            "--poll-seconds",
+            "7",
+        ])
+        .unwrap();
+        let cfg = zw.args.config().unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/zw"));
+        assert_eq!(cfg.captain_url.as_deref(), Some("http://captain:7700"));
+        assert_eq!(cfg.token, "t0k");
+        assert_eq!(cfg.meta_repo, "file:///srv/meta.git");
+        assert_eq!(cfg.runtime, RuntimeChoice::Process);
+        assert_eq!(cfg.instance_range.unwrap().to_string(), "fd00:7a77:0:42::/64");
+        assert_eq!(cfg.poll_interval, Duration::from_secs(7));
+        assert!(cfg.vm.qemu_guest.is_none());
+
+        let bad = Zw::try_parse_from(["zw", "--data-dir", "d", "--meta-repo", "m", "--instance-range", "nope"]).unwrap();
+        assert!(bad.args.config().is_err());
+        // A guest kernel needs its initramfs.
+        assert!(Zw::try_parse_from(["zw", "--data-dir", "d", "--meta-repo", "m", "--qemu-kernel", "k"]).is_err());
+    }
+}
