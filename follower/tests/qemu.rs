@@ -303,8 +303,20 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
     )
     .await;
     let ours2 = t2.elapsed();
+    // A graceful stop: zw-init SIGTERMs the app, reaps it, powers off.
+    let stopping = Instant::now();
     runtime.stop(&handle2).await.expect("stop");
-    assert!(matches!(runtime.liveness(&handle2), Liveness::Exited(_)));
+    let console2 = std::fs::read_to_string(spec2.work_dir.join("stdout.log")).unwrap();
+    assert_eq!(
+        runtime.liveness(&handle2),
+        Liveness::Exited(Some(143)),
+        "{console2}"
+    );
+    assert!(
+        console2.contains("zw-init: stop requested: SIGTERM to the app"),
+        "{console2}"
+    );
+    eprintln!("graceful stop took {:?}", stopping.elapsed());
     drop(guard2);
 
     let best = |a: Duration, b: Duration| a.min(b).as_secs_f64();

@@ -70,6 +70,7 @@ mod sys {
     pub const RTF_UP: c_uint = 0x1;
     pub const RTF_GATEWAY: c_uint = 0x2;
     pub const ONLCR: c_uint = 0o4;
+    pub const ECHO: c_uint = 0o10;
     pub const TCSANOW: c_int = 0;
 
     #[repr(C)]
@@ -269,6 +270,8 @@ fn console_stdio() {
         let mut t: sys::Termios = std::mem::zeroed();
         if sys::tcgetattr(1, &mut t) == 0 {
             t.c_oflag &= !sys::ONLCR;
+            // Input is the follower's stop request, not for the log.
+            t.c_lflag &= !sys::ECHO;
             sys::tcsetattr(1, sys::TCSANOW, &t);
         }
     }
@@ -527,6 +530,37 @@ fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<(u32, u32), Str
     Ok((uid, gid))
 }
 
+/// The follower stops an instance by writing `zw-stop` to the console
+/// (the app's stdin is /dev/null, so only we read it): the first request
+/// sends SIGTERM to the app, a second one SIGKILL. Power-off follows the
+/// app's exit as always.
+fn watch_stop_requests(app: c_int) {
+    let spawned = std::thread::Builder::new()
+        .name("stop-requests".into())
+        .spawn(move || {
+            let mut requests = 0;
+            for line in io::stdin().lines() {
+                let Ok(line) = line else { break };
+                if line.trim() != "zw-stop" {
+                    continue;
+                }
+                requests += 1;
+                let (sig, name) = if requests == 1 {
+                    (sys::SIGTERM, "SIGTERM")
+                } else {
+                    (sys::SIGKILL, "SIGKILL")
+                };
+                say(&format!("stop requested: {name} to the app"));
+                // SAFETY: kill(2) on the app's pid, which we have not reaped yet
+                // while the VM runs (reaping it powers the VM off).
+                unsafe { sys::kill(app, sig) };
+            }
+        });
+    if let Err(e) = spawned {
+        say(&format!("cannot watch for stop requests: {e}"));
+    }
+}
+
 fn run_app(config: &Config) -> Result<i32, String> {
     let Some(program) = config.argv.first() else {
         return Err("the config has an empty argv".into());
@@ -559,6 +593,7 @@ fn run_app(config: &Config) -> Result<i32, String> {
         .spawn()
         .map_err(|e| format!("starting {program:?}: {e}"))?;
     let app = child.id() as c_int;
+    watch_stop_requests(app);
     // PID 1 reaps everything: the app, and orphans reparented to us.
     loop {
         let mut status: c_int = 0;

@@ -53,8 +53,11 @@ pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// How long a guest under `-accel kvm` may take to reach init before KVM is
 /// declared broken. A working KVM gets there in well under a second.
 pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Between SIGTERM and SIGKILL when stopping.
+/// Between SIGTERM and SIGKILL of the VMM when stopping.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long the app has to exit after the stop request (SIGTERM in the
+/// guest) before the VM is killed.
+pub const APP_STOP_GRACE: Duration = Duration::from_secs(5);
 /// The fd number the initrd memfd has in QEMU.
 pub(crate) const INITRD_FD: i32 = 3;
 /// Kernel arguments of every boot: console on the serial port, no reboot
@@ -282,6 +285,60 @@ fn host_tsc_khz() -> Option<u64> {
         .parse()
         .ok()?;
     (mhz > 0.0).then_some((mhz * 1000.0) as u64)
+}
+
+/// Longest unix socket path (sun_path holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The console's socket (for stop requests), when its path fits.
+fn console_socket(work_dir: &Path) -> Option<PathBuf> {
+    let sock = work_dir.join("console.sock");
+    (sock.as_os_str().len() <= MAX_SOCKET_PATH).then_some(sock)
+}
+
+/// The serial console: written to the log either way; a unix socket the
+/// follower can send `zw-stop` through when the path allows one.
+fn console_chardev(work_dir: &Path, log: &Path) -> String {
+    match console_socket(work_dir) {
+        Some(sock) => format!(
+            "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+            opt_path(&sock),
+            opt_path(log)
+        ),
+        None => format!("file,id=console,path={},append=on", opt_path(log)),
+    }
+}
+
+/// Asks zw-init to SIGTERM the app and waits up to `grace` for the VM to
+/// power off. `true` if it did.
+pub(crate) async fn graceful_stop(handle: &RuntimeHandle, grace: Duration) -> bool {
+    let Some(sock) = console_socket(&handle.work_dir) else {
+        return false;
+    };
+    // The connection stays open until the VM is gone: QEMU drops input
+    // it has not yet passed to the UART when its client hangs up.
+    let sent = async {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::UnixStream::connect(&sock).await?;
+        s.write_all(b"\nzw-stop\n").await?;
+        Ok::<_, std::io::Error>(s)
+    };
+    let _conn = match tokio::time::timeout(Duration::from_secs(1), sent).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::warn!(instance = %handle.instance_id, "stop request through {}: {e}", sock.display());
+            return false;
+        }
+        Err(_) => return false,
+    };
+    let deadline = Instant::now() + grace;
+    while pid_is(handle.pid, handle.pid_start_ticks) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 /// QEMU option values double their commas.
@@ -570,7 +627,7 @@ impl QemuRuntime {
             "-pidfile".into(),
             spec.work_dir.join("qemu.pid").display().to_string(),
             "-chardev".into(),
-            format!("file,id=console,path={},append=on", opt_path(&log)),
+            console_chardev(&spec.work_dir, &log),
             "-serial".into(),
             "chardev:console".into(),
             "-kernel".into(),
@@ -718,6 +775,11 @@ impl Runtime for QemuRuntime {
 
     fn stop<'a>(&'a self, handle: &'a RuntimeHandle) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
+            if pid_is(handle.pid, handle.pid_start_ticks)
+                && !graceful_stop(handle, APP_STOP_GRACE).await
+            {
+                tracing::warn!(instance = %handle.instance_id, "qemu: app did not stop in time, killing the VM");
+            }
             kill_vmm(handle.pid, handle.pid_start_ticks).await;
             if pid_is(handle.pid, handle.pid_start_ticks) {
                 return Err(RuntimeError::Io {
