@@ -26,6 +26,11 @@
 //! KVM only if that line arrives within [`KVM_PROBE_TIMEOUT`]. The verdict
 //! is cached for the life of the process.
 //!
+//! Stop: the console is also a unix socket (`work_dir/console.sock`, the
+//! log being its logfile); `stop` writes `zw-stop` to it, zw-init sends
+//! SIGTERM to the app, reaps it and powers off. After [`APP_STOP_GRACE`]
+//! the VMM is killed (SIGTERM, then SIGKILL).
+//!
 //! QEMU runs in its own session, so it outlives a follower killed with
 //! `kill -9`; the handle's pid + start time find it again.
 
