@@ -66,6 +66,9 @@ pub struct FollowerConfig {
     pub reconcile_interval: Duration,
     pub heartbeat_interval: Duration,
     pub start_timeout: Duration,
+    /// `host:port` of this node's mTLS node-proxy, as registered with the
+    /// captain (the edge reaches instances through it).
+    pub proxy_addr: Option<String>,
 }
 
 impl FollowerConfig {
@@ -88,6 +91,7 @@ impl FollowerConfig {
             reconcile_interval: Duration::from_secs(2),
             heartbeat_interval: Duration::from_secs(10),
             start_timeout: Duration::from_secs(30),
+            proxy_addr: None,
         }
     }
 }
@@ -168,12 +172,17 @@ impl Follower {
         std::fs::create_dir_all(&data).map_err(|source| FollowerError::DataDir { path: data.clone(), source })?;
         let node_id = match &cfg.node_id {
             Some(id) => id.clone(),
-            None => persistent_value(&data, "node-id", || ulid::Ulid::new().to_string())?,
+            // Node ids are DNS labels (they name certificates and hosts).
+            None => persistent_value(&data, "node-id", || ulid::Ulid::new().to_string().to_lowercase())?,
         };
         let node_token =
             persistent_value(&data, "node-token", || format!("zwn_{}{}", ulid::Ulid::new(), ulid::Ulid::new()))?;
         let range = cfg.instance_range.unwrap_or_else(|| InstanceRange::for_node(&node_id));
 
+        // Bind first: a taken port fails the start before any task runs.
+        let listener = tokio::net::TcpListener::bind(cfg.api_listen)
+            .await
+            .map_err(|source| FollowerError::Bind { addr: cfg.api_listen, source })?;
         let activate = Arc::new(Notify::new());
         let notify = Arc::new(Notify::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -209,9 +218,6 @@ impl Follower {
         let follow_task =
             follow::spawn(follower, cfg.poll_interval, notify.clone(), activate.clone(), shutdown_rx.clone());
 
-        let listener = tokio::net::TcpListener::bind(cfg.api_listen)
-            .await
-            .map_err(|source| FollowerError::Bind { addr: cfg.api_listen, source })?;
         let api_addr = listener.local_addr().map_err(|source| FollowerError::Bind { addr: cfg.api_listen, source })?;
         let address = cfg.address.clone().unwrap_or_else(|| api_addr.ip().to_string());
         let api_url = match api_addr {
@@ -259,7 +265,7 @@ impl Follower {
             disk_bytes: 0,
             age_recipient: String::new(),
             api_url,
-            proxy_addr: String::new(),
+            proxy_addr: cfg.proxy_addr.clone().unwrap_or_default(),
         };
         let hb_task = tokio::spawn(heartbeats(
             captain,
