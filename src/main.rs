@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod meta_cmd;
+mod up;
 
 #[derive(Parser)]
 #[command(name = "zw", version, about = "zeitwork: git-driven microVM platform")]
@@ -19,6 +20,8 @@ enum Command {
     /// Work with a meta repository: init, validate, decode, log, revert.
     #[command(subcommand)]
     Meta(meta_cmd::MetaCommand),
+    /// Run captain, follower and edge in one process with embedded defaults.
+    Up(up::UpArgs),
     /// Build a directory or git URL (Dockerfile) into a microVM image in the object store.
     Build(builder::cli::Args),
 }
@@ -32,11 +35,20 @@ fn init_tracing() {
         .try_init();
 }
 
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(fut)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
         Command::Meta(cmd) => meta_cmd::run(cmd),
+        Command::Up(args) => run_async(up::run(args)),
         Command::Build(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(builder::cli::run(args)))
