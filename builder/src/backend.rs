@@ -77,7 +77,7 @@ fn classify(tool: &str, step: &str, status: std::process::ExitStatus, tail: Vec<
             message: format!("{tool} {step} was killed by signal {sig} (backend crashed)"),
             transient: true,
             log_tail: tail,
-            source: None,
+            cause: None,
         };
     }
     if lower.contains("no space left on device") || lower.contains("disk quota exceeded") {
@@ -86,7 +86,7 @@ fn classify(tool: &str, step: &str, status: std::process::ExitStatus, tail: Vec<
             message: format!("{tool} {step} ran out of disk space ({status})"),
             transient: true,
             log_tail: tail,
-            source: None,
+            cause: None,
         };
     }
     if user_markers.iter().any(|m| text.contains(m)) {
@@ -103,7 +103,7 @@ fn classify(tool: &str, step: &str, status: std::process::ExitStatus, tail: Vec<
         message: format!("{tool} {step} failed ({status})"),
         transient: true,
         log_tail: tail,
-        source: None,
+        cause: None,
     }
 }
 
@@ -181,7 +181,7 @@ impl BuildBackend for BuildahBackend {
                     message: format!("buildah push to an OCI layout failed ({status})"),
                     transient: true,
                     log_tail: tail.tail(),
-                    source: None,
+                    cause: None,
                 });
             }
             Ok(())
@@ -253,7 +253,7 @@ impl BuildBackend for DockerBackend {
                     message: format!("docker save failed ({status})"),
                     transient: true,
                     log_tail: tail.tail(),
-                    source: None,
+                    cause: None,
                 });
             }
             let (archive2, dir) = (archive.clone(), req.oci_dir.clone());

@@ -139,7 +139,7 @@ async fn blocking<T: Send + 'static>(stage: Stage, what: &'static str, f: impl F
 
 fn export_err(stage: Stage, what: &str, e: crate::oci::ExportError) -> BuildError {
     let transient = e.is_transient();
-    BuildError::Infrastructure { stage, message: what.to_string(), transient, log_tail: Vec::new(), source: Some(Box::new(e)) }
+    BuildError::Infrastructure { stage, message: what.to_string(), transient, log_tail: Vec::new(), cause: Some(Box::new(e)) }
 }
 
 /// sha256 of a file as `sha256:<hex>`, and its size.

@@ -78,21 +78,29 @@ pub enum InputError {
 pub enum BuildError {
     /// Bad input (no Dockerfile, unreachable git URL, too large a context, ...).
     #[error("bad build input: {0}")]
-    Input(#[from] InputError),
+    Input(InputError),
     /// The user's Dockerfile or code failed (parse error, a RUN step exited non-zero).
     #[error("build failed in the user's code: {message}{}", fmt_tail(log_tail))]
     User { message: String, log_tail: Vec<String> },
     /// The build infrastructure failed (backend crashed, store unreachable, disk full).
-    #[error("build infrastructure fault during {stage}: {message}{}{}", fmt_source(source), fmt_tail(log_tail))]
+    ///
+    /// The cause is part of the message (not a `source()`), so that error
+    /// chains do not print it twice; [`BuildError::cause`] gives access to it.
+    #[error("build infrastructure fault during {stage}: {message}{}{}", fmt_source(cause), fmt_tail(log_tail))]
     Infrastructure {
         stage: Stage,
         message: String,
         /// Whether trying again may succeed.
         transient: bool,
         log_tail: Vec<String>,
-        #[source]
-        source: Option<BoxError>,
+        cause: Option<BoxError>,
     },
+}
+
+impl From<InputError> for BuildError {
+    fn from(e: InputError) -> Self {
+        BuildError::Input(e)
+    }
 }
 
 fn fmt_tail(tail: &[String]) -> String {
@@ -103,11 +111,21 @@ fn fmt_tail(tail: &[String]) -> String {
     }
 }
 
-fn fmt_source(source: &Option<BoxError>) -> String {
-    match source {
-        Some(e) => format!(": {e}"),
-        None => String::new(),
+/// `: <cause>: <its source>: ...` for the whole chain of `cause`.
+fn fmt_source(cause: &Option<BoxError>) -> String {
+    let mut out = String::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = match cause {
+        Some(e) => Some(e.as_ref()),
+        None => None,
+    };
+    // Bounded: error chains are short; stop at 16 links regardless.
+    for _ in 0..16 {
+        let Some(e) = cur else { break };
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
     }
+    out
 }
 
 impl BuildError {
@@ -122,6 +140,14 @@ impl BuildError {
     /// Whether a retry may succeed: only transient infrastructure faults.
     pub fn is_retryable(&self) -> bool {
         matches!(self, BuildError::Infrastructure { transient: true, .. })
+    }
+
+    /// The underlying error of an infrastructure fault (e.g. a [`StoreError`]).
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match self {
+            BuildError::Infrastructure { cause, .. } => cause.as_deref(),
+            _ => None,
+        }
     }
 
     /// The last lines of the build log, if the failure carries them.
@@ -139,7 +165,7 @@ impl BuildError {
             message: message.into(),
             transient: true,
             log_tail: Vec::new(),
-            source: Some(source.into()),
+            cause: Some(source.into()),
         }
     }
 
@@ -150,7 +176,7 @@ impl BuildError {
             message: message.into(),
             transient: false,
             log_tail: Vec::new(),
-            source: None,
+            cause: None,
         }
     }
 
@@ -162,7 +188,7 @@ impl BuildError {
             message: "object store operation failed".into(),
             transient,
             log_tail: Vec::new(),
-            source: Some(Box::new(err)),
+            cause: Some(Box::new(err)),
         }
     }
 }

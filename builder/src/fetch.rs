@@ -18,7 +18,7 @@ const VERIFIED_MARKER: &str = ".verified";
 pub enum FetchError {
     #[error("malformed image digest {0:?}: expected sha256:<64 lowercase hex>")]
     InvalidDigest(String),
-    #[error("fetching image {digest}: {source}")]
+    #[error("fetching image {digest}")]
     Store {
         digest: String,
         #[source]
@@ -28,7 +28,7 @@ pub enum FetchError {
     Corrupt { digest: String, what: &'static str, expected: String, actual: String },
     #[error("image {digest}: config.json is not valid: {message}")]
     BadConfig { digest: String, message: String },
-    #[error("image cache {path}: {source}")]
+    #[error("image cache {path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -26,7 +26,7 @@ const MAX_SYMLINK_HOPS: u32 = 40;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -41,7 +41,7 @@ pub enum ExportError {
     UnsupportedMediaType(String),
     #[error("layer {layer}: unsafe path {path:?}: {reason}")]
     UnsafePath { layer: String, path: String, reason: &'static str },
-    #[error("layer {layer}: {path:?}: {source}")]
+    #[error("layer {layer}: {path:?}")]
     Layer {
         layer: String,
         path: String,

@@ -28,7 +28,7 @@ pub enum StoreError {
     NotFound { store: String, key: String },
     #[error("invalid object key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
-    #[error("{store}: {op} {key:?}: {source}")]
+    #[error("{store}: {op} {key:?}")]
     Io {
         store: String,
         op: &'static str,
