@@ -187,7 +187,7 @@ impl FirecrackerRuntime {
         tap: &str,
     ) -> Vec<(&'static str, String, serde_json::Value)> {
         let boot_args = format!(
-            "{BASE_CMDLINE} pci=off zw.ip={}/{INSTANCE_PREFIX_LEN} zw.gw={}",
+            "{BASE_CMDLINE} zw.ip={}/{INSTANCE_PREFIX_LEN} zw.gw={}",
             spec.ip,
             gateway_of(spec.ip)
         );

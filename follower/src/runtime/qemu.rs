@@ -67,7 +67,7 @@ pub const APP_STOP_GRACE: Duration = Duration::from_secs(5);
 pub(crate) const INITRD_FD: i32 = 3;
 /// Kernel arguments of every boot: console on the serial port, no reboot
 /// loop on panic, no BIOS EDD probing, and little kernel chatter in the log.
-pub(crate) const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t quiet edd=off";
+pub(crate) const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t quiet edd=off pci=off";
 /// Marker zw-init prints before powering off.
 const EXIT_MARKER: &str = "zw-init: powering off (exit code ";
 
