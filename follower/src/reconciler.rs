@@ -289,6 +289,14 @@ impl Reconciler {
         let r = self.ledger.data_mut().instances.get_mut(&id).expect("checked above");
         r.handle = None;
         r.healthy_once = false;
+        // An operator's restart or release is a fresh start: a failed
+        // instance gets its attempts again.
+        r.attempts = 0;
+        r.crashes = 0;
+        r.not_before_ms = 0;
+        if r.phase == Phase::Failed {
+            r.reason.clear();
+        }
         if let Some(h) = hold {
             r.held = h;
             r.reason = if h { "held by operator".into() } else { String::new() };
