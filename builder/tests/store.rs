@@ -127,3 +127,37 @@ async fn store_fault_exhausting_retries_is_an_infrastructure_error() {
     assert_eq!(log.lines().iter().filter(|l| l.text.starts_with("retrying store lookup")).count(), 3);
     assert!(err.to_string().contains("s3://never"), "{err}");
 }
+
+#[tokio::test]
+async fn local_store_fault_is_retried_until_the_directory_is_fixed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = busybox_context(&tmp.path().join("src"), DOCKERFILE);
+    // The store's directory is unusable: a regular file sits where it should be.
+    let store_dir = tmp.path().join("store");
+    std::fs::write(&store_dir, b"in the way").unwrap();
+    let store = Arc::new(LocalStore::new(&store_dir));
+    let (builder, _) = buildah_builder(store.clone(), &tmp.path().join("data"));
+    let mut cfg = builder.config().clone();
+    cfg.retry = fast_retry(30);
+    let builder = builder::Builder::with_backend(store.clone(), Box::new(builder::BuildahBackend::new(&tmp.path().join("data/buildah")).unwrap()), cfg);
+    let (log, mut events) = ChannelLog::new();
+    let build = tokio::spawn(async move { builder.build(Source::Local(ctx), BuildOptions::default(), &log).await });
+
+    let saw_retry = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(ev) = events.recv().await {
+            if matches!(&ev, LogEvent::Line(l) if l.text.starts_with("retrying store")) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(saw_retry, "the store fault was not retried");
+    // Fix the store.
+    std::fs::remove_file(&store_dir).unwrap();
+    let artifact = tokio::time::timeout(Duration::from_secs(120), build).await.expect("build finishes").unwrap().unwrap_or_else(|e| panic!("{e}"));
+    assert!(artifact.uploaded);
+    let (_, cfg) = fetch_image(store.as_ref(), &artifact.digest, &tmp.path().join("cache")).await.unwrap();
+    assert_eq!(cfg, artifact.config);
+}
