@@ -22,6 +22,15 @@ enum Command {
     Meta(meta_cmd::MetaCommand),
     /// Run captain, follower and edge in one process with embedded defaults.
     Up(up::UpArgs),
+    /// The control plane: REST API, mirror database, meta repo writer.
+    Captain(captain::cli::Args),
+    /// The node agent: follows the meta repo and runs instances.
+    Follower(follower::cli::Args),
+    /// The TLS edge proxy.
+    Edge(edge::cli::Args),
+    /// Validates a push to the captain's meta repo (its git pre-receive hook).
+    #[command(name = "captain-pre-receive", hide = true)]
+    CaptainPreReceive,
     /// Build a directory or git URL (Dockerfile) into a microVM image in the object store.
     Build(builder::cli::Args),
 }
@@ -49,6 +58,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Meta(cmd) => meta_cmd::run(cmd),
         Command::Up(args) => run_async(up::run(args)),
+        Command::Captain(args) => run_async(captain::cli::run(args)),
+        Command::Follower(args) => run_async(follower::cli::run(args)),
+        Command::Edge(args) => run_async(edge::cli::run(args)),
+        Command::CaptainPreReceive => Ok(match captain::hooks::main_entry() {
+            0 => ExitCode::SUCCESS,
+            _ => ExitCode::FAILURE,
+        }),
         Command::Build(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(builder::cli::run(args)))
