@@ -247,6 +247,10 @@ impl BuildBackend for DockerBackend {
             let mut save = Command::new(&self.binary);
             save.arg("save").arg("-o").arg(&archive).arg(&req.tag);
             let status = run_logged(save, "docker", Stage::Export, &tail).await?;
+            // Drop the tag; the engine's build cache stays for the next build.
+            let mut rmi = Command::new(&self.binary);
+            rmi.arg("rmi").arg(&req.tag);
+            let _ = run_logged(rmi, "docker", Stage::Export, &TailLog::new(&crate::log::NullLog, 1)).await;
             if !status.success() {
                 return Err(BuildError::Infrastructure {
                     stage: Stage::Export,
