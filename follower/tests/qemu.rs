@@ -101,6 +101,7 @@ fn build_rootfs(dir: &Path) -> PathBuf {
     std::fs::write(
         &stop,
         "#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\necho stopping\n\
+         echo \"cgi runs as uid $(/bin/busybox id -u)\" >&2\n\
          /bin/busybox kill -TERM \"$(/bin/busybox cut -d' ' -f6 /proc/self/stat)\"\n",
     )
     .unwrap();
@@ -130,7 +131,7 @@ fn spec(id: &str, image: &Path, ip: Ipv6Addr, work: PathBuf) -> InstanceSpec {
             ("API_TOKEN".into(), SECRET.into()),
         ]),
         workdir: "/".into(),
-        user: String::new(),
+        user: "65534:65534".into(),
         ip,
         port: PORT,
         vcpus: 1,
@@ -184,9 +185,10 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
     let probe_start = Instant::now();
     let accel = runtime.accelerator().await;
     eprintln!(
-        "accelerator: {} (decided in {:?})",
+        "accelerator: {} (decided in {:?}; KVM boot check: {:?})",
         accel.as_str(),
-        probe_start.elapsed()
+        probe_start.elapsed(),
+        qemu::kvm_verdict()
     );
 
     let range = InstanceRange::parse("fd00:7a77:ffff:51::").unwrap();
@@ -240,6 +242,10 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
         runtime.liveness(&handle),
         Liveness::Exited(Some(143)),
         "console log:\n{console}"
+    );
+    assert!(
+        console.contains("cgi runs as uid 65534"),
+        "the app does not run as its user:\n{console}"
     );
     assert!(
         console.contains("zw-init: app killed by signal 15"),

@@ -519,6 +519,14 @@ pub(crate) async fn run_tap(script: &Path, args: &[&str]) -> Result<(), String> 
 /// with the pid they belong to.
 pub(crate) type Exits = Arc<Mutex<HashMap<String, (u32, Option<i32>)>>>;
 
+/// This process's KVM boot check: time to init, or why KVM is unusable.
+static KVM_VERDICT: OnceCell<Result<Duration, String>> = OnceCell::const_new();
+
+/// The KVM boot check's verdict, once an `Auto` runtime has made it.
+pub fn kvm_verdict() -> Option<Result<Duration, String>> {
+    KVM_VERDICT.get().cloned()
+}
+
 pub struct QemuRuntime {
     config: QemuConfig,
     base_initrd: Vec<u8>,
@@ -560,12 +568,11 @@ impl QemuRuntime {
     /// The accelerator guests get; the first call under `Auto` boots the KVM
     /// check (up to [`KVM_PROBE_TIMEOUT`]), later calls are free.
     pub async fn accelerator(&self) -> Accel {
-        static KVM: OnceCell<Result<Duration, String>> = OnceCell::const_new();
         match self.config.accel {
             AccelChoice::Kvm => Accel::Kvm,
             AccelChoice::Tcg => Accel::Tcg,
             AccelChoice::Auto => {
-                let verdict = KVM
+                let verdict = KVM_VERDICT
                     .get_or_init(|| async {
                         let v = kvm_boot_check(&self.config.qemu, &self.config.guest).await;
                         match &v {
