@@ -30,13 +30,16 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -ge 12000 ] || { echo "bench-edge: needs ulimit -n >= 12000 for 10k idle connections" >&2; exit 1; }
 
-BACKEND=127.0.0.1:18080
-NGINX_HTTP=127.0.0.1:18081
-NGINX_HTTPS=127.0.0.1:18443
-EDGE_HTTP=127.0.0.1:18082
-EDGE_HTTPS=127.0.0.1:18444
+# Free loopback ports, picked now (other services may hold fixed ones).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BACKEND=127.0.0.1:$(free_port)
+NGINX_HTTP=127.0.0.1:$(free_port)
+NGINX_HTTPS=127.0.0.1:$(free_port)
+EDGE_HTTP=127.0.0.1:$(free_port)
+EDGE_HTTPS=127.0.0.1:$(free_port)
 HOST=bench.test
 
 # One ECDSA P-256 certificate for both proxies.
@@ -48,7 +51,7 @@ cat >"$WORK/backend.conf" <<CONF
 worker_processes 1;
 pid $WORK/backend.pid;
 error_log $WORK/backend.err warn;
-events { worker_connections 20000; }
+events { worker_connections 14000; }
 http {
   access_log off;
   keepalive_requests 1000000;
@@ -61,10 +64,10 @@ CONF
 
 cat >"$WORK/nginx.conf" <<CONF
 worker_processes 1;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile 15000;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx.err warn;
-events { worker_connections 30000; }
+events { worker_connections 14000; }
 http {
   access_log off;
   keepalive_requests 1000000;
@@ -100,7 +103,7 @@ mkdir -p "$WORK/edge-data/certs"
 
 taskset -c 1 nginx -c "$WORK/backend.conf" -p "$WORK"
 taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK"
-TOKIO_WORKER_THREADS=1 ZW_LOG=error taskset -c 0 "$EDGE_BIN" \
+EDGE_CURRENT_THREAD=${EDGE_CURRENT_THREAD:-} TOKIO_WORKER_THREADS=1 ZW_LOG=error taskset -c 0 "$EDGE_BIN" \
   --routes-file "$WORK/routes.json" --data-dir "$WORK/edge-data" \
   --http "$EDGE_HTTP" --https "$EDGE_HTTPS" --no-access-log \
   --tls-cert "$WORK/cert.crt" --tls-key "$WORK/cert.key" --no-local-ca &
@@ -142,6 +145,8 @@ read -r N_RPS N_P99 < <(run_wrk "http://$NGINX_HTTP/")
 echo "{\"bench\":\"edge_http1_keepalive_rps\",\"ours\":$E_RPS,\"reference\":$N_RPS,\"ratio\":$(ratio "$E_RPS" "$N_RPS")}"
 echo "{\"bench\":\"edge_http1_keepalive_p99_ms\",\"ours\":$E_P99,\"reference\":$N_P99,\"ratio\":$(ratio "$E_P99" "$N_P99")}"
 
+[ "${BENCH_EDGE_ONLY_HTTP:-}" = 1 ] && exit 0
+
 # Full TLS 1.3 handshakes: one request per connection, no session reuse.
 read -r E_HS _ < <(run_wrk "https://$EDGE_HTTPS/" -H "Connection: close")
 read -r N_HS _ < <(run_wrk "https://$NGINX_HTTPS/" -H "Connection: close")
@@ -164,7 +169,7 @@ for i in range(10000):
     while b"backend" not in got:
         got += s.recv(4096)
     socks.append(s)
-print("ready", flush=True)
+print("ready", file=sys.stderr, flush=True)
 time.sleep(4)
 PY
   local py=$!
