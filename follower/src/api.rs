@@ -29,6 +29,7 @@ pub struct NodeInfo {
     pub runtime: String,
     pub runtime_reason: String,
     pub instance_range: String,
+    pub age_recipient: String,
     pub version: String,
 }
 

@@ -202,6 +202,24 @@ pub struct MetaDesiredSource {
     pub repo: MetaRepo,
     pub node_id: String,
     pub follow: watch::Receiver<FollowState>,
+    /// The node's age identity, to decrypt the secrets of its apps.
+    pub identity: Option<age::x25519::Identity>,
+}
+
+/// Decrypts the secrets file of `env/app` in `tree` with `identity`.
+fn read_secrets(
+    tree: &meta_schema::MetaTree,
+    env: &str,
+    app: &str,
+    identity: Option<&age::x25519::Identity>,
+) -> Result<meta_schema::sops::Secrets, String> {
+    let path = meta_schema::layout::secrets_path(env, app);
+    let bytes = tree.get(&path).ok_or_else(|| format!("{path} is absent"))?;
+    let text = std::str::from_utf8(bytes).map_err(|_| format!("{path} is not UTF-8"))?;
+    let identity = identity.ok_or("this node has no age identity")?;
+    meta_schema::sops::SopsFile::parse(text)
+        .and_then(|f| f.decrypt(std::slice::from_ref(identity)))
+        .map_err(|e| format!("{path}: {}", error_chain(&e)))
 }
 
 impl DesiredSource for MetaDesiredSource {
@@ -211,15 +229,22 @@ impl DesiredSource for MetaDesiredSource {
                 return Err(DesiredError::NotReady);
             };
             let (repo, node, c) = (self.repo.clone(), self.node_id.clone(), commit.clone());
+            let identity = self.identity.clone();
             tokio::task::spawn_blocking(move || {
                 let tree = repo.tree_at(&c).map_err(|e| error_chain(&e))?;
                 let state = meta_schema::desired::desired_state(&tree, meta_schema::now_millis())
                     .map_err(|e| format!("{}: {e:?}", error_chain(&e)))?;
-                Ok::<_, String>(state.instances_for_node(&node))
+                let instances = state.instances_for_node(&node);
+                let mut secrets = std::collections::BTreeMap::new();
+                for i in instances.iter().filter(|i| !i.release.secret_refs.is_empty()) {
+                    secrets
+                        .entry(crate::reconciler::secrets_key(&i.env, &i.app))
+                        .or_insert_with(|| read_secrets(&tree, &i.env, &i.app, identity.as_ref()));
+                }
+                Ok::<_, String>(Desired { commit: Some(c), instances, secrets })
             })
             .await
             .expect("desired state does not panic")
-            .map(|instances| Desired { commit: Some(commit.clone()), instances })
             .map_err(|reason| DesiredError::Read { commit, reason })
         })
     }

@@ -126,6 +126,8 @@ pub struct Follower {
     /// The node's own API token.
     pub node_token: String,
     pub runtime_reason: String,
+    /// age recipient of the node's identity (`age1...`).
+    pub age_recipient: String,
     pub reconciler: ReconcilerHandle,
     pub follow: watch::Receiver<FollowState>,
     /// Wakes the meta follower (what `POST /v1/notify` does).
@@ -178,6 +180,18 @@ impl Follower {
         let node_token =
             persistent_value(&data, "node-token", || format!("zwn_{}{}", ulid::Ulid::new(), ulid::Ulid::new()))?;
         let range = cfg.instance_range.unwrap_or_else(|| InstanceRange::for_node(&node_id));
+        // The node's age identity: secrets of its apps are encrypted to its
+        // recipient, sent at registration.
+        let identity: age::x25519::Identity = persistent_value(&data, "age-identity", || {
+            use age::secrecy::ExposeSecret;
+            age::x25519::Identity::generate().to_string().expose_secret().to_string()
+        })?
+        .parse()
+        .map_err(|e: &str| FollowerError::DataDir {
+            path: data.join("age-identity"),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+        let age_recipient = identity.to_public().to_string();
 
         // Bind first: a taken port fails the start before any task runs.
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
@@ -201,6 +215,7 @@ impl Follower {
             repo: follower.repo().clone(),
             node_id: node_id.clone(),
             follow: follow.clone(),
+            identity: Some(identity),
         });
 
         let captain: Arc<dyn Captain> = match &cfg.captain_url {
@@ -233,6 +248,7 @@ impl Follower {
                 runtime: runtime.name().to_string(),
                 runtime_reason: runtime_reason.clone(),
                 instance_range: range.to_string(),
+                age_recipient: age_recipient.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
             },
             tokens: ArcSwap::from_pointee(vec![cfg.token.clone(), node_token.clone()]),
@@ -263,7 +279,7 @@ impl Follower {
             cpus: 0,
             memory_bytes: 0,
             disk_bytes: 0,
-            age_recipient: String::new(),
+            age_recipient: age_recipient.clone(),
             api_url,
             proxy_addr: cfg.proxy_addr.clone().unwrap_or_default(),
         };
@@ -283,6 +299,7 @@ impl Follower {
             api_addr,
             node_token,
             runtime_reason,
+            age_recipient,
             reconciler,
             follow,
             notify,

@@ -47,6 +47,15 @@ pub struct Desired {
     /// The meta commit this was read at.
     pub commit: Option<String>,
     pub instances: Vec<DesiredInstance>,
+    /// Decrypted secrets of the apps whose releases name some, by
+    /// `<env>/<app>`, or why they could not be read. Memory only: never
+    /// written to the ledger, logs or API (`Secrets`' Debug shows names).
+    pub secrets: BTreeMap<String, Result<meta_schema::sops::Secrets, String>>,
+}
+
+/// Key of [`Desired::secrets`].
+pub fn secrets_key(env: &str, app: &str) -> String {
+    format!("{env}/{app}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -366,7 +375,8 @@ impl Reconciler {
         // 2. Make every desired instance exist and run.
         let mut checks = Vec::new();
         for d in &desired.instances {
-            if let Some(id) = self.ensure(d, &mut status).await {
+            let secrets = desired.secrets.get(&secrets_key(&d.env, &d.app));
+            if let Some(id) = self.ensure(d, secrets, &mut status).await {
                 checks.push(id);
             }
         }
@@ -430,7 +440,12 @@ impl Reconciler {
 
     /// Brings one desired instance forward; returns its id if it is running
     /// and should be health-checked.
-    async fn ensure(&mut self, d: &DesiredInstance, status: &mut PassStatus) -> Option<String> {
+    async fn ensure(
+        &mut self,
+        d: &DesiredInstance,
+        secrets: Option<&Result<meta_schema::sops::Secrets, String>>,
+        status: &mut PassStatus,
+    ) -> Option<String> {
         let id = d.instance_id.clone();
         if !self.ledger.data().instances.contains_key(&id) {
             let used = self.ledger.data().instances.values().filter_map(|r| self.cfg.range.slot_of(r.ip));
@@ -520,7 +535,7 @@ impl Reconciler {
         self.ledger.data_mut().instances.insert(id.clone(), rec.clone());
         self.commit(status);
 
-        let spec = match self.spec_for(d, &rec).await {
+        let spec = match self.spec_for(d, &rec, secrets).await {
             Ok(s) => s,
             Err(why) => {
                 self.failed_attempt(&mut rec, why);
@@ -567,7 +582,12 @@ impl Reconciler {
         rec.healthy_once = false;
     }
 
-    async fn spec_for(&self, d: &DesiredInstance, rec: &InstanceRecord) -> Result<InstanceSpec, String> {
+    async fn spec_for(
+        &self,
+        d: &DesiredInstance,
+        rec: &InstanceRecord,
+        secrets: Option<&Result<meta_schema::sops::Secrets, String>>,
+    ) -> Result<InstanceSpec, String> {
         let cache = self.cfg.data_dir.join("images");
         let image = self.images.fetch(&d.release.image_digest, &cache).await.map_err(|e| e.to_string())?;
         let r = &d.release;
@@ -587,14 +607,21 @@ impl Reconciler {
             0 => c.exposed_ports.first().copied().unwrap_or(DEFAULT_PORT),
             p => u16::try_from(p).map_err(|_| format!("port {p} out of range"))?,
         };
-        if !r.secret_refs.is_empty() {
-            return Err(format!(
-                "release {} needs secrets {:?}, which this follower cannot decrypt yet",
-                r.id, r.secret_refs
-            ));
-        }
         let mut env_vars = c.env.clone();
         env_vars.extend(r.env_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if !r.secret_refs.is_empty() {
+            let secrets = match secrets {
+                Some(Ok(s)) => s,
+                Some(Err(why)) => return Err(format!("secrets of {}/{}: {why}", d.env, d.app)),
+                None => return Err(format!("secrets of {}/{} were not read", d.env, d.app)),
+            };
+            for name in &r.secret_refs {
+                let value = secrets
+                    .get(name)
+                    .ok_or_else(|| format!("secret {name} is not in the secrets file of {}/{}", d.env, d.app))?;
+                env_vars.insert(name.clone(), value.expose().to_string());
+            }
+        }
         env_vars.insert("PORT".into(), port.to_string());
         let res = r.resources.unwrap_or_default();
         Ok(InstanceSpec {
@@ -837,7 +864,13 @@ mod tests {
     struct FakeDesired(Mutex<Vec<DesiredInstance>>);
     impl DesiredSource for FakeDesired {
         fn desired(&self) -> BoxFuture<'_, Result<Desired, DesiredError>> {
-            Box::pin(async move { Ok(Desired { commit: Some("c".into()), instances: self.0.lock().unwrap().clone() }) })
+            Box::pin(async move {
+                Ok(Desired {
+                    commit: Some("c".into()),
+                    instances: self.0.lock().unwrap().clone(),
+                    secrets: BTreeMap::new(),
+                })
+            })
         }
     }
 
