@@ -12,19 +12,30 @@
 #
 # Embedded in the follower with include_str! and run as root. `up` fails if
 # the namespace already exists (the caller tears down first); `down` is
-# idempotent.
+# idempotent. With ZW_HOST_NETNS set, the named network namespace plays the
+# host (host ends of the veths, the nftables table): for nodes that run in
+# a namespace themselves.
 set -euo pipefail
 
 readonly TABLE=zeitwork_instances
+readonly HOST_NETNS=${ZW_HOST_NETNS:-}
+
+hip() {
+    if [ -n "$HOST_NETNS" ]; then ip -n "$HOST_NETNS" "$@"; else ip "$@"; fi
+}
+
+hnft() {
+    if [ -n "$HOST_NETNS" ]; then ip netns exec "$HOST_NETNS" nft "$@"; else nft "$@"; fi
+}
 
 firewall() {
     # One table shared by every follower on the host; interface names of
     # instances all start with "zwi". Created once; concurrent creators only
     # duplicate identical rules.
-    if nft list table inet "$TABLE" >/dev/null 2>&1; then
+    if hnft list table inet "$TABLE" >/dev/null 2>&1; then
         return 0
     fi
-    nft -f - <<NFT
+    hnft -f - <<NFT
 table inet $TABLE {
     chain forward {
         type filter hook forward priority filter - 10; policy accept;
@@ -40,9 +51,9 @@ up() {
     firewall
     ip netns add "$ns"
     if ! {
-        ip link add "$hostif" type veth peer name eth0 netns "$ns" &&
-            ip -6 addr add "$gw/$plen" dev "$hostif" nodad &&
-            ip link set "$hostif" up &&
+        hip link add "$hostif" type veth peer name eth0 netns "$ns" &&
+            hip -6 addr add "$gw/$plen" dev "$hostif" nodad &&
+            hip link set "$hostif" up &&
             ip -n "$ns" link set lo up &&
             ip -n "$ns" -6 addr add "$addr/$plen" dev eth0 nodad &&
             ip -n "$ns" link set eth0 up &&
@@ -59,7 +70,7 @@ down() {
     # Deleting the namespace destroys its end of the veth and with it the
     # pair; the explicit link delete covers a pair left without namespace.
     ip netns del "$ns" 2>/dev/null || true
-    ip link del "$hostif" 2>/dev/null || true
+    hip link del "$hostif" 2>/dev/null || true
 }
 
 cmd=${1:-}

@@ -131,6 +131,9 @@ impl InstanceNetNames {
 #[derive(Debug, Clone)]
 pub struct InstanceNet {
     script: PathBuf,
+    /// Network namespace playing the host, when the node itself runs in
+    /// one (nested setups); `None` is the real host.
+    host_netns: Option<String>,
 }
 
 impl InstanceNet {
@@ -140,7 +143,15 @@ impl InstanceNet {
             path: script.clone(),
             source,
         })?;
-        Ok(InstanceNet { script })
+        Ok(InstanceNet { script, host_netns: None })
+    }
+
+    /// Builds instance networks as seen from the named network namespace
+    /// instead of the host's: host ends of the veths, routes and the
+    /// nftables table live there.
+    pub fn within(mut self, host_netns: &str) -> Self {
+        self.host_netns = Some(host_netns.to_string());
+        self
     }
 
     /// Creates the namespace and link of an instance. Fails if they exist.
@@ -163,7 +174,11 @@ impl InstanceNet {
 
     async fn run(&self, args: &[&str]) -> Result<(), NetError> {
         let action = args.join(" ");
-        let out = tokio::process::Command::new("bash")
+        let mut cmd = tokio::process::Command::new("bash");
+        if let Some(ns) = &self.host_netns {
+            cmd.env("ZW_HOST_NETNS", ns);
+        }
+        let out = cmd
             .arg(&self.script)
             .args(args)
             .kill_on_drop(true)
