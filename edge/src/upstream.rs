@@ -236,3 +236,162 @@ pub fn mtls_client_config(
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
+
+/// Body type the edge sends upstream.
+pub type UpstreamBody =
+    http_body_util::Either<hyper::body::Incoming, http_body_util::Empty<bytes::Bytes>>;
+
+type Sender = hyper::client::conn::http1::SendRequest<UpstreamBody>;
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made; the request was not sent.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The HTTP/1 handshake on a new connection failed; not sent.
+    #[error("HTTP handshake with the backend failed")]
+    Handshake(#[source] hyper::Error),
+    /// The exchange failed after the request was (maybe) sent.
+    #[error("backend exchange failed")]
+    Exchange(#[source] hyper::Error),
+}
+
+impl SendError {
+    /// True when the request surely never reached the backend.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_) | SendError::Handshake(_))
+    }
+}
+
+/// HTTP/1.1 connections to backends, kept alive and reused. Keyed by
+/// transport and `host:port`, so instances behind one node-proxy share them.
+///
+/// A connection goes back to the pool only once its response body has been
+/// read to the end ([`Checkin`]); an upgraded or abandoned connection is
+/// never reused.
+pub struct Pool {
+    connector: UpstreamConnector,
+    idle: std::sync::Mutex<
+        std::collections::HashMap<(bool, String), Vec<(Sender, std::time::Instant)>>,
+    >,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+/// Returns a connection to the pool when dropped after [`Checkin::done`].
+pub struct Checkin {
+    pool: Arc<Pool>,
+    key: (bool, String),
+    sender: Option<Sender>,
+}
+
+impl Checkin {
+    /// The response was read completely: the connection can serve another.
+    pub fn done(mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.pool.put(std::mem::take(&mut self.key), sender);
+        }
+    }
+}
+
+impl Pool {
+    /// A pool that connects with `connector`.
+    pub fn new(connector: UpstreamConnector, max_idle: usize, idle_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            connector,
+            idle: Default::default(),
+            max_idle,
+            idle_timeout,
+        })
+    }
+
+    fn take(&self, key: &(bool, String)) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some((sender, since)) = list.pop() {
+            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, key: (bool, String), sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(key).or_default();
+        if list.len() < self.max_idle {
+            list.push((sender, std::time::Instant::now()));
+        }
+    }
+
+    async fn connect(
+        &self,
+        key: &(bool, String),
+        host: &str,
+        port: u16,
+    ) -> Result<Sender, SendError> {
+        let stream = self.connector.connect(host, port, key.0).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(err) = conn.with_upgrades().await {
+                tracing::debug!(error = %err, "backend connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` (origin-form URI, Host set) to `host:port`; `tls` selects
+    /// mTLS. A pooled connection that turns out to be closed is replaced by
+    /// a fresh one without the request being lost.
+    pub async fn send(
+        self: &Arc<Self>,
+        tls: bool,
+        authority: &str,
+        host: &str,
+        port: u16,
+        mut req: http::Request<UpstreamBody>,
+    ) -> Result<(http::Response<hyper::body::Incoming>, Checkin), SendError> {
+        let key = (tls, authority.to_owned());
+        // Pooled connections first; each failure that hands the request
+        // back moves on to the next, then to a new connection.
+        loop {
+            let (mut sender, fresh) = match self.take(&key) {
+                Some(s) => (s, false),
+                None => (self.connect(&key, host, port).await?, true),
+            };
+            if sender.ready().await.is_err() {
+                if fresh {
+                    return Err(SendError::Connect(ConnectError::Tcp {
+                        addr: authority.to_owned(),
+                        source: io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            "closed right after connect",
+                        ),
+                    }));
+                }
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let checkin = Checkin {
+                        pool: self.clone(),
+                        key,
+                        sender: Some(sender),
+                    };
+                    return Ok((resp, checkin));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => req = back,
+                    _ => return Err(SendError::Exchange(e.into_error())),
+                },
+            }
+        }
+    }
+}

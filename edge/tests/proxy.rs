@@ -326,3 +326,66 @@ async fn hundred_route_changes_under_load_drop_nothing() {
     ws_echo(&mut ws, "hello after").await;
     println!("requests during 100 route changes: {total_ok} ok, 0 failed; websocket open");
 }
+
+/// A backend that counts accepted connections; `keep_alive` false closes
+/// each connection after one response.
+async fn counting_backend(
+    keep_alive: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"counted")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(keep_alive)
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn backend_connections_are_reused_and_closed_ones_replaced() {
+    use std::sync::atomic::Ordering;
+    let (keep, keep_count) = counting_backend(true).await;
+    let (close, close_count) = counting_backend(false).await;
+    let t = table(
+        1,
+        vec![
+            route("keep.test", "k", vec![plain("k1", keep)]),
+            route("close.test", "c", vec![plain("c1", close)]),
+        ],
+    );
+    let edge = start_edge(&t, EdgeOptions::default()).await;
+    let c = client();
+    for _ in 0..50 {
+        let (status, _, body) = get(&c, edge.http, "keep.test", "/").await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "counted"));
+    }
+    assert_eq!(
+        keep_count.load(Ordering::SeqCst),
+        1,
+        "sequential requests share one kept-alive backend connection"
+    );
+    for _ in 0..20 {
+        let (status, _, body) = get(&c, edge.http, "close.test", "/").await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "counted"));
+    }
+    assert_eq!(close_count.load(Ordering::SeqCst), 20);
+}
