@@ -242,6 +242,7 @@ pub type UpstreamBody =
     http_body_util::Either<hyper::body::Incoming, http_body_util::Empty<bytes::Bytes>>;
 
 type Sender = hyper::client::conn::http1::SendRequest<UpstreamBody>;
+type IdleMap = std::collections::HashMap<(bool, String), Vec<(Sender, std::time::Instant)>>;
 
 /// Why an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -272,9 +273,7 @@ impl SendError {
 /// never reused.
 pub struct Pool {
     connector: UpstreamConnector,
-    idle: std::sync::Mutex<
-        std::collections::HashMap<(bool, String), Vec<(Sender, std::time::Instant)>>,
-    >,
+    idle: std::sync::Mutex<IdleMap>,
     max_idle: usize,
     idle_timeout: Duration,
 }
