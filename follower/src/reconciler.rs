@@ -139,6 +139,10 @@ pub struct InstanceRecord {
     /// Operator hold: stopped and not restarted until released.
     #[serde(default)]
     pub held: bool,
+    /// Unix ms since the checks of a once-healthy instance fail; 0 = not
+    /// failing.
+    #[serde(default)]
+    pub unhealthy_since_ms: i64,
 }
 
 /// Everything the reconciler keeps on disk.
@@ -407,10 +411,35 @@ impl Reconciler {
                 Ok(()) => {
                     rec2.phase = Phase::Healthy;
                     rec2.healthy_once = true;
+                    rec2.unhealthy_since_ms = 0;
                     rec2.reason.clear();
+                }
+                Err(why)
+                    if rec.healthy_once
+                        && rec.unhealthy_since_ms > 0
+                        && now - rec.unhealthy_since_ms > self.cfg.start_timeout.as_millis() as i64 =>
+                {
+                    // Failing for longer than a start may take: restart it,
+                    // as after a crash.
+                    if let Some(h) = &rec.handle
+                        && let Err(e) = self.runtime.stop(h).await
+                    {
+                        status.errors.push(format!("stopping {id}: {e}"));
+                        continue;
+                    }
+                    tracing::warn!(instance = %id, "unhealthy for {:?}, restarting: {why}", self.cfg.start_timeout);
+                    rec2.handle = None;
+                    rec2.healthy_once = false;
+                    rec2.unhealthy_since_ms = 0;
+                    rec2.crashes += 1;
+                    rec2.reason = format!("unhealthy for too long, restarting: {why}");
+                    rec2.not_before_ms = now + backoff(self.cfg.crash_backoff, rec2.crashes, self.cfg.max_backoff);
                 }
                 Err(why) if rec.healthy_once => {
                     rec2.phase = Phase::Unhealthy;
+                    if rec.unhealthy_since_ms == 0 {
+                        rec2.unhealthy_since_ms = now;
+                    }
                     rec2.reason = why;
                 }
                 Err(why) if now - rec.started_at_ms > self.cfg.start_timeout.as_millis() as i64 => {
@@ -475,6 +504,7 @@ impl Reconciler {
                 started_at_ms: 0,
                 not_before_ms: 0,
                 held: false,
+                unhealthy_since_ms: 0,
             };
             self.ledger.data_mut().instances.insert(id.clone(), rec);
             self.commit(status);
@@ -1047,5 +1077,20 @@ mod tests {
         r.activate().await;
         assert_eq!(r.ledger().instances["ok"].phase, Phase::Unhealthy);
         assert_eq!(w.captain.0.lock().unwrap().last().unwrap().state, InstanceState::Unhealthy);
+
+        // Unhealthy for longer than a start may take: restarted.
+        let mut cfg = w.cfg.clone();
+        cfg.start_timeout = Duration::ZERO;
+        let mut r = Reconciler::new(cfg, w.want.clone(), w.rt.clone(), Arc::new(FakeImages), w.captain.clone())
+            .unwrap()
+            .with_checker(w.checker.clone());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        r.activate().await;
+        let ok = &r.ledger().instances["ok"];
+        assert!(ok.handle.is_none() && ok.crashes == 2, "{ok:?}");
+        w.checker.0.lock().unwrap().clear();
+        let st = r.activate().await;
+        assert_eq!(st.started, ["ok"]);
+        assert_eq!(r.ledger().instances["ok"].phase, Phase::Healthy);
     }
 }
