@@ -1,7 +1,8 @@
 //! `kill -9` of a real follower process in the middle of convergence, then a
 //! restart on the same data dir: the instances it had started are adopted
-//! (same processes), the missing ones started, none duplicated; removing the
-//! release afterwards leaves nothing behind.
+//! (same processes), the missing ones started, none duplicated; a release
+//! removed while the follower is down is stopped by the next one, leaving
+//! nothing behind.
 //!
 //! The follower runs as a child process: this very test binary, re-run with
 //! `--exact child_follower_process` and its configuration in the
@@ -169,12 +170,16 @@ async fn kill_9_mid_convergence_then_restart_adopts_without_duplicates() {
     let actual: std::collections::BTreeSet<u64> = sups.iter().map(|(p, _)| u64::from(*p)).collect();
     assert_eq!(expected, actual);
 
-    // Removing the release stops every instance, adopted ones included.
+    // Killed again; while it is down the release is removed. The next
+    // follower stops every instance it adopts: nothing is left behind.
+    child2.kill9();
+    let log_of_two = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(supervisors(&data).len(), 3, "instances outlive the follower");
     meta.commit(&[], &[], &[meta_schema::layout::release_path("prod", "web", &r.id)], "remove web");
+    let mut child3 = Child9::spawn(&data, &meta.url(), &store, range, &log);
     common::wait_for(60, "no instances in the ledger", || ledger(&data).as_object()?.is_empty().then_some(())).await;
     common::wait_for(10, "no supervisor left", || supervisors(&data).is_empty().then_some(())).await;
-    child2.kill9();
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
-    let adopted = log.lines().filter(|l| l.contains("adopted a running instance")).count();
-    assert_eq!(adopted, after_kill.len(), "{log}");
+    child3.kill9();
+    let adopted = log_of_two.lines().filter(|l| l.contains("adopted a running instance")).count();
+    assert_eq!(adopted, after_kill.len(), "the restart adopted what the killed follower started: {log_of_two}");
 }
