@@ -21,6 +21,8 @@ pub enum CaptainError {
     Status { op: &'static str, url: String, status: u16, body: String },
 }
 
+const REGISTER: &str = "registering at";
+
 /// `POST /v1/nodes`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRegistration {
@@ -107,8 +109,22 @@ pub struct InstanceReport {
     pub attempts: u32,
 }
 
+impl CaptainError {
+    /// The captain refused the credential (unknown or revoked token).
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, CaptainError::Status { status: 401 | 403, .. })
+    }
+}
+
 pub trait Captain: Send + Sync + 'static {
+    /// Registers with the bootstrap credential; later calls use the node
+    /// token the captain issues.
     fn register<'a>(&'a self, reg: &'a NodeRegistration) -> BoxFuture<'a, Result<Registered, CaptainError>>;
+    /// Uses a node token issued earlier (kept on disk across restarts), or
+    /// forgets it (`None`) to register again.
+    fn set_node_token(&self, token: Option<String>) {
+        let _ = token;
+    }
     fn heartbeat<'a>(&'a self, node_id: &'a str, hb: &'a Heartbeat) -> BoxFuture<'a, Result<(), CaptainError>>;
     fn report_instance<'a>(&'a self, report: &'a InstanceReport) -> BoxFuture<'a, Result<(), CaptainError>>;
 }
@@ -130,11 +146,12 @@ impl Captain for NoCaptain {
     }
 }
 
-/// The captain's HTTP API with a bearer token; registration replaces the
-/// token with the node credential the captain issues.
+/// The captain's HTTP API. Registration uses the bootstrap token; every
+/// other call uses the node token the registration returned.
 pub struct HttpCaptain {
     base: String,
-    token: ArcSwap<String>,
+    bootstrap: String,
+    node_token: ArcSwap<Option<String>>,
     http: reqwest::Client,
 }
 
@@ -142,7 +159,8 @@ impl HttpCaptain {
     pub fn new(base_url: &str, token: &str) -> Self {
         HttpCaptain {
             base: base_url.trim_end_matches('/').to_string(),
-            token: ArcSwap::from_pointee(token.to_string()),
+            bootstrap: token.to_string(),
+            node_token: ArcSwap::from_pointee(None),
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
                 .build()
@@ -150,9 +168,9 @@ impl HttpCaptain {
         }
     }
 
-    /// The token requests are sent with now.
-    pub fn token(&self) -> Arc<String> {
-        self.token.load_full()
+    /// The token calls other than registration are sent with now.
+    pub fn token(&self) -> String {
+        (**self.node_token.load()).clone().unwrap_or_else(|| self.bootstrap.clone())
     }
 
     async fn send<B: Serialize + ?Sized>(
@@ -163,10 +181,11 @@ impl HttpCaptain {
         body: &B,
     ) -> Result<reqwest::Response, CaptainError> {
         let url = format!("{}{}", self.base, path);
+        let token = if op == REGISTER { self.bootstrap.clone() } else { self.token() };
         let resp = self
             .http
             .request(method, &url)
-            .bearer_auth(self.token.load().as_str())
+            .bearer_auth(token)
             .json(body)
             .send()
             .await
@@ -184,7 +203,7 @@ impl HttpCaptain {
 impl Captain for HttpCaptain {
     fn register<'a>(&'a self, reg: &'a NodeRegistration) -> BoxFuture<'a, Result<Registered, CaptainError>> {
         Box::pin(async move {
-            let resp = self.send("registering at", reqwest::Method::POST, "/v1/nodes", reg).await?;
+            let resp = self.send(REGISTER, reqwest::Method::POST, "/v1/nodes", reg).await?;
             let url = format!("{}/v1/nodes", self.base);
             let r: Registered = resp.json().await.map_err(|source| CaptainError::Http {
                 op: "reading the registration answer of",
@@ -192,10 +211,14 @@ impl Captain for HttpCaptain {
                 source,
             })?;
             if !r.token.is_empty() {
-                self.token.store(Arc::new(r.token.clone()));
+                self.node_token.store(Arc::new(Some(r.token.clone())));
             }
             Ok(r)
         })
+    }
+
+    fn set_node_token(&self, token: Option<String>) {
+        self.node_token.store(Arc::new(token));
     }
 
     fn heartbeat<'a>(&'a self, node_id: &'a str, hb: &'a Heartbeat) -> BoxFuture<'a, Result<(), CaptainError>> {

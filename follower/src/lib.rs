@@ -360,52 +360,93 @@ async fn heartbeats(
     reg.cpus = res.cpus;
     reg.memory_bytes = res.memory_bytes;
     reg.disk_bytes = res.disk_bytes;
+    // The node token the captain issued, kept across restarts: the captain
+    // registers a node id once.
+    let token_path = data_dir.join("captain-node-token");
+    let accept = |token: &str| {
+        let mut t = (**api.tokens.load()).clone();
+        if !t.iter().any(|x| x == token) {
+            t.push(token.to_string());
+            api.tokens.store(Arc::new(t));
+        }
+    };
+    let mut registered = match std::fs::read_to_string(&token_path) {
+        Ok(t) if !t.trim().is_empty() => {
+            captain.set_node_token(Some(t.trim().to_string()));
+            accept(t.trim());
+            true
+        }
+        _ => false,
+    };
     let mut delay = Duration::from_millis(500);
     loop {
-        match captain.register(&reg).await {
-            Ok(r) => {
-                if !r.token.is_empty() {
-                    let mut t = (**api.tokens.load()).clone();
-                    t.push(r.token);
-                    api.tokens.store(Arc::new(t));
+        if !registered {
+            match captain.register(&reg).await {
+                Ok(r) => {
+                    if !r.token.is_empty() {
+                        if let Err(e) = write_secret(&token_path, &r.token) {
+                            tracing::error!(error = %e, path = %token_path.display(), "keeping the node token");
+                        }
+                        accept(&r.token);
+                    }
+                    tracing::info!(node = %reg.id, "registered with the captain");
+                    registered = true;
+                    delay = Duration::from_millis(500);
                 }
-                tracing::info!(node = %reg.id, "registered with the captain");
-                break;
+                Err(e) => {
+                    tracing::warn!(error = %follow::error_chain(&e), "registration failed; retrying in {delay:?}")
+                }
             }
-            Err(e) => tracing::warn!(error = %follow::error_chain(&e), "registration failed; retrying in {delay:?}"),
         }
+        if registered {
+            let n = instances.borrow().values().filter(|r| r.handle.is_some()).count() as u32;
+            let d = data_dir.clone();
+            let resources =
+                tokio::task::spawn_blocking(move || captain::node_resources(&d, n)).await.unwrap_or_default();
+            let f = follow.borrow().clone();
+            let hb = captain::Heartbeat {
+                state: "online".into(),
+                resources,
+                meta: captain::MetaStatus {
+                    applied_commit: f.applied,
+                    refused_commit: f.refused,
+                    refused_reason: f.refused_reason,
+                },
+            };
+            match captain.heartbeat(&reg.id, &hb).await {
+                Ok(()) => {}
+                Err(e) if e.is_unauthorized() => {
+                    // The node token was revoked (node deleted): register anew.
+                    tracing::warn!(error = %follow::error_chain(&e), "node token refused; registering again");
+                    let _ = std::fs::remove_file(&token_path);
+                    captain.set_node_token(None);
+                    registered = false;
+                    continue;
+                }
+                Err(e) => tracing::warn!(error = %follow::error_chain(&e), "heartbeat failed"),
+            }
+        }
+        let wait = if registered { interval } else { delay };
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
             return;
         }
-        delay = (delay * 2).min(Duration::from_secs(30));
-    }
-    loop {
-        let n = instances.borrow().values().filter(|r| r.handle.is_some()).count() as u32;
-        let d = data_dir.clone();
-        let resources = tokio::task::spawn_blocking(move || captain::node_resources(&d, n)).await.unwrap_or_default();
-        let f = follow.borrow().clone();
-        let hb = captain::Heartbeat {
-            state: "online".into(),
-            resources,
-            meta: captain::MetaStatus {
-                applied_commit: f.applied,
-                refused_commit: f.refused,
-                refused_reason: f.refused_reason,
-            },
-        };
-        if let Err(e) = captain.heartbeat(&reg.id, &hb).await {
-            tracing::warn!(error = %follow::error_chain(&e), "heartbeat failed");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
-            return;
+        if !registered {
+            delay = (delay * 2).min(Duration::from_secs(30));
         }
     }
+}
+
+/// Writes a credential atomically, mode 0600.
+fn write_secret(path: &std::path::Path, value: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+    f.write_all(value.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }

@@ -77,7 +77,8 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
     assert_eq!(http.get(format!("{api}/v1/instances")).send().await.unwrap().status(), 401);
     let wrong = http.get(format!("{api}/v1/instances")).bearer_auth("nope").send().await.unwrap();
     assert_eq!(wrong.status(), 401);
-    for token in ["captain-token", f.node_token.as_str(), common::ISSUED_TOKEN] {
+    let issued = common::issued_token(1);
+    for token in ["captain-token", f.node_token.as_str(), issued.as_str()] {
         let list: Vec<InstanceRecord> = http
             .get(format!("{api}/v1/instances"))
             .bearer_auth(token)
@@ -215,7 +216,7 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
     assert_eq!(reg.body["api_url"], format!("http://{}", f.api_addr));
     let hb = reqs.iter().find(|r| r.method == "PUT").expect("heartbeats");
     assert_eq!(hb.path, "/v1/nodes/node-a/state");
-    assert_eq!(hb.auth, format!("Bearer {}", common::ISSUED_TOKEN), "the issued token replaces the bootstrap one");
+    assert_eq!(hb.auth, format!("Bearer {}", common::issued_token(1)), "the issued token replaces the bootstrap one");
     assert_eq!(hb.body["state"], "online");
     let reports: Vec<&common::Recorded> = reqs.iter().filter(|r| r.path == "/v1/instances").collect();
     for inst in first.values().chain(second.values()) {

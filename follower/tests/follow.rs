@@ -1,7 +1,9 @@
 //! Following the meta repo: a head that does not descend from the applied
 //! commit (a force-pushed older head) is refused, kept out of the desired
 //! state, and reported to the captain; following resumes once the branch
-//! moves forward from the applied commit again.
+//! moves forward from the applied commit again. Also: the node token the
+//! captain issued survives a restart; a revoked one leads to a new
+//! registration.
 
 mod common;
 
@@ -17,15 +19,20 @@ async fn an_older_head_pushed_by_force_is_refused_and_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let meta = common::Meta::new(tmp.path());
     let captain = common::RecordingCaptain::start().await;
-    let mut cfg = FollowerConfig::new(tmp.path().join("node"), meta.url());
-    cfg.node_id = Some("node-r".into());
-    cfg.runtime = RuntimeChoice::Process;
-    cfg.instance_range = Some(common::random_range());
-    cfg.images = Some(Arc::new(LocalDirImageSource::new(tmp.path().join("store"))));
-    cfg.captain_url = Some(captain.url.clone());
-    cfg.poll_interval = Duration::from_millis(200);
-    cfg.heartbeat_interval = Duration::from_millis(200);
-    let f = Follower::start(cfg).await.unwrap();
+    let range = common::random_range();
+    let cfg_again = || {
+        let mut cfg = FollowerConfig::new(tmp.path().join("node"), meta.url());
+        cfg.node_id = Some("node-r".into());
+        cfg.runtime = RuntimeChoice::Process;
+        cfg.instance_range = Some(range);
+        cfg.images = Some(Arc::new(LocalDirImageSource::new(tmp.path().join("store"))));
+        cfg.captain_url = Some(captain.url.clone());
+        cfg.token = "bootstrap".into();
+        cfg.poll_interval = Duration::from_millis(200);
+        cfg.heartbeat_interval = Duration::from_millis(200);
+        cfg
+    };
+    let f = Follower::start(cfg_again()).await.unwrap();
 
     // Releases without deployments: commits that change nothing on the node.
     let digest = format!("sha256:{}", "a".repeat(64));
@@ -77,5 +84,28 @@ async fn an_older_head_pushed_by_force_is_refused_and_reported() {
     })
     .await;
     assert_eq!(st.refused, None);
+    f.shutdown().await;
+
+    // A restart on the same data dir keeps the node's token: no second
+    // registration (the captain registers a node id once).
+    let beats = captain.count("PUT", "/v1/nodes/node-r/state");
+    let f = Follower::start(cfg_again()).await.unwrap();
+    common::wait_for(20, "heartbeats of the restarted follower", || {
+        (captain.count("PUT", "/v1/nodes/node-r/state") > beats).then_some(())
+    })
+    .await;
+    assert_eq!(captain.count("POST", "/v1/nodes"), 1);
+    assert_eq!(captain.all().last().unwrap().auth, format!("Bearer {}", common::issued_token(1)));
+    // The captain revokes the token: the follower registers again.
+    captain.revoked.lock().unwrap().push(common::issued_token(1));
+    common::wait_for(20, "a second registration", || (captain.count("POST", "/v1/nodes") == 2).then_some(())).await;
+    common::wait_for(20, "heartbeats with the new token", || {
+        captain
+            .all()
+            .iter()
+            .any(|r| r.method == "PUT" && r.auth == format!("Bearer {}", common::issued_token(2)))
+            .then_some(())
+    })
+    .await;
     f.shutdown_and_stop_instances().await;
 }

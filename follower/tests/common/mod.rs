@@ -219,17 +219,25 @@ pub struct Recorded {
 pub struct RecordingCaptain {
     pub url: String,
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+    /// Tokens answered with 401 (a node deleted on the captain).
+    pub revoked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-pub const ISSUED_TOKEN: &str = "node-token-issued-by-captain";
+/// The node token the captain issues at its `n`th registration (from 1).
+pub fn issued_token(n: usize) -> String {
+    format!("node-token-issued-by-captain-{n}")
+}
+
+type Shared = (std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>, std::sync::Arc<std::sync::Mutex<Vec<String>>>);
 
 impl RecordingCaptain {
     pub async fn start() -> RecordingCaptain {
         use axum::extract::{Request, State};
         use axum::http::StatusCode;
         let requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>> = Default::default();
+        let revoked: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
         async fn record(
-            State(reqs): State<std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>>,
+            State((reqs, revoked)): State<Shared>,
             req: Request,
         ) -> (StatusCode, axum::Json<serde_json::Value>) {
             let method = req.method().to_string();
@@ -243,18 +251,27 @@ impl RecordingCaptain {
             let bytes = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
             let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
             let is_register = method == "POST" && path == "/v1/nodes";
-            reqs.lock().unwrap().push(Recorded { method, path, auth, body: body.clone() });
+            let refused = revoked.lock().unwrap().iter().any(|t| auth == format!("Bearer {t}"));
+            let mut reqs = reqs.lock().unwrap();
+            reqs.push(Recorded { method, path, auth, body: body.clone() });
             if is_register {
-                (StatusCode::CREATED, axum::Json(serde_json::json!({"node": body, "token": ISSUED_TOKEN})))
+                let n = reqs.iter().filter(|r| r.method == "POST" && r.path == "/v1/nodes").count();
+                (StatusCode::CREATED, axum::Json(serde_json::json!({"node": body, "token": issued_token(n)})))
+            } else if refused {
+                (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({"error": "revoked"})))
             } else {
                 (StatusCode::OK, axum::Json(serde_json::json!({})))
             }
         }
-        let app = axum::Router::new().fallback(record).with_state(requests.clone());
+        let app = axum::Router::new().fallback(record).with_state((requests.clone(), revoked.clone()));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-        RecordingCaptain { url, requests }
+        RecordingCaptain { url, requests, revoked }
+    }
+
+    pub fn count(&self, method: &str, path: &str) -> usize {
+        self.all().iter().filter(|r| r.method == method && r.path == path).count()
     }
 
     pub fn all(&self) -> Vec<Recorded> {
