@@ -389,3 +389,59 @@ async fn backend_connections_are_reused_and_closed_ones_replaced() {
     }
     assert_eq!(close_count.load(Ordering::SeqCst), 20);
 }
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests_and_stops_accepting() {
+    // A backend that answers after a pause, so the request is in flight
+    // when the edge is told to stop.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow = l.local_addr().unwrap();
+    let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel::<()>();
+    let arrived_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let arrived_tx = arrived_tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let arrived_tx = arrived_tx.clone();
+                    async move {
+                        if let Some(tx) = arrived_tx.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"slow but done")),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let t = table(1, vec![route("slow.test", "s", vec![plain("s1", slow)])]);
+    let edge = start_edge(&t, EdgeOptions::default()).await;
+    let addr = edge.http;
+    let in_flight = tokio::spawn(async move {
+        let c = client();
+        get(&c, addr, "slow.test", "/").await
+    });
+    arrived_rx.await.unwrap();
+    edge.shutdown.cancel();
+    let (status, _, body) = in_flight.await.unwrap().unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "slow but done"));
+    // The listener is closed: new clients are not served.
+    let mut refused = false;
+    for _ in 0..100 {
+        match TcpStream::connect(addr).await {
+            Err(_) => {
+                refused = true;
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(refused, "no new connections after shutdown");
+}
