@@ -68,6 +68,7 @@ pub struct Server {
     proxy: Arc<Proxy>,
     limits: Arc<Limits>,
     conns: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
     shutdown: CancellationToken,
 }
 
@@ -79,6 +80,9 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// Refused connections being answered at once; more are closed silently.
+const MAX_PENDING_REFUSALS: usize = 1024;
+
 const OVERLOAD_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 25\r\nconnection: close\r\nretry-after: 1\r\n\r\ntoo many open connections";
 
 impl Server {
@@ -86,6 +90,7 @@ impl Server {
     pub fn new(proxy: Arc<Proxy>, limits: Limits, shutdown: CancellationToken) -> Self {
         Self {
             conns: Arc::new(Semaphore::new(limits.max_connections)),
+            refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
             limits: Arc::new(limits),
             proxy,
             shutdown,
@@ -125,8 +130,15 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let Ok(permit) = self.conns.clone().try_acquire_owned() else {
-                let is_tls = tls.is_some();
-                tokio::spawn(async move { refuse(stream, is_tls).await });
+                // Answer a bounded number of refused clients with a 503;
+                // beyond that, close at once.
+                if let Ok(refusal) = self.refusals.clone().try_acquire_owned() {
+                    let is_tls = tls.is_some();
+                    tokio::spawn(async move {
+                        refuse(stream, is_tls).await;
+                        drop(refusal);
+                    });
+                }
                 continue;
             };
             let this = self.clone();
