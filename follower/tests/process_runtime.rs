@@ -216,7 +216,23 @@ async fn nftables_keeps_instances_apart_even_with_forwarding_on() {
         }
     }
     let mut cleanup = Cleanup(vec![host.clone()]);
-    sh(&["ip", "netns", "exec", &host, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
+    // /proc/sys/net belongs to the network namespace of whoever opens it.
+    {
+        use std::io::Write;
+        let mut tee = std::process::Command::new("ip")
+            .args(["netns", "exec", &host, "tee", "/proc/sys/net/ipv6/conf/all/forwarding"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tee.stdin.take().unwrap().write_all(b"1\n").unwrap();
+        assert!(tee.wait().unwrap().success());
+    }
+    let fwd = std::process::Command::new("ip")
+        .args(["netns", "exec", &host, "cat", "/proc/sys/net/ipv6/conf/all/forwarding"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "1", "forwarding is on in the host namespace");
     sh(&["ip", "-n", &host, "link", "set", "lo", "up"]);
 
     let net = InstanceNet::new(&tmp.path().join("scripts")).unwrap().within(&host);
