@@ -322,12 +322,13 @@ impl Follower {
     /// Stops the follower and every instance its ledger knows: decommission
     /// of a node, and cleanup in tests.
     pub async fn shutdown_and_stop_instances(self) {
-        let records: Vec<_> = self.reconciler.instances.borrow().values().cloned().collect();
         let runtime = self.runtime.clone();
         self.shutdown.send_replace(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        // After the reconciler task ended: its last pass is in the snapshot.
+        let records: Vec<_> = self.reconciler.instances.borrow().values().cloned().collect();
         for r in records {
             let result = match &r.handle {
                 Some(h) => runtime.stop(h).await,
