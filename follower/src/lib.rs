@@ -6,9 +6,28 @@
 //! tests and `zw up`. Code map:
 //! - [`follow`]: fetch the meta repo (gix), never move backwards.
 //! - [`reconciler`]: the level-triggered loop and its ledger of instances.
-//! - [`runtime`]: drivers (`process` here; qemu/firecracker beside it).
-//! - [`net`]: per-instance netns, IPv6 addresses, isolation.
+//! - [`runtime`]: drivers (`process` here; qemu/firecracker beside it) and
+//!   the `auto` choice.
+//! - [`net`]: per-instance netns, IPv6 addresses, nftables isolation
+//!   (`scripts/instance-net.sh`).
 //! - [`image`], [`health`], [`logs`], [`captain`], [`api`], [`ledger`].
+//!
+//! **Architecture invariant.** The follower is the only component that
+//! talks to a VMM or starts instances, and it only ever acts on the desired
+//! state of the meta commit it has applied, which never moves backwards.
+//! Every side effect of the reconcile loop is behind a trait
+//! ([`reconciler::DesiredSource`], [`runtime::Runtime`],
+//! [`image::ImageSource`], [`captain::Captain`],
+//! [`reconciler::HealthChecker`]); every start is on disk (ledger) before
+//! it happens. Secrets exist in plaintext only in memory, on their way into
+//! an instance's environment.
+//!
+//! **API boundary.** Inbound: the node API ([`api`], bearer tokens of the
+//! captain and of the node). Outbound: the captain's REST API
+//! ([`captain::HttpCaptain`]) and a git fetch of the meta repository. State
+//! on disk under the data dir: `ledger/` (instances, follow state),
+//! `meta.git`, `instances/<id>/` (driver state, `stdout.log`, `log.jsonl`),
+//! `node-id`, `node-token`, `age-identity`, `captain-node-token`.
 
 pub mod api;
 pub mod captain;
