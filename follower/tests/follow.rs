@@ -109,3 +109,34 @@ async fn an_older_head_pushed_by_force_is_refused_and_reported() {
     .await;
     f.shutdown_and_stop_instances().await;
 }
+
+/// `POST /v1/notify` (what the captain calls after each commit) makes the
+/// follower fetch at once: with polling an hour apart, only the notify can
+/// explain the commit being applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_fetches_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let meta = common::Meta::new(tmp.path());
+    let mut cfg = FollowerConfig::new(tmp.path().join("node"), meta.url());
+    cfg.node_id = Some("node-n".into());
+    cfg.runtime = RuntimeChoice::Process;
+    cfg.instance_range = Some(common::random_range());
+    cfg.token = "captain-token".into();
+    cfg.poll_interval = Duration::from_secs(3600);
+    let f = Follower::start(cfg).await.unwrap();
+    let mut follow = f.follow.clone();
+    // The first fetch happens at start.
+    common::wait_for(20, "the first fetch", || (follow.borrow_and_update().fetches >= 1).then_some(())).await;
+
+    let digest = format!("sha256:{}", "b".repeat(64));
+    let c = meta.commit(&[&meta.release("web", &digest, 8080)], &[], &[], "r");
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/notify", f.api_addr);
+    assert_eq!(http.post(&url).send().await.unwrap().status(), 401);
+    assert_eq!(http.post(&url).bearer_auth("captain-token").send().await.unwrap().status(), 202);
+    common::wait_for(20, "the notified commit applied", || {
+        (follow.borrow_and_update().applied.as_deref() == Some(c.as_str())).then_some(())
+    })
+    .await;
+    f.shutdown_and_stop_instances().await;
+}
