@@ -119,6 +119,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(POST "/v1/images", Node, "Record an image's metadata", One(sch::<CreateImage>), 201 => One(sch::<ImageView>), create_image),
         route!(GET "/v1/images/{id}", User, "Get an image by id or digest", No, 200 => One(sch::<ImageView>), get_image),
         route!(DELETE "/v1/images/{id}", Admin, "Forget an image", No, 204 => No, delete_image),
+        route!(GET "/v1/routes/stream", User, "The edge's route table as server-sent events (edge::routes format)", No, 200 => No, crate::routes::stream),
         route!(GET "/meta.git/info/refs", Git, "git smart HTTP: ref advertisement (Basic or Bearer token)", No, 200 => No, crate::githttp::serve),
         route!(POST "/meta.git/git-upload-pack", Git, "git smart HTTP: fetch", No, 200 => No, crate::githttp::serve),
         route!(POST "/meta.git/git-receive-pack", Git, "git smart HTTP: push (validated by the pre-receive hook)", No, 200 => No, crate::githttp::serve),
@@ -1105,6 +1106,11 @@ pub struct NodeView {
     pub instances: i64,
     pub last_seen: i64,
     pub registered_at: i64,
+    /// Meta repo commit the node's follower last applied.
+    pub applied_commit: String,
+    /// A head the follower refused (does not descend from what it applied).
+    pub refused_commit: String,
+    pub refused_reason: String,
 }
 
 impl From<NodeRow> for NodeView {
@@ -1124,6 +1130,9 @@ impl From<NodeRow> for NodeView {
             instances: n.instances,
             last_seen: n.last_seen,
             registered_at: n.registered_at,
+            applied_commit: n.applied_commit,
+            refused_commit: n.refused_commit,
+            refused_reason: n.refused_reason,
         }
     }
 }
@@ -1186,6 +1195,16 @@ pub struct NodeResources {
 pub struct NodeHeartbeat {
     pub state: NodeState,
     pub resources: Option<NodeResources>,
+    pub meta: Option<NodeMetaStatus>,
+}
+
+/// Where the node's follower is in following the meta repo.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeMetaStatus {
+    pub applied_commit: Option<String>,
+    pub refused_commit: Option<String>,
+    pub refused_reason: Option<String>,
 }
 
 fn to_i64(what: &str, v: u64) -> Result<i64, ApiError> {
@@ -1226,14 +1245,26 @@ async fn register_node(
         instances: 0,
         last_seen: now,
         registered_at: now,
+        applied_commit: String::new(),
+        refused_commit: String::new(),
+        refused_reason: String::new(),
     };
+    // A node that registers again (its follower restarted, maybe on new
+    // ports) gets its row updated and a fresh token; its old tokens stop
+    // working.
+    let mut status = StatusCode::CREATED;
     match st.db.insert_node(&row).await {
         Ok(()) => {}
         Err(e) if e.is_unique_violation() => {
-            return Err(ApiError::new(
-                Code::Conflict,
-                format!("node {:?} is registered already", row.id),
-            ));
+            if !st.db.reregister_node(&row).await? {
+                return Err(ApiError::new(
+                    Code::Conflict,
+                    format!("node {:?} was removed while registering; try again", row.id),
+                ));
+            }
+            st.db.revoke_node_tokens(&row.id, now).await?;
+            status = StatusCode::OK;
+            tracing::info!(node = %row.id, "node registered again; previous node tokens revoked");
         }
         Err(e) => return Err(e.into()),
     }
@@ -1244,13 +1275,13 @@ async fn register_node(
         Some(&row.id),
     )
     .await?;
-    Ok(json(
-        StatusCode::CREATED,
-        RegisteredNode {
-            node: row.into(),
-            token,
-        },
-    ))
+    let node = st
+        .db
+        .node(&row.id)
+        .await?
+        .map(Into::into)
+        .unwrap_or_else(|| row.into());
+    Ok(json(status, RegisteredNode { node, token }))
 }
 
 async fn get_node(
@@ -1309,11 +1340,18 @@ async fn node_heartbeat(
         )),
         None => None,
     };
-    if !st
-        .db
-        .heartbeat(&id, b.state.as_str(), res, meta_schema::now_millis())
-        .await?
-    {
+    let hb = crate::db::Heartbeat {
+        state: b.state.as_str().to_string(),
+        resources: res,
+        meta: b.meta.map(|m| {
+            (
+                m.applied_commit.unwrap_or_default(),
+                m.refused_commit.unwrap_or_default(),
+                m.refused_reason.unwrap_or_default(),
+            )
+        }),
+    };
+    if !st.db.heartbeat(&id, &hb, meta_schema::now_millis()).await? {
         return Err(ApiError::not_found("node", &id));
     }
     let n = st
@@ -1491,6 +1529,9 @@ async fn report_instance(
     };
     st.db.upsert_instance(&row).await?;
     check_running(&st, &row.release_id).await?;
+    // A report can complete or fail a rollout and changes the routes.
+    st.rollout_wake.notify_one();
+    st.routes_wake.notify_one();
     Ok(json(StatusCode::OK, InstanceView::from(row)))
 }
 

@@ -194,6 +194,19 @@ pub struct NodeRow {
     pub instances: i64,
     pub last_seen: i64,
     pub registered_at: i64,
+    pub applied_commit: String,
+    pub refused_commit: String,
+    pub refused_reason: String,
+}
+
+/// A node heartbeat as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub state: String,
+    /// (cpus, memory_bytes, disk_bytes, memory_used_bytes, instances)
+    pub resources: Option<(i64, i64, i64, i64, i64)>,
+    /// (applied commit, refused commit, refused reason)
+    pub meta: Option<(String, String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,6 +321,9 @@ impl NodeRow {
             instances: i(r, "instances")?,
             last_seen: i(r, "last_seen")?,
             registered_at: i(r, "registered_at")?,
+            applied_commit: s(r, "applied_commit")?,
+            refused_commit: s(r, "refused_commit")?,
+            refused_reason: s(r, "refused_reason")?,
         })
     }
 }
@@ -756,8 +772,8 @@ impl Db {
 
     pub async fn insert_node(&self, n: &NodeRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO nodes (id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            "INSERT INTO nodes (id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at, applied_commit, refused_commit, refused_reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, '', '', '')",
         )
         .bind(&n.id)
         .bind(&n.address)
@@ -779,12 +795,35 @@ impl Db {
         Ok(())
     }
 
+    /// Re-registration of a known node (a restarted follower): new
+    /// addresses and resources, online again. Ok(false) if unknown.
+    pub async fn reregister_node(&self, n: &NodeRow) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE nodes SET address = $1, region = $2, cpus = $3, memory_bytes = $4, disk_bytes = $5, age_recipient = $6, api_url = $7, proxy_addr = $8, state = $9, last_seen = $10 WHERE id = $11",
+        )
+        .bind(&n.address)
+        .bind(&n.region)
+        .bind(n.cpus)
+        .bind(n.memory_bytes)
+        .bind(n.disk_bytes)
+        .bind(&n.age_recipient)
+        .bind(&n.api_url)
+        .bind(&n.proxy_addr)
+        .bind(&n.state)
+        .bind(n.last_seen)
+        .bind(&n.id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("re-registering a node"))?;
+        Ok(r.rows_affected() > 0)
+    }
+
     pub async fn node(&self, id: &str) -> Result<Option<NodeRow>> {
         row!(
             NodeRow,
             "reading a node",
             sqlx::query(
-                "SELECT id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at FROM nodes WHERE id = $1"
+                "SELECT id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at, applied_commit, refused_commit, refused_reason FROM nodes WHERE id = $1"
             )
             .bind(id),
             &self.pool
@@ -796,42 +835,52 @@ impl Db {
             NodeRow,
             "listing nodes",
             sqlx::query(
-                "SELECT id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at FROM nodes ORDER BY id"
+                "SELECT id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at, applied_commit, refused_commit, refused_reason FROM nodes ORDER BY id"
             ),
             &self.pool
         )
     }
 
-    /// Record a heartbeat: state, optional resources, last_seen.
-    pub async fn heartbeat(
-        &self,
-        id: &str,
-        state: &str,
-        res: Option<(i64, i64, i64, i64, i64)>,
-        now: i64,
-    ) -> Result<bool> {
-        let r = match res {
-            Some((cpus, mem, disk, used, inst)) => sqlx::query(
-                "UPDATE nodes SET state = $1, last_seen = $2, cpus = $3, memory_bytes = $4, disk_bytes = $5, memory_used_bytes = $6, instances = $7 WHERE id = $8",
-            )
-            .bind(state)
+    /// Record a heartbeat: state, optional resources, optional meta repo
+    /// status, last_seen.
+    pub async fn heartbeat(&self, id: &str, hb: &Heartbeat, now: i64) -> Result<bool> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("recording a heartbeat"))?;
+        let r = sqlx::query("UPDATE nodes SET state = $1, last_seen = $2 WHERE id = $3")
+            .bind(&hb.state)
             .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("recording a heartbeat"))?;
+        if let Some((cpus, mem, disk, used, inst)) = hb.resources {
+            sqlx::query(
+                "UPDATE nodes SET cpus = $1, memory_bytes = $2, disk_bytes = $3, memory_used_bytes = $4, instances = $5 WHERE id = $6",
+            )
             .bind(cpus)
             .bind(mem)
             .bind(disk)
             .bind(used)
             .bind(inst)
             .bind(id)
-            .execute(&self.pool)
-            .await,
-            None => sqlx::query("UPDATE nodes SET state = $1, last_seen = $2 WHERE id = $3")
-                .bind(state)
-                .bind(now)
-                .bind(id)
-                .execute(&self.pool)
-                .await,
+            .execute(&mut *tx)
+            .await
+            .map_err(q("recording a heartbeat"))?;
         }
-        .map_err(q("recording a heartbeat"))?;
+        if let Some((applied, refused, reason)) = &hb.meta {
+            sqlx::query("UPDATE nodes SET applied_commit = $1, refused_commit = $2, refused_reason = $3 WHERE id = $4")
+                .bind(applied)
+                .bind(refused)
+                .bind(reason)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("recording a heartbeat"))?;
+        }
+        tx.commit().await.map_err(q("recording a heartbeat"))?;
         Ok(r.rows_affected() > 0)
     }
 

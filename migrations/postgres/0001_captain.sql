@@ -69,7 +69,11 @@ CREATE TABLE nodes (
     memory_used_bytes  BIGINT NOT NULL,
     instances          BIGINT NOT NULL,
     last_seen          BIGINT NOT NULL,
-    registered_at      BIGINT NOT NULL
+    registered_at      BIGINT NOT NULL,
+    -- What the node's follower last reported about the meta repo.
+    applied_commit     TEXT NOT NULL DEFAULT '',
+    refused_commit     TEXT NOT NULL DEFAULT '',
+    refused_reason     TEXT NOT NULL DEFAULT ''
 );
 
 CREATE TABLE instances (

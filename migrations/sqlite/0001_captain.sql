@@ -69,7 +69,11 @@ CREATE TABLE nodes (
     memory_used_bytes  INTEGER NOT NULL,
     instances          INTEGER NOT NULL,
     last_seen          INTEGER NOT NULL,
-    registered_at      INTEGER NOT NULL
+    registered_at      INTEGER NOT NULL,
+    -- What the node's follower last reported about the meta repo.
+    applied_commit     TEXT NOT NULL DEFAULT '',
+    refused_commit     TEXT NOT NULL DEFAULT '',
+    refused_reason     TEXT NOT NULL DEFAULT ''
 );
 
 CREATE TABLE instances (
