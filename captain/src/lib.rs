@@ -126,6 +126,9 @@ pub struct Inner {
     pub routes_wake: Notify,
     /// The route table edges stream.
     pub routes: routes::RouteFeed,
+    /// Bumped after every mirror pass, i.e. after every commit the captain
+    /// wrote or saw pushed: in-process followers (`zw up`) fetch at once.
+    pub commits: watch::Sender<u64>,
 }
 
 impl Deref for AppState {
@@ -225,6 +228,7 @@ impl Captain {
             rollout_wake: Notify::new(),
             routes_wake: Notify::new(),
             routes: routes::RouteFeed::default(),
+            commits: watch::channel(0).0,
         }));
         let (shutdown, rx) = watch::channel(false);
         let tasks = vec![
@@ -236,7 +240,11 @@ impl Captain {
                 config.rollout_timeout,
                 rx.clone(),
             )),
-            tokio::spawn(routes::run(state.clone(), Duration::from_secs(1), rx.clone())),
+            tokio::spawn(routes::run(
+                state.clone(),
+                Duration::from_secs(1),
+                rx.clone(),
+            )),
         ];
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -314,6 +322,7 @@ async fn mirror_loop(state: AppState, mut stop: watch::Receiver<bool>) {
         // need a rollout and may change the routes.
         state.rollout_wake.notify_one();
         state.routes_wake.notify_one();
+        state.commits.send_modify(|n| *n += 1);
     }
 }
 

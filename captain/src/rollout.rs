@@ -65,7 +65,10 @@ impl Action {
                 d.instances.len()
             ),
             Action::Promote(_) => format!("Promote {}/{} release {rel}", d.env, d.app),
-            Action::Fail(_) => format!("Fail rollout of {}/{} release {rel}: {}", d.env, d.app, d.reason),
+            Action::Fail(_) => format!(
+                "Fail rollout of {}/{} release {rel}: {}",
+                d.env, d.app, d.reason
+            ),
         }
     }
 }
@@ -82,7 +85,10 @@ fn placeable<'a>(nodes: &'a [NodeRow], regions: &[String]) -> Vec<&'a NodeRow> {
 /// Spread `count` new instances over `nodes`, least loaded first.
 fn place(count: u32, nodes: &[&NodeRow], instances: &[InstanceRow]) -> Vec<pb::Placement> {
     let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.id.as_str(), 0)).collect();
-    for i in instances.iter().filter(|i| i.state != "stopped" && i.state != "failed") {
+    for i in instances
+        .iter()
+        .filter(|i| i.state != "stopped" && i.state != "failed")
+    {
         if let Some(l) = load.get_mut(i.node_id.as_str()) {
             *l += 1;
         }
@@ -116,22 +122,42 @@ fn next_file(r: &RolloutView, state: DeploymentState, reason: String, now: i64) 
     }
 }
 
-fn check_rollout(r: &RolloutView, instances: &[InstanceRow], now: i64, timeout_ms: i64) -> Option<Action> {
-    let placed: BTreeSet<&str> = r.latest.instances.iter().map(|p| p.instance_id.as_str()).collect();
+fn check_rollout(
+    r: &RolloutView,
+    instances: &[InstanceRow],
+    now: i64,
+    timeout_ms: i64,
+) -> Option<Action> {
+    let placed: BTreeSet<&str> = r
+        .latest
+        .instances
+        .iter()
+        .map(|p| p.instance_id.as_str())
+        .collect();
     let seen: Vec<&InstanceRow> = instances
         .iter()
         .filter(|i| placed.contains(i.id.as_str()) && i.rollout_id == r.rollout_id)
         .collect();
     let healthy = seen.iter().filter(|i| i.state == "healthy").count();
     if !placed.is_empty() && healthy == placed.len() {
-        return Some(Action::Promote(next_file(r, DeploymentState::Promoted, String::new(), now)));
+        return Some(Action::Promote(next_file(
+            r,
+            DeploymentState::Promoted,
+            String::new(),
+            now,
+        )));
     }
     if let Some(f) = seen.iter().find(|i| i.state == "failed") {
         let reason = format!(
             "instance {} on node {} failed after {} start attempts: {}",
             f.id, f.node_id, f.attempts, f.reason
         );
-        return Some(Action::Fail(next_file(r, DeploymentState::Failed, reason, now)));
+        return Some(Action::Fail(next_file(
+            r,
+            DeploymentState::Failed,
+            reason,
+            now,
+        )));
     }
     if now - r.latest.created_at > timeout_ms {
         let reason = format!(
@@ -139,7 +165,12 @@ fn check_rollout(r: &RolloutView, instances: &[InstanceRow], now: i64, timeout_m
             timeout_ms / 1000,
             placed.len()
         );
-        return Some(Action::Fail(next_file(r, DeploymentState::Failed, reason, now)));
+        return Some(Action::Fail(next_file(
+            r,
+            DeploymentState::Failed,
+            reason,
+            now,
+        )));
     }
     None
 }
@@ -189,9 +220,9 @@ pub fn plan(
         .envs
         .values()
         .flat_map(|env| {
-            env.apps
-                .values()
-                .filter_map(|app| plan_app(app, &env.env.regions, instances, nodes, now, timeout_ms))
+            env.apps.values().filter_map(|app| {
+                plan_app(app, &env.env.regions, instances, nodes, now, timeout_ms)
+            })
         })
         .collect()
 }
@@ -219,8 +250,12 @@ pub async fn pass(captain: &Captain, timeout: Duration) -> Result<Vec<Action>, R
     let actions = plan(&state, &instances, &nodes, now, timeout);
     for action in &actions {
         let d = action.deployment();
-        let changes = ChangeSet::new().add(deployment_path(&d.env, &d.app, &d.id), d.encode_to_vec());
-        captain.meta.commit(changes, action.commit_message()).await?;
+        let changes =
+            ChangeSet::new().add(deployment_path(&d.env, &d.app, &d.id), d.encode_to_vec());
+        captain
+            .meta
+            .commit(changes, action.commit_message())
+            .await?;
         tracing::info!(env = %d.env, app = %d.app, rollout = %d.rollout_id, "{}", action.commit_message());
         if let Some(rel) = &d.release {
             let (from, to) = match action {
@@ -230,9 +265,15 @@ pub async fn pass(captain: &Captain, timeout: Duration) -> Result<Vec<Action>, R
             };
             // Best effort: the release's row may already have moved on
             // (e.g. a rollback of a release that once ran).
-            let _ = captain.db.set_deployment_status(&rel.id, from, to, &d.reason, now).await;
+            let _ = captain
+                .db
+                .set_deployment_status(&rel.id, from, to, &d.reason, now)
+                .await;
             if matches!(action, Action::Start(_)) {
-                let _ = captain.db.set_deployment_status(&rel.id, "pending", to, "", now).await;
+                let _ = captain
+                    .db
+                    .set_deployment_status(&rel.id, "pending", to, "", now)
+                    .await;
             }
         }
     }
@@ -245,7 +286,12 @@ pub async fn pass(captain: &Captain, timeout: Duration) -> Result<Vec<Action>, R
 
 /// The rollout loop: a pass every `interval`, and at once when woken
 /// (instance report, commit).
-pub async fn run(captain: Captain, interval: Duration, timeout: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    captain: Captain,
+    interval: Duration,
+    timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -258,7 +304,9 @@ pub async fn run(captain: Captain, interval: Duration, timeout: Duration, mut st
         }
         match pass(&captain, timeout).await {
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "rollout pass failed; retrying on the next activation"),
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout pass failed; retrying on the next activation")
+            }
         }
     }
 }
@@ -341,10 +389,16 @@ mod tests {
     #[test]
     fn start_spreads_then_promotes_when_all_healthy() {
         let (mut t, r) = tree_with_release();
-        let nodes = vec![node("a", "online"), node("b", "online"), node("c", "offline")];
+        let nodes = vec![
+            node("a", "online"),
+            node("b", "online"),
+            node("c", "offline"),
+        ];
         let s = desired_state(&t, 10).unwrap();
         let acts = plan(&s, &[], &nodes, 10, T);
-        let [Action::Start(d)] = acts.as_slice() else { panic!("{acts:?}") };
+        let [Action::Start(d)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
         assert_eq!(d.release.as_ref().unwrap().id, r.id);
         let on: Vec<&str> = d.instances.iter().map(|p| p.node.as_str()).collect();
         assert_eq!(on.len(), 3);
@@ -354,19 +408,33 @@ mod tests {
 
         // Nothing to do while instances come up; planning twice is stable.
         let s = desired_state(&t, 20).unwrap();
-        let mut reports: Vec<InstanceRow> = d.instances.iter().map(|p| report(p, &d.id, "starting")).collect();
+        let mut reports: Vec<InstanceRow> = d
+            .instances
+            .iter()
+            .map(|p| report(p, &d.id, "starting"))
+            .collect();
         assert!(plan(&s, &reports, &nodes, 20, T).is_empty());
         reports[0].state = "healthy".into();
         reports[1].state = "healthy".into();
         assert!(plan(&s, &reports, &nodes, 20, T).is_empty());
         reports[2].state = "healthy".into();
         let acts = plan(&s, &reports, &nodes, 30, T);
-        let [Action::Promote(p)] = acts.as_slice() else { panic!("{acts:?}") };
+        let [Action::Promote(p)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
         assert_eq!(p.rollout_id, d.id);
         assert_eq!(p.instances, d.instances);
         apply(&mut t, &acts[0]);
         let s = desired_state(&t, 40).unwrap();
-        assert_eq!(s.app("prod", "web").unwrap().serving.as_ref().unwrap().rollout_id, d.id);
+        assert_eq!(
+            s.app("prod", "web")
+                .unwrap()
+                .serving
+                .as_ref()
+                .unwrap()
+                .rollout_id,
+            d.id
+        );
         assert!(plan(&s, &reports, &nodes, 40, T).is_empty(), "converged");
     }
 
@@ -379,11 +447,21 @@ mod tests {
         apply(&mut t, &acts[0]);
         let d = acts[0].deployment().clone();
         let s = desired_state(&t, 1001).unwrap();
-        let mut reports: Vec<InstanceRow> = d.instances.iter().map(|p| report(p, &d.id, "healthy")).collect();
+        let mut reports: Vec<InstanceRow> = d
+            .instances
+            .iter()
+            .map(|p| report(p, &d.id, "healthy"))
+            .collect();
         reports[1].state = "failed".into();
         let acts = plan(&s, &reports, &nodes, 1001, T);
-        let [Action::Fail(f)] = acts.as_slice() else { panic!("{acts:?}") };
-        assert!(f.reason.contains("failed after 3 start attempts: exit 1"), "{}", f.reason);
+        let [Action::Fail(f)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert!(
+            f.reason.contains("failed after 3 start attempts: exit 1"),
+            "{}",
+            f.reason
+        );
         // After the failure file, nothing more happens for this release.
         apply(&mut t, &acts[0]);
         let s = desired_state(&t, 1002).unwrap();
@@ -396,8 +474,14 @@ mod tests {
         let s = desired_state(&t, 1000).unwrap();
         let later = 1000 + T.as_millis() as i64 + 1;
         let acts = plan(&s, &[], &nodes, later, T);
-        let [Action::Fail(f)] = acts.as_slice() else { panic!("{acts:?}") };
-        assert!(f.reason.contains("not healthy within 600 s (0 of 3"), "{}", f.reason);
+        let [Action::Fail(f)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert!(
+            f.reason.contains("not healthy within 600 s (0 of 3"),
+            "{}",
+            f.reason
+        );
     }
 
     #[test]

@@ -29,8 +29,15 @@ pub fn compute(state: &DesiredState, instances: &[InstanceRow], nodes: &[NodeRow
     let mut taken = BTreeSet::new();
     for env in state.envs.values() {
         for app in env.apps.values() {
-            let Some(active) = &app.active_release else { continue };
-            let mut domains: Vec<String> = env.env.domains.iter().map(|d| format!("{}.{d}", app.name)).collect();
+            let Some(active) = &app.active_release else {
+                continue;
+            };
+            let mut domains: Vec<String> = env
+                .env
+                .domains
+                .iter()
+                .map(|d| format!("{}.{d}", app.name))
+                .collect();
             let release = app.serving.as_ref().map(|s| &s.release).unwrap_or(active);
             domains.extend(release.domains.iter().map(|d| d.to_ascii_lowercase()));
             let backends: Vec<Backend> = app
@@ -118,7 +125,11 @@ async fn refresh(captain: &AppState) -> Result<(), String> {
     };
     let tree = captain.meta.tree(head).await.map_err(|e| e.to_string())?;
     let state = desired_state(&tree, now_millis()).map_err(|e| format!("{e}"))?;
-    let instances = captain.db.instances(None).await.map_err(|e| e.to_string())?;
+    let instances = captain
+        .db
+        .instances(None)
+        .await
+        .map_err(|e| e.to_string())?;
     let nodes = captain.db.nodes().await.map_err(|e| e.to_string())?;
     captain.routes.publish(compute(&state, &instances, &nodes));
     Ok(())
@@ -142,7 +153,9 @@ pub async fn run(captain: AppState, interval: Duration, mut stop: watch::Receive
 }
 
 /// `GET /v1/routes/stream`: the whole table now, then on every change.
-pub async fn stream(State(captain): State<AppState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub async fn stream(
+    State(captain): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let rx = captain.routes.subscribe();
     let s = futures::stream::unfold((rx, true), |(mut rx, first)| async move {
         if !first && rx.changed().await.is_err() {
@@ -156,7 +169,11 @@ pub async fn stream(State(captain): State<AppState>) -> Sse<impl Stream<Item = R
             .data(data);
         Some((Ok(ev), (rx, false)))
     });
-    Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keepalive"))
+    Sse::new(s).keep_alive(
+        KeepAlive::new()
+            .interval(Duration::from_secs(15))
+            .text("keepalive"),
+    )
 }
 
 #[cfg(test)]
@@ -195,24 +212,25 @@ mod tests {
             instance_id: meta_schema::new_id(),
             node: n.into(),
         };
-        let mut dep = |r: &pb::Release, state: DeploymentState, rollout: Option<&pb::Deployment>| {
-            let id = meta_schema::new_id();
-            let d = pb::Deployment {
-                id: id.clone(),
-                app: "web".into(),
-                env: "prod".into(),
-                rollout_id: rollout.map(|x| x.rollout_id.clone()).unwrap_or(id.clone()),
-                state: state as i32,
-                release: Some(r.clone()),
-                instances: rollout
-                    .map(|x| x.instances.clone())
-                    .unwrap_or_else(|| vec![placement("a"), placement("b")]),
-                created_at: 1,
-                reason: String::new(),
+        let mut dep =
+            |r: &pb::Release, state: DeploymentState, rollout: Option<&pb::Deployment>| {
+                let id = meta_schema::new_id();
+                let d = pb::Deployment {
+                    id: id.clone(),
+                    app: "web".into(),
+                    env: "prod".into(),
+                    rollout_id: rollout.map(|x| x.rollout_id.clone()).unwrap_or(id.clone()),
+                    state: state as i32,
+                    release: Some(r.clone()),
+                    instances: rollout
+                        .map(|x| x.instances.clone())
+                        .unwrap_or_else(|| vec![placement("a"), placement("b")]),
+                    created_at: 1,
+                    reason: String::new(),
+                };
+                t.insert(deployment_path("prod", "web", &id), d.encode_to_vec());
+                d
             };
-            t.insert(deployment_path("prod", "web", &id), d.encode_to_vec());
-            d
-        };
         let d1 = dep(&r1, DeploymentState::RollingOut, None);
         dep(&r1, DeploymentState::Promoted, Some(&d1));
         let r2 = rel("2");
@@ -264,14 +282,21 @@ mod tests {
         let domains: Vec<&str> = routes.iter().map(|r| r.domain.as_str()).collect();
         assert_eq!(domains, ["web.localhost", "www.example.com"]);
         for r in &routes {
-            assert_eq!(r.backends.len(), 1, "only the healthy instance of the serving rollout");
+            assert_eq!(
+                r.backends.len(),
+                1,
+                "only the healthy instance of the serving rollout"
+            );
             assert_eq!(r.backends[0].instance_id, d1.instances[0].instance_id);
             assert_eq!(r.backends[0].node_proxy, "127.0.0.1:9001");
         }
         let feed = RouteFeed::default();
         assert!(feed.publish(routes.clone()));
         let v = feed.current().version;
-        assert!(!feed.publish(routes), "an unchanged table is not republished");
+        assert!(
+            !feed.publish(routes),
+            "an unchanged table is not republished"
+        );
         assert_eq!(feed.current().version, v);
     }
 }

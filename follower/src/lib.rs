@@ -380,8 +380,10 @@ async fn heartbeats(
     reg.cpus = res.cpus;
     reg.memory_bytes = res.memory_bytes;
     reg.disk_bytes = res.disk_bytes;
-    // The node token the captain issued, kept across restarts: the captain
-    // registers a node id once.
+    // Register at every start: the node API and node-proxy addresses may
+    // have changed, and the captain updates a known node and rotates its
+    // token (the previous one stops working). The token is kept on disk for
+    // operators; the follower never reuses it across starts.
     let token_path = data_dir.join("captain-node-token");
     let accept = |token: &str| {
         let mut t = (**api.tokens.load()).clone();
@@ -390,14 +392,7 @@ async fn heartbeats(
             api.tokens.store(Arc::new(t));
         }
     };
-    let mut registered = match std::fs::read_to_string(&token_path) {
-        Ok(t) if !t.trim().is_empty() => {
-            captain.set_node_token(Some(t.trim().to_string()));
-            accept(t.trim());
-            true
-        }
-        _ => false,
-    };
+    let mut registered = false;
     let mut delay = Duration::from_millis(500);
     loop {
         if !registered {

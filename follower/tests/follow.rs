@@ -86,24 +86,30 @@ async fn an_older_head_pushed_by_force_is_refused_and_reported() {
     assert_eq!(st.refused, None);
     f.shutdown().await;
 
-    // A restart on the same data dir keeps the node's token: no second
-    // registration (the captain registers a node id once).
-    let beats = captain.count("PUT", "/v1/nodes/node-r/state");
+    // A restart on the same data dir registers again (its addresses may
+    // have changed; the captain updates the node and rotates its token)
+    // and heartbeats with the new token.
     let f = Follower::start(cfg_again()).await.unwrap();
-    common::wait_for(20, "heartbeats of the restarted follower", || {
-        (captain.count("PUT", "/v1/nodes/node-r/state") > beats).then_some(())
+    common::wait_for(20, "the restarted follower registers again", || {
+        (captain.count("POST", "/v1/nodes") == 2).then_some(())
     })
     .await;
-    assert_eq!(captain.count("POST", "/v1/nodes"), 1);
-    assert_eq!(captain.all().last().unwrap().auth, format!("Bearer {}", common::issued_token(1)));
-    // The captain revokes the token: the follower registers again.
-    captain.revoked.lock().unwrap().push(common::issued_token(1));
-    common::wait_for(20, "a second registration", || (captain.count("POST", "/v1/nodes") == 2).then_some(())).await;
-    common::wait_for(20, "heartbeats with the new token", || {
+    common::wait_for(20, "heartbeats with the rotated token", || {
         captain
             .all()
             .iter()
             .any(|r| r.method == "PUT" && r.auth == format!("Bearer {}", common::issued_token(2)))
+            .then_some(())
+    })
+    .await;
+    // The captain revokes the token: the follower registers again.
+    captain.revoked.lock().unwrap().push(common::issued_token(2));
+    common::wait_for(20, "a third registration", || (captain.count("POST", "/v1/nodes") == 3).then_some(())).await;
+    common::wait_for(20, "heartbeats with the new token", || {
+        captain
+            .all()
+            .iter()
+            .any(|r| r.method == "PUT" && r.auth == format!("Bearer {}", common::issued_token(3)))
             .then_some(())
     })
     .await;
