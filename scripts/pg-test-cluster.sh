@@ -32,8 +32,11 @@ if ! as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -o "$opts"
   exit 1
 fi
 
+# The reaper ignores the signals a harness (timeout, Ctrl-C) sends to the
+# whole process group, so a killed test run still stops its cluster.
 (
-  trap '' HUP INT
+  set +e
+  trap '' HUP INT TERM
   while kill -0 "$watch" 2>/dev/null; do sleep 0.5; done
   as_pg "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
   rm -rf "$dir"
