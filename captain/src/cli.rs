@@ -75,3 +75,64 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     captain.shutdown().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_map_onto_the_config() {
+        let cli = Cli::try_parse_from([
+            "zw",
+            "--data-dir",
+            "/var/lib/zw",
+            "--listen",
+            "0.0.0.0:9000",
+            "--database-url",
+            "postgres://db/zw",
+            "--meta-repo",
+            "https://git.example.com/meta.git",
+            "--platform-domain",
+            "zeitwork.app",
+            "--platform-domain",
+            "localhost",
+            "--heartbeat-interval-secs",
+            "2",
+        ])
+        .unwrap();
+        let c = cli.args.config();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/zw"));
+        assert_eq!(c.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.database_url(), "postgres://db/zw");
+        assert_eq!(
+            c.meta_repo.as_deref(),
+            Some("https://git.example.com/meta.git")
+        );
+        assert_eq!(c.platform_domains, vec!["zeitwork.app", "localhost"]);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(
+            c.admin_token_path(),
+            PathBuf::from("/var/lib/zw/admin.token")
+        );
+        assert!(Cli::try_parse_from(["zw", "--listen", "x"]).is_err());
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let c = Config::new("/d");
+        assert_eq!(c.database_url(), "sqlite:///d/captain.db?mode=rwc");
+        assert!(c.github_webhook_secret.is_none() && c.github_client_id.is_none());
+        assert_eq!(
+            c.hook_command().last().map(String::as_str),
+            Some("captain-pre-receive")
+        );
+    }
+}
