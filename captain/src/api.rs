@@ -90,7 +90,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(POST "/v1/webhook/github", Public, "GitHub push webhook (HMAC X-Hub-Signature-256)", One(sch::<GithubPush>), 202 => One(sch::<WebhookResult>), crate::webhook::github),
         route!(POST "/v1/waitlist", Public, "Join the waitlist", One(sch::<JoinWaitlist>), 201 => One(sch::<WaitlistResult>), join_waitlist),
         route!(GET "/v1/openapi.json", Public, "This OpenAPI document", No, 200 => No, openapi_json),
-        route!(GET "/metrics", Public, "Prometheus metrics", No, 200 => No, crate::metrics::render),
+        route!(GET "/metrics", Node, "Prometheus metrics (scrape with any token)", No, 200 => No, crate::metrics::render),
         route!(GET "/v1/tokens", Admin, "List API tokens", No, 200 => List(sch::<TokenView>), list_tokens),
         route!(POST "/v1/tokens", Admin, "Create an API token", One(sch::<CreateToken>), 201 => One(sch::<CreatedToken>), create_token),
         route!(DELETE "/v1/tokens/{id}", Admin, "Revoke an API token", No, 204 => No, revoke_token),

@@ -988,6 +988,7 @@ async fn openapi_and_metrics(backend: Backend) {
     let m = env
         .http
         .get(format!("{}/metrics", env.base))
+        .bearer_auth(&env.token)
         .send()
         .await
         .unwrap()
@@ -997,6 +998,17 @@ async fn openapi_and_metrics(backend: Backend) {
     assert!(m.contains("zw_captain_http_requests_total{method=\"GET\",route=\"/v1/openapi.json\",status=\"200\"}"), "{m}");
     assert!(m.contains("zw_captain_http_request_duration_seconds_bucket"));
     assert!(m.contains("zw_captain_meta_commits_written_total"));
+    let anon = env
+        .http
+        .get(format!("{}/metrics", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        anon.status().as_u16(),
+        401,
+        "metrics need a token (invariant 7)"
+    );
     assert!(m.contains("zw_captain_mirror_lag_seconds"));
     env.stop().await;
 }
