@@ -100,7 +100,10 @@ fn main() {
     let clone = tmp.path().join("meta-clone");
     let url = format!("http://zw:{}@127.0.0.1:{api_port}/meta.git", up.token);
     git(tmp.path(), &["clone", "-q", &url, clone.to_str().unwrap()]);
-    git(&clone, &["revert", "--no-edit", d2["commit"].as_str().unwrap()]);
+    git(
+        &clone,
+        &["revert", "--no-edit", d2["commit"].as_str().unwrap()],
+    );
     let t = Instant::now();
     git(&clone, &["push", "-q", "origin", "main"]);
     let revert = serving_after(&up, "version-1", t);
@@ -109,7 +112,12 @@ fn main() {
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("app's own start (busybox httpd by hand): {:.1} ms", ms(app));
-    println!("commit -> serving: first deploy {:.0} ms, rollout v2 {:.0} ms, git revert {:.0} ms", ms(first), ms(rollout), ms(revert));
+    println!(
+        "commit -> serving: first deploy {:.0} ms, rollout v2 {:.0} ms, git revert {:.0} ms",
+        ms(first),
+        ms(rollout),
+        ms(revert)
+    );
     println!(
         "deploy under load: {} requests, {} failed, longest gap between successes {:.1} ms, versions {:?}",
         r.requests,
@@ -117,7 +125,10 @@ fn main() {
         ms(r.max_gap),
         r.order
     );
-    println!("idle zw up RSS (3 instances deployed, instances excluded): {:.1} MiB", rss as f64 / 1024.0);
+    println!(
+        "idle zw up RSS (3 instances deployed, instances excluded): {:.1} MiB",
+        rss as f64 / 1024.0
+    );
     let overhead = ms(rollout) - ms(app);
     println!(
         "{}",
@@ -127,5 +138,8 @@ fn main() {
         "{}",
         json!({"bench": "deploy_under_load", "failed_requests": r.errors.len(), "requests": r.requests, "longest_gap_ms": ms(r.max_gap), "target_gap_ms": 100})
     );
-    println!("{}", json!({"bench": "zw_up_idle_rss_mib", "ours": rss as f64 / 1024.0, "target": 64}));
+    println!(
+        "{}",
+        json!({"bench": "zw_up_idle_rss_mib", "ours": rss as f64 / 1024.0, "target": 64})
+    );
 }

@@ -64,7 +64,8 @@ pub fn run(cmd: MetaCommand) -> Result<ExitCode> {
             if is_git_repo(&dir) {
                 anyhow::bail!("{} is already a git repository", dir.display());
             }
-            let repo = MetaRepo::init_bare(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let repo =
+                MetaRepo::init_bare(&dir).with_context(|| format!("creating {}", dir.display()))?;
             println!("Initialised meta repository {}", repo.path().display());
             println!("Clone it and run once: git config diff.zwmeta.textconv \"zw meta decode\"");
             Ok(ExitCode::SUCCESS)
@@ -72,11 +73,15 @@ pub fn run(cmd: MetaCommand) -> Result<ExitCode> {
         MetaCommand::Validate { path, rev } => {
             let tree = if is_git_repo(&path) {
                 let repo = MetaRepo::open(&path)?;
-                repo.tree_at(&rev).with_context(|| format!("reading {rev} of {}", path.display()))?
+                repo.tree_at(&rev)
+                    .with_context(|| format!("reading {rev} of {}", path.display()))?
             } else if path.is_dir() {
                 MetaTree::from_dir(&path)?
             } else {
-                anyhow::bail!("{} is neither a git repository nor a directory", path.display());
+                anyhow::bail!(
+                    "{} is neither a git repository nor a directory",
+                    path.display()
+                );
             };
             match validate_tree(&tree) {
                 Ok(()) => {
@@ -104,10 +109,15 @@ pub fn run(cmd: MetaCommand) -> Result<ExitCode> {
                 std::io::stdin().read_to_end(&mut b)?;
                 (b, kind)
             } else {
-                let b = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-                (b, kind.or_else(|| text::kind_of_path(&file.to_string_lossy())))
+                let b =
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                (
+                    b,
+                    kind.or_else(|| text::kind_of_path(&file.to_string_lossy())),
+                )
             };
-            let out = text::decode(kind, &bytes).with_context(|| format!("decoding {}", file.display()))?;
+            let out = text::decode(kind, &bytes)
+                .with_context(|| format!("decoding {}", file.display()))?;
             print!("{out}");
             Ok(ExitCode::SUCCESS)
         }
@@ -142,7 +152,11 @@ pub fn run(cmd: MetaCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        MetaCommand::Revert { repo, commit, branch } => {
+        MetaCommand::Revert {
+            repo,
+            commit,
+            branch,
+        } => {
             let r = MetaRepo::open(&repo)?;
             let id = r.revert(&branch, &commit)?;
             println!("{id}");

@@ -74,11 +74,17 @@ fn write_file(path: &Path, contents: &str) -> Result<()> {
 fn local_pki(data: &Path) -> Result<(String, edge::pki::IssuedCert)> {
     let ca = Ca::load_or_create(&data.join("pki"), "zeitwork local CA").context("local CA")?;
     let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let proxy = ca.issue_node_proxy("local-node", &names).context("node-proxy certificate")?;
+    let proxy = ca
+        .issue_node_proxy("local-node", &names)
+        .context("node-proxy certificate")?;
     let mtls = data.join("edge").join("mtls");
     std::fs::create_dir_all(&mtls).with_context(|| format!("creating {}", mtls.display()))?;
-    let client = ca.issue_edge_client("zw-up-edge").context("edge client certificate")?;
-    client.save(&mtls, "edge").context("saving the edge client certificate")?;
+    let client = ca
+        .issue_edge_client("zw-up-edge")
+        .context("edge client certificate")?;
+    client
+        .save(&mtls, "edge")
+        .context("saving the edge client certificate")?;
     write_file(&mtls.join("ca.crt"), ca.cert_pem())?;
     Ok((ca.cert_pem().to_string(), proxy))
 }
@@ -87,14 +93,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
     edge::tls::install_default_provider();
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    let data = data.canonicalize().with_context(|| format!("resolving {}", data.display()))?;
+    let data = data
+        .canonicalize()
+        .with_context(|| format!("resolving {}", data.display()))?;
 
     // Captain: data dir root, embedded SQLite and meta repo.
     let mut ccfg = captain::Config::new(&data);
     ccfg.listen = args.api;
     ccfg.poll_interval = Duration::from_secs(5);
     ccfg.rollout_interval = Duration::from_millis(500);
-    let captain = captain::Captain::start(ccfg).await.context("starting the captain")?;
+    let captain = captain::Captain::start(ccfg)
+        .await
+        .context("starting the captain")?;
     let api_url = format!("http://{}", captain.local_addr());
     write_file(&data.join("api.url"), &api_url)?;
     let token_path = data.join("admin.token");
@@ -111,16 +121,23 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let proxy_addr = proxy_listener.local_addr()?;
 
     let store = data.join("store");
-    let mut fcfg = follower::FollowerConfig::new(data.join("follower"), data.join("meta.git").display().to_string());
+    let mut fcfg = follower::FollowerConfig::new(
+        data.join("follower"),
+        data.join("meta.git").display().to_string(),
+    );
     fcfg.captain_url = Some(api_url.clone());
     fcfg.token = token.clone();
     fcfg.runtime = args.runtime;
-    fcfg.images = Some(Arc::new(follower::image::LocalDirImageSource { root: store.clone() }));
+    fcfg.images = Some(Arc::new(follower::image::LocalDirImageSource {
+        root: store.clone(),
+    }));
     fcfg.proxy_addr = Some(proxy_addr.to_string());
     fcfg.poll_interval = Duration::from_secs(5);
     fcfg.reconcile_interval = Duration::from_secs(1);
     fcfg.heartbeat_interval = Duration::from_secs(2);
-    let follower = follower::Follower::start(fcfg).await.context("starting the follower")?;
+    let follower = follower::Follower::start(fcfg)
+        .await
+        .context("starting the follower")?;
 
     // The node-proxy resolves an instance id through the follower's ledger.
     let instances = follower.reconciler.instances.clone();
@@ -129,8 +146,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
         let rec = map.get(id)?;
         Some(SocketAddr::from((rec.ip, rec.port)))
     };
-    let node_proxy = NodeProxy::new(&ca_pem, &proxy_cert, Arc::new(resolver), NodeProxyConfig::default())
-        .context("node-proxy TLS")?;
+    let node_proxy = NodeProxy::new(
+        &ca_pem,
+        &proxy_cert,
+        Arc::new(resolver),
+        NodeProxyConfig::default(),
+    )
+    .context("node-proxy TLS")?;
     let stop = CancellationToken::new();
     let proxy_task = tokio::spawn(node_proxy.serve(proxy_listener, stop.clone()));
 
@@ -159,7 +181,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
     println!("zeitwork is up");
     println!("  API:          {api_url}   (git: {api_url}/meta.git)");
     println!("  admin token:  {}", token_path.display());
-    println!("  apps:         http://<app>.localhost:{}  https://<app>.localhost:{}", args.http.port(), args.https.port());
+    println!(
+        "  apps:         http://<app>.localhost:{}  https://<app>.localhost:{}",
+        args.http.port(),
+        args.https.port()
+    );
     println!("  runtime:      {}", follower.runtime_reason);
     println!("  data:         {}", data.display());
     println!("Ctrl-C stops everything, instances included; `zw up` again brings them back.");

@@ -4,7 +4,8 @@
 #[test]
 fn every_workspace_member_is_in_architecture_md() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let arch = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md exists");
+    let arch =
+        std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md exists");
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
     let members_line = manifest
         .lines()
@@ -18,10 +19,17 @@ fn every_workspace_member_is_in_architecture_md() {
         .collect();
     assert!(members.len() >= 5, "{members:?}");
     let mut missing = Vec::new();
-    for m in members.iter().copied().chain(["migrations", "scripts", "example-meta", "zw"]) {
+    for m in members
+        .iter()
+        .copied()
+        .chain(["migrations", "scripts", "example-meta", "zw"])
+    {
         if !arch.contains(&format!("### `{m}`")) {
             missing.push(m);
         }
     }
-    assert!(missing.is_empty(), "ARCHITECTURE.md has no `### `<name>`` section for {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md has no `### `<name>`` section for {missing:?}"
+    );
 }

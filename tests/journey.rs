@@ -24,7 +24,13 @@ fn journey_deploy_rollout_revert_and_failed_deploy_under_load() {
     setup_app(&up);
     let v1 = build(tmp.path(), &data, "v1", "<h1>hello version-1</h1>", None);
     let v2 = build(tmp.path(), &data, "v2", "<h1>hello version-2</h1>", None);
-    let bad = build(tmp.path(), &data, "bad", "<h1>never served</h1>", Some(r#"["/bin/busybox", "false"]"#));
+    let bad = build(
+        tmp.path(),
+        &data,
+        "bad",
+        "<h1>never served</h1>",
+        Some(r#"["/bin/busybox", "false"]"#),
+    );
 
     deploy(&up, &v1);
     wait_for_page(&up, "version-1", 60);
@@ -34,20 +40,40 @@ fn journey_deploy_rollout_revert_and_failed_deploy_under_load() {
     let d2 = deploy(&up, &v2);
     wait_for_page(&up, "version-2", 60);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(load.failures.load(Ordering::Relaxed), 0, "failures during v1 -> v2");
+    assert_eq!(
+        load.failures.load(Ordering::Relaxed),
+        0,
+        "failures during v1 -> v2"
+    );
 
     // Rollback by git: revert the commit that added the v2 release, in a
     // clone of the captain's meta repo over smart HTTP, and push.
     let clone = tmp.path().join("meta-clone");
     let url = format!("http://zw:{}@127.0.0.1:{api_port}/meta.git", up.token);
     git(tmp.path(), &["clone", "-q", &url, clone.to_str().unwrap()]);
-    git(&clone, &["revert", "--no-edit", d2["commit"].as_str().unwrap()]);
+    git(
+        &clone,
+        &["revert", "--no-edit", d2["commit"].as_str().unwrap()],
+    );
     git(&clone, &["push", "-q", "origin", "main"]);
     wait_for_page(&up, "version-1", 60);
     std::thread::sleep(Duration::from_millis(300));
-    let LoadResult { requests, order, errors, .. } = load.finish();
-    assert_eq!(errors, Vec::<String>::new(), "failed requests out of {requests}");
-    assert_eq!(order, ["version-1", "version-2", "version-1"], "answers switched v1 -> v2 -> v1 ({requests} requests)");
+    let LoadResult {
+        requests,
+        order,
+        errors,
+        ..
+    } = load.finish();
+    assert_eq!(
+        errors,
+        Vec::<String>::new(),
+        "failed requests out of {requests}"
+    );
+    assert_eq!(
+        order,
+        ["version-1", "version-2", "version-1"],
+        "answers switched v1 -> v2 -> v1 ({requests} requests)"
+    );
 
     // A release that never becomes healthy is failed; v1 keeps serving.
     let load = Load::start(http);
@@ -55,17 +81,35 @@ fn journey_deploy_rollout_revert_and_failed_deploy_under_load() {
     let id = d3["id"].as_str().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while deployment_status(&up, id) != "failed" {
-        assert!(Instant::now() < deadline, "bad release not failed:\n{}", up.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "bad release not failed:\n{}",
+            up.log_text()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
-    let LoadResult { requests, order, errors, .. } = load.finish();
-    assert_eq!(errors, Vec::<String>::new(), "failed requests out of {requests} during the failed deploy");
+    let LoadResult {
+        requests,
+        order,
+        errors,
+        ..
+    } = load.finish();
+    assert_eq!(
+        errors,
+        Vec::<String>::new(),
+        "failed requests out of {requests} during the failed deploy"
+    );
     assert_eq!(order, ["version-1"]);
-    let reason = up.api(reqwest::Method::GET, &format!("/v1/deployments/{id}"), None)["reason"].to_string();
+    let reason =
+        up.api(reqwest::Method::GET, &format!("/v1/deployments/{id}"), None)["reason"].to_string();
     assert!(reason.contains("failed"), "{reason}");
     drop(up);
     // Ctrl-C stopped every instance it started.
-    assert!(running_instances(&data).is_empty(), "instances left after Ctrl-C: {:?}", running_instances(&data));
+    assert!(
+        running_instances(&data).is_empty(),
+        "instances left after Ctrl-C: {:?}",
+        running_instances(&data)
+    );
 }
 
 #[test]
@@ -83,7 +127,11 @@ fn journey_kill_9_of_zw_up_mid_rollout_then_restart() {
     // Kill as soon as the v2 rollout has started some instance.
     let deadline = Instant::now() + Duration::from_secs(30);
     while running_instances(&data).len() < 4 {
-        assert!(Instant::now() < deadline, "v2 rollout never started:\n{}", up.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "v2 rollout never started:\n{}",
+            up.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     up.kill9();
@@ -100,7 +148,12 @@ fn journey_kill_9_of_zw_up_mid_rollout_then_restart() {
         if now.len() == 6 {
             break;
         }
-        assert!(Instant::now() < deadline, "expected 6 instances, have {}: {now:?}\nbefore kill: {before:?}\n{}", now.len(), up.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "expected 6 instances, have {}: {now:?}\nbefore kill: {before:?}\n{}",
+            now.len(),
+            up.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let reported = up.api(reqwest::Method::GET, "/v1/instances", None);
@@ -112,5 +165,8 @@ fn journey_kill_9_of_zw_up_mid_rollout_then_restart() {
         .collect();
     assert_eq!(live.len(), 6, "{reported}");
     drop(up);
-    assert!(running_instances(&data).is_empty(), "instances left after Ctrl-C");
+    assert!(
+        running_instances(&data).is_empty(),
+        "instances left after Ctrl-C"
+    );
 }

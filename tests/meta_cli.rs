@@ -4,7 +4,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn zw(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zw")).args(args).output().expect("zw runs")
+    Command::new(env!("CARGO_BIN_EXE_zw"))
+        .args(args)
+        .output()
+        .expect("zw runs")
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -14,7 +17,11 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -26,8 +33,16 @@ fn example_meta() -> std::path::PathBuf {
 fn example_meta_is_valid() {
     let out = zw(&["meta", "validate", example_meta().to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}{}", stdout, String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("2 envs") && stdout.contains("4 apps") && stdout.contains("8 releases"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("2 envs") && stdout.contains("4 apps") && stdout.contains("8 releases"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -35,7 +50,11 @@ fn validate_exits_1_and_names_the_invalid_file() {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("meta");
     let status = Command::new("cp")
-        .args(["-r", example_meta().to_str().unwrap(), copy.to_str().unwrap()])
+        .args([
+            "-r",
+            example_meta().to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(status.success());
@@ -55,14 +74,30 @@ fn init_commit_and_git_log_shows_decoded_protobuf() {
     let tmp = tempfile::tempdir().unwrap();
     let bare = tmp.path().join("meta.git");
     let out = zw(&["meta", "init", bare.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A person adds the example files in a clone, with the textconv driver.
     let clone = tmp.path().join("clone");
-    git(tmp.path(), &["clone", "-q", bare.to_str().unwrap(), clone.to_str().unwrap()]);
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
     assert!(clone.join(".gitattributes").exists() && clone.join("README.md").exists());
     let status = Command::new("cp")
-        .args(["-r", &format!("{}/envs", example_meta().display()), clone.to_str().unwrap()])
+        .args([
+            "-r",
+            &format!("{}/envs", example_meta().display()),
+            clone.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(status.success());
@@ -71,22 +106,46 @@ fn init_commit_and_git_log_shows_decoded_protobuf() {
     git(&clone, &["push", "-q", "origin", "main"]);
     let textconv = format!("{} meta decode", env!("CARGO_BIN_EXE_zw"));
     git(&clone, &["config", "diff.zwmeta.textconv", &textconv]);
-    let log = git(&clone, &["log", "-p", "-1", "--", "envs/production/apps/web/deployments"]);
+    let log = git(
+        &clone,
+        &[
+            "log",
+            "-p",
+            "-1",
+            "--",
+            "envs/production/apps/web/deployments",
+        ],
+    );
     assert!(log.contains("rollout_id:"), "{log}");
     assert!(log.contains("Deployment {"), "{log}");
 
     // zw meta log and validate see the pushed commit.
-    let out = zw(&["meta", "log", bare.to_str().unwrap(), "--app", "worker", "--json"]);
+    let out = zw(&[
+        "meta",
+        "log",
+        bare.to_str().unwrap(),
+        "--app",
+        "worker",
+        "--json",
+    ]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1);
     let out = zw(&["meta", "validate", bare.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // zw meta revert undoes it without a worktree.
     let head = git(&clone, &["rev-parse", "HEAD"]);
     let out = zw(&["meta", "revert", bare.to_str().unwrap(), head.trim()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = zw(&["meta", "validate", bare.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 apps"));
 }
@@ -98,7 +157,11 @@ fn decode_recognises_a_file_without_its_path() {
     let anon = tmp.path().join("XyZ_blob");
     std::fs::copy(&src, &anon).unwrap();
     let out = zw(&["meta", "decode", anon.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Channel {"));
     std::fs::write(&anon, b"not protobuf at all").unwrap();
     let out = zw(&["meta", "decode", anon.to_str().unwrap()]);

@@ -30,7 +30,11 @@ fn write_payload(dir: &Path) -> u64 {
         let sub = dir.join(format!("pkg{d:02}"));
         std::fs::create_dir_all(&sub).unwrap();
         for f in 0..100 {
-            let size = if f == 0 { 1 << 20 } else { (next() % 16384) as usize };
+            let size = if f == 0 {
+                1 << 20
+            } else {
+                (next() % 16384) as usize
+            };
             let data: Vec<u8> = (0..size).map(|_| (next() & 0xff) as u8).collect();
             std::fs::write(sub.join(format!("file{f:03}.bin")), &data).unwrap();
             total += size as u64;
@@ -41,20 +45,32 @@ fn write_payload(dir: &Path) -> u64 {
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn buildah(state: &Path) -> Command {
     let mut c = Command::new("buildah");
-    c.arg("--root").arg(state.join("storage")).arg("--runroot").arg(state.join("run")).args(["--storage-driver", "vfs"]);
+    c.arg("--root")
+        .arg(state.join("storage"))
+        .arg("--runroot")
+        .arg(state.join("run"))
+        .args(["--storage-driver", "vfs"]);
     c
 }
 
 #[tokio::main]
 async fn main() {
     // buildah derives an image name from the OCI path: keep it lowercase.
-    let tmp = tempfile::Builder::new().prefix(&format!("zw-bench-{}", std::process::id())).rand_bytes(0).tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("zw-bench-{}", std::process::id()))
+        .rand_bytes(0)
+        .tempdir()
+        .unwrap();
     let base = tmp.path();
     let ctx = base.join("ctx");
     std::fs::create_dir_all(ctx.join("app")).unwrap();
@@ -76,7 +92,10 @@ async fn main() {
         tag: "localhost/zw-bench:latest".into(),
         oci_dir: oci.clone(),
     };
-    backend.build(&req, &builder::NullLog).await.unwrap_or_else(|e| panic!("{e}"));
+    backend
+        .build(&req, &builder::NullLog)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let opts = Ext4Options::default();
 
     // Ours.
@@ -91,28 +110,55 @@ async fn main() {
 
     // Reference: buildah from + mount, tar export, untar, mkfs.ext4 -d.
     let t = Instant::now();
-    let ctr = run(buildah(&state).args(["from", "--pull-never"]).arg(format!("oci:{}:latest", oci.display())));
+    let ctr = run(buildah(&state)
+        .args(["from", "--pull-never"])
+        .arg(format!("oci:{}:latest", oci.display())));
     let mnt = PathBuf::from(run(buildah(&state).arg("mount").arg(&ctr)));
     let export = base.join("export.tar");
-    run(Command::new("tar").arg("-C").arg(&mnt).arg("--numeric-owner").arg("-cf").arg(&export).arg("."));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&mnt)
+        .arg("--numeric-owner")
+        .arg("-cf")
+        .arg(&export)
+        .arg("."));
     let ref_root = base.join("ref-root");
     std::fs::create_dir_all(&ref_root).unwrap();
-    run(Command::new("tar").arg("-C").arg(&ref_root).arg("--numeric-owner").arg("-xpf").arg(&export));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&ref_root)
+        .arg("--numeric-owner")
+        .arg("-xpf")
+        .arg(&export));
     let ref_tree = measure_tree(&ref_root).unwrap();
     let ref_img = base.join("reference.ext4");
     let size = builder::ext4::image_size(ref_tree.blocks, ref_tree.inodes, &opts);
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-m", "0", "-d"]).arg(&ref_root).arg(&ref_img).arg(format!("{}k", size / 1024)));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-m", "0", "-d"])
+        .arg(&ref_root)
+        .arg(&ref_img)
+        .arg(format!("{}k", size / 1024)));
     let ref_secs = t.elapsed().as_secs_f64();
     let _ = run(buildah(&state).arg("rm").arg(&ctr));
 
-    assert_eq!(ours_tree.inodes, ref_tree.inodes, "both roots hold the same entries");
-    assert_eq!(ours_tree.apparent_bytes, ref_tree.apparent_bytes, "both roots hold the same bytes");
+    assert_eq!(
+        ours_tree.inodes, ref_tree.inodes,
+        "both roots hold the same entries"
+    );
+    assert_eq!(
+        ours_tree.apparent_bytes, ref_tree.apparent_bytes,
+        "both roots hold the same bytes"
+    );
     let ours_bytes = std::fs::metadata(&ours_img).unwrap().len();
     let ref_bytes = std::fs::metadata(&ref_img).unwrap().len();
     let used = |img: &Path| -> u64 {
         let out = run(Command::new("dumpe2fs").arg("-h").arg(img));
         let field = |name: &str| -> u64 {
-            out.lines().find(|l| l.starts_with(name)).and_then(|l| l.split(':').nth(1)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+            out.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
         };
         (field("Block count") - field("Free blocks")) * field("Block size")
     };

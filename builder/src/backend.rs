@@ -37,16 +37,34 @@ pub trait BuildBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Build `req` and write the image to `req.oci_dir` as an OCI layout
     /// whose manifest is tagged `latest`.
-    fn build<'a>(&'a self, req: &'a BackendRequest, log: &'a dyn LogSink) -> BoxFuture<'a, Result<(), BuildError>>;
+    fn build<'a>(
+        &'a self,
+        req: &'a BackendRequest,
+        log: &'a dyn LogSink,
+    ) -> BoxFuture<'a, Result<(), BuildError>>;
 }
 
 /// Run `cmd`, stream its output lines to `log`, return its exit status.
-async fn run_logged(mut cmd: Command, tool: &str, stage: Stage, log: &TailLog<'_>) -> Result<std::process::ExitStatus, BuildError> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| BuildError::infra(stage, format!("could not start {tool}"), e))?;
+async fn run_logged(
+    mut cmd: Command,
+    tool: &str,
+    stage: Stage,
+    log: &TailLog<'_>,
+) -> Result<std::process::ExitStatus, BuildError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| BuildError::infra(stage, format!("could not start {tool}"), e))?;
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
-    let (status, (), ()) = tokio::join!(child.wait(), pump(stdout, LogStream::Stdout, log), pump(stderr, LogStream::Stderr, log));
+    let (status, (), ()) = tokio::join!(
+        child.wait(),
+        pump(stdout, LogStream::Stdout, log),
+        pump(stderr, LogStream::Stderr, log)
+    );
     status.map_err(|e| BuildError::infra(stage, format!("waiting for {tool}"), e))
 }
 
@@ -59,7 +77,9 @@ async fn pump(r: impl AsyncRead + Unpin, stream: LogStream, log: &TailLog<'_>) {
         match reader.read_until(b'\n', &mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {
-                let text = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
+                let text = String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string();
                 log.line(LogLine { stream, text });
             }
         }
@@ -67,7 +87,13 @@ async fn pump(r: impl AsyncRead + Unpin, stream: LogStream, log: &TailLog<'_>) {
 }
 
 /// Classify a failed backend run from its status and log tail.
-fn classify(tool: &str, step: &str, status: std::process::ExitStatus, tail: Vec<String>, user_markers: &[&str]) -> BuildError {
+fn classify(
+    tool: &str,
+    step: &str,
+    status: std::process::ExitStatus,
+    tail: Vec<String>,
+    user_markers: &[&str],
+) -> BuildError {
     use std::os::unix::process::ExitStatusExt;
     let text = tail.join("\n");
     let lower = text.to_lowercase();
@@ -96,7 +122,10 @@ fn classify(tool: &str, step: &str, status: std::process::ExitStatus, tail: Vec<
             .find(|l| user_markers.iter().any(|m| l.contains(m)))
             .cloned()
             .unwrap_or_else(|| format!("{tool} {step} failed ({status})"));
-        return BuildError::User { message, log_tail: tail };
+        return BuildError::User {
+            message,
+            log_tail: tail,
+        };
     }
     BuildError::Infrastructure {
         stage: Stage::Build,
@@ -122,9 +151,17 @@ pub struct BuildahBackend {
 impl BuildahBackend {
     /// A backend keeping its storage under `state_dir`.
     pub fn new(state_dir: &Path) -> Result<Self, BuildError> {
-        let binary = find_tool("buildah")
-            .ok_or_else(|| BuildError::infra_permanent(Stage::Build, "buildah is not installed (Debian: apt-get install buildah)"))?;
-        Ok(Self { binary, storage_root: state_dir.join("storage"), run_root: state_dir.join("run") })
+        let binary = find_tool("buildah").ok_or_else(|| {
+            BuildError::infra_permanent(
+                Stage::Build,
+                "buildah is not installed (Debian: apt-get install buildah)",
+            )
+        })?;
+        Ok(Self {
+            binary,
+            storage_root: state_dir.join("storage"),
+            run_root: state_dir.join("run"),
+        })
     }
 
     fn command(&self) -> Command {
@@ -140,7 +177,12 @@ impl BuildahBackend {
         cmd
     }
 
-    const USER_MARKERS: &'static [&'static str] = &["building at STEP", "error parsing", "Dockerfile parse error", "unknown instruction"];
+    const USER_MARKERS: &'static [&'static str] = &[
+        "building at STEP",
+        "error parsing",
+        "Dockerfile parse error",
+        "unknown instruction",
+    ];
 }
 
 impl BuildBackend for BuildahBackend {
@@ -148,12 +190,24 @@ impl BuildBackend for BuildahBackend {
         "buildah"
     }
 
-    fn build<'a>(&'a self, req: &'a BackendRequest, log: &'a dyn LogSink) -> BoxFuture<'a, Result<(), BuildError>> {
+    fn build<'a>(
+        &'a self,
+        req: &'a BackendRequest,
+        log: &'a dyn LogSink,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
         Box::pin(async move {
             let tail = TailLog::new(log, LOG_TAIL_LINES);
             let mut cmd = self.command();
             cmd.arg("bud")
-                .args(["--isolation", "chroot", "--timestamp", "0", "--layers", "--format", "oci"])
+                .args([
+                    "--isolation",
+                    "chroot",
+                    "--timestamp",
+                    "0",
+                    "--layers",
+                    "--format",
+                    "oci",
+                ])
                 .arg("-f")
                 .arg(&req.dockerfile)
                 .arg("-t")
@@ -164,17 +218,32 @@ impl BuildBackend for BuildahBackend {
             cmd.arg(&req.context_dir);
             let status = run_logged(cmd, "buildah", Stage::Build, &tail).await?;
             if !status.success() {
-                return Err(classify("buildah", "bud", status, tail.tail(), Self::USER_MARKERS));
+                return Err(classify(
+                    "buildah",
+                    "bud",
+                    status,
+                    tail.tail(),
+                    Self::USER_MARKERS,
+                ));
             }
 
             let _ = tokio::fs::remove_dir_all(&req.oci_dir).await;
             let mut push = self.command();
-            push.arg("push").arg("--quiet").arg(&req.tag).arg(format!("oci:{}:latest", req.oci_dir.display()));
+            push.arg("push")
+                .arg("--quiet")
+                .arg(&req.tag)
+                .arg(format!("oci:{}:latest", req.oci_dir.display()));
             let status = run_logged(push, "buildah", Stage::Export, &tail).await?;
             // Drop the tag; the layer cache (--layers) stays for the next build.
             let mut rmi = self.command();
             rmi.arg("rmi").arg(&req.tag);
-            let _ = run_logged(rmi, "buildah", Stage::Export, &TailLog::new(&crate::log::NullLog, 1)).await;
+            let _ = run_logged(
+                rmi,
+                "buildah",
+                Stage::Export,
+                &TailLog::new(&crate::log::NullLog, 1),
+            )
+            .await;
             if !status.success() {
                 return Err(BuildError::Infrastructure {
                     stage: Stage::Export,
@@ -203,7 +272,9 @@ pub struct DockerBackend {
 
 impl DockerBackend {
     pub fn new() -> Result<Self, BuildError> {
-        let binary = find_tool("docker").ok_or_else(|| BuildError::infra_permanent(Stage::Build, "docker CLI is not installed"))?;
+        let binary = find_tool("docker").ok_or_else(|| {
+            BuildError::infra_permanent(Stage::Build, "docker CLI is not installed")
+        })?;
         Ok(Self { binary })
     }
 
@@ -219,8 +290,12 @@ impl DockerBackend {
         matches!(tokio::time::timeout(std::time::Duration::from_secs(10), out).await, Ok(Ok(o)) if o.status.success() && !o.stdout.is_empty())
     }
 
-    const USER_MARKERS: &'static [&'static str] =
-        &["did not complete successfully", "dockerfile parse error", "failed to compute cache key", "unknown instruction"];
+    const USER_MARKERS: &'static [&'static str] = &[
+        "did not complete successfully",
+        "dockerfile parse error",
+        "failed to compute cache key",
+        "unknown instruction",
+    ];
 }
 
 impl BuildBackend for DockerBackend {
@@ -228,21 +303,37 @@ impl BuildBackend for DockerBackend {
         "docker"
     }
 
-    fn build<'a>(&'a self, req: &'a BackendRequest, log: &'a dyn LogSink) -> BoxFuture<'a, Result<(), BuildError>> {
+    fn build<'a>(
+        &'a self,
+        req: &'a BackendRequest,
+        log: &'a dyn LogSink,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
         Box::pin(async move {
             let tail = TailLog::new(log, LOG_TAIL_LINES);
             let mut cmd = Command::new(&self.binary);
-            cmd.args(["build", "--progress=plain"]).arg("-f").arg(&req.dockerfile).arg("-t").arg(&req.tag);
+            cmd.args(["build", "--progress=plain"])
+                .arg("-f")
+                .arg(&req.dockerfile)
+                .arg("-t")
+                .arg(&req.tag);
             for (k, v) in &req.build_args {
                 cmd.arg("--build-arg").arg(format!("{k}={v}"));
             }
             cmd.arg(&req.context_dir).env("DOCKER_BUILDKIT", "1");
             let status = run_logged(cmd, "docker", Stage::Build, &tail).await?;
             if !status.success() {
-                return Err(classify("docker", "build", status, tail.tail(), Self::USER_MARKERS));
+                return Err(classify(
+                    "docker",
+                    "build",
+                    status,
+                    tail.tail(),
+                    Self::USER_MARKERS,
+                ));
             }
             let _ = tokio::fs::remove_dir_all(&req.oci_dir).await;
-            tokio::fs::create_dir_all(&req.oci_dir).await.map_err(|e| BuildError::infra(Stage::Export, "creating the OCI directory", e))?;
+            tokio::fs::create_dir_all(&req.oci_dir)
+                .await
+                .map_err(|e| BuildError::infra(Stage::Export, "creating the OCI directory", e))?;
             let archive = req.oci_dir.with_extension("tar");
             let mut save = Command::new(&self.binary);
             save.arg("save").arg("-o").arg(&archive).arg(&req.tag);
@@ -250,7 +341,13 @@ impl BuildBackend for DockerBackend {
             // Drop the tag; the engine's build cache stays for the next build.
             let mut rmi = Command::new(&self.binary);
             rmi.arg("rmi").arg(&req.tag);
-            let _ = run_logged(rmi, "docker", Stage::Export, &TailLog::new(&crate::log::NullLog, 1)).await;
+            let _ = run_logged(
+                rmi,
+                "docker",
+                Stage::Export,
+                &TailLog::new(&crate::log::NullLog, 1),
+            )
+            .await;
             if !status.success() {
                 return Err(BuildError::Infrastructure {
                     stage: Stage::Export,
@@ -275,7 +372,9 @@ impl BuildBackend for DockerBackend {
                     "docker save did not write an OCI layout (index.json); Docker 25 or newer is needed",
                 ));
             }
-            tag_single_manifest_latest(&req.oci_dir).map_err(|e| BuildError::infra(Stage::Export, "reading docker save index.json", e))?;
+            tag_single_manifest_latest(&req.oci_dir).map_err(|e| {
+                BuildError::infra(Stage::Export, "reading docker save index.json", e)
+            })?;
             Ok(())
         })
     }
@@ -285,17 +384,24 @@ impl BuildBackend for DockerBackend {
 /// for `latest`. Rewrite the ref-name annotation of the (single) manifest.
 fn tag_single_manifest_latest(dir: &Path) -> std::io::Result<()> {
     let path = dir.join("index.json");
-    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?).map_err(std::io::Error::other)?;
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path)?).map_err(std::io::Error::other)?;
     if let Some(obj) = index
         .get_mut("manifests")
         .and_then(|m| m.as_array_mut())
         .and_then(|m| m.first_mut())
         .and_then(|first| first.as_object_mut())
-        && let Some(ann) = obj.entry("annotations").or_insert_with(|| serde_json::json!({})).as_object_mut()
+        && let Some(ann) = obj
+            .entry("annotations")
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()
     {
         ann.insert("org.opencontainers.image.ref.name".into(), "latest".into());
     }
-    std::fs::write(&path, serde_json::to_vec(&index).map_err(std::io::Error::other)?)
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&index).map_err(std::io::Error::other)?,
+    )
 }
 
 /// Which backend to use.
@@ -309,13 +415,19 @@ pub enum BackendKind {
 }
 
 /// Construct the backend for `kind`, keeping buildah's state under `state_dir`.
-pub async fn select_backend(kind: BackendKind, state_dir: &Path) -> Result<Box<dyn BuildBackend>, BuildError> {
+pub async fn select_backend(
+    kind: BackendKind,
+    state_dir: &Path,
+) -> Result<Box<dyn BuildBackend>, BuildError> {
     match kind {
         BackendKind::Buildah => Ok(Box::new(BuildahBackend::new(state_dir)?)),
         BackendKind::Docker => {
             let d = DockerBackend::new()?;
             if !d.engine_answers().await {
-                return Err(BuildError::infra_permanent(Stage::Build, "no Docker engine answers (docker version failed)"));
+                return Err(BuildError::infra_permanent(
+                    Stage::Build,
+                    "no Docker engine answers (docker version failed)",
+                ));
             }
             Ok(Box::new(d))
         }
@@ -344,11 +456,29 @@ mod tests {
     #[test]
     fn classification() {
         let tail = |s: &str| s.lines().map(String::from).collect::<Vec<_>>();
-        let e = classify("buildah", "bud", std::process::ExitStatus::from_raw(3 << 8), tail("out\nError: building at STEP \"RUN x\": exit status 3"), BuildahBackend::USER_MARKERS);
+        let e = classify(
+            "buildah",
+            "bud",
+            std::process::ExitStatus::from_raw(3 << 8),
+            tail("out\nError: building at STEP \"RUN x\": exit status 3"),
+            BuildahBackend::USER_MARKERS,
+        );
         assert!(matches!(&e, BuildError::User { message, .. } if message.contains("RUN x")));
-        let e = classify("buildah", "bud", std::process::ExitStatus::from_raw(9), tail("partial"), BuildahBackend::USER_MARKERS);
+        let e = classify(
+            "buildah",
+            "bud",
+            std::process::ExitStatus::from_raw(9),
+            tail("partial"),
+            BuildahBackend::USER_MARKERS,
+        );
         assert!(e.is_retryable());
-        let e = classify("buildah", "bud", std::process::ExitStatus::from_raw(1 << 8), tail("Error: building at STEP \"COPY\": write /x: no space left on device"), BuildahBackend::USER_MARKERS);
+        let e = classify(
+            "buildah",
+            "bud",
+            std::process::ExitStatus::from_raw(1 << 8),
+            tail("Error: building at STEP \"COPY\": write /x: no space left on device"),
+            BuildahBackend::USER_MARKERS,
+        );
         assert!(e.is_retryable());
     }
 }

@@ -10,7 +10,9 @@ use sha2::{Digest as _, Sha256};
 use crate::backend::{BackendKind, BackendRequest, BuildBackend, select_backend};
 use crate::error::{BuildError, InputError, Stage};
 use crate::ext4::{Ext4Options, make_ext4};
-use crate::image::{Artifact, FORMAT, ImageConfig, StoredConfig, config_key, digest_hex, image_digest, rootfs_key};
+use crate::image::{
+    Artifact, FORMAT, ImageConfig, StoredConfig, config_key, digest_hex, image_digest, rootfs_key,
+};
 use crate::log::LogSink;
 use crate::oci::{apply_image, read_layout};
 use crate::retry::RetryPolicy;
@@ -56,14 +58,20 @@ pub struct BuildOptions {
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        Self { app: None, dockerfile: PathBuf::from("Dockerfile"), build_args: Vec::new() }
+        Self {
+            app: None,
+            dockerfile: PathBuf::from("Dockerfile"),
+            build_args: Vec::new(),
+        }
     }
 }
 
 /// Parse a `KEY=VALUE` build argument.
 pub fn parse_build_arg(s: &str) -> Result<(String, String), InputError> {
     match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => Ok((k.to_string(), v.to_string())),
+        Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
+            Ok((k.to_string(), v.to_string()))
+        }
         _ => Err(InputError::InvalidBuildArg(s.to_string())),
     }
 }
@@ -71,7 +79,10 @@ pub fn parse_build_arg(s: &str) -> Result<(String, String), InputError> {
 /// Resolve `dockerfile` inside `context`; it must exist and must not leave
 /// the context (lexically or through symlinks).
 pub fn resolve_dockerfile(context: &Path, dockerfile: &Path) -> Result<PathBuf, InputError> {
-    let escapes = || InputError::DockerfileEscapesContext { path: dockerfile.to_path_buf(), context: context.to_path_buf() };
+    let escapes = || InputError::DockerfileEscapesContext {
+        path: dockerfile.to_path_buf(),
+        context: context.to_path_buf(),
+    };
     let mut depth: i64 = 0;
     for c in dockerfile.components() {
         match c {
@@ -91,7 +102,9 @@ pub fn resolve_dockerfile(context: &Path, dockerfile: &Path) -> Result<PathBuf, 
         Ok(p) => p,
         Err(_) => return Err(InputError::NoDockerfile { path: joined }),
     };
-    let ctx = context.canonicalize().map_err(|_| InputError::SourceNotFound(context.to_path_buf()))?;
+    let ctx = context
+        .canonicalize()
+        .map_err(|_| InputError::SourceNotFound(context.to_path_buf()))?;
     if !real.starts_with(&ctx) {
         return Err(escapes());
     }
@@ -110,7 +123,11 @@ pub struct Builder {
 
 impl std::fmt::Debug for Builder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Builder").field("store", &self.store.describe()).field("backend", &self.backend.name()).field("config", &self.config).finish()
+        f.debug_struct("Builder")
+            .field("store", &self.store.describe())
+            .field("backend", &self.backend.name())
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -127,19 +144,41 @@ fn sanitize_tag(app: Option<&str>) -> String {
     let name: String = app
         .unwrap_or("image")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let name = name.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-    if name.is_empty() { "image".into() } else { name.chars().take(64).collect() }
+    if name.is_empty() {
+        "image".into()
+    } else {
+        name.chars().take(64).collect()
+    }
 }
 
-async fn blocking<T: Send + 'static>(stage: Stage, what: &'static str, f: impl FnOnce() -> T + Send + 'static) -> Result<T, BuildError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| BuildError::infra(stage, what, e))
+async fn blocking<T: Send + 'static>(
+    stage: Stage,
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BuildError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BuildError::infra(stage, what, e))
 }
 
 fn export_err(stage: Stage, what: &str, e: crate::oci::ExportError) -> BuildError {
     let transient = e.is_transient();
-    BuildError::Infrastructure { stage, message: what.to_string(), transient, log_tail: Vec::new(), cause: Some(Box::new(e)) }
+    BuildError::Infrastructure {
+        stage,
+        message: what.to_string(),
+        transient,
+        log_tail: Vec::new(),
+        cause: Some(Box::new(e)),
+    }
 }
 
 /// sha256 of a file as `sha256:<hex>`, and its size.
@@ -152,14 +191,25 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
 
 impl Builder {
     /// A builder with the backend chosen by `config.backend`.
-    pub async fn new(store: Arc<dyn ObjectStore>, config: BuilderConfig) -> Result<Self, BuildError> {
+    pub async fn new(
+        store: Arc<dyn ObjectStore>,
+        config: BuilderConfig,
+    ) -> Result<Self, BuildError> {
         let backend = select_backend(config.backend, &config.data_dir.join("buildah")).await?;
         Ok(Self::with_backend(store, backend, config))
     }
 
     /// A builder with an explicit backend.
-    pub fn with_backend(store: Arc<dyn ObjectStore>, backend: Box<dyn BuildBackend>, config: BuilderConfig) -> Self {
-        Self { store, backend, config }
+    pub fn with_backend(
+        store: Arc<dyn ObjectStore>,
+        backend: Box<dyn BuildBackend>,
+        config: BuilderConfig,
+    ) -> Self {
+        Self {
+            store,
+            backend,
+            config,
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -177,51 +227,98 @@ impl Builder {
     fn new_work_dir(&self) -> Result<WorkDir, BuildError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let dir = self.config.data_dir.join("work").join(format!("{}-{nanos}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| BuildError::infra(Stage::Source, format!("creating work directory {}", dir.display()), e))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = self
+            .config
+            .data_dir
+            .join("work")
+            .join(format!("{}-{nanos}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            BuildError::infra(
+                Stage::Source,
+                format!("creating work directory {}", dir.display()),
+                e,
+            )
+        })?;
         Ok(WorkDir(dir))
     }
 
     /// Build `source` and store the image. User faults fail at once;
     /// infrastructure faults of each step are retried per the retry policy.
-    pub async fn build(&self, source: Source, opts: BuildOptions, log: &dyn LogSink) -> Result<Artifact, BuildError> {
+    pub async fn build(
+        &self,
+        source: Source,
+        opts: BuildOptions,
+        log: &dyn LogSink,
+    ) -> Result<Artifact, BuildError> {
         let retry = &self.config.retry;
         let work = self.new_work_dir()?;
         log.stage(Stage::Source);
         log.builder(format!("source: {source}"));
-        let context = retry.run("source", log, |_| materialize(&source, &work.0, self.config.max_context_bytes, log)).await?;
+        let context = retry
+            .run("source", log, |_| {
+                materialize(&source, &work.0, self.config.max_context_bytes, log)
+            })
+            .await?;
         let dockerfile = resolve_dockerfile(&context, &opts.dockerfile)?;
 
         log.stage(Stage::Build);
-        let n = work.0.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let n = work
+            .0
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let req = BackendRequest {
             context_dir: context.clone(),
             dockerfile,
             build_args: opts.build_args.clone(),
-            tag: format!("localhost/zw-build/{}:{}", sanitize_tag(opts.app.as_deref()), n),
+            tag: format!(
+                "localhost/zw-build/{}:{}",
+                sanitize_tag(opts.app.as_deref()),
+                n
+            ),
             oci_dir: work.0.join("oci"),
         };
         log.builder(format!("building with {}", self.backend.name()));
-        retry.run("build", log, |_| self.backend.build(&req, log)).await?;
+        retry
+            .run("build", log, |_| self.backend.build(&req, log))
+            .await?;
 
         log.stage(Stage::Export);
         let oci_dir = req.oci_dir.clone();
-        let image = blocking(Stage::Export, "reading the OCI layout", move || read_layout(&oci_dir, Some("latest")))
-            .await?
-            .map_err(|e| export_err(Stage::Export, "reading the built image", e))?;
+        let image = blocking(Stage::Export, "reading the OCI layout", move || {
+            read_layout(&oci_dir, Some("latest"))
+        })
+        .await?
+        .map_err(|e| export_err(Stage::Export, "reading the built image", e))?;
         let digest = image_digest(FORMAT, &image.manifest_digest, &image.config);
-        let hex = digest_hex(&digest).expect("image_digest is well formed").to_string();
+        let hex = digest_hex(&digest)
+            .expect("image_digest is well formed")
+            .to_string();
         let (rkey, ckey) = (rootfs_key(&hex), config_key(&hex));
-        log.builder(format!("image {digest} (OCI manifest {})", image.manifest_digest));
+        log.builder(format!(
+            "image {digest} (OCI manifest {})",
+            image.manifest_digest
+        ));
 
         let exists = retry
-            .run("store lookup", log, |_| async { self.store.exists(&ckey).await.map_err(|e| BuildError::store(Stage::Upload, e)) })
+            .run("store lookup", log, |_| async {
+                self.store
+                    .exists(&ckey)
+                    .await
+                    .map_err(|e| BuildError::store(Stage::Upload, e))
+            })
             .await?;
         if exists {
             match self.stored_config(&ckey, &digest, log).await? {
                 Some(stored) => {
-                    log.builder(format!("{digest} is already in {}: nothing to upload", self.store.describe()));
+                    log.builder(format!(
+                        "{digest} is already in {}: nothing to upload",
+                        self.store.describe()
+                    ));
                     return Ok(Artifact {
                         digest,
                         config: stored.config,
@@ -232,7 +329,9 @@ impl Builder {
                         uploaded: false,
                     });
                 }
-                None => log.builder(format!("stored config of {digest} is unusable: rebuilding the artifact")),
+                None => log.builder(format!(
+                    "stored config of {digest} is unusable: rebuilding the artifact"
+                )),
             }
         }
 
@@ -241,24 +340,53 @@ impl Builder {
         // Export and filesystem steps only touch local disk: a fault there
         // (disk full, I/O error) is retried from a clean tree.
         let (rootfs_sha256, rootfs_bytes) = retry
-            .run("export", log, |_| self.export(&image, &rootfs_dir, &ext4_path, &digest, log))
+            .run("export", log, |_| {
+                self.export(&image, &rootfs_dir, &ext4_path, &digest, log)
+            })
             .await?;
 
-        let config = ImageConfig { rootfs_bytes, ..image.config.clone() };
-        let stored = StoredConfig { config: config.clone(), format: FORMAT.into(), oci_manifest: image.manifest_digest.clone(), rootfs_sha256: rootfs_sha256.clone() };
+        let config = ImageConfig {
+            rootfs_bytes,
+            ..image.config.clone()
+        };
+        let stored = StoredConfig {
+            config: config.clone(),
+            format: FORMAT.into(),
+            oci_manifest: image.manifest_digest.clone(),
+            rootfs_sha256: rootfs_sha256.clone(),
+        };
         debug_assert_eq!(stored.digest(), digest);
-        let config_json = Bytes::from(serde_json::to_vec_pretty(&stored).expect("config serializes"));
+        let config_json =
+            Bytes::from(serde_json::to_vec_pretty(&stored).expect("config serializes"));
 
         log.stage(Stage::Upload);
         // rootfs first: config.json marks a complete artifact.
         retry
-            .run("rootfs upload", log, |_| async { self.store.put_file(&rkey, &ext4_path).await.map_err(|e| BuildError::store(Stage::Upload, e)) })
+            .run("rootfs upload", log, |_| async {
+                self.store
+                    .put_file(&rkey, &ext4_path)
+                    .await
+                    .map_err(|e| BuildError::store(Stage::Upload, e))
+            })
             .await?;
         retry
-            .run("config upload", log, |_| async { self.store.put(&ckey, config_json.clone()).await.map_err(|e| BuildError::store(Stage::Upload, e)) })
+            .run("config upload", log, |_| async {
+                self.store
+                    .put(&ckey, config_json.clone())
+                    .await
+                    .map_err(|e| BuildError::store(Stage::Upload, e))
+            })
             .await?;
         log.builder(format!("uploaded {digest} to {}", self.store.describe()));
-        Ok(Artifact { digest, config, rootfs_sha256, oci_manifest: image.manifest_digest, rootfs_key: rkey, config_key: ckey, uploaded: true })
+        Ok(Artifact {
+            digest,
+            config,
+            rootfs_sha256,
+            oci_manifest: image.manifest_digest,
+            rootfs_key: rkey,
+            config_key: ckey,
+            uploaded: true,
+        })
     }
 
     /// Apply the layers of `image` to `rootfs_dir`, make `ext4_path` of it,
@@ -274,37 +402,63 @@ impl Builder {
         log.stage(Stage::Export);
         let _ = tokio::fs::remove_dir_all(rootfs_dir).await;
         let (img2, root2) = (image.clone(), rootfs_dir.to_path_buf());
-        let stats = blocking(Stage::Export, "applying layers", move || apply_image(&img2, &root2))
-            .await?
-            .map_err(|e| export_err(Stage::Export, "applying image layers", e))?;
+        let stats = blocking(Stage::Export, "applying layers", move || {
+            apply_image(&img2, &root2)
+        })
+        .await?
+        .map_err(|e| export_err(Stage::Export, "applying image layers", e))?;
         log.builder(format!(
             "applied {} layer(s): {} entries, {} whiteouts, {} opaque dirs, {} file bytes",
             stats.layers, stats.entries, stats.whiteouts, stats.opaque_dirs, stats.file_bytes
         ));
 
         log.stage(Stage::Filesystem);
-        let (root3, out3, seed, opts3) = (rootfs_dir.to_path_buf(), ext4_path.to_path_buf(), digest.to_string(), self.config.ext4.clone());
-        let fs_stats = blocking(Stage::Filesystem, "mkfs.ext4", move || make_ext4(&root3, &out3, &seed, &opts3))
-            .await?
-            .map_err(|e| export_err(Stage::Filesystem, "making the ext4 image", e))?;
+        let (root3, out3, seed, opts3) = (
+            rootfs_dir.to_path_buf(),
+            ext4_path.to_path_buf(),
+            digest.to_string(),
+            self.config.ext4.clone(),
+        );
+        let fs_stats = blocking(Stage::Filesystem, "mkfs.ext4", move || {
+            make_ext4(&root3, &out3, &seed, &opts3)
+        })
+        .await?
+        .map_err(|e| export_err(Stage::Filesystem, "making the ext4 image", e))?;
         // The tree is in the image now; free the space before uploading.
         let _ = tokio::fs::remove_dir_all(rootfs_dir).await;
         let p2 = ext4_path.to_path_buf();
-        let (sha, bytes) = blocking(Stage::Filesystem, "hashing rootfs", move || sha256_file(&p2))
-            .await?
-            .map_err(|e| BuildError::infra(Stage::Filesystem, "hashing rootfs.ext4", e))?;
-        log.builder(format!("rootfs.ext4: {bytes} bytes ({} bytes of content, {} inodes)", fs_stats.content_bytes, fs_stats.inodes));
+        let (sha, bytes) = blocking(Stage::Filesystem, "hashing rootfs", move || {
+            sha256_file(&p2)
+        })
+        .await?
+        .map_err(|e| BuildError::infra(Stage::Filesystem, "hashing rootfs.ext4", e))?;
+        log.builder(format!(
+            "rootfs.ext4: {bytes} bytes ({} bytes of content, {} inodes)",
+            fs_stats.content_bytes, fs_stats.inodes
+        ));
         Ok((sha, bytes))
     }
 
     /// The stored config of `digest`, or `None` if it is corrupt or belongs to another digest.
-    async fn stored_config(&self, ckey: &str, digest: &str, log: &dyn LogSink) -> Result<Option<StoredConfig>, BuildError> {
+    async fn stored_config(
+        &self,
+        ckey: &str,
+        digest: &str,
+        log: &dyn LogSink,
+    ) -> Result<Option<StoredConfig>, BuildError> {
         let bytes = self
             .config
             .retry
-            .run("store read", log, |_| async { self.store.get(ckey).await.map_err(|e| BuildError::store(Stage::Upload, e)) })
+            .run("store read", log, |_| async {
+                self.store
+                    .get(ckey)
+                    .await
+                    .map_err(|e| BuildError::store(Stage::Upload, e))
+            })
             .await?;
-        Ok(serde_json::from_slice::<StoredConfig>(&bytes).ok().filter(|s| s.digest() == digest))
+        Ok(serde_json::from_slice::<StoredConfig>(&bytes)
+            .ok()
+            .filter(|s| s.digest() == digest))
     }
 }
 
@@ -322,7 +476,10 @@ mod tests {
 
     #[test]
     fn build_args() {
-        assert_eq!(parse_build_arg("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(
+            parse_build_arg("A=b=c").unwrap(),
+            ("A".into(), "b=c".into())
+        );
         assert_eq!(parse_build_arg("A=").unwrap(), ("A".into(), "".into()));
         assert!(parse_build_arg("=x").is_err());
         assert!(parse_build_arg("novalue").is_err());
@@ -337,11 +494,26 @@ mod tests {
         std::fs::write(dir.path().join("Outside"), "FROM scratch\n").unwrap();
         std::os::unix::fs::symlink("../Outside", ctx.join("Link")).unwrap();
         assert!(resolve_dockerfile(&ctx, Path::new("sub/Dockerfile.prod")).is_ok());
-        assert!(matches!(resolve_dockerfile(&ctx, Path::new("Dockerfile")), Err(InputError::NoDockerfile { .. })));
-        assert!(matches!(resolve_dockerfile(&ctx, Path::new("../Outside")), Err(InputError::DockerfileEscapesContext { .. })));
-        assert!(matches!(resolve_dockerfile(&ctx, Path::new("/etc/passwd")), Err(InputError::DockerfileEscapesContext { .. })));
-        assert!(matches!(resolve_dockerfile(&ctx, Path::new("Link")), Err(InputError::DockerfileEscapesContext { .. })));
-        assert!(matches!(resolve_dockerfile(&ctx, Path::new("sub")), Err(InputError::NoDockerfile { .. })));
+        assert!(matches!(
+            resolve_dockerfile(&ctx, Path::new("Dockerfile")),
+            Err(InputError::NoDockerfile { .. })
+        ));
+        assert!(matches!(
+            resolve_dockerfile(&ctx, Path::new("../Outside")),
+            Err(InputError::DockerfileEscapesContext { .. })
+        ));
+        assert!(matches!(
+            resolve_dockerfile(&ctx, Path::new("/etc/passwd")),
+            Err(InputError::DockerfileEscapesContext { .. })
+        ));
+        assert!(matches!(
+            resolve_dockerfile(&ctx, Path::new("Link")),
+            Err(InputError::DockerfileEscapesContext { .. })
+        ));
+        assert!(matches!(
+            resolve_dockerfile(&ctx, Path::new("sub")),
+            Err(InputError::NoDockerfile { .. })
+        ));
     }
 
     #[test]

@@ -8,7 +8,9 @@ use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::BackendKind;
-use crate::build::{BuildOptions, Builder, BuilderConfig, DEFAULT_MAX_CONTEXT_BYTES, parse_build_arg};
+use crate::build::{
+    BuildOptions, Builder, BuilderConfig, DEFAULT_MAX_CONTEXT_BYTES, parse_build_arg,
+};
 use crate::error::Stage;
 use crate::log::{LogLine, LogSink, LogStream};
 use crate::source::{GitHubSource, GitRev, Source, looks_like_git_url};
@@ -71,16 +73,28 @@ fn default_data_dir() -> PathBuf {
     if unsafe { libc::geteuid() } == 0 {
         PathBuf::from("/var/lib/zeitwork")
     } else {
-        std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".local/share/zeitwork")
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join(".local/share/zeitwork")
     }
 }
 
 /// The [`Source`] named by the arguments.
 pub fn source_from_args(args: &Args) -> anyhow::Result<Source> {
     if let Some(rest) = args.source.strip_prefix("github:") {
-        let (owner, repo) = rest.split_once('/').context("github source must be github:OWNER/REPO")?;
-        anyhow::ensure!(!owner.is_empty() && !repo.is_empty() && !repo.contains('/'), "github source must be github:OWNER/REPO");
-        let reference = args.commit.clone().or_else(|| args.branch.clone()).unwrap_or_else(|| "HEAD".into());
+        let (owner, repo) = rest
+            .split_once('/')
+            .context("github source must be github:OWNER/REPO")?;
+        anyhow::ensure!(
+            !owner.is_empty() && !repo.is_empty() && !repo.contains('/'),
+            "github source must be github:OWNER/REPO"
+        );
+        let reference = args
+            .commit
+            .clone()
+            .or_else(|| args.branch.clone())
+            .unwrap_or_else(|| "HEAD".into());
         return Ok(Source::GitHub(GitHubSource {
             owner: owner.into(),
             repo: repo.trim_end_matches(".git").into(),
@@ -95,9 +109,15 @@ pub fn source_from_args(args: &Args) -> anyhow::Result<Source> {
             (None, Some(c)) => GitRev::Commit(c.clone()),
             (None, None) => GitRev::DefaultBranch,
         };
-        return Ok(Source::Git { url: args.source.clone(), rev });
+        return Ok(Source::Git {
+            url: args.source.clone(),
+            rev,
+        });
     }
-    anyhow::ensure!(args.branch.is_none() && args.commit.is_none(), "--branch/--commit need a git URL, not a local directory");
+    anyhow::ensure!(
+        args.branch.is_none() && args.commit.is_none(),
+        "--branch/--commit need a git URL, not a local directory"
+    );
     Ok(Source::Local(PathBuf::from(&args.source)))
 }
 
@@ -108,7 +128,11 @@ struct ProgressLog {
 
 impl LogSink for ProgressLog {
     fn line(&self, line: LogLine) {
-        let prefix = if line.stream == LogStream::Builder { "==> " } else { "    " };
+        let prefix = if line.stream == LogStream::Builder {
+            "==> "
+        } else {
+            "    "
+        };
         self.bar.println(format!("{prefix}{}", line.text));
     }
     fn stage(&self, stage: Stage) {
@@ -137,11 +161,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             cfg.region = args.s3_region.clone();
             Arc::new(S3Store::new(cfg)?)
         }
-        None => Arc::new(LocalStore::new(args.store.clone().unwrap_or_else(|| data_dir.join("store")))),
+        None => Arc::new(LocalStore::new(
+            args.store.clone().unwrap_or_else(|| data_dir.join("store")),
+        )),
     };
     let source = source_from_args(&args)?;
-    let build_args = args.build_args.iter().map(|a| parse_build_arg(a)).collect::<Result<Vec<_>, _>>()?;
-    let opts = BuildOptions { app: args.app.clone(), dockerfile: args.dockerfile.clone(), build_args };
+    let build_args = args
+        .build_args
+        .iter()
+        .map(|a| parse_build_arg(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = BuildOptions {
+        app: args.app.clone(),
+        dockerfile: args.dockerfile.clone(),
+        build_args,
+    };
     let mut config = BuilderConfig::new(&data_dir);
     config.backend = args.backend;
     config.max_context_bytes = args.max_context_bytes;
@@ -155,13 +189,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 Ok(())
             }
             Err(e) => {
-                println!("{}", serde_json::json!({ "app": args.app, "error": e.to_string(), "fault": e.fault() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "app": args.app, "error": e.to_string(), "fault": e.fault() })
+                );
                 Err(e.into())
             }
         }
     } else {
         let bar = ProgressBar::new_spinner();
-        bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
+        );
         bar.enable_steady_tick(Duration::from_millis(120));
         let log = ProgressLog { bar: bar.clone() };
         let result = builder.build(source, opts, &log).await;

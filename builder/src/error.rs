@@ -57,16 +57,27 @@ pub enum InputError {
     NoDockerfile { path: PathBuf },
     #[error("Dockerfile path {path:?} escapes the build context {context}")]
     DockerfileEscapesContext { path: PathBuf, context: PathBuf },
-    #[error("build context is too large: more than {limit} bytes (counted {counted} so far); raise the context limit or add a smaller context")]
+    #[error(
+        "build context is too large: more than {limit} bytes (counted {counted} so far); raise the context limit or add a smaller context"
+    )]
     ContextTooLarge { limit: u64, counted: u64 },
     #[error("git repository {url} is unreachable or could not be fetched: {message}")]
     GitUnreachable { url: String, message: String },
     #[error("git repository {url}: revision {rev} not found: {message}")]
-    GitRevisionNotFound { url: String, rev: String, message: String },
+    GitRevisionNotFound {
+        url: String,
+        rev: String,
+        message: String,
+    },
     #[error("invalid git URL {url:?}: {message}")]
     InvalidGitUrl { url: String, message: String },
     #[error("GitHub repository {owner}/{repo} at {reference}: {message}")]
-    GitHub { owner: String, repo: String, reference: String, message: String },
+    GitHub {
+        owner: String,
+        repo: String,
+        reference: String,
+        message: String,
+    },
     #[error("invalid build argument {0:?}: expected KEY=VALUE")]
     InvalidBuildArg(String),
     #[error("unsafe path {path:?} in {what}")]
@@ -81,12 +92,19 @@ pub enum BuildError {
     Input(InputError),
     /// The user's Dockerfile or code failed (parse error, a RUN step exited non-zero).
     #[error("build failed in the user's code: {message}{}", fmt_tail(log_tail))]
-    User { message: String, log_tail: Vec<String> },
+    User {
+        message: String,
+        log_tail: Vec<String>,
+    },
     /// The build infrastructure failed (backend crashed, store unreachable, disk full).
     ///
     /// The cause is part of the message (not a `source()`), so that error
     /// chains do not print it twice; [`BuildError::cause`] gives access to it.
-    #[error("build infrastructure fault during {stage}: {message}{}{}", fmt_source(cause), fmt_tail(log_tail))]
+    #[error(
+        "build infrastructure fault during {stage}: {message}{}{}",
+        fmt_source(cause),
+        fmt_tail(log_tail)
+    )]
     Infrastructure {
         stage: Stage,
         message: String,
@@ -107,7 +125,11 @@ fn fmt_tail(tail: &[String]) -> String {
     if tail.is_empty() {
         String::new()
     } else {
-        format!("\n--- last {} log lines ---\n{}", tail.len(), tail.join("\n"))
+        format!(
+            "\n--- last {} log lines ---\n{}",
+            tail.len(),
+            tail.join("\n")
+        )
     }
 }
 
@@ -139,7 +161,13 @@ impl BuildError {
 
     /// Whether a retry may succeed: only transient infrastructure faults.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, BuildError::Infrastructure { transient: true, .. })
+        matches!(
+            self,
+            BuildError::Infrastructure {
+                transient: true,
+                ..
+            }
+        )
     }
 
     /// The underlying error of an infrastructure fault (e.g. a [`StoreError`]).
@@ -153,7 +181,9 @@ impl BuildError {
     /// The last lines of the build log, if the failure carries them.
     pub fn log_tail(&self) -> &[String] {
         match self {
-            BuildError::User { log_tail, .. } | BuildError::Infrastructure { log_tail, .. } => log_tail,
+            BuildError::User { log_tail, .. } | BuildError::Infrastructure { log_tail, .. } => {
+                log_tail
+            }
             BuildError::Input(_) => &[],
         }
     }

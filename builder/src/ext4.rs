@@ -21,7 +21,11 @@ pub struct Ext4Options {
 
 impl Default for Ext4Options {
     fn default() -> Self {
-        Self { headroom_percent: 25, min_free_bytes: 64 << 20, label: "zw-rootfs".into() }
+        Self {
+            headroom_percent: 25,
+            min_free_bytes: 64 << 20,
+            label: "zw-rootfs".into(),
+        }
     }
 }
 
@@ -41,7 +45,14 @@ pub fn uuid_from_seed(seed: &str) -> String {
     b[6] = (b[6] & 0x0f) | 0x40; // version 4 layout
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
     let x = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &x[0..8], &x[8..12], &x[12..16], &x[16..20], &x[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
 }
 
 /// The image size for content of `blocks` 4 KiB blocks and `inodes` inodes.
@@ -53,9 +64,21 @@ pub fn image_size(blocks: u64, inodes: u64, opts: &Ext4Options) -> u64 {
 
 /// Make `out` (a new file) an ext4 filesystem holding the tree at `root`.
 /// `seed` makes UUID and directory hash seed stable (pass the image digest).
-pub fn make_ext4(root: &Path, out: &Path, seed: &str, opts: &Ext4Options) -> Result<Ext4Stats, ExportError> {
-    let mkfs = find_tool("mkfs.ext4").ok_or(ExportError::ToolMissing { tool: "mkfs.ext4", package: "Debian: apt-get install e2fsprogs" })?;
-    let tree = measure_tree(root).map_err(|source| ExportError::Io { what: "measure", path: root.to_path_buf(), source })?;
+pub fn make_ext4(
+    root: &Path,
+    out: &Path,
+    seed: &str,
+    opts: &Ext4Options,
+) -> Result<Ext4Stats, ExportError> {
+    let mkfs = find_tool("mkfs.ext4").ok_or(ExportError::ToolMissing {
+        tool: "mkfs.ext4",
+        package: "Debian: apt-get install e2fsprogs",
+    })?;
+    let tree = measure_tree(root).map_err(|source| ExportError::Io {
+        what: "measure",
+        path: root.to_path_buf(),
+        source,
+    })?;
     let uuid = uuid_from_seed(seed);
     let inodes = tree.inodes + tree.inodes / 4 + 1024;
     let mut size = image_size(tree.blocks, tree.inodes, opts);
@@ -82,15 +105,27 @@ pub fn make_ext4(root: &Path, out: &Path, seed: &str, opts: &Ext4Options) -> Res
             .arg(format!("{}k", size / 1024))
             .env("LC_ALL", "C")
             .output()
-            .map_err(|source| ExportError::Io { what: "run", path: mkfs.clone(), source })?;
+            .map_err(|source| ExportError::Io {
+                what: "run",
+                path: mkfs.clone(),
+                source,
+            })?;
         if output.status.success() {
-            return Ok(Ext4Stats { image_bytes: size, content_bytes: tree.apparent_bytes, inodes: tree.inodes });
+            return Ok(Ext4Stats {
+                image_bytes: size,
+                content_bytes: tree.apparent_bytes,
+                inodes: tree.inodes,
+            });
         }
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
         let out_of_space = stderr.contains("Could not allocate block")
             || stderr.contains("Could not allocate inode")
             || stderr.contains("No free space in the filesystem");
-        last_err = Some(ExportError::Tool { tool: "mkfs.ext4", status: output.status.to_string(), stderr });
+        last_err = Some(ExportError::Tool {
+            tool: "mkfs.ext4",
+            status: output.status.to_string(),
+            stderr,
+        });
         if !out_of_space {
             break;
         }

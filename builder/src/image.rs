@@ -104,7 +104,11 @@ impl StoredConfig {
 /// The hex part of a `sha256:<64 hex>` digest, or `None` if malformed.
 pub fn digest_hex(digest: &str) -> Option<&str> {
     let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(hex)
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
 }
 
 /// A built image.
@@ -153,7 +157,12 @@ mod tests {
 
     #[test]
     fn stored_config_parses_as_image_config() {
-        let stored = StoredConfig { config: cfg(), format: FORMAT.into(), oci_manifest: "sha256:aa".into(), rootfs_sha256: "sha256:bb".into() };
+        let stored = StoredConfig {
+            config: cfg(),
+            format: FORMAT.into(),
+            oci_manifest: "sha256:aa".into(),
+            rootfs_sha256: "sha256:bb".into(),
+        };
         let json = serde_json::to_string(&stored).unwrap();
         let plain: ImageConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(plain, cfg());

@@ -36,7 +36,10 @@ pub trait LogSink: Send + Sync {
 impl dyn LogSink + '_ {
     /// Log a message of the builder itself.
     pub fn builder(&self, text: impl Into<String>) {
-        self.line(LogLine { stream: LogStream::Builder, text: text.into() });
+        self.line(LogLine {
+            stream: LogStream::Builder,
+            text: text.into(),
+        });
     }
 }
 
@@ -63,20 +66,33 @@ impl MemoryLog {
         self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
     pub fn stages(&self) -> Vec<Stage> {
-        self.stages.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.stages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
     /// Whether any line contains `needle`.
     pub fn contains(&self, needle: &str) -> bool {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|l| l.text.contains(needle))
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| l.text.contains(needle))
     }
 }
 
 impl LogSink for MemoryLog {
     fn line(&self, line: LogLine) {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line);
     }
     fn stage(&self, stage: Stage) {
-        self.stages.lock().unwrap_or_else(|e| e.into_inner()).push(stage);
+        self.stages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(stage);
     }
 }
 
@@ -120,10 +136,19 @@ pub(crate) struct TailLog<'a> {
 
 impl<'a> TailLog<'a> {
     pub(crate) fn new(inner: &'a dyn LogSink, capacity: usize) -> Self {
-        Self { inner, tail: Mutex::new(VecDeque::with_capacity(capacity)), capacity }
+        Self {
+            inner,
+            tail: Mutex::new(VecDeque::with_capacity(capacity)),
+            capacity,
+        }
     }
     pub(crate) fn tail(&self) -> Vec<String> {
-        self.tail.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        self.tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 

@@ -40,7 +40,11 @@ pub enum ExportError {
     #[error("unsupported layer media type {0} (supported: tar, tar+gzip)")]
     UnsupportedMediaType(String),
     #[error("layer {layer}: unsafe path {path:?}: {reason}")]
-    UnsafePath { layer: String, path: String, reason: &'static str },
+    UnsafePath {
+        layer: String,
+        path: String,
+        reason: &'static str,
+    },
     #[error("layer {layer}: {path:?}")]
     Layer {
         layer: String,
@@ -49,9 +53,16 @@ pub enum ExportError {
         source: io::Error,
     },
     #[error("required tool {tool} was not found on PATH or in /usr/sbin, /sbin ({package})")]
-    ToolMissing { tool: &'static str, package: &'static str },
+    ToolMissing {
+        tool: &'static str,
+        package: &'static str,
+    },
     #[error("{tool} failed ({status}): {stderr}")]
-    Tool { tool: &'static str, status: String, stderr: String },
+    Tool {
+        tool: &'static str,
+        status: String,
+        stderr: String,
+    },
 }
 
 impl ExportError {
@@ -126,10 +137,15 @@ pub struct OciImage {
 }
 
 fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, ExportError> {
-    let hex = digest.strip_prefix("sha256:").filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    let hex = digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
     match hex {
         Some(hex) => Ok(dir.join("blobs").join("sha256").join(hex)),
-        None => Err(ExportError::Layout { dir: dir.to_path_buf(), message: format!("unsupported digest {digest:?}") }),
+        None => Err(ExportError::Layout {
+            dir: dir.to_path_buf(),
+            message: format!("unsupported digest {digest:?}"),
+        }),
     }
 }
 
@@ -138,7 +154,10 @@ fn read_verified_blob(dir: &Path, desc: &Descriptor) -> Result<Vec<u8>, ExportEr
     let data = fs::read(&path).map_err(io_err("read blob", &path))?;
     let actual = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
     if actual != desc.digest {
-        return Err(ExportError::DigestMismatch { expected: desc.digest.clone(), actual });
+        return Err(ExportError::DigestMismatch {
+            expected: desc.digest.clone(),
+            actual,
+        });
     }
     Ok(data)
 }
@@ -148,21 +167,34 @@ fn read_verified_blob(dir: &Path, desc: &Descriptor) -> Result<Vec<u8>, ExportEr
 pub fn read_layout(dir: &Path, tag: Option<&str>) -> Result<OciImage, ExportError> {
     let index_path = dir.join("index.json");
     let index_bytes = fs::read(&index_path).map_err(io_err("read", &index_path))?;
-    let layout_err = |message: String| ExportError::Layout { dir: dir.to_path_buf(), message };
-    let index: Index = serde_json::from_slice(&index_bytes).map_err(|e| layout_err(format!("index.json: {e}")))?;
+    let layout_err = |message: String| ExportError::Layout {
+        dir: dir.to_path_buf(),
+        message,
+    };
+    let index: Index =
+        serde_json::from_slice(&index_bytes).map_err(|e| layout_err(format!("index.json: {e}")))?;
     let desc = match tag {
         Some(tag) => index.manifests.iter().find(|m| {
-            m.annotations.as_ref().and_then(|a| a.get("org.opencontainers.image.ref.name")).map(String::as_str) == Some(tag)
+            m.annotations
+                .as_ref()
+                .and_then(|a| a.get("org.opencontainers.image.ref.name"))
+                .map(String::as_str)
+                == Some(tag)
         }),
         None => index.manifests.first(),
     }
-    .ok_or_else(|| layout_err(format!("no manifest{} in index.json", tag.map(|t| format!(" tagged {t:?}")).unwrap_or_default())))?;
+    .ok_or_else(|| {
+        layout_err(format!(
+            "no manifest{} in index.json",
+            tag.map(|t| format!(" tagged {t:?}")).unwrap_or_default()
+        ))
+    })?;
     let manifest_bytes = read_verified_blob(dir, desc)?;
-    let manifest: Manifest =
-        serde_json::from_slice(&manifest_bytes).map_err(|e| layout_err(format!("manifest {}: {e}", desc.digest)))?;
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| layout_err(format!("manifest {}: {e}", desc.digest)))?;
     let config_bytes = read_verified_blob(dir, &manifest.config)?;
-    let config: OciConfigFile =
-        serde_json::from_slice(&config_bytes).map_err(|e| layout_err(format!("config {}: {e}", manifest.config.digest)))?;
+    let config: OciConfigFile = serde_json::from_slice(&config_bytes)
+        .map_err(|e| layout_err(format!("config {}: {e}", manifest.config.digest)))?;
     Ok(OciImage {
         dir: dir.to_path_buf(),
         manifest_digest: desc.digest.clone(),
@@ -184,7 +216,10 @@ fn image_config(c: OciRunConfig) -> ImageConfig {
         entrypoint: c.entrypoint.unwrap_or_default(),
         cmd: c.cmd.unwrap_or_default(),
         env: c.env.unwrap_or_default(),
-        workdir: c.working_dir.filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into()),
+        workdir: c
+            .working_dir
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into()),
         user: c.user.unwrap_or_default(),
         exposed_ports: ports,
         rootfs_bytes: 0,
@@ -208,7 +243,10 @@ pub fn apply_image(image: &OciImage, root: &Path) -> Result<ApplyStats, ExportEr
     for layer in &image.manifest.layers {
         let path = blob_path(&image.dir, &layer.digest)?;
         let file = fs::File::open(&path).map_err(io_err("open layer", &path))?;
-        let mut hashing = HashingReader { inner: io::BufReader::with_capacity(1 << 20, file), hasher: Sha256::new() };
+        let mut hashing = HashingReader {
+            inner: io::BufReader::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+        };
         let mt = layer.media_type.as_str();
         if mt.ends_with("+zstd") || mt.ends_with(".zstd") {
             return Err(ExportError::UnsupportedMediaType(mt.to_string()));
@@ -219,7 +257,12 @@ pub fn apply_image(image: &OciImage, root: &Path) -> Result<ApplyStats, ExportEr
             let mut peek = PeekReader::new(&mut hashing);
             let magic = peek.peek(2).map_err(io_err("read layer", &path))?;
             if magic == [0x1f, 0x8b] {
-                apply_layer(flate2::read::GzDecoder::new(&mut peek), root, &layer.digest, &mut stats)?;
+                apply_layer(
+                    flate2::read::GzDecoder::new(&mut peek),
+                    root,
+                    &layer.digest,
+                    &mut stats,
+                )?;
             } else {
                 apply_layer(&mut peek, root, &layer.digest, &mut stats)?;
             }
@@ -228,7 +271,10 @@ pub fn apply_image(image: &OciImage, root: &Path) -> Result<ApplyStats, ExportEr
         }
         let actual = format!("sha256:{}", hex::encode(hashing.hasher.finalize()));
         if actual != layer.digest {
-            return Err(ExportError::DigestMismatch { expected: layer.digest.clone(), actual });
+            return Err(ExportError::DigestMismatch {
+                expected: layer.digest.clone(),
+                actual,
+            });
         }
         stats.layers += 1;
     }
@@ -255,7 +301,10 @@ struct PeekReader<R> {
 
 impl<R: Read> PeekReader<R> {
     fn new(inner: R) -> Self {
-        Self { inner, buf: Vec::new() }
+        Self {
+            inner,
+            buf: Vec::new(),
+        }
     }
     fn peek(&mut self, n: usize) -> io::Result<Vec<u8>> {
         while self.buf.len() < n {
@@ -291,10 +340,18 @@ fn normalize(layer: &str, raw: &Path) -> Result<Option<Vec<OsString>>, ExportErr
             Component::Normal(p) => parts.push(p.to_os_string()),
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir => {
-                return Err(ExportError::UnsafePath { layer: layer.into(), path: raw.display().to_string(), reason: "contains '..'" });
+                return Err(ExportError::UnsafePath {
+                    layer: layer.into(),
+                    path: raw.display().to_string(),
+                    reason: "contains '..'",
+                });
             }
             Component::Prefix(_) => {
-                return Err(ExportError::UnsafePath { layer: layer.into(), path: raw.display().to_string(), reason: "has a prefix" });
+                return Err(ExportError::UnsafePath {
+                    layer: layer.into(),
+                    path: raw.display().to_string(),
+                    reason: "has a prefix",
+                });
             }
         }
     }
@@ -323,7 +380,10 @@ pub fn resolve_in_root(root: &Path, parts: &[OsString], create: bool) -> io::Res
             Ok(m) if m.file_type().is_symlink() => {
                 hops += 1;
                 if hops > MAX_SYMLINK_HOPS {
-                    return Err(io::Error::other(format!("too many levels of symlinks at {}", candidate.display())));
+                    return Err(io::Error::other(format!(
+                        "too many levels of symlinks at {}",
+                        candidate.display()
+                    )));
                 }
                 let target = fs::read_link(&candidate)?;
                 if target.is_absolute() {
@@ -343,7 +403,10 @@ pub fn resolve_in_root(root: &Path, parts: &[OsString], create: bool) -> io::Res
             }
             Ok(m) if m.is_dir() => resolved.push(c),
             Ok(_) => {
-                return Err(io::Error::new(io::ErrorKind::NotADirectory, format!("{} is not a directory", candidate.display())));
+                return Err(io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    format!("{} is not a directory", candidate.display()),
+                ));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
                 fs::create_dir(&candidate)?;
@@ -373,7 +436,12 @@ fn is_root() -> bool {
 }
 
 /// Apply one uncompressed layer tar stream to `root`.
-pub fn apply_layer(reader: impl Read, root: &Path, layer: &str, stats: &mut ApplyStats) -> Result<(), ExportError> {
+pub fn apply_layer(
+    reader: impl Read,
+    root: &Path,
+    layer: &str,
+    stats: &mut ApplyStats,
+) -> Result<(), ExportError> {
     let mut archive = tar::Archive::new(reader);
     let root_user = is_root();
     archive.set_preserve_permissions(true);
@@ -384,16 +452,39 @@ pub fn apply_layer(reader: impl Read, root: &Path, layer: &str, stats: &mut Appl
     // Paths (relative to root) written by this layer: an opaque whiteout only
     // hides what lower layers put in its directory.
     let mut written: HashSet<Vec<OsString>> = HashSet::new();
-    let entries = archive.entries().map_err(|e| ExportError::Layer { layer: layer.into(), path: String::new(), source: e })?;
+    let entries = archive.entries().map_err(|e| ExportError::Layer {
+        layer: layer.into(),
+        path: String::new(),
+        source: e,
+    })?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| ExportError::Layer { layer: layer.into(), path: String::new(), source: e })?;
+        let mut entry = entry.map_err(|e| ExportError::Layer {
+            layer: layer.into(),
+            path: String::new(),
+            source: e,
+        })?;
         let kind = entry.header().entry_type();
-        if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() || kind.is_gnu_longname() || kind.is_gnu_longlink() {
+        if kind.is_pax_global_extensions()
+            || kind.is_pax_local_extensions()
+            || kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+        {
             continue;
         }
-        let raw = entry.path().map_err(|e| ExportError::Layer { layer: layer.into(), path: String::new(), source: e })?.into_owned();
+        let raw = entry
+            .path()
+            .map_err(|e| ExportError::Layer {
+                layer: layer.into(),
+                path: String::new(),
+                source: e,
+            })?
+            .into_owned();
         let shown = raw.display().to_string();
-        let lerr = |source: io::Error| ExportError::Layer { layer: layer.to_string(), path: shown.clone(), source };
+        let lerr = |source: io::Error| ExportError::Layer {
+            layer: layer.to_string(),
+            path: shown.clone(),
+            source,
+        };
         stats.entries += 1;
         let Some(parts) = normalize(layer, &raw)? else {
             continue; // the root directory itself
@@ -417,7 +508,9 @@ pub fn apply_layer(reader: impl Read, root: &Path, layer: &str, stats: &mut Appl
         if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
             stats.whiteouts += 1;
             match resolve_in_root(root, parent, false) {
-                Ok(dir) => remove_any(&dir.join(std::ffi::OsStr::from_bytes(hidden))).map_err(lerr)?,
+                Ok(dir) => {
+                    remove_any(&dir.join(std::ffi::OsStr::from_bytes(hidden))).map_err(lerr)?
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(lerr(e)),
             }
@@ -436,15 +529,22 @@ pub fn apply_layer(reader: impl Read, root: &Path, layer: &str, stats: &mut Appl
             }
         }
         if kind.is_hard_link() {
-            let link = entry
-                .link_name()
-                .map_err(lerr)?
-                .ok_or_else(|| lerr(io::Error::new(io::ErrorKind::InvalidData, "hard link without target")))?;
+            let link = entry.link_name().map_err(lerr)?.ok_or_else(|| {
+                lerr(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "hard link without target",
+                ))
+            })?;
             let Some(link_parts) = normalize(layer, &link)? else {
-                return Err(lerr(io::Error::new(io::ErrorKind::InvalidData, "hard link to the root directory")));
+                return Err(lerr(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "hard link to the root directory",
+                )));
             };
             let (lname, lparent) = link_parts.split_last().expect("non-empty");
-            let src = resolve_in_root(root, lparent, false).map_err(lerr)?.join(lname);
+            let src = resolve_in_root(root, lparent, false)
+                .map_err(lerr)?
+                .join(lname);
             fs::hard_link(&src, &target).map_err(lerr)?;
         } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
             make_node(&entry, &target, kind, root_user).map_err(lerr)?;
@@ -458,7 +558,12 @@ pub fn apply_layer(reader: impl Read, root: &Path, layer: &str, stats: &mut Appl
     Ok(())
 }
 
-fn make_node<R: Read>(entry: &tar::Entry<'_, R>, target: &Path, kind: tar::EntryType, root_user: bool) -> io::Result<()> {
+fn make_node<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    target: &Path,
+    kind: tar::EntryType,
+    root_user: bool,
+) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     let h = entry.header();
     let mode = h.mode()? & 0o7777;
@@ -467,7 +572,11 @@ fn make_node<R: Read>(entry: &tar::Entry<'_, R>, target: &Path, kind: tar::Entry
     } else {
         let major = h.device_major()?.unwrap_or(0);
         let minor = h.device_minor()?.unwrap_or(0);
-        let fmt = if kind.is_character_special() { libc::S_IFCHR } else { libc::S_IFBLK };
+        let fmt = if kind.is_character_special() {
+            libc::S_IFCHR
+        } else {
+            libc::S_IFBLK
+        };
         (fmt, libc::makedev(major, minor))
     };
     let c = std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(io::Error::other)?;
@@ -477,7 +586,9 @@ fn make_node<R: Read>(entry: &tar::Entry<'_, R>, target: &Path, kind: tar::Entry
     }
     if root_user {
         // SAFETY: as above; lchown does not follow symlinks.
-        if unsafe { libc::lchown(c.as_ptr(), h.uid()? as libc::uid_t, h.gid()? as libc::gid_t) } != 0 {
+        if unsafe { libc::lchown(c.as_ptr(), h.uid()? as libc::uid_t, h.gid()? as libc::gid_t) }
+            != 0
+        {
             return Err(io::Error::last_os_error());
         }
     }
@@ -617,9 +728,16 @@ mod tests {
         assert!(root.join("a/keep").exists());
         assert!(!root.join("a/drop").exists());
         assert!(!root.join("gone").exists());
-        let mut o: Vec<_> = fs::read_dir(root.join("o")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut o: Vec<_> = fs::read_dir(root.join("o"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         o.sort();
-        assert_eq!(o, vec!["early", "late"], "opaque dir keeps only this layer's entries");
+        assert_eq!(
+            o,
+            vec!["early", "late"],
+            "opaque dir keeps only this layer's entries"
+        );
         let keep = fs::metadata(root.join("a/keep")).unwrap();
         assert_eq!(keep.nlink(), 2, "hard link kept");
         assert!(!root.join("a/.wh.drop").exists() && !root.join("o/.wh..wh..opq").exists());
@@ -634,10 +752,33 @@ mod tests {
         fs::create_dir_all(&outside).unwrap();
         // An absolute symlink to a host path and a relative one escaping upwards.
         let abs_target = outside.to_str().unwrap().to_string();
-        apply(&root, &[E::Symlink("abs", &abs_target), E::Symlink("rel", "../../outside"), E::File("f", b"file")]).unwrap();
-        apply(&root, &[E::File("abs/x", b"1"), E::File("rel/y", b"2"), E::Dir("f/"), E::File("f/inner", b"3")]).unwrap();
-        assert!(fs::read_dir(&outside).unwrap().next().is_none(), "nothing written outside the root");
-        assert_eq!(fs::read(root.join(outside.strip_prefix("/").unwrap()).join("x")).unwrap(), b"1");
+        apply(
+            &root,
+            &[
+                E::Symlink("abs", &abs_target),
+                E::Symlink("rel", "../../outside"),
+                E::File("f", b"file"),
+            ],
+        )
+        .unwrap();
+        apply(
+            &root,
+            &[
+                E::File("abs/x", b"1"),
+                E::File("rel/y", b"2"),
+                E::Dir("f/"),
+                E::File("f/inner", b"3"),
+            ],
+        )
+        .unwrap();
+        assert!(
+            fs::read_dir(&outside).unwrap().next().is_none(),
+            "nothing written outside the root"
+        );
+        assert_eq!(
+            fs::read(root.join(outside.strip_prefix("/").unwrap()).join("x")).unwrap(),
+            b"1"
+        );
         assert_eq!(fs::read(root.join("outside/y")).unwrap(), b"2");
         assert!(root.join("f").is_dir(), "a directory replaced the file");
         assert_eq!(fs::read(root.join("f/inner")).unwrap(), b"3");
@@ -656,7 +797,8 @@ mod tests {
         let mut data = h.as_bytes().to_vec();
         data.extend_from_slice(&[b'x'; 512]);
         data.extend_from_slice(&[0; 1024]);
-        let err = apply_layer(&data[..], tmp.path(), "evil", &mut ApplyStats::default()).unwrap_err();
+        let err =
+            apply_layer(&data[..], tmp.path(), "evil", &mut ApplyStats::default()).unwrap_err();
         assert!(matches!(err, ExportError::UnsafePath { .. }), "{err}");
     }
 
@@ -699,6 +841,9 @@ mod tests {
         fs::write(blobs.join(&layer_digest[7..]), &bad).unwrap();
         let err = apply_image(&image, &dir.join("root2")).unwrap_err();
         assert!(matches!(err, ExportError::DigestMismatch { .. }), "{err}");
-        assert!(matches!(read_layout(dir, Some("other")), Err(ExportError::Layout { .. })));
+        assert!(matches!(
+            read_layout(dir, Some("other")),
+            Err(ExportError::Layout { .. })
+        ));
     }
 }

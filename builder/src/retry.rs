@@ -34,12 +34,18 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// No retries at all.
     pub fn none() -> Self {
-        Self { max_attempts: 1, ..Self::default() }
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
     }
 
     /// The delay after failed attempt number `attempt` (1-based).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .multiplier
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
         let secs = self.initial_backoff.as_secs_f64() * exp;
         Duration::from_secs_f64(secs.min(self.max_backoff.as_secs_f64()))
     }
@@ -47,7 +53,12 @@ impl RetryPolicy {
     /// Run `op` until it succeeds, fails with a non-retryable error, or the
     /// attempts are used up. `op` gets the 1-based attempt number. Each retry
     /// is reported to `log`.
-    pub async fn run<T, F, Fut>(&self, what: &str, log: &dyn LogSink, mut op: F) -> Result<T, BuildError>
+    pub async fn run<T, F, Fut>(
+        &self,
+        what: &str,
+        log: &dyn LogSink,
+        mut op: F,
+    ) -> Result<T, BuildError>
     where
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, BuildError>>,
@@ -82,12 +93,22 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     fn fast() -> RetryPolicy {
-        RetryPolicy { max_attempts: 4, initial_backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(4), multiplier: 2.0 }
+        RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(4),
+            multiplier: 2.0,
+        }
     }
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy { max_attempts: 10, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_millis(350), multiplier: 2.0 };
+        let p = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(350),
+            multiplier: 2.0,
+        };
         assert_eq!(p.backoff(1), Duration::from_millis(100));
         assert_eq!(p.backoff(2), Duration::from_millis(200));
         assert_eq!(p.backoff(3), Duration::from_millis(350));
@@ -103,7 +124,11 @@ mod tests {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async move {
                     if attempt < 3 {
-                        Err(BuildError::infra(Stage::Upload, "store down", std::io::Error::other("refused")))
+                        Err(BuildError::infra(
+                            Stage::Upload,
+                            "store down",
+                            std::io::Error::other("refused"),
+                        ))
                     } else {
                         Ok(attempt)
                     }
@@ -113,7 +138,13 @@ mod tests {
             .expect("third attempt succeeds");
         assert_eq!(out, 3);
         assert_eq!(calls.load(Ordering::SeqCst), 3);
-        assert_eq!(log.lines().iter().filter(|l| l.text.starts_with("retrying op")).count(), 2);
+        assert_eq!(
+            log.lines()
+                .iter()
+                .filter(|l| l.text.starts_with("retrying op"))
+                .count(),
+            2
+        );
     }
 
     #[tokio::test]
@@ -122,7 +153,13 @@ mod tests {
         let err = fast()
             .run("op", &crate::log::NullLog, |_| {
                 calls.fetch_add(1, Ordering::SeqCst);
-                async { Err::<(), _>(BuildError::infra(Stage::Build, "crash", std::io::Error::other("x"))) }
+                async {
+                    Err::<(), _>(BuildError::infra(
+                        Stage::Build,
+                        "crash",
+                        std::io::Error::other("x"),
+                    ))
+                }
             })
             .await
             .unwrap_err();

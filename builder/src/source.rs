@@ -78,7 +78,16 @@ impl std::fmt::Display for Source {
 
 /// Whether `s` looks like a git URL rather than a local path.
 pub fn looks_like_git_url(s: &str) -> bool {
-    ["http://", "https://", "git://", "ssh://", "file://", "git+ssh://"].iter().any(|p| s.starts_with(p))
+    [
+        "http://",
+        "https://",
+        "git://",
+        "ssh://",
+        "file://",
+        "git+ssh://",
+    ]
+    .iter()
+    .any(|p| s.starts_with(p))
         || (s.contains('@') && s.contains(':') && !s.starts_with('/') && !s.starts_with('.'))
 }
 
@@ -107,16 +116,25 @@ pub fn check_context_size(dir: &Path, limit: u64) -> Result<u64, BuildError> {
     let mut total = 0u64;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let rd = fs::read_dir(&d).map_err(|e| BuildError::infra(Stage::Source, format!("reading {}", d.display()), e))?;
+        let rd = fs::read_dir(&d)
+            .map_err(|e| BuildError::infra(Stage::Source, format!("reading {}", d.display()), e))?;
         for entry in rd {
-            let entry = entry.map_err(|e| BuildError::infra(Stage::Source, format!("reading {}", d.display()), e))?;
-            let ft = entry.file_type().map_err(|e| BuildError::infra(Stage::Source, "stat", e))?;
+            let entry = entry.map_err(|e| {
+                BuildError::infra(Stage::Source, format!("reading {}", d.display()), e)
+            })?;
+            let ft = entry
+                .file_type()
+                .map_err(|e| BuildError::infra(Stage::Source, "stat", e))?;
             if ft.is_dir() {
                 stack.push(entry.path());
             } else if ft.is_file() {
                 total += entry.metadata().map(|m| m.len()).unwrap_or(0);
                 if total > limit {
-                    return Err(InputError::ContextTooLarge { limit, counted: total }.into());
+                    return Err(InputError::ContextTooLarge {
+                        limit,
+                        counted: total,
+                    }
+                    .into());
                 }
             }
         }
@@ -126,13 +144,20 @@ pub fn check_context_size(dir: &Path, limit: u64) -> Result<u64, BuildError> {
 
 /// Materialise `source` as a directory. Local sources are used in place;
 /// others are written to `work/context`. Returns the context directory.
-pub async fn materialize(source: &Source, work: &Path, limit: u64, log: &dyn LogSink) -> Result<PathBuf, BuildError> {
+pub async fn materialize(
+    source: &Source,
+    work: &Path,
+    limit: u64,
+    log: &dyn LogSink,
+) -> Result<PathBuf, BuildError> {
     match source {
         Source::Local(dir) => {
             if !dir.is_dir() {
                 return Err(InputError::SourceNotFound(dir.clone()).into());
             }
-            let dir = dir.canonicalize().map_err(|_| InputError::SourceNotFound(dir.clone()))?;
+            let dir = dir
+                .canonicalize()
+                .map_err(|_| InputError::SourceNotFound(dir.clone()))?;
             let d2 = dir.clone();
             let size = tokio::task::spawn_blocking(move || check_context_size(&d2, limit))
                 .await
@@ -143,9 +168,10 @@ pub async fn materialize(source: &Source, work: &Path, limit: u64, log: &dyn Log
         Source::Git { url, rev } => {
             let (url, rev, work) = (url.clone(), rev.clone(), work.to_path_buf());
             log.builder(format!("fetching {url} ({rev})"));
-            let (ctx, commit, size) = tokio::task::spawn_blocking(move || fetch_git(&url, &rev, &work, limit))
-                .await
-                .map_err(|e| BuildError::infra(Stage::Source, "git fetch task", e))??;
+            let (ctx, commit, size) =
+                tokio::task::spawn_blocking(move || fetch_git(&url, &rev, &work, limit))
+                    .await
+                    .map_err(|e| BuildError::infra(Stage::Source, "git fetch task", e))??;
             log.builder(format!("checked out commit {commit}: {size} bytes"));
             Ok(ctx)
         }
@@ -153,60 +179,118 @@ pub async fn materialize(source: &Source, work: &Path, limit: u64, log: &dyn Log
     }
 }
 
-fn fetch_git(url: &str, rev: &GitRev, work: &Path, limit: u64) -> Result<(PathBuf, String, u64), BuildError> {
-    let unreachable = |message: String| BuildError::from(InputError::GitUnreachable { url: url.to_string(), message });
+fn fetch_git(
+    url: &str,
+    rev: &GitRev,
+    work: &Path,
+    limit: u64,
+) -> Result<(PathBuf, String, u64), BuildError> {
+    let unreachable = |message: String| {
+        BuildError::from(InputError::GitUnreachable {
+            url: url.to_string(),
+            message,
+        })
+    };
     let repo_dir = work.join("repo.git");
     let ctx = work.join("context");
     let _ = fs::remove_dir_all(&repo_dir);
     let _ = fs::remove_dir_all(&ctx);
-    let parsed = gix::url::parse(gix::bstr::BStr::new(url.as_bytes())).map_err(|e| InputError::InvalidGitUrl { url: url.to_string(), message: e.to_string() })?;
+    let parsed = gix::url::parse(gix::bstr::BStr::new(url.as_bytes())).map_err(|e| {
+        InputError::InvalidGitUrl {
+            url: url.to_string(),
+            message: e.to_string(),
+        }
+    })?;
     if parsed.scheme == gix::url::Scheme::File && !Path::new(&parsed.path.to_string()).exists() {
-        return Err(unreachable(format!("local repository path {} does not exist", parsed.path)));
+        return Err(unreachable(format!(
+            "local repository path {} does not exist",
+            parsed.path
+        )));
     }
-    let mut prepare = gix::prepare_clone_bare(parsed, &repo_dir).map_err(|e| unreachable(error_chain(&e)))?;
-    prepare = prepare.with_shallow(gix::remote::fetch::Shallow::DepthAtRemote(NonZeroU32::new(1).expect("1 > 0")));
+    let mut prepare =
+        gix::prepare_clone_bare(parsed, &repo_dir).map_err(|e| unreachable(error_chain(&e)))?;
+    prepare = prepare.with_shallow(gix::remote::fetch::Shallow::DepthAtRemote(
+        NonZeroU32::new(1).expect("1 > 0"),
+    ));
     match rev {
         GitRev::DefaultBranch => {}
         GitRev::Branch(b) => {
-            prepare = prepare
-                .with_ref_name(Some(b.as_str()))
-                .map_err(|e| InputError::GitRevisionNotFound { url: url.to_string(), rev: rev.to_string(), message: error_chain(&e) })?;
+            prepare = prepare.with_ref_name(Some(b.as_str())).map_err(|e| {
+                InputError::GitRevisionNotFound {
+                    url: url.to_string(),
+                    rev: rev.to_string(),
+                    message: error_chain(&e),
+                }
+            })?;
         }
         GitRev::Commit(c) => {
             if c.len() != 40 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(InputError::GitRevisionNotFound { url: url.to_string(), rev: rev.to_string(), message: "a commit must be given as 40 hex digits".into() }.into());
+                return Err(InputError::GitRevisionNotFound {
+                    url: url.to_string(),
+                    rev: rev.to_string(),
+                    message: "a commit must be given as 40 hex digits".into(),
+                }
+                .into());
             }
-            prepare = prepare
-                .with_revision(Some(c.as_str()))
-                .map_err(|e| InputError::GitRevisionNotFound { url: url.to_string(), rev: rev.to_string(), message: error_chain(&e) })?;
+            prepare = prepare.with_revision(Some(c.as_str())).map_err(|e| {
+                InputError::GitRevisionNotFound {
+                    url: url.to_string(),
+                    rev: rev.to_string(),
+                    message: error_chain(&e),
+                }
+            })?;
         }
     }
     let interrupt = std::sync::atomic::AtomicBool::new(false);
-    let (repo, _outcome) = prepare.fetch_only(gix::progress::Discard, &interrupt).map_err(|e| {
-        let msg = error_chain(&e);
-        let lower = msg.to_lowercase();
-        let rev_problem = !matches!(rev, GitRev::DefaultBranch)
-            && (lower.contains("not our ref") || lower.contains("not found") || lower.contains("couldn't find") || lower.contains("could not find") || lower.contains("did not match"));
-        if rev_problem {
-            BuildError::from(InputError::GitRevisionNotFound { url: url.to_string(), rev: rev.to_string(), message: msg })
-        } else {
-            unreachable(msg)
-        }
-    })?;
+    let (repo, _outcome) = prepare
+        .fetch_only(gix::progress::Discard, &interrupt)
+        .map_err(|e| {
+            let msg = error_chain(&e);
+            let lower = msg.to_lowercase();
+            let rev_problem = !matches!(rev, GitRev::DefaultBranch)
+                && (lower.contains("not our ref")
+                    || lower.contains("not found")
+                    || lower.contains("couldn't find")
+                    || lower.contains("could not find")
+                    || lower.contains("did not match"));
+            if rev_problem {
+                BuildError::from(InputError::GitRevisionNotFound {
+                    url: url.to_string(),
+                    rev: rev.to_string(),
+                    message: msg,
+                })
+            } else {
+                unreachable(msg)
+            }
+        })?;
     let commit = repo
         .head_commit()
-        .map_err(|e| InputError::GitRevisionNotFound { url: url.to_string(), rev: rev.to_string(), message: error_chain(&e) })?;
+        .map_err(|e| InputError::GitRevisionNotFound {
+            url: url.to_string(),
+            rev: rev.to_string(),
+            message: error_chain(&e),
+        })?;
     let commit_id = commit.id.to_string();
-    let tree = commit.tree().map_err(|e| BuildError::infra(Stage::Source, "reading the commit's tree", e))?;
+    let tree = commit
+        .tree()
+        .map_err(|e| BuildError::infra(Stage::Source, "reading the commit's tree", e))?;
     let mut recorder = gix::traverse::tree::Recorder::default();
-    tree.traverse().breadthfirst(&mut recorder).map_err(|e| BuildError::infra(Stage::Source, "walking the commit's tree", e))?;
-    fs::create_dir_all(&ctx).map_err(|e| BuildError::infra(Stage::Source, "creating the context directory", e))?;
+    tree.traverse()
+        .breadthfirst(&mut recorder)
+        .map_err(|e| BuildError::infra(Stage::Source, "walking the commit's tree", e))?;
+    fs::create_dir_all(&ctx)
+        .map_err(|e| BuildError::infra(Stage::Source, "creating the context directory", e))?;
     let mut total = 0u64;
     for entry in recorder.records {
         let rel = entry.filepath.to_string();
-        let rel_path = safe_relative(&rel).ok_or_else(|| InputError::UnsafePath { what: format!("git tree of {url}"), path: rel.clone() })?;
+        let rel_path = safe_relative(&rel).ok_or_else(|| InputError::UnsafePath {
+            what: format!("git tree of {url}"),
+            path: rel.clone(),
+        })?;
         let dest = ctx.join(&rel_path);
-        let werr = |e: io::Error| BuildError::infra(Stage::Source, format!("writing {}", dest.display()), e);
+        let werr = |e: io::Error| {
+            BuildError::infra(Stage::Source, format!("writing {}", dest.display()), e)
+        };
         let mode = entry.mode;
         if mode.is_tree() {
             fs::create_dir_all(&dest).map_err(werr)?;
@@ -214,13 +298,20 @@ fn fetch_git(url: &str, rev: &GitRev, work: &Path, limit: u64) -> Result<(PathBu
             // A submodule: not fetched; leave an empty directory as git does.
             fs::create_dir_all(&dest).map_err(werr)?;
         } else {
-            let blob = repo.find_blob(entry.oid).map_err(|e| BuildError::infra(Stage::Source, format!("reading blob {}", entry.oid), e))?;
+            let blob = repo.find_blob(entry.oid).map_err(|e| {
+                BuildError::infra(Stage::Source, format!("reading blob {}", entry.oid), e)
+            })?;
             total += blob.data.len() as u64;
             if total > limit {
-                return Err(InputError::ContextTooLarge { limit, counted: total }.into());
+                return Err(InputError::ContextTooLarge {
+                    limit,
+                    counted: total,
+                }
+                .into());
             }
             if mode.is_link() {
-                let target = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&blob.data);
+                let target =
+                    <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&blob.data);
                 std::os::unix::fs::symlink(target, &dest).map_err(werr)?;
             } else {
                 let mut f = fs::File::create(&dest).map_err(werr)?;
@@ -270,47 +361,87 @@ fn github_client(gh: &GitHubSource) -> Result<octocrab::Octocrab, BuildError> {
     if let Some(token) = &gh.token {
         builder = builder.personal_token(token.clone());
     }
-    builder.build().map_err(|e| BuildError::infra(Stage::Source, "creating the GitHub client", e))
+    builder
+        .build()
+        .map_err(|e| BuildError::infra(Stage::Source, "creating the GitHub client", e))
 }
 
-async fn fetch_github(gh: &GitHubSource, work: &Path, limit: u64, log: &dyn LogSink) -> Result<PathBuf, BuildError> {
+async fn fetch_github(
+    gh: &GitHubSource,
+    work: &Path,
+    limit: u64,
+    log: &dyn LogSink,
+) -> Result<PathBuf, BuildError> {
     let input = |message: String| {
-        BuildError::from(InputError::GitHub { owner: gh.owner.clone(), repo: gh.repo.clone(), reference: gh.reference.clone(), message })
+        BuildError::from(InputError::GitHub {
+            owner: gh.owner.clone(),
+            repo: gh.repo.clone(),
+            reference: gh.reference.clone(),
+            message,
+        })
     };
     let crab = github_client(gh)?;
-    log.builder(format!("downloading tarball of {}/{} at {}", gh.owner, gh.repo, gh.reference));
+    log.builder(format!(
+        "downloading tarball of {}/{} at {}",
+        gh.owner, gh.repo, gh.reference
+    ));
     let response = crab
         .repos(&gh.owner, &gh.repo)
         .download_tarball(gh.reference.clone())
         .await
-        .map_err(|e| BuildError::infra(Stage::Source, "GitHub tarball request failed (GitHub unreachable?)", e))?;
+        .map_err(|e| {
+            BuildError::infra(
+                Stage::Source,
+                "GitHub tarball request failed (GitHub unreachable?)",
+                e,
+            )
+        })?;
     let status = response.status();
     if !status.is_success() {
         let code = status.as_u16();
         return Err(match code {
             404 => input("repository or reference not found (or the token cannot read it)".into()),
-            401 | 403 => input(format!("GitHub refused access (HTTP {code}): check the token")),
-            c if c >= 500 || c == 429 => BuildError::infra(Stage::Source, format!("GitHub answered HTTP {c}"), io::Error::other(status.to_string())),
+            401 | 403 => input(format!(
+                "GitHub refused access (HTTP {code}): check the token"
+            )),
+            c if c >= 500 || c == 429 => BuildError::infra(
+                Stage::Source,
+                format!("GitHub answered HTTP {c}"),
+                io::Error::other(status.to_string()),
+            ),
             c => input(format!("unexpected HTTP {c} for the tarball")),
         });
     }
-    tokio::fs::create_dir_all(work).await.map_err(|e| BuildError::infra(Stage::Source, "creating the work directory", e))?;
+    tokio::fs::create_dir_all(work)
+        .await
+        .map_err(|e| BuildError::infra(Stage::Source, "creating the work directory", e))?;
     let archive = work.join("source.tar.gz");
-    let mut file = tokio::fs::File::create(&archive).await.map_err(|e| BuildError::infra(Stage::Source, "creating the tarball file", e))?;
+    let mut file = tokio::fs::File::create(&archive)
+        .await
+        .map_err(|e| BuildError::infra(Stage::Source, "creating the tarball file", e))?;
     let mut body = response.into_body();
     let mut downloaded = 0u64;
     use tokio::io::AsyncWriteExt;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| BuildError::infra(Stage::Source, "reading the GitHub tarball", e))?;
+        let frame =
+            frame.map_err(|e| BuildError::infra(Stage::Source, "reading the GitHub tarball", e))?;
         if let Ok(data) = frame.into_data() {
             downloaded += data.len() as u64;
             if downloaded > limit {
-                return Err(InputError::ContextTooLarge { limit, counted: downloaded }.into());
+                return Err(InputError::ContextTooLarge {
+                    limit,
+                    counted: downloaded,
+                }
+                .into());
             }
-            file.write_all(&data).await.map_err(|e| BuildError::infra(Stage::Source, "writing the tarball", e))?;
+            file.write_all(&data)
+                .await
+                .map_err(|e| BuildError::infra(Stage::Source, "writing the tarball", e))?;
         }
     }
-    file.flush().await.map_err(|e| BuildError::infra(Stage::Source, "writing the tarball", e))?;
+    file.flush()
+        .await
+        .map_err(|e| BuildError::infra(Stage::Source, "writing the tarball", e))?;
     drop(file);
     log.builder(format!("downloaded {downloaded} bytes"));
     let ctx = work.join("context");
@@ -326,14 +457,21 @@ async fn fetch_github(gh: &GitHubSource, work: &Path, limit: u64, log: &dyn LogS
 /// Extract a gzip'd tarball whose entries sit under one top-level directory
 /// (as GitHub's do) into `dest`, dropping that directory. Paths cannot leave
 /// `dest`; the extracted size is limited to `limit` bytes.
-pub fn extract_tarball(archive: &Path, dest: &Path, limit: u64, what: &str) -> Result<u64, BuildError> {
+pub fn extract_tarball(
+    archive: &Path,
+    dest: &Path,
+    limit: u64,
+    what: &str,
+) -> Result<u64, BuildError> {
     let ioe = |e: io::Error| BuildError::infra(Stage::Source, format!("extracting {what}"), e);
-    let bad = |e: io::Error| BuildError::from(InputError::GitHub {
-        owner: String::new(),
-        repo: what.to_string(),
-        reference: String::new(),
-        message: format!("corrupt tarball: {e}"),
-    });
+    let bad = |e: io::Error| {
+        BuildError::from(InputError::GitHub {
+            owner: String::new(),
+            repo: what.to_string(),
+            reference: String::new(),
+            message: format!("corrupt tarball: {e}"),
+        })
+    };
     let _ = fs::remove_dir_all(dest);
     fs::create_dir_all(dest).map_err(ioe)?;
     let file = fs::File::open(archive).map_err(ioe)?;
@@ -355,24 +493,39 @@ pub fn extract_tarball(archive: &Path, dest: &Path, limit: u64, what: &str) -> R
         let rest: Vec<std::ffi::OsString> = comps
             .map(|c| match c {
                 Component::Normal(n) => Ok(n.to_os_string()),
-                _ => Err(InputError::UnsafePath { what: what.to_string(), path: shown.clone() }),
+                _ => Err(InputError::UnsafePath {
+                    what: what.to_string(),
+                    path: shown.clone(),
+                }),
             })
             .collect::<Result<_, _>>()?;
-        let Some((name, parent)) = rest.split_last() else { continue };
+        let Some((name, parent)) = rest.split_last() else {
+            continue;
+        };
         if kind.is_file() {
             total += entry.header().size().unwrap_or(0);
             if total > limit {
-                return Err(InputError::ContextTooLarge { limit, counted: total }.into());
+                return Err(InputError::ContextTooLarge {
+                    limit,
+                    counted: total,
+                }
+                .into());
             }
         }
         let dir = resolve_in_root(dest, parent, true).map_err(ioe)?;
         if kind.is_hard_link() {
             // Rare in source tarballs: copy the link target's content.
-            let link = entry.link_name().map_err(bad)?.map(|l| l.into_owned()).unwrap_or_default();
+            let link = entry
+                .link_name()
+                .map_err(bad)?
+                .map(|l| l.into_owned())
+                .unwrap_or_default();
             let rel: Vec<_> = link.components().skip(1).collect();
             let src = rel.iter().fold(dest.to_path_buf(), |p, c| p.join(c));
             let mut content = Vec::new();
-            fs::File::open(&src).and_then(|mut f| f.read_to_end(&mut content)).map_err(ioe)?;
+            fs::File::open(&src)
+                .and_then(|mut f| f.read_to_end(&mut content))
+                .map_err(ioe)?;
             fs::write(dir.join(name), content).map_err(ioe)?;
             continue;
         }
@@ -412,6 +565,12 @@ mod tests {
         fs::write(dir.path().join("sub/b"), vec![0u8; 1000]).unwrap();
         assert_eq!(check_context_size(dir.path(), 5000).unwrap(), 2000);
         let err = check_context_size(dir.path(), 1500).unwrap_err();
-        assert!(matches!(err, BuildError::Input(InputError::ContextTooLarge { limit: 1500, .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                BuildError::Input(InputError::ContextTooLarge { limit: 1500, .. })
+            ),
+            "{err}"
+        );
     }
 }

@@ -37,7 +37,13 @@ pub enum StoreError {
         source: io::Error,
     },
     #[error("{store}: {op} {key:?}: {message}")]
-    Remote { store: String, op: &'static str, key: String, message: String, transient: bool },
+    Remote {
+        store: String,
+        op: &'static str,
+        key: String,
+        message: String,
+        transient: bool,
+    },
     #[error("S3 configuration: {0}")]
     Config(String),
 }
@@ -45,8 +51,13 @@ pub enum StoreError {
 impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::NotFound { .. } | StoreError::InvalidKey { .. } | StoreError::Config(_) => false,
-            StoreError::Io { source, .. } => !matches!(source.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData),
+            StoreError::NotFound { .. } | StoreError::InvalidKey { .. } | StoreError::Config(_) => {
+                false
+            }
+            StoreError::Io { source, .. } => !matches!(
+                source.kind(),
+                io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData
+            ),
             StoreError::Remote { transient, .. } => *transient,
         }
     }
@@ -62,7 +73,8 @@ pub trait ObjectStore: Send + Sync {
     /// A short description for logs and errors (e.g. `local:/var/lib/x`, `s3://bucket`).
     fn describe(&self) -> String;
     /// Upload the file at `src` (streamed, never fully in memory).
-    fn put_file<'a>(&'a self, key: &'a str, src: &'a Path) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn put_file<'a>(&'a self, key: &'a str, src: &'a Path)
+    -> BoxFuture<'a, Result<(), StoreError>>;
     /// Upload a small object from memory.
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Read a whole (small) object into memory.
@@ -87,7 +99,12 @@ pub trait ObjectStore: Send + Sync {
 
 /// Check that `key` is a plain relative `/`-separated path.
 pub fn validate_key(key: &str) -> Result<(), StoreError> {
-    let bad = |reason| Err(StoreError::InvalidKey { key: key.to_string(), reason });
+    let bad = |reason| {
+        Err(StoreError::InvalidKey {
+            key: key.to_string(),
+            reason,
+        })
+    };
     if key.is_empty() {
         return bad("empty");
     }
@@ -97,7 +114,10 @@ pub fn validate_key(key: &str) -> Result<(), StoreError> {
     if key.contains('\\') || key.contains('\0') {
         return bad("must not contain '\\' or NUL");
     }
-    if key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if key
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return bad("empty, '.' or '..' path component");
     }
     Ok(())
@@ -125,19 +145,37 @@ impl LocalStore {
     }
     fn io(&self, op: &'static str, key: &str, source: io::Error) -> StoreError {
         if source.kind() == io::ErrorKind::NotFound && matches!(op, "get" | "open") {
-            return StoreError::NotFound { store: self.describe(), key: key.to_string() };
+            return StoreError::NotFound {
+                store: self.describe(),
+                key: key.to_string(),
+            };
         }
-        StoreError::Io { store: self.describe(), op, key: key.to_string(), source }
+        StoreError::Io {
+            store: self.describe(),
+            op,
+            key: key.to_string(),
+            source,
+        }
     }
     fn tmp_path(&self, dest: &Path) -> PathBuf {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         dest.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
     }
-    async fn write_atomically(&self, key: &str, dest: &Path, src: WriteSource<'_>) -> Result<(), StoreError> {
+    async fn write_atomically(
+        &self,
+        key: &str,
+        dest: &Path,
+        src: WriteSource<'_>,
+    ) -> Result<(), StoreError> {
         let parent = dest.parent().expect("key has a parent: the store root");
-        tokio::fs::create_dir_all(parent).await.map_err(|e| self.io("put", key, e))?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| self.io("put", key, e))?;
         let tmp = self.tmp_path(dest);
         let result = async {
             match src {
@@ -172,29 +210,43 @@ impl ObjectStore for LocalStore {
         format!("local:{}", self.root.display())
     }
 
-    fn put_file<'a>(&'a self, key: &'a str, src: &'a Path) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        src: &'a Path,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let dest = self.path(key)?;
-            self.write_atomically(key, &dest, WriteSource::File(src)).await
+            self.write_atomically(key, &dest, WriteSource::File(src))
+                .await
         })
     }
 
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let dest = self.path(key)?;
-            self.write_atomically(key, &dest, WriteSource::Bytes(data)).await
+            self.write_atomically(key, &dest, WriteSource::Bytes(data))
+                .await
         })
     }
 
     fn get_stream<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectStream, StoreError>> {
         Box::pin(async move {
             let path = self.path(key)?;
-            let file = tokio::fs::File::open(&path).await.map_err(|e| self.io("get", key, e))?;
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| self.io("get", key, e))?;
             let store = self.describe();
             let key = key.to_string();
-            let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |r| {
-                r.map_err(|source| StoreError::Io { store: store.clone(), op: "read", key: key.clone(), source })
-            });
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |r| {
+                    r.map_err(|source| StoreError::Io {
+                        store: store.clone(),
+                        op: "read",
+                        key: key.clone(),
+                        source,
+                    })
+                });
             Ok(Box::pin(stream) as ObjectStream)
         })
     }
@@ -234,7 +286,12 @@ impl ObjectStore for LocalStore {
             let prefix_owned = prefix.to_string();
             let result = tokio::task::spawn_blocking(move || list_local(&root, &prefix_owned))
                 .await
-                .map_err(|e| StoreError::Io { store: self.describe(), op: "list", key: prefix.to_string(), source: io::Error::other(e) })?;
+                .map_err(|e| StoreError::Io {
+                    store: self.describe(),
+                    op: "list",
+                    key: prefix.to_string(),
+                    source: io::Error::other(e),
+                })?;
             result.map_err(|e| self.io("list", prefix, e))
         })
     }
@@ -255,7 +312,11 @@ fn list_local(root: &Path, prefix: &str) -> io::Result<Vec<String>> {
             if name.starts_with('.') && name.contains(".tmp-") {
                 continue; // an upload in progress
             }
-            let key = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let key = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
             let ft = entry.file_type()?;
             if ft.is_dir() {
                 // Only descend where the prefix can still match.
@@ -306,7 +367,9 @@ impl S3Config {
         Self {
             bucket: bucket.into(),
             endpoint: var("AWS_ENDPOINT_URL_S3").or_else(|| var("AWS_ENDPOINT_URL")),
-            region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")).unwrap_or_else(|| "us-east-1".into()),
+            region: var("AWS_REGION")
+                .or_else(|| var("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
             force_path_style: true,
             access_key_id: var("AWS_ACCESS_KEY_ID"),
             secret_access_key: var("AWS_SECRET_ACCESS_KEY"),
@@ -332,12 +395,21 @@ impl S3Store {
         if config.bucket.is_empty() {
             return Err(StoreError::Config("bucket name is empty".into()));
         }
-        let (Some(access), Some(secret)) = (config.access_key_id.clone(), config.secret_access_key.clone()) else {
+        let (Some(access), Some(secret)) = (
+            config.access_key_id.clone(),
+            config.secret_access_key.clone(),
+        ) else {
             return Err(StoreError::Config(
                 "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or pass them in S3Config)".into(),
             ));
         };
-        let creds = aws_credential_types::Credentials::new(access, secret, config.session_token.clone(), None, "zeitwork");
+        let creds = aws_credential_types::Credentials::new(
+            access,
+            secret,
+            config.session_token.clone(),
+            None,
+            "zeitwork",
+        );
         let timeouts = aws_smithy_types::timeout::TimeoutConfig::builder()
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)
@@ -352,9 +424,16 @@ impl S3Store {
             // S3-compatible servers differ in their support (moto returns
             // mismatching CRCs for multi-chunk uploads). Integrity is checked
             // end to end by sha256 instead (see `fetch_image`).
-            .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
-            .retry_config(aws_smithy_types::retry::RetryConfig::standard().with_max_attempts(config.sdk_max_attempts.max(1)));
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            )
+            .retry_config(
+                aws_smithy_types::retry::RetryConfig::standard()
+                    .with_max_attempts(config.sdk_max_attempts.max(1)),
+            );
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint.clone());
         }
@@ -362,7 +441,11 @@ impl S3Store {
             Some(p) if !p.is_empty() => format!("{p}/"),
             _ => String::new(),
         };
-        Ok(Self { client: aws_sdk_s3::Client::from_conf(builder.build()), bucket: config.bucket, prefix })
+        Ok(Self {
+            client: aws_sdk_s3::Client::from_conf(builder.build()),
+            bucket: config.bucket,
+            prefix,
+        })
     }
 
     /// Create the bucket unless it exists already (setup and tests).
@@ -372,9 +455,22 @@ impl S3Store {
             Err(e) if status_of(&e) == Some(404) => {}
             Err(e) => return Err(self.remote("head_bucket", "", e)),
         }
-        match self.client.create_bucket().bucket(&self.bucket).send().await {
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.code(), Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(self.remote("create_bucket", "", e)),
         }
     }
@@ -391,20 +487,33 @@ impl S3Store {
     {
         let status = status_of(&err);
         let transient = match &err {
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
-            SdkError::ServiceError(_) => matches!(status, Some(s) if s >= 500 || s == 429 || s == 408),
+            SdkError::TimeoutError(_)
+            | SdkError::DispatchFailure(_)
+            | SdkError::ResponseError(_) => true,
+            SdkError::ServiceError(_) => {
+                matches!(status, Some(s) if s >= 500 || s == 429 || s == 408)
+            }
             _ => false,
         };
         let detail = match (&err, err.code()) {
             (_, Some(code)) => format!("{code}: {}", err.message().unwrap_or("")),
             (SdkError::DispatchFailure(d), _) => format!("service unreachable: {d:?}"),
-            _ => format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
+            _ => format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(&err)
+            ),
         };
         let message = match status {
             Some(s) => format!("HTTP {s}: {detail}"),
             None => detail,
         };
-        StoreError::Remote { store: self.describe(), op, key: key.to_string(), message, transient }
+        StoreError::Remote {
+            store: self.describe(),
+            op,
+            key: key.to_string(),
+            message,
+            transient,
+        }
     }
 }
 
@@ -428,15 +537,21 @@ impl ObjectStore for S3Store {
         format!("s3://{}/{}", self.bucket, self.prefix)
     }
 
-    fn put_file<'a>(&'a self, key: &'a str, src: &'a Path) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        src: &'a Path,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let full = self.full_key(key)?;
-            let body = ByteStream::from_path(src).await.map_err(|e| StoreError::Io {
-                store: self.describe(),
-                op: "put (read source)",
-                key: key.to_string(),
-                source: io::Error::other(e),
-            })?;
+            let body = ByteStream::from_path(src)
+                .await
+                .map_err(|e| StoreError::Io {
+                    store: self.describe(),
+                    op: "put (read source)",
+                    key: key.to_string(),
+                    source: io::Error::other(e),
+                })?;
             self.client
                 .put_object()
                 .bucket(&self.bucket)
@@ -467,10 +582,20 @@ impl ObjectStore for S3Store {
     fn get_stream<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectStream, StoreError>> {
         Box::pin(async move {
             let full = self.full_key(key)?;
-            let out = match self.client.get_object().bucket(&self.bucket).key(full).send().await {
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(full)
+                .send()
+                .await
+            {
                 Ok(out) => out,
                 Err(e) if status_of(&e) == Some(404) && e.code() != Some("NoSuchBucket") => {
-                    return Err(StoreError::NotFound { store: self.describe(), key: key.to_string() });
+                    return Err(StoreError::NotFound {
+                        store: self.describe(),
+                        key: key.to_string(),
+                    });
                 }
                 Err(e) => return Err(self.remote("get", key, e)),
             };
@@ -488,7 +613,8 @@ impl ObjectStore for S3Store {
                                 store,
                                 op: "get (body)",
                                 key,
-                                message: aws_smithy_types::error::display::DisplayErrorContext(&e).to_string(),
+                                message: aws_smithy_types::error::display::DisplayErrorContext(&e)
+                                    .to_string(),
                                 transient: true,
                             }),
                             None,
@@ -504,7 +630,14 @@ impl ObjectStore for S3Store {
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let full = self.full_key(key)?;
-            match self.client.head_object().bucket(&self.bucket).key(full).send().await {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(full)
+                .send()
+                .await
+            {
                 Ok(_) => Ok(true),
                 Err(e) if status_of(&e) == Some(404) => Ok(false),
                 Err(e) => Err(self.remote("exists", key, e)),
@@ -515,7 +648,14 @@ impl ObjectStore for S3Store {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let full = self.full_key(key)?;
-            match self.client.delete_object().bucket(&self.bucket).key(full).send().await {
+            match self
+                .client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(full)
+                .send()
+                .await
+            {
                 Ok(_) => Ok(()),
                 Err(e) if status_of(&e) == Some(404) && e.code() != Some("NoSuchBucket") => Ok(()),
                 Err(e) => Err(self.remote("delete", key, e)),
@@ -572,7 +712,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::new(dir.path().join("store"));
         assert!(!store.exists("a/b.txt").await.unwrap());
-        store.put("a/b.txt", Bytes::from_static(b"hello")).await.unwrap();
+        store
+            .put("a/b.txt", Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
         let src = dir.path().join("src.bin");
         std::fs::write(&src, vec![7u8; 1_000_000]).unwrap();
         store.put_file("a/c/big.bin", &src).await.unwrap();
@@ -580,12 +723,18 @@ mod tests {
         assert!(store.exists("a/b.txt").await.unwrap());
         assert_eq!(&store.get("a/b.txt").await.unwrap()[..], b"hello");
         assert_eq!(store.get("a/c/big.bin").await.unwrap().len(), 1_000_000);
-        assert_eq!(store.list("a/").await.unwrap(), vec!["a/b.txt".to_string(), "a/c/big.bin".to_string()]);
+        assert_eq!(
+            store.list("a/").await.unwrap(),
+            vec!["a/b.txt".to_string(), "a/c/big.bin".to_string()]
+        );
         assert_eq!(store.list("").await.unwrap().len(), 3);
         store.delete("a/b.txt").await.unwrap();
         store.delete("a/b.txt").await.unwrap();
         assert!(!store.exists("a/b.txt").await.unwrap());
         assert!(store.get("a/b.txt").await.unwrap_err().is_not_found());
-        assert!(matches!(store.put("../x", Bytes::new()).await, Err(StoreError::InvalidKey { .. })));
+        assert!(matches!(
+            store.put("../x", Bytes::new()).await,
+            Err(StoreError::InvalidKey { .. })
+        ));
     }
 }

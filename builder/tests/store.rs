@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use builder::image::{config_key, digest_hex, rootfs_key};
-use builder::{BuildOptions, ChannelLog, LocalStore, LogEvent, MemoryLog, ObjectStore, S3Store, Source, fetch_image};
+use builder::{
+    BuildOptions, ChannelLog, LocalStore, LogEvent, MemoryLog, ObjectStore, S3Store, Source,
+    fetch_image,
+};
 use common::*;
 
 const DOCKERFILE: &str = "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo stored > /stored.txt\"]\nENTRYPOINT [\"/bin/busybox\"]\n";
@@ -22,32 +25,73 @@ async fn artifact_round_trips_through_local_store_and_s3() {
     let ctx = busybox_context(&tmp.path().join("src"), DOCKERFILE);
     let local = Arc::new(LocalStore::new(tmp.path().join("store")));
     let (builder, _) = buildah_builder(local.clone(), &tmp.path().join("data"));
-    let artifact = builder.build(Source::Local(ctx), BuildOptions::default(), &MemoryLog::new()).await.unwrap();
+    let artifact = builder
+        .build(
+            Source::Local(ctx),
+            BuildOptions::default(),
+            &MemoryLog::new(),
+        )
+        .await
+        .unwrap();
     let hex = digest_hex(&artifact.digest).unwrap().to_string();
 
     // Local round trip.
-    let (local_dir, local_cfg) = fetch_image(local.as_ref(), &artifact.digest, &tmp.path().join("cache-local")).await.unwrap();
+    let (local_dir, local_cfg) = fetch_image(
+        local.as_ref(),
+        &artifact.digest,
+        &tmp.path().join("cache-local"),
+    )
+    .await
+    .unwrap();
     assert_eq!(local_cfg, artifact.config);
-    assert_eq!(sha256(&local_dir.join("rootfs.ext4")), artifact.rootfs_sha256);
-    assert_eq!(debugfs(&local_dir.join("rootfs.ext4"), "cat /stored.txt").trim(), "stored");
+    assert_eq!(
+        sha256(&local_dir.join("rootfs.ext4")),
+        artifact.rootfs_sha256
+    );
+    assert_eq!(
+        debugfs(&local_dir.join("rootfs.ext4"), "cat /stored.txt").trim(),
+        "stored"
+    );
 
     // S3 round trip of the same objects.
     let moto = MotoServer::start();
     let s3 = S3Store::new(moto.s3_config("images")).unwrap();
     s3.create_bucket_if_missing().await.unwrap();
     assert!(!s3.exists(&config_key(&hex)).await.unwrap());
-    s3.put_file(&rootfs_key(&hex), &local.root().join(rootfs_key(&hex))).await.unwrap();
-    s3.put(&config_key(&hex), local.get(&config_key(&hex)).await.unwrap()).await.unwrap();
+    s3.put_file(&rootfs_key(&hex), &local.root().join(rootfs_key(&hex)))
+        .await
+        .unwrap();
+    s3.put(
+        &config_key(&hex),
+        local.get(&config_key(&hex)).await.unwrap(),
+    )
+    .await
+    .unwrap();
     assert!(s3.exists(&config_key(&hex)).await.unwrap());
-    assert_eq!(s3.list("images/").await.unwrap(), vec![config_key(&hex), rootfs_key(&hex)]);
-    let (s3_dir, s3_cfg) = fetch_image(&s3, &artifact.digest, &tmp.path().join("cache-s3")).await.unwrap();
+    assert_eq!(
+        s3.list("images/").await.unwrap(),
+        vec![config_key(&hex), rootfs_key(&hex)]
+    );
+    let (s3_dir, s3_cfg) = fetch_image(&s3, &artifact.digest, &tmp.path().join("cache-s3"))
+        .await
+        .unwrap();
     assert_eq!(s3_cfg, local_cfg);
     assert_eq!(sha256(&s3_dir.join("rootfs.ext4")), artifact.rootfs_sha256);
-    assert_eq!(std::fs::read(s3_dir.join("config.json")).unwrap(), std::fs::read(local_dir.join("config.json")).unwrap());
+    assert_eq!(
+        std::fs::read(s3_dir.join("config.json")).unwrap(),
+        std::fs::read(local_dir.join("config.json")).unwrap()
+    );
 
     // A corrupted object is refused, not cached.
-    s3.put(&rootfs_key(&hex), bytes::Bytes::from_static(b"not an ext4 image")).await.unwrap();
-    let err = fetch_image(&s3, &artifact.digest, &tmp.path().join("cache-corrupt")).await.unwrap_err();
+    s3.put(
+        &rootfs_key(&hex),
+        bytes::Bytes::from_static(b"not an ext4 image"),
+    )
+    .await
+    .unwrap();
+    let err = fetch_image(&s3, &artifact.digest, &tmp.path().join("cache-corrupt"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, builder::FetchError::Corrupt { .. }), "{err}");
     assert!(!tmp.path().join("cache-corrupt").join(&hex).exists());
 
@@ -73,11 +117,18 @@ async fn s3_outage_is_retried_then_the_build_succeeds() {
     cfg.retry = fast_retry(30);
     let builder = builder::Builder::with_backend(
         s3.clone(),
-        Box::new(CountingBackend { inner: builder::BuildahBackend::new(&tmp.path().join("data/buildah")).unwrap(), calls: calls.clone() }),
+        Box::new(CountingBackend {
+            inner: builder::BuildahBackend::new(&tmp.path().join("data/buildah")).unwrap(),
+            calls: calls.clone(),
+        }),
         cfg,
     );
     let (log, mut events) = ChannelLog::new();
-    let build = tokio::spawn(async move { builder.build(Source::Local(ctx), BuildOptions::default(), &log).await });
+    let build = tokio::spawn(async move {
+        builder
+            .build(Source::Local(ctx), BuildOptions::default(), &log)
+            .await
+    });
 
     // Wait (bounded) until the builder reports a retry against the dead store.
     let mut lines = Vec::new();
@@ -99,12 +150,25 @@ async fn s3_outage_is_retried_then_the_build_succeeds() {
     // Bring the store back (fresh state: recreate the bucket).
     moto.restart();
     s3.create_bucket_if_missing().await.unwrap();
-    let artifact = tokio::time::timeout(Duration::from_secs(120), build).await.expect("build finishes").unwrap().unwrap_or_else(|e| panic!("{e}"));
+    let artifact = tokio::time::timeout(Duration::from_secs(120), build)
+        .await
+        .expect("build finishes")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(artifact.uploaded);
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "the image build itself ran once");
-    let (dir, cfg) = fetch_image(s3.as_ref(), &artifact.digest, &tmp.path().join("cache")).await.unwrap();
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the image build itself ran once"
+    );
+    let (dir, cfg) = fetch_image(s3.as_ref(), &artifact.digest, &tmp.path().join("cache"))
+        .await
+        .unwrap();
     assert_eq!(cfg, artifact.config);
-    assert_eq!(debugfs(&dir.join("rootfs.ext4"), "cat /stored.txt").trim(), "stored");
+    assert_eq!(
+        debugfs(&dir.join("rootfs.ext4"), "cat /stored.txt").trim(),
+        "stored"
+    );
 }
 
 #[tokio::test]
@@ -120,11 +184,20 @@ async fn store_fault_exhausting_retries_is_an_infrastructure_error() {
     let s3 = Arc::new(S3Store::new(cfg).unwrap());
     let (builder, _) = buildah_builder(s3, &tmp.path().join("data"));
     let log = MemoryLog::new();
-    let err = builder.build(Source::Local(ctx), BuildOptions::default(), &log).await.unwrap_err();
+    let err = builder
+        .build(Source::Local(ctx), BuildOptions::default(), &log)
+        .await
+        .unwrap_err();
     assert_eq!(err.fault(), builder::FaultKind::Infrastructure, "{err}");
     assert!(err.is_retryable());
     // fast_retry(4): three retries were reported, then it gave up.
-    assert_eq!(log.lines().iter().filter(|l| l.text.starts_with("retrying store lookup")).count(), 3);
+    assert_eq!(
+        log.lines()
+            .iter()
+            .filter(|l| l.text.starts_with("retrying store lookup"))
+            .count(),
+        3
+    );
     assert!(err.to_string().contains("s3://never"), "{err}");
 }
 
@@ -139,9 +212,17 @@ async fn local_store_fault_is_retried_until_the_directory_is_fixed() {
     let (builder, _) = buildah_builder(store.clone(), &tmp.path().join("data"));
     let mut cfg = builder.config().clone();
     cfg.retry = fast_retry(30);
-    let builder = builder::Builder::with_backend(store.clone(), Box::new(builder::BuildahBackend::new(&tmp.path().join("data/buildah")).unwrap()), cfg);
+    let builder = builder::Builder::with_backend(
+        store.clone(),
+        Box::new(builder::BuildahBackend::new(&tmp.path().join("data/buildah")).unwrap()),
+        cfg,
+    );
     let (log, mut events) = ChannelLog::new();
-    let build = tokio::spawn(async move { builder.build(Source::Local(ctx), BuildOptions::default(), &log).await });
+    let build = tokio::spawn(async move {
+        builder
+            .build(Source::Local(ctx), BuildOptions::default(), &log)
+            .await
+    });
 
     let saw_retry = tokio::time::timeout(Duration::from_secs(120), async {
         while let Some(ev) = events.recv().await {
@@ -156,8 +237,14 @@ async fn local_store_fault_is_retried_until_the_directory_is_fixed() {
     assert!(saw_retry, "the store fault was not retried");
     // Fix the store.
     std::fs::remove_file(&store_dir).unwrap();
-    let artifact = tokio::time::timeout(Duration::from_secs(120), build).await.expect("build finishes").unwrap().unwrap_or_else(|e| panic!("{e}"));
+    let artifact = tokio::time::timeout(Duration::from_secs(120), build)
+        .await
+        .expect("build finishes")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(artifact.uploaded);
-    let (_, cfg) = fetch_image(store.as_ref(), &artifact.digest, &tmp.path().join("cache")).await.unwrap();
+    let (_, cfg) = fetch_image(store.as_ref(), &artifact.digest, &tmp.path().join("cache"))
+        .await
+        .unwrap();
     assert_eq!(cfg, artifact.config);
 }

@@ -37,14 +37,18 @@ async fn follower(dir: &std::path::Path, name: &str, url: &str, poll: Duration) 
 }
 
 fn commit(repo: &MetaRepo, i: usize) -> String {
-    let cs = ChangeSet::new().add(format!("bench/{i}-{}", meta_schema::new_id()), b"x".to_vec());
+    let cs = ChangeSet::new().add(
+        format!("bench/{i}-{}", meta_schema::new_id()),
+        b"x".to_vec(),
+    );
     repo.commit("main", &cs, "bench").expect("commit")
 }
 
 async fn aware(f: &Follower, commit: &str, limit: Duration) -> Duration {
     let start = Instant::now();
     let mut rx = f.follow.clone();
-    let r = tokio::time::timeout(limit, rx.wait_for(|s| s.applied.as_deref() == Some(commit))).await;
+    let r =
+        tokio::time::timeout(limit, rx.wait_for(|s| s.applied.as_deref() == Some(commit))).await;
     assert!(matches!(r, Ok(Ok(_))), "follower never applied {commit}");
     start.elapsed()
 }
@@ -64,7 +68,12 @@ async fn main() {
     for i in 0..SAMPLES {
         let c = commit(&repo, i);
         let start = Instant::now();
-        let resp = http.post(&notify_url).bearer_auth(&notified.node_token).send().await.expect("notify");
+        let resp = http
+            .post(&notify_url)
+            .bearer_auth(&notified.node_token)
+            .send()
+            .await
+            .expect("notify");
         assert_eq!(resp.status(), 202);
         let _ = aware(&notified, &c, Duration::from_secs(30)).await;
         ours.push(ms(start.elapsed()));
@@ -87,7 +96,14 @@ async fn main() {
     let gix_copy = tmp.path().join("gix-copy.git");
     let git_copy = tmp.path().join("git-copy.git");
     for p in [&gix_copy, &git_copy] {
-        assert!(Command::new("git").args(["init", "-q", "--bare"]).arg(p).status().unwrap().success());
+        assert!(
+            Command::new("git")
+                .args(["init", "-q", "--bare"])
+                .arg(p)
+                .status()
+                .unwrap()
+                .success()
+        );
     }
     let gix_repo = MetaRepo::open(&gix_copy).expect("open");
     let (mut gix, mut git) = (Vec::new(), Vec::new());
@@ -95,14 +111,22 @@ async fn main() {
         let c = commit(&repo, 2000 + i);
         let (r, u) = (gix_repo.clone(), url.clone());
         let t = Instant::now();
-        let head = tokio::task::spawn_blocking(move || r.fetch(&u, "main")).await.unwrap().expect("gix fetch");
+        let head = tokio::task::spawn_blocking(move || r.fetch(&u, "main"))
+            .await
+            .unwrap()
+            .expect("gix fetch");
         gix.push(ms(t.elapsed()));
         assert_eq!(head.as_deref(), Some(c.as_str()));
         let t = Instant::now();
         let st = Command::new("git")
             .arg("--git-dir")
             .arg(&git_copy)
-            .args(["fetch", "-q", &url, "+refs/heads/main:refs/remotes/origin/main"])
+            .args([
+                "fetch",
+                "-q",
+                &url,
+                "+refs/heads/main:refs/remotes/origin/main",
+            ])
             .status()
             .unwrap();
         git.push(ms(t.elapsed()));

@@ -54,7 +54,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/instances/{id}/state", put(set_state))
         .route("/v1/instances/{id}/logs", get(logs))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
-    Router::new().route("/v1/health", get(health)).merge(authed).with_state(state)
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(authed)
+        .with_state(state)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -69,11 +72,19 @@ async fn auth(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Resp
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     // Compare against every token without stopping early.
-    let ok = st.tokens.load().iter().filter(|t| !t.is_empty()).fold(false, |acc, t| {
-        let eq = t.len() == presented.len()
-            && t.bytes().zip(presented.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0;
-        acc | eq
-    });
+    let ok = st
+        .tokens
+        .load()
+        .iter()
+        .filter(|t| !t.is_empty())
+        .fold(false, |acc, t| {
+            let eq = t.len() == presented.len()
+                && t.bytes()
+                    .zip(presented.bytes())
+                    .fold(0u8, |d, (a, b)| d | (a ^ b))
+                    == 0;
+            acc | eq
+        });
     if ok {
         next.run(req).await
     } else {
@@ -102,9 +113,19 @@ async fn info(State(st): State<Arc<ApiState>>) -> Json<serde_json::Value> {
 }
 
 async fn resources(State(st): State<Arc<ApiState>>) -> Json<crate::captain::Resources> {
-    let n = st.reconciler.instances.borrow().values().filter(|r| r.handle.is_some()).count() as u32;
+    let n = st
+        .reconciler
+        .instances
+        .borrow()
+        .values()
+        .filter(|r| r.handle.is_some())
+        .count() as u32;
     let dir = st.data_dir.clone();
-    Json(tokio::task::spawn_blocking(move || crate::captain::node_resources(&dir, n)).await.unwrap_or_default())
+    Json(
+        tokio::task::spawn_blocking(move || crate::captain::node_resources(&dir, n))
+            .await
+            .unwrap_or_default(),
+    )
 }
 
 async fn notify(State(st): State<Arc<ApiState>>) -> StatusCode {
@@ -120,14 +141,20 @@ async fn list(State(st): State<Arc<ApiState>>) -> Response {
 async fn one(State(st): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
     match st.reconciler.instances.borrow().get(&id) {
         Some(r) => Json(r.clone()).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no instance {id} on this node")),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no instance {id} on this node"),
+        ),
     }
 }
 
 async fn send(st: &ApiState, cmd: Command) -> Response {
     let (tx, rx) = tokio::sync::oneshot::channel();
     if st.reconciler.commands.send((cmd, tx)).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the reconciler is not running");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the reconciler is not running",
+        );
     }
     match rx.await {
         Ok(Ok(())) => {
@@ -151,11 +178,20 @@ struct SetState {
     state: String,
 }
 
-async fn set_state(State(st): State<Arc<ApiState>>, Path(id): Path<String>, Json(body): Json<SetState>) -> Response {
+async fn set_state(
+    State(st): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Json(body): Json<SetState>,
+) -> Response {
     let hold = match body.state.as_str() {
         "stopped" => true,
         "running" => false,
-        other => return error(StatusCode::BAD_REQUEST, format!("state must be stopped or running, not {other:?}")),
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("state must be stopped or running, not {other:?}"),
+            );
+        }
     };
     send(&st, Command::Hold(id, hold)).await
 }
@@ -173,9 +209,22 @@ struct LogEntry {
     line: String,
 }
 
-async fn logs(State(st): State<Arc<ApiState>>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Response {
-    let Some(work_dir) = st.reconciler.instances.borrow().get(&id).map(|r| r.work_dir.clone()) else {
-        return error(StatusCode::NOT_FOUND, format!("no instance {id} on this node"));
+async fn logs(
+    State(st): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let Some(work_dir) = st
+        .reconciler
+        .instances
+        .borrow()
+        .get(&id)
+        .map(|r| r.work_dir.clone())
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no instance {id} on this node"),
+        );
     };
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let from = q.from;
@@ -190,9 +239,18 @@ async fn logs(State(st): State<Arc<ApiState>>, Path(id): Path<String>, Query(q):
             let last = lines.last().map_or(from, |l| l.t);
             let mut headers = HeaderMap::new();
             headers.insert("X-Last-Log-Nano", HeaderValue::from(last));
-            let body: Vec<LogEntry> = lines.into_iter().map(|l| LogEntry { t: l.t, line: l.line }).collect();
+            let body: Vec<LogEntry> = lines
+                .into_iter()
+                .map(|l| LogEntry {
+                    t: l.t,
+                    line: l.line,
+                })
+                .collect();
             (headers, Json(body)).into_response()
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, crate::follow::error_chain(&e)),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            crate::follow::error_chain(&e),
+        ),
     }
 }

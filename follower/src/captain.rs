@@ -18,7 +18,12 @@ pub enum CaptainError {
         source: reqwest::Error,
     },
     #[error("{op} {url}: captain answered {status}: {body}")]
-    Status { op: &'static str, url: String, status: u16, body: String },
+    Status {
+        op: &'static str,
+        url: String,
+        status: u16,
+        body: String,
+    },
 }
 
 const REGISTER: &str = "registering at";
@@ -112,21 +117,37 @@ pub struct InstanceReport {
 impl CaptainError {
     /// The captain refused the credential (unknown or revoked token).
     pub fn is_unauthorized(&self) -> bool {
-        matches!(self, CaptainError::Status { status: 401 | 403, .. })
+        matches!(
+            self,
+            CaptainError::Status {
+                status: 401 | 403,
+                ..
+            }
+        )
     }
 }
 
 pub trait Captain: Send + Sync + 'static {
     /// Registers with the bootstrap credential; later calls use the node
     /// token the captain issues.
-    fn register<'a>(&'a self, reg: &'a NodeRegistration) -> BoxFuture<'a, Result<Registered, CaptainError>>;
+    fn register<'a>(
+        &'a self,
+        reg: &'a NodeRegistration,
+    ) -> BoxFuture<'a, Result<Registered, CaptainError>>;
     /// Uses a node token issued earlier (kept on disk across restarts), or
     /// forgets it (`None`) to register again.
     fn set_node_token(&self, token: Option<String>) {
         let _ = token;
     }
-    fn heartbeat<'a>(&'a self, node_id: &'a str, hb: &'a Heartbeat) -> BoxFuture<'a, Result<(), CaptainError>>;
-    fn report_instance<'a>(&'a self, report: &'a InstanceReport) -> BoxFuture<'a, Result<(), CaptainError>>;
+    fn heartbeat<'a>(
+        &'a self,
+        node_id: &'a str,
+        hb: &'a Heartbeat,
+    ) -> BoxFuture<'a, Result<(), CaptainError>>;
+    fn report_instance<'a>(
+        &'a self,
+        report: &'a InstanceReport,
+    ) -> BoxFuture<'a, Result<(), CaptainError>>;
 }
 
 /// No captain (a standalone node): nothing is sent; state is visible on the
@@ -135,13 +156,28 @@ pub trait Captain: Send + Sync + 'static {
 pub struct NoCaptain;
 
 impl Captain for NoCaptain {
-    fn register<'a>(&'a self, _reg: &'a NodeRegistration) -> BoxFuture<'a, Result<Registered, CaptainError>> {
-        Box::pin(async { Ok(Registered { node: serde_json::Value::Null, token: String::new() }) })
+    fn register<'a>(
+        &'a self,
+        _reg: &'a NodeRegistration,
+    ) -> BoxFuture<'a, Result<Registered, CaptainError>> {
+        Box::pin(async {
+            Ok(Registered {
+                node: serde_json::Value::Null,
+                token: String::new(),
+            })
+        })
     }
-    fn heartbeat<'a>(&'a self, _node_id: &'a str, _hb: &'a Heartbeat) -> BoxFuture<'a, Result<(), CaptainError>> {
+    fn heartbeat<'a>(
+        &'a self,
+        _node_id: &'a str,
+        _hb: &'a Heartbeat,
+    ) -> BoxFuture<'a, Result<(), CaptainError>> {
         Box::pin(async { Ok(()) })
     }
-    fn report_instance<'a>(&'a self, _report: &'a InstanceReport) -> BoxFuture<'a, Result<(), CaptainError>> {
+    fn report_instance<'a>(
+        &'a self,
+        _report: &'a InstanceReport,
+    ) -> BoxFuture<'a, Result<(), CaptainError>> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -170,7 +206,9 @@ impl HttpCaptain {
 
     /// The token calls other than registration are sent with now.
     pub fn token(&self) -> String {
-        (**self.node_token.load()).clone().unwrap_or_else(|| self.bootstrap.clone())
+        (**self.node_token.load())
+            .clone()
+            .unwrap_or_else(|| self.bootstrap.clone())
     }
 
     async fn send<B: Serialize + ?Sized>(
@@ -181,7 +219,11 @@ impl HttpCaptain {
         body: &B,
     ) -> Result<reqwest::Response, CaptainError> {
         let url = format!("{}{}", self.base, path);
-        let token = if op == REGISTER { self.bootstrap.clone() } else { self.token() };
+        let token = if op == REGISTER {
+            self.bootstrap.clone()
+        } else {
+            self.token()
+        };
         let resp = self
             .http
             .request(method, &url)
@@ -189,21 +231,35 @@ impl HttpCaptain {
             .json(body)
             .send()
             .await
-            .map_err(|source| CaptainError::Http { op, url: url.clone(), source })?;
+            .map_err(|source| CaptainError::Http {
+                op,
+                url: url.clone(),
+                source,
+            })?;
         if resp.status().is_success() {
             Ok(resp)
         } else {
             let status = resp.status().as_u16();
             let body = resp.text().await.unwrap_or_default();
-            Err(CaptainError::Status { op, url, status, body: body.chars().take(500).collect() })
+            Err(CaptainError::Status {
+                op,
+                url,
+                status,
+                body: body.chars().take(500).collect(),
+            })
         }
     }
 }
 
 impl Captain for HttpCaptain {
-    fn register<'a>(&'a self, reg: &'a NodeRegistration) -> BoxFuture<'a, Result<Registered, CaptainError>> {
+    fn register<'a>(
+        &'a self,
+        reg: &'a NodeRegistration,
+    ) -> BoxFuture<'a, Result<Registered, CaptainError>> {
         Box::pin(async move {
-            let resp = self.send(REGISTER, reqwest::Method::POST, "/v1/nodes", reg).await?;
+            let resp = self
+                .send(REGISTER, reqwest::Method::POST, "/v1/nodes", reg)
+                .await?;
             let url = format!("{}/v1/nodes", self.base);
             let r: Registered = resp.json().await.map_err(|source| CaptainError::Http {
                 op: "reading the registration answer of",
@@ -221,23 +277,41 @@ impl Captain for HttpCaptain {
         self.node_token.store(Arc::new(token));
     }
 
-    fn heartbeat<'a>(&'a self, node_id: &'a str, hb: &'a Heartbeat) -> BoxFuture<'a, Result<(), CaptainError>> {
+    fn heartbeat<'a>(
+        &'a self,
+        node_id: &'a str,
+        hb: &'a Heartbeat,
+    ) -> BoxFuture<'a, Result<(), CaptainError>> {
         Box::pin(async move {
             let path = format!("/v1/nodes/{node_id}/state");
-            self.send("heartbeat to", reqwest::Method::PUT, &path, hb).await.map(drop)
+            self.send("heartbeat to", reqwest::Method::PUT, &path, hb)
+                .await
+                .map(drop)
         })
     }
 
-    fn report_instance<'a>(&'a self, report: &'a InstanceReport) -> BoxFuture<'a, Result<(), CaptainError>> {
+    fn report_instance<'a>(
+        &'a self,
+        report: &'a InstanceReport,
+    ) -> BoxFuture<'a, Result<(), CaptainError>> {
         Box::pin(async move {
-            self.send("instance report to", reqwest::Method::POST, "/v1/instances", report).await.map(drop)
+            self.send(
+                "instance report to",
+                reqwest::Method::POST,
+                "/v1/instances",
+                report,
+            )
+            .await
+            .map(drop)
         })
     }
 }
 
 /// What this node has: CPUs, memory, disk of the data dir, memory in use.
 pub fn node_resources(data_dir: &std::path::Path, instances: u32) -> Resources {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |name: &str| -> u64 {
         meminfo
@@ -253,5 +327,11 @@ pub fn node_resources(data_dir: &std::path::Path, instances: u32) -> Resources {
     let disk_bytes = nix::sys::statvfs::statvfs(data_dir)
         .map(|s| s.blocks() * s.fragment_size())
         .unwrap_or(0);
-    Resources { cpus, memory_bytes, disk_bytes, memory_used_bytes, instances }
+    Resources {
+        cpus,
+        memory_bytes,
+        disk_bytes,
+        memory_used_bytes,
+        instances,
+    }
 }

@@ -82,10 +82,18 @@ impl Args {
             cfg.instance_range = Some(InstanceRange::parse(r).context("--instance-range")?);
         }
         if let (Some(kernel), Some(initramfs)) = (&self.qemu_kernel, &self.qemu_initramfs) {
-            cfg.vm.qemu_guest = Some(GuestImage { kernel: kernel.clone(), initramfs: initramfs.clone() });
+            cfg.vm.qemu_guest = Some(GuestImage {
+                kernel: kernel.clone(),
+                initramfs: initramfs.clone(),
+            });
         }
-        if let (Some(kernel), Some(initramfs)) = (&self.firecracker_kernel, &self.firecracker_initramfs) {
-            cfg.vm.firecracker_guest = Some(GuestImage { kernel: kernel.clone(), initramfs: initramfs.clone() });
+        if let (Some(kernel), Some(initramfs)) =
+            (&self.firecracker_kernel, &self.firecracker_initramfs)
+        {
+            cfg.vm.firecracker_guest = Some(GuestImage {
+                kernel: kernel.clone(),
+                initramfs: initramfs.clone(),
+            });
         }
         if let Some(s) = &self.image_store {
             cfg.images = Some(Arc::new(LocalDirImageSource::new(s)));
@@ -98,7 +106,9 @@ impl Args {
 /// it exits; the next start on the same data dir adopts them.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = args.config()?;
-    let f = Follower::start(cfg).await.context("starting the follower")?;
+    let f = Follower::start(cfg)
+        .await
+        .context("starting the follower")?;
     tracing::info!(node = %f.node_id, api = %f.api_addr, "follower running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -149,13 +159,36 @@ mod tests {
         assert_eq!(cfg.token, "t0k");
         assert_eq!(cfg.meta_repo, "file:///srv/meta.git");
         assert_eq!(cfg.runtime, RuntimeChoice::Process);
-        assert_eq!(cfg.instance_range.unwrap().to_string(), "fd00:7a77:0:42::/64");
+        assert_eq!(
+            cfg.instance_range.unwrap().to_string(),
+            "fd00:7a77:0:42::/64"
+        );
         assert_eq!(cfg.poll_interval, Duration::from_secs(7));
         assert!(cfg.vm.qemu_guest.is_none());
 
-        let bad = Zw::try_parse_from(["zw", "--data-dir", "d", "--meta-repo", "m", "--instance-range", "nope"]).unwrap();
+        let bad = Zw::try_parse_from([
+            "zw",
+            "--data-dir",
+            "d",
+            "--meta-repo",
+            "m",
+            "--instance-range",
+            "nope",
+        ])
+        .unwrap();
         assert!(bad.args.config().is_err());
         // A guest kernel needs its initramfs.
-        assert!(Zw::try_parse_from(["zw", "--data-dir", "d", "--meta-repo", "m", "--qemu-kernel", "k"]).is_err());
+        assert!(
+            Zw::try_parse_from([
+                "zw",
+                "--data-dir",
+                "d",
+                "--meta-repo",
+                "m",
+                "--qemu-kernel",
+                "k"
+            ])
+            .is_err()
+        );
     }
 }

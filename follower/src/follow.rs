@@ -23,7 +23,11 @@ pub enum FollowError {
     #[error("opening the local meta repository {path}: {reason}")]
     Open { path: PathBuf, reason: String },
     #[error("fetching {branch} of {url}: {reason}")]
-    Fetch { url: String, branch: String, reason: String },
+    Fetch {
+        url: String,
+        branch: String,
+        reason: String,
+    },
     #[error("checking ancestry of {head}: {reason}")]
     Ancestry { head: String, reason: String },
     #[error("the follow ledger")]
@@ -51,8 +55,14 @@ pub enum FollowOutcome {
     /// The remote has no such branch (yet).
     NoBranch,
     Unchanged(String),
-    Advanced { from: Option<String>, to: String },
-    Refused { head: String, applied: String },
+    Advanced {
+        from: Option<String>,
+        to: String,
+    },
+    Refused {
+        head: String,
+        applied: String,
+    },
 }
 
 pub struct MetaFollower {
@@ -65,21 +75,41 @@ pub struct MetaFollower {
 
 impl MetaFollower {
     /// Opens (or creates) the local copy at `local` and the follow ledger.
-    pub fn open(local: &Path, ledger_path: &Path, url: &str, branch: &str) -> Result<Self, FollowError> {
+    pub fn open(
+        local: &Path,
+        ledger_path: &Path,
+        url: &str,
+        branch: &str,
+    ) -> Result<Self, FollowError> {
         let repo = if local.join("HEAD").exists() {
             MetaRepo::open(local)
         } else {
             std::fs::create_dir_all(local)
-                .map_err(|e| FollowError::Open { path: local.into(), reason: e.to_string() })
+                .map_err(|e| FollowError::Open {
+                    path: local.into(),
+                    reason: e.to_string(),
+                })
                 .and_then(|_| {
-                    init_empty_bare(local).map_err(|reason| FollowError::Open { path: local.into(), reason })
+                    init_empty_bare(local).map_err(|reason| FollowError::Open {
+                        path: local.into(),
+                        reason,
+                    })
                 })?;
             MetaRepo::open(local)
         }
-        .map_err(|e| FollowError::Open { path: local.into(), reason: error_chain(&e) })?;
+        .map_err(|e| FollowError::Open {
+            path: local.into(),
+            reason: error_chain(&e),
+        })?;
         let ledger: Ledger<FollowState> = Ledger::load(ledger_path)?;
         let (status, _) = watch::channel(ledger.data().clone());
-        Ok(MetaFollower { repo, url: url.to_string(), branch: branch.to_string(), ledger, status })
+        Ok(MetaFollower {
+            repo,
+            url: url.to_string(),
+            branch: branch.to_string(),
+            ledger,
+            status,
+        })
     }
 
     pub fn repo(&self) -> &MetaRepo {
@@ -110,7 +140,9 @@ impl MetaFollower {
                 branch: self.branch.clone(),
                 reason: error_chain(&e),
             })?;
-        let Some(head) = head else { return Ok(FollowOutcome::NoBranch) };
+        let Some(head) = head else {
+            return Ok(FollowOutcome::NoBranch);
+        };
         let applied = self.ledger.data().applied.clone();
         if applied.as_deref() == Some(head.as_str()) {
             return Ok(FollowOutcome::Unchanged(head));
@@ -120,9 +152,13 @@ impl MetaFollower {
             let forward = tokio::task::spawn_blocking(move || repo.is_ancestor(&a, &h))
                 .await
                 .expect("ancestry check does not panic")
-                .map_err(|e| FollowError::Ancestry { head: head.clone(), reason: error_chain(&e) })?;
+                .map_err(|e| FollowError::Ancestry {
+                    head: head.clone(),
+                    reason: error_chain(&e),
+                })?;
             if !forward {
-                let reason = format!("{head} does not descend from the applied commit {applied}; refused");
+                let reason =
+                    format!("{head} does not descend from the applied commit {applied}; refused");
                 if self.ledger.data().refused.as_deref() != Some(head.as_str()) {
                     tracing::error!(%head, %applied, "meta repo moved backwards or sideways: {reason}");
                     let d = self.ledger.data_mut();
@@ -139,7 +175,10 @@ impl MetaFollower {
         d.refused_reason = None;
         self.ledger.commit()?;
         tracing::info!(commit = %head, "applied meta commit");
-        Ok(FollowOutcome::Advanced { from: applied, to: head })
+        Ok(FollowOutcome::Advanced {
+            from: applied,
+            to: head,
+        })
     }
 }
 
@@ -182,7 +221,9 @@ pub fn spawn(
             match follower.poll().await {
                 Ok(FollowOutcome::Advanced { .. }) => reconcile.notify_one(),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %error_chain(&e), "meta fetch failed; retrying on the next poll"),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "meta fetch failed; retrying on the next poll")
+                }
             }
             // Cancel-safe: each arm only wakes the loop.
             tokio::select! {
@@ -236,12 +277,19 @@ impl DesiredSource for MetaDesiredSource {
                     .map_err(|e| format!("{}: {e:?}", error_chain(&e)))?;
                 let instances = state.instances_for_node(&node);
                 let mut secrets = std::collections::BTreeMap::new();
-                for i in instances.iter().filter(|i| !i.release.secret_refs.is_empty()) {
+                for i in instances
+                    .iter()
+                    .filter(|i| !i.release.secret_refs.is_empty())
+                {
                     secrets
                         .entry(crate::reconciler::secrets_key(&i.env, &i.app))
                         .or_insert_with(|| read_secrets(&tree, &i.env, &i.app, identity.as_ref()));
                 }
-                Ok::<_, String>(Desired { commit: Some(c), instances, secrets })
+                Ok::<_, String>(Desired {
+                    commit: Some(c),
+                    instances,
+                    secrets,
+                })
             })
             .await
             .expect("desired state does not panic")

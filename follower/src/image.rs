@@ -27,7 +27,11 @@ pub enum ImageError {
         source: serde_json::Error,
     },
     #[error("image {digest}: rootfs {path} is not an ext4 filesystem: {reason}")]
-    BadRootfs { digest: String, path: PathBuf, reason: String },
+    BadRootfs {
+        digest: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("image {digest}: reading {path}")]
     Io {
         digest: String,
@@ -112,7 +116,11 @@ pub struct FetchedImage {
 pub trait ImageSource: Send + Sync + 'static {
     /// Makes the image `digest` available under `cache_dir` (or returns a
     /// directory that already holds it, immutable) and reads its config.
-    fn fetch<'a>(&'a self, digest: &'a str, cache_dir: &'a Path) -> BoxFuture<'a, Result<FetchedImage, ImageError>>;
+    fn fetch<'a>(
+        &'a self,
+        digest: &'a str,
+        cache_dir: &'a Path,
+    ) -> BoxFuture<'a, Result<FetchedImage, ImageError>>;
 }
 
 /// The hex part of a `sha256:<hex>` digest, refusing anything that could
@@ -146,7 +154,11 @@ impl LocalDirImageSource {
 }
 
 impl ImageSource for LocalDirImageSource {
-    fn fetch<'a>(&'a self, digest: &'a str, _cache_dir: &'a Path) -> BoxFuture<'a, Result<FetchedImage, ImageError>> {
+    fn fetch<'a>(
+        &'a self,
+        digest: &'a str,
+        _cache_dir: &'a Path,
+    ) -> BoxFuture<'a, Result<FetchedImage, ImageError>> {
         Box::pin(async move {
             let dir = self.image_dir(digest)?;
             let digest = digest.to_string();
@@ -164,19 +176,27 @@ pub fn load_image_dir(digest: &str, dir: PathBuf) -> Result<FetchedImage, ImageE
     let rootfs = dir.join("rootfs.ext4");
     for p in [&config_path, &rootfs] {
         if !p.is_file() {
-            return Err(ImageError::NotFound { digest: digest.to_string(), path: p.clone() });
+            return Err(ImageError::NotFound {
+                digest: digest.to_string(),
+                path: p.clone(),
+            });
         }
     }
     let io = |path: &Path| {
         let (digest, path) = (digest.to_string(), path.to_path_buf());
-        move |source| ImageError::Io { digest, path, source }
+        move |source| ImageError::Io {
+            digest,
+            path,
+            source,
+        }
     };
     let bytes = std::fs::read(&config_path).map_err(io(&config_path))?;
-    let config: ImageConfig = serde_json::from_slice(&bytes).map_err(|source| ImageError::BadConfig {
-        digest: digest.to_string(),
-        path: config_path.clone(),
-        source,
-    })?;
+    let config: ImageConfig =
+        serde_json::from_slice(&bytes).map_err(|source| ImageError::BadConfig {
+            digest: digest.to_string(),
+            path: config_path.clone(),
+            source,
+        })?;
     check_ext4(&rootfs).map_err(|reason| ImageError::BadRootfs {
         digest: digest.to_string(),
         path: rootfs.clone(),
@@ -189,13 +209,18 @@ pub fn load_image_dir(digest: &str, dir: PathBuf) -> Result<FetchedImage, ImageE
 fn check_ext4(path: &Path) -> Result<(), String> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    f.seek(SeekFrom::Start(1024 + 0x38)).map_err(|e| e.to_string())?;
+    f.seek(SeekFrom::Start(1024 + 0x38))
+        .map_err(|e| e.to_string())?;
     let mut magic = [0u8; 2];
-    f.read_exact(&mut magic).map_err(|_| "file too short".to_string())?;
+    f.read_exact(&mut magic)
+        .map_err(|_| "file too short".to_string())?;
     if u16::from_le_bytes(magic) == 0xEF53 {
         Ok(())
     } else {
-        Err(format!("bad superblock magic {:#06x}", u16::from_le_bytes(magic)))
+        Err(format!(
+            "bad superblock magic {:#06x}",
+            u16::from_le_bytes(magic)
+        ))
     }
 }
 

@@ -52,16 +52,26 @@ impl<T: Serialize + DeserializeOwned + Default> Ledger<T> {
     pub fn load(path: &Path) -> Result<Self, LedgerError> {
         match std::fs::read(path) {
             Ok(bytes) => {
-                let d: OnDisk<T> = serde_json::from_slice(&bytes).map_err(|source| LedgerError::Corrupt {
+                let d: OnDisk<T> =
+                    serde_json::from_slice(&bytes).map_err(|source| LedgerError::Corrupt {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                Ok(Ledger {
                     path: path.to_path_buf(),
-                    source,
-                })?;
-                Ok(Ledger { path: path.to_path_buf(), generation: d.generation, data: d.data })
+                    generation: d.generation,
+                    data: d.data,
+                })
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(Ledger { path: path.to_path_buf(), generation: 0, data: T::default() })
-            }
-            Err(source) => Err(LedgerError::Read { path: path.to_path_buf(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ledger {
+                path: path.to_path_buf(),
+                generation: 0,
+                data: T::default(),
+            }),
+            Err(source) => Err(LedgerError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
     }
 
@@ -81,9 +91,15 @@ impl<T: Serialize + DeserializeOwned + Default> Ledger<T> {
     /// Writes the current value durably with the next generation.
     pub fn commit(&mut self) -> Result<(), LedgerError> {
         let generation = self.generation + 1;
-        let err = |source| LedgerError::Write { path: self.path.clone(), source };
-        let bytes = serde_json::to_vec_pretty(&OnDisk { generation, data: &self.data })
-            .map_err(|e| err(std::io::Error::other(e)))?;
+        let err = |source| LedgerError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(&OnDisk {
+            generation,
+            data: &self.data,
+        })
+        .map_err(|e| err(std::io::Error::other(e)))?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(err)?;
         let tmp = self.path.with_extension("tmp");
@@ -93,7 +109,9 @@ impl<T: Serialize + DeserializeOwned + Default> Ledger<T> {
             f.sync_all().map_err(err)?;
         }
         std::fs::rename(&tmp, &self.path).map_err(err)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
         self.generation = generation;
         Ok(())
     }

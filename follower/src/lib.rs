@@ -157,10 +157,17 @@ pub struct Follower {
 }
 
 /// Reads `<data_dir>/<name>`, or writes `make()` there (mode 0600) first.
-fn persistent_value(data_dir: &std::path::Path, name: &str, make: impl FnOnce() -> String) -> Result<String, FollowerError> {
+fn persistent_value(
+    data_dir: &std::path::Path,
+    name: &str,
+    make: impl FnOnce() -> String,
+) -> Result<String, FollowerError> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join(name);
-    let err = |source| FollowerError::DataDir { path: path.clone(), source };
+    let err = |source| FollowerError::DataDir {
+        path: path.clone(),
+        source,
+    };
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
         Ok(_) => {}
@@ -190,20 +197,31 @@ impl Follower {
     /// ledger in `data_dir` knows and that still run are adopted.
     pub async fn start(cfg: FollowerConfig) -> Result<Follower, FollowerError> {
         let data = cfg.data_dir.clone();
-        std::fs::create_dir_all(&data).map_err(|source| FollowerError::DataDir { path: data.clone(), source })?;
+        std::fs::create_dir_all(&data).map_err(|source| FollowerError::DataDir {
+            path: data.clone(),
+            source,
+        })?;
         let node_id = match &cfg.node_id {
             Some(id) => id.clone(),
             // Node ids are DNS labels (they name certificates and hosts).
-            None => persistent_value(&data, "node-id", || ulid::Ulid::new().to_string().to_lowercase())?,
+            None => persistent_value(&data, "node-id", || {
+                ulid::Ulid::new().to_string().to_lowercase()
+            })?,
         };
-        let node_token =
-            persistent_value(&data, "node-token", || format!("zwn_{}{}", ulid::Ulid::new(), ulid::Ulid::new()))?;
-        let range = cfg.instance_range.unwrap_or_else(|| InstanceRange::for_node(&node_id));
+        let node_token = persistent_value(&data, "node-token", || {
+            format!("zwn_{}{}", ulid::Ulid::new(), ulid::Ulid::new())
+        })?;
+        let range = cfg
+            .instance_range
+            .unwrap_or_else(|| InstanceRange::for_node(&node_id));
         // The node's age identity: secrets of its apps are encrypted to its
         // recipient, sent at registration.
         let identity: age::x25519::Identity = persistent_value(&data, "age-identity", || {
             use age::secrecy::ExposeSecret;
-            age::x25519::Identity::generate().to_string().expose_secret().to_string()
+            age::x25519::Identity::generate()
+                .to_string()
+                .expose_secret()
+                .to_string()
         })?
         .parse()
         .map_err(|e: &str| FollowerError::DataDir {
@@ -215,12 +233,20 @@ impl Follower {
         // Bind first: a taken port fails the start before any task runs.
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await
-            .map_err(|source| FollowerError::Bind { addr: cfg.api_listen, source })?;
+            .map_err(|source| FollowerError::Bind {
+                addr: cfg.api_listen,
+                source,
+            })?;
         let activate = Arc::new(Notify::new());
         let notify = Arc::new(Notify::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let (runtime, runtime_reason) = runtime::choose(cfg.runtime, &data.join("scripts"), &cfg.vm, activate.clone())?;
+        let (runtime, runtime_reason) = runtime::choose(
+            cfg.runtime,
+            &data.join("scripts"),
+            &cfg.vm,
+            activate.clone(),
+        )?;
         tracing::info!(node = %node_id, runtime = runtime.name(), "{runtime_reason}");
 
         let follower = MetaFollower::open(
@@ -241,19 +267,38 @@ impl Follower {
             Some(url) => Arc::new(HttpCaptain::new(url, &cfg.token)),
             None => Arc::new(NoCaptain),
         };
-        let images: Arc<dyn ImageSource> =
-            cfg.images.clone().unwrap_or_else(|| Arc::new(LocalDirImageSource::new(data.join("store"))));
+        let images: Arc<dyn ImageSource> = cfg
+            .images
+            .clone()
+            .unwrap_or_else(|| Arc::new(LocalDirImageSource::new(data.join("store"))));
 
         let mut rcfg = ReconcilerConfig::new(&node_id, &data, range);
         rcfg.start_timeout = cfg.start_timeout;
         let rec = Reconciler::new(rcfg, desired, runtime.clone(), images, captain.clone())?;
-        let (reconciler, rec_task) =
-            reconciler::spawn(rec, cfg.reconcile_interval, activate.clone(), shutdown_rx.clone());
-        let follow_task =
-            follow::spawn(follower, cfg.poll_interval, notify.clone(), activate.clone(), shutdown_rx.clone());
+        let (reconciler, rec_task) = reconciler::spawn(
+            rec,
+            cfg.reconcile_interval,
+            activate.clone(),
+            shutdown_rx.clone(),
+        );
+        let follow_task = follow::spawn(
+            follower,
+            cfg.poll_interval,
+            notify.clone(),
+            activate.clone(),
+            shutdown_rx.clone(),
+        );
 
-        let api_addr = listener.local_addr().map_err(|source| FollowerError::Bind { addr: cfg.api_listen, source })?;
-        let address = cfg.address.clone().unwrap_or_else(|| api_addr.ip().to_string());
+        let api_addr = listener
+            .local_addr()
+            .map_err(|source| FollowerError::Bind {
+                addr: cfg.api_listen,
+                source,
+            })?;
+        let address = cfg
+            .address
+            .clone()
+            .unwrap_or_else(|| api_addr.ip().to_string());
         let api_url = match api_addr {
             SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
             SocketAddr::V4(a) => format!("http://{a}"),
@@ -347,7 +392,13 @@ impl Follower {
             let _ = t.await;
         }
         // After the reconciler task ended: its last pass is in the snapshot.
-        let records: Vec<_> = self.reconciler.instances.borrow().values().cloned().collect();
+        let records: Vec<_> = self
+            .reconciler
+            .instances
+            .borrow()
+            .values()
+            .cloned()
+            .collect();
         for r in records {
             let result = match &r.handle {
                 Some(h) => runtime.stop(h).await,
@@ -375,7 +426,9 @@ async fn heartbeats(
 ) {
     let res = {
         let d = data_dir.clone();
-        tokio::task::spawn_blocking(move || captain::node_resources(&d, 0)).await.unwrap_or_default()
+        tokio::task::spawn_blocking(move || captain::node_resources(&d, 0))
+            .await
+            .unwrap_or_default()
     };
     reg.cpus = res.cpus;
     reg.memory_bytes = res.memory_bytes;
@@ -414,10 +467,15 @@ async fn heartbeats(
             }
         }
         if registered {
-            let n = instances.borrow().values().filter(|r| r.handle.is_some()).count() as u32;
+            let n = instances
+                .borrow()
+                .values()
+                .filter(|r| r.handle.is_some())
+                .count() as u32;
             let d = data_dir.clone();
-            let resources =
-                tokio::task::spawn_blocking(move || captain::node_resources(&d, n)).await.unwrap_or_default();
+            let resources = tokio::task::spawn_blocking(move || captain::node_resources(&d, n))
+                .await
+                .unwrap_or_default();
             let f = follow.borrow().clone();
             let hb = captain::Heartbeat {
                 state: "online".into(),
@@ -460,7 +518,12 @@ fn write_secret(path: &std::path::Path, value: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(value.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)

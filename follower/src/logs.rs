@@ -67,16 +67,21 @@ pub fn collect(work_dir: &Path) -> Result<usize, LogError> {
         let path = path.to_path_buf();
         move |source| LogError::Io { op, path, source }
     };
-    let Ok(mut f) = std::fs::File::open(&raw) else { return Ok(0) };
+    let Ok(mut f) = std::fs::File::open(&raw) else {
+        return Ok(0);
+    };
     let last = last_record(&index);
     let (mut offset, mut t) = last.map(|l| (l.o, l.t)).unwrap_or((0, 0));
-    f.seek(SeekFrom::Start(offset)).map_err(io("seeking in", &raw))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(io("seeking in", &raw))?;
     let mut reader = std::io::BufReader::new(f);
     let mut out = Vec::new();
     let mut n = 0;
     loop {
         let mut buf = Vec::new();
-        let read = reader.read_until(b'\n', &mut buf).map_err(io("reading", &raw))?;
+        let read = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(io("reading", &raw))?;
         if read == 0 || buf.last() != Some(&b'\n') {
             break; // end, or a partial line still being written
         }
@@ -84,7 +89,8 @@ pub fn collect(work_dir: &Path) -> Result<usize, LogError> {
         t = now_nanos().max(t + 1);
         buf.pop();
         let line = String::from_utf8_lossy(&buf).into_owned();
-        serde_json::to_writer(&mut out, &LogLine { t, o: offset, line }).expect("a log line serialises");
+        serde_json::to_writer(&mut out, &LogLine { t, o: offset, line })
+            .expect("a log line serialises");
         out.push(b'\n');
         n += 1;
     }
@@ -105,11 +111,21 @@ pub fn read(work_dir: &Path, from: u64, limit: usize) -> Result<Vec<LogLine>, Lo
     let f = match std::fs::File::open(&index) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(LogError::Io { op: "opening", path: index, source }),
+        Err(source) => {
+            return Err(LogError::Io {
+                op: "opening",
+                path: index,
+                source,
+            });
+        }
     };
     let mut out = Vec::new();
     for l in std::io::BufReader::new(f).lines() {
-        let l = l.map_err(|source| LogError::Io { op: "reading", path: index.clone(), source })?;
+        let l = l.map_err(|source| LogError::Io {
+            op: "reading",
+            path: index.clone(),
+            source,
+        })?;
         if let Ok(rec) = serde_json::from_str::<LogLine>(&l)
             && rec.t > from
         {
@@ -144,6 +160,10 @@ mod tests {
         let lines: Vec<&str> = rest.iter().map(|l| l.line.as_str()).collect();
         assert_eq!(lines, ["two", "three", "four"]);
         assert!(rest.windows(2).all(|w| w[0].t < w[1].t));
-        assert!(read(dir.path(), rest.last().unwrap().t, 100).unwrap().is_empty());
+        assert!(
+            read(dir.path(), rest.last().unwrap().t, 100)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

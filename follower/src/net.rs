@@ -63,7 +63,9 @@ impl InstanceRange {
     /// Parses `fd00:7a77:0:12::` or `fd00:7a77:0:12::/64`.
     pub fn parse(s: &str) -> Result<Self, NetError> {
         let addr = s.strip_suffix("/64").unwrap_or(s);
-        let prefix: Ipv6Addr = addr.parse().map_err(|_| NetError::BadRange(s.to_string()))?;
+        let prefix: Ipv6Addr = addr
+            .parse()
+            .map_err(|_| NetError::BadRange(s.to_string()))?;
         if prefix.segments()[4..].iter().any(|&x| x != 0) {
             return Err(NetError::BadRange(s.to_string()));
         }
@@ -89,7 +91,9 @@ impl InstanceRange {
     /// Lowest slot not in `used`.
     pub fn free_slot(&self, used: impl IntoIterator<Item = u16>) -> Result<u16, NetError> {
         let used: std::collections::BTreeSet<u16> = used.into_iter().collect();
-        (1..=u16::MAX).find(|s| !used.contains(s)).ok_or(NetError::Exhausted)
+        (1..=u16::MAX)
+            .find(|s| !used.contains(s))
+            .ok_or(NetError::Exhausted)
     }
 }
 
@@ -108,8 +112,9 @@ pub fn gateway_of(instance: Ipv6Addr) -> Ipv6Addr {
 
 /// FNV-1a: stable across builds and platforms (unlike `DefaultHasher`).
 pub fn stable_hash(s: &str) -> u64 {
-    s.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Names of the kernel objects of one instance: interface names are at most
@@ -123,7 +128,10 @@ pub struct InstanceNetNames {
 impl InstanceNetNames {
     pub fn for_instance(instance_id: &str) -> Self {
         let name = format!("zwi{:012x}", stable_hash(instance_id) & 0xffff_ffff_ffff);
-        InstanceNetNames { netns: name.clone(), host_if: name }
+        InstanceNetNames {
+            netns: name.clone(),
+            host_if: name,
+        }
     }
 }
 
@@ -143,7 +151,10 @@ impl InstanceNet {
             path: script.clone(),
             source,
         })?;
-        Ok(InstanceNet { script, host_netns: None })
+        Ok(InstanceNet {
+            script,
+            host_netns: None,
+        })
     }
 
     /// Builds instance networks as seen from the named network namespace
@@ -184,7 +195,10 @@ impl InstanceNet {
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(|source| NetError::Spawn { action: action.clone(), source })?;
+            .map_err(|source| NetError::Spawn {
+                action: action.clone(),
+                source,
+            })?;
         if out.status.success() {
             Ok(())
         } else {
@@ -222,7 +236,10 @@ mod tests {
         let r = InstanceRange::parse("fd00:7a77:0:12::/64").unwrap();
         let a = r.instance_addr(3);
         assert_eq!(a, "fd00:7a77:0:12::3:2".parse::<Ipv6Addr>().unwrap());
-        assert_eq!(gateway_of(a), "fd00:7a77:0:12::3:1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            gateway_of(a),
+            "fd00:7a77:0:12::3:1".parse::<Ipv6Addr>().unwrap()
+        );
         assert_eq!(r.slot_of(a), Some(3));
         assert_eq!(r.slot_of(gateway_of(a)), None);
         assert_eq!(r.free_slot([1, 2, 4]).unwrap(), 3);
@@ -235,6 +252,9 @@ mod tests {
         let n = InstanceNetNames::for_instance("01JDZ8Y1Q0V4M3N2K1H0G9F8E7");
         assert_eq!(n.host_if.len(), 15);
         assert!(n.host_if.starts_with("zwi"));
-        assert_ne!(n, InstanceNetNames::for_instance("01JDZ8Y1Q0V4M3N2K1H0G9F8E8"));
+        assert_ne!(
+            n,
+            InstanceNetNames::for_instance("01JDZ8Y1Q0V4M3N2K1H0G9F8E8")
+        );
     }
 }

@@ -299,7 +299,12 @@ impl Reconciler {
         if let Some(h) = &rec.handle {
             self.runtime.stop(h).await.map_err(|e| e.to_string())?;
         }
-        let r = self.ledger.data_mut().instances.get_mut(&id).expect("checked above");
+        let r = self
+            .ledger
+            .data_mut()
+            .instances
+            .get_mut(&id)
+            .expect("checked above");
         r.handle = None;
         r.healthy_once = false;
         // An operator's restart or release is a fresh start: a failed
@@ -312,9 +317,17 @@ impl Reconciler {
         }
         if let Some(h) = hold {
             r.held = h;
-            r.reason = if h { "held by operator".into() } else { String::new() };
+            r.reason = if h {
+                "held by operator".into()
+            } else {
+                String::new()
+            };
         }
-        r.phase = if r.held { Phase::Unhealthy } else { Phase::Starting };
+        r.phase = if r.held {
+            Phase::Unhealthy
+        } else {
+            Phase::Starting
+        };
         self.commit(&mut status);
         Ok(())
     }
@@ -323,7 +336,10 @@ impl Reconciler {
     /// the others proceed.
     pub async fn activate(&mut self) -> PassStatus {
         self.pass += 1;
-        let mut status = PassStatus { pass: self.pass, ..Default::default() };
+        let mut status = PassStatus {
+            pass: self.pass,
+            ..Default::default()
+        };
         let desired = match self.desired.desired().await {
             Ok(d) => d,
             Err(e) => {
@@ -335,8 +351,11 @@ impl Reconciler {
         status.desired_read = true;
         status.commit = desired.commit.clone();
         status.desired = desired.instances.len();
-        let want: BTreeMap<&str, &DesiredInstance> =
-            desired.instances.iter().map(|d| (d.instance_id.as_str(), d)).collect();
+        let want: BTreeMap<&str, &DesiredInstance> = desired
+            .instances
+            .iter()
+            .map(|d| (d.instance_id.as_str(), d))
+            .collect();
 
         // 1. Stop what is no longer desired, or desired with another release
         //    (concurrently: stopping may wait out a grace period).
@@ -345,7 +364,10 @@ impl Reconciler {
             .data()
             .instances
             .values()
-            .filter(|rec| want.get(rec.instance_id.as_str()).is_none_or(|d| d.release.id != rec.release_id))
+            .filter(|rec| {
+                want.get(rec.instance_id.as_str())
+                    .is_none_or(|d| d.release.id != rec.release_id)
+            })
             .cloned()
             .collect();
         let runtime = self.runtime.clone();
@@ -361,7 +383,9 @@ impl Reconciler {
         .await;
         for (rec, r) in doomed.into_iter().zip(results) {
             if let Err(e) = r {
-                status.errors.push(format!("stopping {}: {e}", rec.instance_id));
+                status
+                    .errors
+                    .push(format!("stopping {}: {e}", rec.instance_id));
                 continue;
             }
             tracing::info!(instance = %rec.instance_id, app = %rec.app, "stopped: no longer desired");
@@ -370,7 +394,8 @@ impl Reconciler {
             report.reason = "no longer desired".into();
             let data = self.ledger.data_mut();
             data.instances.remove(&rec.instance_id);
-            data.unreported_stops.insert(rec.instance_id.clone(), report);
+            data.unreported_stops
+                .insert(rec.instance_id.clone(), report);
             self.commit(&mut status);
             let _ = std::fs::remove_dir_all(&rec.work_dir);
             status.stopped.push(rec.instance_id.clone());
@@ -392,20 +417,24 @@ impl Reconciler {
                 let rec = self.ledger.data().instances.get(&id)?;
                 let d = want.get(id.as_str())?;
                 let addr = SocketAddr::new(rec.ip.into(), rec.port);
-                Some((id, addr, Probe::from_release(d.release.health_check.as_ref())))
+                Some((
+                    id,
+                    addr,
+                    Probe::from_release(d.release.health_check.as_ref()),
+                ))
             })
             .collect();
-        let results = futures::future::join_all(
-            probes.into_iter().map(|(id, addr, p)| {
-                let check = self.checker.check(addr, p);
-                async move { (id, check.await) }
-            }),
-        )
+        let results = futures::future::join_all(probes.into_iter().map(|(id, addr, p)| {
+            let check = self.checker.check(addr, p);
+            async move { (id, check.await) }
+        }))
         .await;
         let now = now_ms();
         let mut changed = false;
         for (id, result) in results {
-            let Some(rec) = self.ledger.data().instances.get(&id).cloned() else { continue };
+            let Some(rec) = self.ledger.data().instances.get(&id).cloned() else {
+                continue;
+            };
             let mut rec2 = rec.clone();
             match result {
                 Ok(()) => {
@@ -417,7 +446,8 @@ impl Reconciler {
                 Err(why)
                     if rec.healthy_once
                         && rec.unhealthy_since_ms > 0
-                        && now - rec.unhealthy_since_ms > self.cfg.start_timeout.as_millis() as i64 =>
+                        && now - rec.unhealthy_since_ms
+                            > self.cfg.start_timeout.as_millis() as i64 =>
                 {
                     // Failing for longer than a start may take: restart it,
                     // as after a crash.
@@ -433,7 +463,8 @@ impl Reconciler {
                     rec2.unhealthy_since_ms = 0;
                     rec2.crashes += 1;
                     rec2.reason = format!("unhealthy for too long, restarting: {why}");
-                    rec2.not_before_ms = now + backoff(self.cfg.crash_backoff, rec2.crashes, self.cfg.max_backoff);
+                    rec2.not_before_ms =
+                        now + backoff(self.cfg.crash_backoff, rec2.crashes, self.cfg.max_backoff);
                 }
                 Err(why) if rec.healthy_once => {
                     rec2.phase = Phase::Unhealthy;
@@ -451,7 +482,10 @@ impl Reconciler {
                         continue;
                     }
                     rec2.handle = None;
-                    self.failed_attempt(&mut rec2, format!("not healthy within {:?}: {why}", self.cfg.start_timeout));
+                    self.failed_attempt(
+                        &mut rec2,
+                        format!("not healthy within {:?}: {why}", self.cfg.start_timeout),
+                    );
                 }
                 Err(why) => rec2.reason = why,
             }
@@ -477,7 +511,12 @@ impl Reconciler {
     ) -> Option<String> {
         let id = d.instance_id.clone();
         if !self.ledger.data().instances.contains_key(&id) {
-            let used = self.ledger.data().instances.values().filter_map(|r| self.cfg.range.slot_of(r.ip));
+            let used = self
+                .ledger
+                .data()
+                .instances
+                .values()
+                .filter_map(|r| self.cfg.range.slot_of(r.ip));
             let slot = match self.cfg.range.free_slot(used) {
                 Ok(s) => s,
                 Err(e) => {
@@ -509,7 +548,13 @@ impl Reconciler {
             self.ledger.data_mut().instances.insert(id.clone(), rec);
             self.commit(status);
         }
-        let mut rec = self.ledger.data().instances.get(&id).cloned().expect("inserted above");
+        let mut rec = self
+            .ledger
+            .data()
+            .instances
+            .get(&id)
+            .cloned()
+            .expect("inserted above");
         if rec.phase == Phase::Failed || rec.held {
             return None;
         }
@@ -528,7 +573,11 @@ impl Reconciler {
                     let why = format!(
                         "exited with {}{}",
                         code.map_or("a signal".to_string(), |c| format!("status {c}")),
-                        if log.is_empty() { String::new() } else { format!(": {log}") }
+                        if log.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {log}")
+                        }
                     );
                     if let Err(e) = self.runtime.stop(&h).await {
                         status.errors.push(format!("cleaning up {id}: {e}"));
@@ -539,14 +588,17 @@ impl Reconciler {
                         rec.crashes += 1;
                         rec.phase = Phase::Unhealthy;
                         rec.reason = format!("crashed, restarting: {why}");
-                        rec.not_before_ms =
-                            now_ms() + backoff(self.cfg.crash_backoff, rec.crashes, self.cfg.max_backoff);
+                        rec.not_before_ms = now_ms()
+                            + backoff(self.cfg.crash_backoff, rec.crashes, self.cfg.max_backoff);
                         rec.healthy_once = false;
                         tracing::warn!(instance = %id, crashes = rec.crashes, "{why}");
                     } else {
                         self.failed_attempt(&mut rec, why);
                     }
-                    self.ledger.data_mut().instances.insert(id.clone(), rec.clone());
+                    self.ledger
+                        .data_mut()
+                        .instances
+                        .insert(id.clone(), rec.clone());
                     self.commit(status);
                 }
             }
@@ -562,7 +614,10 @@ impl Reconciler {
             return None;
         }
         rec.attempts += 1;
-        self.ledger.data_mut().instances.insert(id.clone(), rec.clone());
+        self.ledger
+            .data_mut()
+            .instances
+            .insert(id.clone(), rec.clone());
         self.commit(status);
 
         let spec = match self.spec_for(d, &rec, secrets).await {
@@ -606,7 +661,8 @@ impl Reconciler {
         } else {
             tracing::warn!(instance = %rec.instance_id, attempts = rec.attempts, "start failed, will retry: {why}");
             rec.phase = Phase::Starting;
-            rec.not_before_ms = now_ms() + backoff(self.cfg.start_backoff, rec.attempts, self.cfg.max_backoff);
+            rec.not_before_ms =
+                now_ms() + backoff(self.cfg.start_backoff, rec.attempts, self.cfg.max_backoff);
         }
         rec.reason = why;
         rec.healthy_once = false;
@@ -619,7 +675,11 @@ impl Reconciler {
         secrets: Option<&Result<meta_schema::sops::Secrets, String>>,
     ) -> Result<InstanceSpec, String> {
         let cache = self.cfg.data_dir.join("images");
-        let image = self.images.fetch(&d.release.image_digest, &cache).await.map_err(|e| e.to_string())?;
+        let image = self
+            .images
+            .fetch(&d.release.image_digest, &cache)
+            .await
+            .map_err(|e| e.to_string())?;
         let r = &d.release;
         let c = &image.config;
         let (entrypoint, cmd) = if !r.entrypoint.is_empty() {
@@ -631,7 +691,10 @@ impl Reconciler {
         };
         let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
         if argv.is_empty() {
-            return Err(format!("image {} has neither entrypoint nor cmd", r.image_digest));
+            return Err(format!(
+                "image {} has neither entrypoint nor cmd",
+                r.image_digest
+            ));
         }
         let port = match r.port {
             0 => c.exposed_ports.first().copied().unwrap_or(DEFAULT_PORT),
@@ -646,9 +709,12 @@ impl Reconciler {
                 None => return Err(format!("secrets of {}/{} were not read", d.env, d.app)),
             };
             for name in &r.secret_refs {
-                let value = secrets
-                    .get(name)
-                    .ok_or_else(|| format!("secret {name} is not in the secrets file of {}/{}", d.env, d.app))?;
+                let value = secrets.get(name).ok_or_else(|| {
+                    format!(
+                        "secret {name} is not in the secrets file of {}/{}",
+                        d.env, d.app
+                    )
+                })?;
                 env_vars.insert(name.clone(), value.expose().to_string());
             }
         }
@@ -661,12 +727,20 @@ impl Reconciler {
             image_dir: image.dir,
             argv,
             env_vars,
-            workdir: if c.workdir.is_empty() { "/".into() } else { c.workdir.clone() },
+            workdir: if c.workdir.is_empty() {
+                "/".into()
+            } else {
+                c.workdir.clone()
+            },
             user: c.user.clone(),
             ip: rec.ip,
             port,
             vcpus: res.vcpus.max(1),
-            memory_mb: if res.memory_mb == 0 { 256 } else { res.memory_mb },
+            memory_mb: if res.memory_mb == 0 {
+                256
+            } else {
+                res.memory_mb
+            },
             work_dir: rec.work_dir.clone(),
         })
     }
@@ -707,7 +781,13 @@ impl Reconciler {
                 }
             }
         }
-        let stops: Vec<InstanceReport> = self.ledger.data().unreported_stops.values().cloned().collect();
+        let stops: Vec<InstanceReport> = self
+            .ledger
+            .data()
+            .unreported_stops
+            .values()
+            .cloned()
+            .collect();
         let mut delivered = false;
         for report in stops {
             match self.captain.report_instance(&report).await {
@@ -752,7 +832,8 @@ pub fn spawn(
 ) -> (ReconcilerHandle, tokio::task::JoinHandle<()>) {
     let (status_tx, status_rx) = watch::channel(PassStatus::default());
     let (inst_tx, inst_rx) = watch::channel(rec.ledger().instances.clone());
-    let (cmd_tx, mut cmd_rx) = mpsc::channel::<(Command, tokio::sync::oneshot::Sender<Result<(), String>>)>(16);
+    let (cmd_tx, mut cmd_rx) =
+        mpsc::channel::<(Command, tokio::sync::oneshot::Sender<Result<(), String>>)>(16);
     let handle = ReconcilerHandle {
         activate: activate.clone(),
         status: status_rx,
@@ -768,8 +849,13 @@ pub fn spawn(
             let _ = inst_tx.send(rec.ledger().instances.clone());
             let _ = status_tx.send(st);
             // Stamp new log lines close to when they were written.
-            let dirs: Vec<PathBuf> =
-                rec.ledger().instances.values().filter(|r| r.handle.is_some()).map(|r| r.work_dir.clone()).collect();
+            let dirs: Vec<PathBuf> = rec
+                .ledger()
+                .instances
+                .values()
+                .filter(|r| r.handle.is_some())
+                .map(|r| r.work_dir.clone())
+                .collect();
             let _ = tokio::task::spawn_blocking(move || {
                 for d in dirs {
                     if let Err(e) = crate::logs::collect(&d) {
@@ -828,12 +914,18 @@ mod tests {
         fn name(&self) -> &'static str {
             "fake"
         }
-        fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>> {
+        fn start<'a>(
+            &'a self,
+            spec: &'a InstanceSpec,
+        ) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>> {
             Box::pin(async move {
                 let on_disk: serde_json::Value =
                     serde_json::from_slice(&std::fs::read(&self.ledger_path).unwrap()).unwrap();
                 let rec = &on_disk["data"]["instances"][&spec.instance_id];
-                assert!(rec["attempts"].as_u64().unwrap() >= 1, "attempt not on disk before start: {rec}");
+                assert!(
+                    rec["attempts"].as_u64().unwrap() >= 1,
+                    "attempt not on disk before start: {rec}"
+                );
                 assert!(rec["handle"].is_null());
                 self.starts.lock().unwrap().push(spec.instance_id.clone());
                 if self.fail_start.lock().unwrap().contains(&spec.instance_id) {
@@ -844,7 +936,10 @@ mod tests {
                 }
                 let mut pid = self.next_pid.lock().unwrap();
                 *pid += 1;
-                self.alive.lock().unwrap().insert(spec.instance_id.clone(), Liveness::Running);
+                self.alive
+                    .lock()
+                    .unwrap()
+                    .insert(spec.instance_id.clone(), Liveness::Running);
                 Ok(RuntimeHandle {
                     instance_id: spec.instance_id.clone(),
                     driver: "fake".into(),
@@ -857,7 +952,10 @@ mod tests {
                 })
             })
         }
-        fn stop<'a>(&'a self, handle: &'a RuntimeHandle) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        fn stop<'a>(
+            &'a self,
+            handle: &'a RuntimeHandle,
+        ) -> BoxFuture<'a, Result<(), RuntimeError>> {
             Box::pin(async move {
                 self.stops.lock().unwrap().push(handle.instance_id.clone());
                 self.alive.lock().unwrap().remove(&handle.instance_id);
@@ -865,9 +963,18 @@ mod tests {
             })
         }
         fn liveness(&self, handle: &RuntimeHandle) -> Liveness {
-            self.alive.lock().unwrap().get(&handle.instance_id).copied().unwrap_or(Liveness::Exited(None))
+            self.alive
+                .lock()
+                .unwrap()
+                .get(&handle.instance_id)
+                .copied()
+                .unwrap_or(Liveness::Exited(None))
         }
-        fn reclaim<'a>(&'a self, instance_id: &'a str, _work_dir: &'a Path) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        fn reclaim<'a>(
+            &'a self,
+            instance_id: &'a str,
+            _work_dir: &'a Path,
+        ) -> BoxFuture<'a, Result<(), RuntimeError>> {
             Box::pin(async move {
                 self.reclaims.lock().unwrap().push(instance_id.to_string());
                 Ok(())
@@ -877,14 +984,25 @@ mod tests {
 
     struct FakeImages;
     impl ImageSource for FakeImages {
-        fn fetch<'a>(&'a self, digest: &'a str, cache: &'a Path) -> BoxFuture<'a, Result<FetchedImage, ImageError>> {
+        fn fetch<'a>(
+            &'a self,
+            digest: &'a str,
+            cache: &'a Path,
+        ) -> BoxFuture<'a, Result<FetchedImage, ImageError>> {
             Box::pin(async move {
                 if digest.ends_with('0') {
-                    return Err(ImageError::NotFound { digest: digest.into(), path: cache.into() });
+                    return Err(ImageError::NotFound {
+                        digest: digest.into(),
+                        path: cache.into(),
+                    });
                 }
                 Ok(FetchedImage {
                     dir: cache.join(digest),
-                    config: ImageConfig { entrypoint: vec!["/app".into()], exposed_ports: vec![9000], ..Default::default() },
+                    config: ImageConfig {
+                        entrypoint: vec!["/app".into()],
+                        exposed_ports: vec![9000],
+                        ..Default::default()
+                    },
                 })
             })
         }
@@ -907,13 +1025,23 @@ mod tests {
     #[derive(Default)]
     struct FakeCaptain(Mutex<Vec<InstanceReport>>);
     impl Captain for FakeCaptain {
-        fn register<'a>(&'a self, _r: &'a NodeRegistration) -> BoxFuture<'a, Result<Registered, CaptainError>> {
+        fn register<'a>(
+            &'a self,
+            _r: &'a NodeRegistration,
+        ) -> BoxFuture<'a, Result<Registered, CaptainError>> {
             unreachable!("the reconciler never registers")
         }
-        fn heartbeat<'a>(&'a self, _n: &'a str, _h: &'a Heartbeat) -> BoxFuture<'a, Result<(), CaptainError>> {
+        fn heartbeat<'a>(
+            &'a self,
+            _n: &'a str,
+            _h: &'a Heartbeat,
+        ) -> BoxFuture<'a, Result<(), CaptainError>> {
             unreachable!("the reconciler never sends heartbeats")
         }
-        fn report_instance<'a>(&'a self, r: &'a InstanceReport) -> BoxFuture<'a, Result<(), CaptainError>> {
+        fn report_instance<'a>(
+            &'a self,
+            r: &'a InstanceReport,
+        ) -> BoxFuture<'a, Result<(), CaptainError>> {
             Box::pin(async move {
                 self.0.lock().unwrap().push(r.clone());
                 Ok(())
@@ -930,7 +1058,13 @@ mod tests {
                 SocketAddr::V6(a) => self.0.lock().unwrap().contains(a.ip()),
                 SocketAddr::V4(_) => true,
             };
-            Box::pin(async move { if sick { Err("sick".to_string()) } else { Ok(()) } })
+            Box::pin(async move {
+                if sick {
+                    Err("sick".to_string())
+                } else {
+                    Ok(())
+                }
+            })
         }
     }
 
@@ -961,11 +1095,17 @@ mod tests {
     impl World {
         fn new() -> World {
             let dir = tempfile::tempdir().unwrap();
-            let mut cfg =
-                ReconcilerConfig::new("n", dir.path(), InstanceRange::parse("fd00:7a77:0:1::/64").unwrap());
+            let mut cfg = ReconcilerConfig::new(
+                "n",
+                dir.path(),
+                InstanceRange::parse("fd00:7a77:0:1::/64").unwrap(),
+            );
             cfg.start_backoff = Duration::ZERO;
             cfg.crash_backoff = Duration::ZERO;
-            let rt = Arc::new(FakeRuntime { ledger_path: cfg.ledger_path(), ..Default::default() });
+            let rt = Arc::new(FakeRuntime {
+                ledger_path: cfg.ledger_path(),
+                ..Default::default()
+            });
             World {
                 _dir: dir,
                 rt,
@@ -998,17 +1138,32 @@ mod tests {
         assert_eq!(st.healthy, 2);
         let ips: BTreeSet<Ipv6Addr> = r.ledger().instances.values().map(|i| i.ip).collect();
         assert_eq!(ips.len(), 2, "one address each");
-        assert!(r.ledger().instances.values().all(|i| i.port == 9000), "the image's exposed port");
+        assert!(
+            r.ledger().instances.values().all(|i| i.port == 9000),
+            "the image's exposed port"
+        );
         let generation = st.ledger_generation;
         for _ in 0..3 {
             let st = r.activate().await;
-            assert!(st.started.is_empty() && st.stopped.is_empty() && st.errors.is_empty(), "{st:?}");
-            assert_eq!(st.ledger_generation, generation, "an idle pass writes nothing");
+            assert!(
+                st.started.is_empty() && st.stopped.is_empty() && st.errors.is_empty(),
+                "{st:?}"
+            );
+            assert_eq!(
+                st.ledger_generation, generation,
+                "an idle pass writes nothing"
+            );
         }
         assert_eq!(w.rt.starts.lock().unwrap().len(), 2);
         // Reported once each as healthy, not once per pass.
         let reports = w.captain.0.lock().unwrap().clone();
-        assert_eq!(reports.iter().filter(|r| r.state == InstanceState::Healthy).count(), 2);
+        assert_eq!(
+            reports
+                .iter()
+                .filter(|r| r.state == InstanceState::Healthy)
+                .count(),
+            2
+        );
     }
 
     #[tokio::test]
@@ -1030,7 +1185,14 @@ mod tests {
         assert_eq!(st.stopped.len(), 2);
         assert!(r.ledger().instances.is_empty() && r.ledger().unreported_stops.is_empty());
         assert!(w.rt.alive.lock().unwrap().is_empty());
-        let stopped = w.captain.0.lock().unwrap().iter().filter(|r| r.state == InstanceState::Stopped).count();
+        let stopped = w
+            .captain
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.state == InstanceState::Stopped)
+            .count();
         assert_eq!(stopped, 3);
     }
 
@@ -1059,14 +1221,24 @@ mod tests {
         assert_eq!(bad.phase, Phase::Failed);
         assert_eq!(bad.attempts, START_RETRIES + 1);
         assert!(bad.reason.contains("not in the store"), "{}", bad.reason);
-        let failed: Vec<InstanceReport> =
-            w.captain.0.lock().unwrap().iter().filter(|r| r.state == InstanceState::Failed).cloned().collect();
+        let failed: Vec<InstanceReport> = w
+            .captain
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.state == InstanceState::Failed)
+            .cloned()
+            .collect();
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].attempts, START_RETRIES + 1);
 
         // The healthy one crashes: restarted, counted as a crash, not an attempt.
         assert_eq!(r.ledger().instances["ok"].phase, Phase::Healthy);
-        w.rt.alive.lock().unwrap().insert("ok".into(), Liveness::Exited(Some(1)));
+        w.rt.alive
+            .lock()
+            .unwrap()
+            .insert("ok".into(), Liveness::Exited(Some(1)));
         let st = r.activate().await;
         assert_eq!(st.started, ["ok"]);
         let ok = &r.ledger().instances["ok"];
@@ -1076,14 +1248,23 @@ mod tests {
         w.checker.0.lock().unwrap().insert(ok.ip);
         r.activate().await;
         assert_eq!(r.ledger().instances["ok"].phase, Phase::Unhealthy);
-        assert_eq!(w.captain.0.lock().unwrap().last().unwrap().state, InstanceState::Unhealthy);
+        assert_eq!(
+            w.captain.0.lock().unwrap().last().unwrap().state,
+            InstanceState::Unhealthy
+        );
 
         // Unhealthy for longer than a start may take: restarted.
         let mut cfg = w.cfg.clone();
         cfg.start_timeout = Duration::ZERO;
-        let mut r = Reconciler::new(cfg, w.want.clone(), w.rt.clone(), Arc::new(FakeImages), w.captain.clone())
-            .unwrap()
-            .with_checker(w.checker.clone());
+        let mut r = Reconciler::new(
+            cfg,
+            w.want.clone(),
+            w.rt.clone(),
+            Arc::new(FakeImages),
+            w.captain.clone(),
+        )
+        .unwrap()
+        .with_checker(w.checker.clone());
         tokio::time::sleep(Duration::from_millis(5)).await;
         r.activate().await;
         let ok = &r.ledger().instances["ok"];

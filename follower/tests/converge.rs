@@ -16,10 +16,18 @@ use follower::{Follower, FollowerConfig};
 use meta_schema::pb::DeploymentState;
 
 fn init_logs() {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("follower=info").try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("follower=info")
+        .try_init();
 }
 
-fn config(tmp: &std::path::Path, meta: &common::Meta, store: &std::path::Path, node: &str) -> FollowerConfig {
+fn config(
+    tmp: &std::path::Path,
+    meta: &common::Meta,
+    store: &std::path::Path,
+    node: &str,
+) -> FollowerConfig {
     let mut cfg = FollowerConfig::new(tmp.join(node), meta.url());
     cfg.node_id = Some(node.into());
     cfg.runtime = RuntimeChoice::Process;
@@ -35,9 +43,16 @@ fn snapshot(f: &Follower) -> BTreeMap<String, InstanceRecord> {
     f.reconciler.instances.borrow().clone()
 }
 
-fn all_healthy_of(f: &Follower, release: &str, n: usize) -> Option<BTreeMap<String, InstanceRecord>> {
+fn all_healthy_of(
+    f: &Follower,
+    release: &str,
+    n: usize,
+) -> Option<BTreeMap<String, InstanceRecord>> {
     let s = snapshot(f);
-    (s.len() == n && s.values().all(|r| r.release_id == release && r.phase == Phase::Healthy)).then_some(s)
+    (s.len() == n
+        && s.values()
+            .all(|r| r.release_id == release && r.phase == Phase::Healthy))
+    .then_some(s)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,23 +74,51 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
     // Release 1, three instances on this node (and one elsewhere, ignored).
     let r1 = meta.release("web", &v1, 8080);
     let mut d1 = meta.deployment(&r1, DeploymentState::RollingOut, None, "node-a", 3);
-    d1.instances.push(meta_schema::pb::Placement { instance_id: meta_schema::new_id(), node: "node-b".into() });
+    d1.instances.push(meta_schema::pb::Placement {
+        instance_id: meta_schema::new_id(),
+        node: "node-b".into(),
+    });
     meta.commit(&[&r1], &[&d1], &[], "deploy r1");
     f.notify.notify_one();
-    let first = common::wait_for(60, "3 healthy instances of r1", || all_healthy_of(&f, &r1.id, 3)).await;
+    let first = common::wait_for(60, "3 healthy instances of r1", || {
+        all_healthy_of(&f, &r1.id, 3)
+    })
+    .await;
     let mut ips = std::collections::BTreeSet::new();
     for r in first.values() {
         let addr = std::net::SocketAddr::new(r.ip.into(), r.port);
-        assert_eq!(common::http_get(addr, "/").await.unwrap(), (200, "hello from zeitwork\n".into()));
+        assert_eq!(
+            common::http_get(addr, "/").await.unwrap(),
+            (200, "hello from zeitwork\n".into())
+        );
         assert!(ips.insert(r.ip), "each instance has its own address");
     }
 
     // Node API: token required, instances listed, logs paged by time.
     let http = reqwest::Client::new();
     let api = format!("http://{}", f.api_addr);
-    assert_eq!(http.get(format!("{api}/v1/health")).send().await.unwrap().status(), 200);
-    assert_eq!(http.get(format!("{api}/v1/instances")).send().await.unwrap().status(), 401);
-    let wrong = http.get(format!("{api}/v1/instances")).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(
+        http.get(format!("{api}/v1/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{api}/v1/instances"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let wrong = http
+        .get(format!("{api}/v1/instances"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
     let issued = common::issued_token(1);
     for token in ["captain-token", f.node_token.as_str(), issued.as_str()] {
@@ -90,8 +133,15 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
             .unwrap();
         assert_eq!(list.len(), 3, "token {token}");
     }
-    let info: serde_json::Value =
-        http.get(format!("{api}/v1/node/info")).bearer_auth(&f.node_token).send().await.unwrap().json().await.unwrap();
+    let info: serde_json::Value = http
+        .get(format!("{api}/v1/node/info"))
+        .bearer_auth(&f.node_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(info["node"]["id"], "node-a");
     assert_eq!(info["node"]["runtime"], "process");
     let res: serde_json::Value = http
@@ -106,9 +156,19 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
     assert_eq!(res["instances"], 3);
     assert!(res["memory_bytes"].as_u64().unwrap() > 0);
     let id = first.keys().next().unwrap().clone();
-    let one = http.get(format!("{api}/v1/instances/{id}")).bearer_auth(&f.node_token).send().await.unwrap();
+    let one = http
+        .get(format!("{api}/v1/instances/{id}"))
+        .bearer_auth(&f.node_token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(one.status(), 200);
-    let missing = http.get(format!("{api}/v1/instances/nope")).bearer_auth(&f.node_token).send().await.unwrap();
+    let missing = http
+        .get(format!("{api}/v1/instances/nope"))
+        .bearer_auth(&f.node_token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
     let mut seen: Vec<(u64, String)> = Vec::new();
     let mut from = 0u64;
@@ -120,23 +180,42 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
-        let last: u64 = resp.headers()["x-last-log-nano"].to_str().unwrap().parse().unwrap();
+        let last: u64 = resp.headers()["x-last-log-nano"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         let lines: Vec<serde_json::Value> = resp.json().await.unwrap();
         for l in &lines {
-            seen.push((l["t"].as_u64().unwrap(), l["line"].as_str().unwrap().to_string()));
+            seen.push((
+                l["t"].as_u64().unwrap(),
+                l["line"].as_str().unwrap().to_string(),
+            ));
         }
         assert!(last >= from);
         from = last;
         // Health checks keep adding request lines between pages.
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    assert!(seen.iter().any(|(_, l)| l.contains("NOT a VM") || l.contains("not a VM")), "{seen:?}");
-    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "no line twice, in order: {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|(_, l)| l.contains("NOT a VM") || l.contains("not a VM")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "no line twice, in order: {seen:?}"
+    );
 
     // DELETE restarts an instance (a new process); PUT state holds and
     // releases it.
     let old_pid = first[&id].handle.as_ref().unwrap().pid;
-    let resp = http.delete(format!("{api}/v1/instances/{id}")).bearer_auth(&f.node_token).send().await.unwrap();
+    let resp = http
+        .delete(format!("{api}/v1/instances/{id}"))
+        .bearer_auth(&f.node_token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 202);
     common::wait_for(30, "restarted and healthy", || {
         let s = snapshot(&f);
@@ -145,18 +224,36 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
     })
     .await;
     let state_url = format!("{api}/v1/instances/{id}/state");
-    let held = http.put(&state_url).bearer_auth(&f.node_token).json(&serde_json::json!({"state": "stopped"}));
+    let held = http
+        .put(&state_url)
+        .bearer_auth(&f.node_token)
+        .json(&serde_json::json!({"state": "stopped"}));
     assert_eq!(held.send().await.unwrap().status(), 202);
     let mut pass = f.reconciler.status.clone();
     let seen_pass = pass.borrow_and_update().pass;
-    common::wait_for(30, "two passes after the hold", || (pass.borrow_and_update().pass >= seen_pass + 2).then_some(())).await;
+    common::wait_for(30, "two passes after the hold", || {
+        (pass.borrow_and_update().pass >= seen_pass + 2).then_some(())
+    })
+    .await;
     let r = snapshot(&f)[&id].clone();
-    assert!(r.held && r.handle.is_none(), "a held instance is not restarted: {r:?}");
-    let bad = http.put(&state_url).bearer_auth(&f.node_token).json(&serde_json::json!({"state": "paused"}));
+    assert!(
+        r.held && r.handle.is_none(),
+        "a held instance is not restarted: {r:?}"
+    );
+    let bad = http
+        .put(&state_url)
+        .bearer_auth(&f.node_token)
+        .json(&serde_json::json!({"state": "paused"}));
     assert_eq!(bad.send().await.unwrap().status(), 400);
-    let release = http.put(&state_url).bearer_auth(&f.node_token).json(&serde_json::json!({"state": "running"}));
+    let release = http
+        .put(&state_url)
+        .bearer_auth(&f.node_token)
+        .json(&serde_json::json!({"state": "running"}));
     assert_eq!(release.send().await.unwrap().status(), 202);
-    common::wait_for(30, "healthy again after the release", || all_healthy_of(&f, &r1.id, 3)).await;
+    common::wait_for(30, "healthy again after the release", || {
+        all_healthy_of(&f, &r1.id, 3)
+    })
+    .await;
 
     // Release 2 rolls out beside release 1, then is promoted: 1 goes.
     let p1 = meta.deployment(&r1, DeploymentState::Promoted, Some(&d1), "node-a", 3);
@@ -175,7 +272,11 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
     let second = common::wait_for(60, "only r2, healthy", || all_healthy_of(&f, &r2.id, 3)).await;
     for old in first.values() {
         let h = old.handle.as_ref().unwrap();
-        assert!(!follower::runtime::pid_is(h.pid, h.pid_start_ticks), "old instance {} still runs", old.instance_id);
+        assert!(
+            !follower::runtime::pid_is(h.pid, h.pid_start_ticks),
+            "old instance {} still runs",
+            old.instance_id
+        );
     }
 
     // Removing the releases (a revert) stops everything.
@@ -193,7 +294,10 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
     for r in second.values() {
         let h = r.handle.as_ref().unwrap();
         assert!(!follower::runtime::pid_is(h.pid, h.pid_start_ticks));
-        assert!(!r.work_dir.exists(), "work dir of a stopped instance is removed");
+        assert!(
+            !r.work_dir.exists(),
+            "work dir of a stopped instance is removed"
+        );
     }
 
     // What the captain heard, bodies checked.
@@ -201,12 +305,19 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
         captain
             .all()
             .iter()
-            .any(|r| r.method == "PUT" && r.body["resources"]["instances"] == 0 && r.body["meta"]["applied_commit"].is_string())
+            .any(|r| {
+                r.method == "PUT"
+                    && r.body["resources"]["instances"] == 0
+                    && r.body["meta"]["applied_commit"].is_string()
+            })
             .then_some(())
     })
     .await;
     let reqs = captain.all();
-    let reg = reqs.iter().find(|r| r.method == "POST" && r.path == "/v1/nodes").expect("registered");
+    let reg = reqs
+        .iter()
+        .find(|r| r.method == "POST" && r.path == "/v1/nodes")
+        .expect("registered");
     assert_eq!(reg.auth, "Bearer captain-token");
     assert_eq!(reg.body["id"], "node-a");
     assert_eq!(reg.body["region"], "local");
@@ -216,14 +327,26 @@ async fn converges_replaces_and_stops_through_the_meta_repo() {
     assert_eq!(reg.body["api_url"], format!("http://{}", f.api_addr));
     let hb = reqs.iter().find(|r| r.method == "PUT").expect("heartbeats");
     assert_eq!(hb.path, "/v1/nodes/node-a/state");
-    assert_eq!(hb.auth, format!("Bearer {}", common::issued_token(1)), "the issued token replaces the bootstrap one");
+    assert_eq!(
+        hb.auth,
+        format!("Bearer {}", common::issued_token(1)),
+        "the issued token replaces the bootstrap one"
+    );
     assert_eq!(hb.body["state"], "online");
-    let reports: Vec<&common::Recorded> = reqs.iter().filter(|r| r.path == "/v1/instances").collect();
+    let reports: Vec<&common::Recorded> =
+        reqs.iter().filter(|r| r.path == "/v1/instances").collect();
     for inst in first.values().chain(second.values()) {
-        let mine: Vec<&serde_json::Value> =
-            reports.iter().map(|r| &r.body).filter(|b| b["id"] == inst.instance_id.as_str()).collect();
+        let mine: Vec<&serde_json::Value> = reports
+            .iter()
+            .map(|r| &r.body)
+            .filter(|b| b["id"] == inst.instance_id.as_str())
+            .collect();
         let states: Vec<&str> = mine.iter().map(|b| b["state"].as_str().unwrap()).collect();
-        assert!(states.contains(&"healthy") && states.last() == Some(&"stopped"), "{}: {states:?}", inst.instance_id);
+        assert!(
+            states.contains(&"healthy") && states.last() == Some(&"stopped"),
+            "{}: {states:?}",
+            inst.instance_id
+        );
         let healthy = mine.iter().find(|b| b["state"] == "healthy").unwrap();
         assert_eq!(healthy["node_id"], "node-a");
         assert_eq!(healthy["env"], "prod");

@@ -40,7 +40,10 @@ async fn an_older_head_pushed_by_force_is_refused_and_reported() {
     let c2 = meta.commit(&[&meta.release("web", &digest, 8080)], &[], &[], "r2");
     f.notify.notify_one();
     let mut follow = f.follow.clone();
-    common::wait_for(20, "c2 applied", || (follow.borrow_and_update().applied.as_deref() == Some(&c2)).then_some(())).await;
+    common::wait_for(20, "c2 applied", || {
+        (follow.borrow_and_update().applied.as_deref() == Some(&c2)).then_some(())
+    })
+    .await;
 
     meta.force_main(&c1);
     f.notify.notify_one();
@@ -49,19 +52,30 @@ async fn an_older_head_pushed_by_force_is_refused_and_reported() {
         (s.refused.as_deref() == Some(&c1)).then_some(s)
     })
     .await;
-    assert_eq!(st.applied.as_deref(), Some(c2.as_str()), "the applied commit never moves back");
+    assert_eq!(
+        st.applied.as_deref(),
+        Some(c2.as_str()),
+        "the applied commit never moves back"
+    );
     assert!(st.refused_reason.unwrap().contains("does not descend"));
     common::wait_for(20, "the refusal in a heartbeat", || {
         captain
             .all()
             .iter()
-            .any(|r| r.method == "PUT" && r.body["meta"]["refused_commit"] == c1.as_str() && r.body["meta"]["applied_commit"] == c2.as_str())
+            .any(|r| {
+                r.method == "PUT"
+                    && r.body["meta"]["refused_commit"] == c1.as_str()
+                    && r.body["meta"]["applied_commit"] == c2.as_str()
+            })
             .then_some(())
     })
     .await;
     // The pass reads the applied commit, not the refused one.
     let pass = f.reconciler.status.clone();
-    common::wait_for(20, "a pass at c2", || (pass.borrow().commit.as_deref() == Some(&c2)).then_some(())).await;
+    common::wait_for(20, "a pass at c2", || {
+        (pass.borrow().commit.as_deref() == Some(&c2)).then_some(())
+    })
+    .await;
     // The node API shows it too.
     let info: serde_json::Value = reqwest::Client::new()
         .get(format!("http://{}/v1/node/info", f.api_addr))
@@ -103,8 +117,15 @@ async fn an_older_head_pushed_by_force_is_refused_and_reported() {
     })
     .await;
     // The captain revokes the token: the follower registers again.
-    captain.revoked.lock().unwrap().push(common::issued_token(2));
-    common::wait_for(20, "a third registration", || (captain.count("POST", "/v1/nodes") == 3).then_some(())).await;
+    captain
+        .revoked
+        .lock()
+        .unwrap()
+        .push(common::issued_token(2));
+    common::wait_for(20, "a third registration", || {
+        (captain.count("POST", "/v1/nodes") == 3).then_some(())
+    })
+    .await;
     common::wait_for(20, "heartbeats with the new token", || {
         captain
             .all()
@@ -132,14 +153,25 @@ async fn notify_fetches_at_once() {
     let f = Follower::start(cfg).await.unwrap();
     let mut follow = f.follow.clone();
     // The first fetch happens at start.
-    common::wait_for(20, "the first fetch", || (follow.borrow_and_update().fetches >= 1).then_some(())).await;
+    common::wait_for(20, "the first fetch", || {
+        (follow.borrow_and_update().fetches >= 1).then_some(())
+    })
+    .await;
 
     let digest = format!("sha256:{}", "b".repeat(64));
     let c = meta.commit(&[&meta.release("web", &digest, 8080)], &[], &[], "r");
     let http = reqwest::Client::new();
     let url = format!("http://{}/v1/notify", f.api_addr);
     assert_eq!(http.post(&url).send().await.unwrap().status(), 401);
-    assert_eq!(http.post(&url).bearer_auth("captain-token").send().await.unwrap().status(), 202);
+    assert_eq!(
+        http.post(&url)
+            .bearer_auth("captain-token")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
     common::wait_for(20, "the notified commit applied", || {
         (follow.borrow_and_update().applied.as_deref() == Some(c.as_str())).then_some(())
     })

@@ -26,8 +26,13 @@ const ENV_DIR: &str = "ZW_TEST_FOLLOWER_DIR";
 /// The child side: a follower until killed (at most 5 minutes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_follower_process() {
-    let Ok(dir) = std::env::var(ENV_DIR) else { return };
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("follower=info").try_init();
+    let Ok(dir) = std::env::var(ENV_DIR) else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("follower=info")
+        .try_init();
     let env = |k: &str| std::env::var(k).unwrap();
     let mut cfg = FollowerConfig::new(PathBuf::from(dir), env("ZW_TEST_META"));
     cfg.node_id = Some("node-k".into());
@@ -47,9 +52,19 @@ struct Child9 {
 
 impl Child9 {
     fn spawn(data: &Path, meta: &str, store: &Path, range: InstanceRange, log: &Path) -> Child9 {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_follower_process", "--nocapture", "--test-threads", "1"])
+            .args([
+                "--exact",
+                "child_follower_process",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(ENV_DIR, data)
             .env("ZW_TEST_META", meta)
             .env("ZW_TEST_STORE", store)
@@ -60,7 +75,10 @@ impl Child9 {
             .stderr(log)
             .spawn()
             .unwrap();
-        Child9 { child: Some(child), data: data.to_path_buf() }
+        Child9 {
+            child: Some(child),
+            data: data.to_path_buf(),
+        }
     }
 
     fn kill9(&mut self) {
@@ -76,9 +94,16 @@ impl Drop for Child9 {
         self.kill9();
         // Leave nothing behind when an assertion failed half-way.
         for (pid, _) in supervisors(&self.data) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-(pid as i32)), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-(pid as i32)),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
-        for id in ledger(&self.data).as_object().into_iter().flat_map(|m| m.keys().cloned()) {
+        for id in ledger(&self.data)
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.keys().cloned())
+        {
             let n = follower::net::InstanceNetNames::for_instance(&id);
             let _ = Command::new("ip").args(["netns", "del", &n.netns]).status();
         }
@@ -99,8 +124,12 @@ fn supervisors(data: &Path) -> Vec<(u32, String)> {
     let needle = format!("run\0{}/instances/", data.display());
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).into_owned();
         if cmd.contains("process-instance.sh") && cmd.contains(&needle) {
             out.push((pid, cmd));
@@ -143,7 +172,10 @@ async fn kill_9_mid_convergence_then_restart_adopts_without_duplicates() {
     .await;
     child.kill9();
     let after_kill = handles(&ledger(&data));
-    println!("killed with {} of 3 instances recorded as started", after_kill.len());
+    println!(
+        "killed with {} of 3 instances recorded as started",
+        after_kill.len()
+    );
     for (id, pid) in &after_kill {
         assert!(
             Path::new(&format!("/proc/{pid}")).exists(),
@@ -162,10 +194,17 @@ async fn kill_9_mid_convergence_then_restart_adopts_without_duplicates() {
     .await;
     let now = handles(&healthy);
     for (id, pid) in &after_kill {
-        assert!(now.contains(&(id.clone(), *pid)), "{id} was restarted instead of adopted");
+        assert!(
+            now.contains(&(id.clone(), *pid)),
+            "{id} was restarted instead of adopted"
+        );
     }
     let sups = supervisors(&data);
-    assert_eq!(sups.len(), 3, "exactly one supervisor per instance: {sups:#?}");
+    assert_eq!(
+        sups.len(),
+        3,
+        "exactly one supervisor per instance: {sups:#?}"
+    );
     let expected: std::collections::BTreeSet<u64> = now.iter().map(|(_, p)| *p).collect();
     let actual: std::collections::BTreeSet<u64> = sups.iter().map(|(p, _)| u64::from(*p)).collect();
     assert_eq!(expected, actual);
@@ -174,12 +213,34 @@ async fn kill_9_mid_convergence_then_restart_adopts_without_duplicates() {
     // follower stops every instance it adopts: nothing is left behind.
     child2.kill9();
     let log_of_two = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(supervisors(&data).len(), 3, "instances outlive the follower");
-    meta.commit(&[], &[], &[meta_schema::layout::release_path("prod", "web", &r.id)], "remove web");
+    assert_eq!(
+        supervisors(&data).len(),
+        3,
+        "instances outlive the follower"
+    );
+    meta.commit(
+        &[],
+        &[],
+        &[meta_schema::layout::release_path("prod", "web", &r.id)],
+        "remove web",
+    );
     let mut child3 = Child9::spawn(&data, &meta.url(), &store, range, &log);
-    common::wait_for(60, "no instances in the ledger", || ledger(&data).as_object()?.is_empty().then_some(())).await;
-    common::wait_for(10, "no supervisor left", || supervisors(&data).is_empty().then_some(())).await;
+    common::wait_for(60, "no instances in the ledger", || {
+        ledger(&data).as_object()?.is_empty().then_some(())
+    })
+    .await;
+    common::wait_for(10, "no supervisor left", || {
+        supervisors(&data).is_empty().then_some(())
+    })
+    .await;
     child3.kill9();
-    let adopted = log_of_two.lines().filter(|l| l.contains("adopted a running instance")).count();
-    assert_eq!(adopted, after_kill.len(), "the restart adopted what the killed follower started: {log_of_two}");
+    let adopted = log_of_two
+        .lines()
+        .filter(|l| l.contains("adopted a running instance"))
+        .count();
+    assert_eq!(
+        adopted,
+        after_kill.len(),
+        "the restart adopted what the killed follower started: {log_of_two}"
+    );
 }

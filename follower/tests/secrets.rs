@@ -23,7 +23,10 @@ async fn secrets_reach_the_app_and_nothing_else() {
         &store,
         &ImageConfig {
             entrypoint: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
-            cmd: vec!["echo \"$API_KEY\" > /www/secret.txt && exec /bin/busybox httpd -f -p 8080 -h /www".into()],
+            cmd: vec![
+                "echo \"$API_KEY\" > /www/secret.txt && exec /bin/busybox httpd -f -p 8080 -h /www"
+                    .into(),
+            ],
             user: "root".into(),
             ..common::httpd_config(8080)
         },
@@ -41,11 +44,15 @@ async fn secrets_reach_the_app_and_nothing_else() {
     let recipient: age::x25519::Recipient = f.age_recipient.parse().unwrap();
     let mut secrets = meta_schema::sops::Secrets::new();
     secrets.insert("API_KEY", meta_schema::sops::Secret::new(SECRET));
-    let yaml = meta_schema::sops::encrypt(&secrets, &[recipient], meta_schema::now_millis()).unwrap();
+    let yaml =
+        meta_schema::sops::encrypt(&secrets, &[recipient], meta_schema::now_millis()).unwrap();
     assert!(!yaml.contains(SECRET));
     let mut cs = meta_schema::repo::ChangeSet::new();
     for app in ["web", "other"] {
-        cs = cs.add(meta_schema::layout::secrets_path("prod", app), yaml.clone().into_bytes());
+        cs = cs.add(
+            meta_schema::layout::secrets_path("prod", app),
+            yaml.clone().into_bytes(),
+        );
     }
     meta.repo.commit("main", &cs, "secrets").unwrap();
 
@@ -60,14 +67,25 @@ async fn secrets_reach_the_app_and_nothing_else() {
 
     let recs = common::wait_for(60, "web healthy, other failed", || {
         let s = f.reconciler.instances.borrow().clone();
-        let by_app: std::collections::BTreeMap<String, _> = s.into_values().map(|r| (r.app.clone(), r)).collect();
-        (by_app.get("web")?.phase == Phase::Healthy && by_app.get("other")?.phase == Phase::Failed).then_some(by_app)
+        let by_app: std::collections::BTreeMap<String, _> =
+            s.into_values().map(|r| (r.app.clone(), r)).collect();
+        (by_app.get("web")?.phase == Phase::Healthy && by_app.get("other")?.phase == Phase::Failed)
+            .then_some(by_app)
     })
     .await;
     let w = &recs["web"];
     let addr = std::net::SocketAddr::new(w.ip.into(), w.port);
-    assert_eq!(common::http_get(addr, "/secret.txt").await.unwrap(), (200, format!("{SECRET}\n")));
-    assert!(recs["other"].reason.contains("secret MISSING is not in the secrets file"), "{}", recs["other"].reason);
+    assert_eq!(
+        common::http_get(addr, "/secret.txt").await.unwrap(),
+        (200, format!("{SECRET}\n"))
+    );
+    assert!(
+        recs["other"]
+            .reason
+            .contains("secret MISSING is not in the secrets file"),
+        "{}",
+        recs["other"].reason
+    );
 
     // The follower wrote the value nowhere.
     let api = reqwest::Client::new()
@@ -80,7 +98,15 @@ async fn secrets_reach_the_app_and_nothing_else() {
         .await
         .unwrap();
     assert!(!api.contains(SECRET));
-    let out = std::process::Command::new("grep").args(["-r", "-l", SECRET]).arg(tmp.path().join("node")).output().unwrap();
-    assert!(out.stdout.is_empty(), "secret on disk in {}", String::from_utf8_lossy(&out.stdout));
+    let out = std::process::Command::new("grep")
+        .args(["-r", "-l", SECRET])
+        .arg(tmp.path().join("node"))
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "secret on disk in {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     f.shutdown_and_stop_instances().await;
 }

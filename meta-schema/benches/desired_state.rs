@@ -48,7 +48,10 @@ fn tree(apps: usize) -> MetaTree {
                 node: format!("node-{}", i % 10),
             })
             .collect();
-        for (id, state) in [(rollout.clone(), DeploymentState::RollingOut), (new_id(), DeploymentState::Promoted)] {
+        for (id, state) in [
+            (rollout.clone(), DeploymentState::RollingOut),
+            (new_id(), DeploymentState::Promoted),
+        ] {
             let d = pb::Deployment {
                 id: id.clone(),
                 app: app.clone(),
@@ -88,7 +91,10 @@ fn main() {
             base = ms;
         }
         let linear = base * apps as f64 / 100.0;
-        println!("desired_state: {apps:>6} apps, {:>7} files, {n:>7} instance rows: {ms:8.2} ms (linear from 100 apps: {linear:8.2} ms)", t.len());
+        println!(
+            "desired_state: {apps:>6} apps, {:>7} files, {n:>7} instance rows: {ms:8.2} ms (linear from 100 apps: {linear:8.2} ms)",
+            t.len()
+        );
         results.push((apps, ms, linear));
     }
     let (_, ms, linear) = results[1];

@@ -28,8 +28,16 @@ fn release(app: &str) -> (String, Vec<u8>) {
 }
 
 fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git").current_dir(dir).args(args).output().unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -44,23 +52,36 @@ fn main() {
         name: "prod".into(),
         ..Default::default()
     };
-    origin.commit("main", &ChangeSet::new().add(env_path("prod"), env.encode_to_vec()), "env").unwrap();
+    origin
+        .commit(
+            "main",
+            &ChangeSet::new().add(env_path("prod"), env.encode_to_vec()),
+            "env",
+        )
+        .unwrap();
     for i in 0..1000 {
         let (p, b) = release(&format!("app-{}", i % 50));
-        origin.commit("main", &ChangeSet::new().add(p, b), "release").unwrap();
+        origin
+            .commit("main", &ChangeSet::new().add(p, b), "release")
+            .unwrap();
     }
     let url = format!("file://{}", origin.path().display());
     let ours = MetaRepo::init_bare(&tmp.path().join("gix.git")).unwrap();
     ours.fetch(&url, "main").unwrap();
     let theirs = tmp.path().join("git.git");
-    git(tmp.path(), &["init", "-q", "--bare", theirs.to_str().unwrap()]);
+    git(
+        tmp.path(),
+        &["init", "-q", "--bare", theirs.to_str().unwrap()],
+    );
     let refspec = "+refs/heads/main:refs/remotes/origin/main";
     git(&theirs, &["fetch", "-q", &url, refspec]);
 
     let (mut t_gix, mut t_git) = (Vec::new(), Vec::new());
     for i in 0..15 {
         let (p, b) = release("bench");
-        let head = origin.commit("main", &ChangeSet::new().add(p, b), "one more").unwrap();
+        let head = origin
+            .commit("main", &ChangeSet::new().add(p, b), "one more")
+            .unwrap();
         // Alternate the order so neither side always gets a warm cache.
         let mut run_gix = || {
             let s = Instant::now();
@@ -82,6 +103,11 @@ fn main() {
         }
     }
     let (g, r) = (median(t_gix), median(t_git));
-    println!("fetch one new commit (file://, 1,000-commit history): gix {g:.2} ms, git fetch {r:.2} ms (median of 15)");
-    println!("{}", serde_json::json!({"bench": "meta_fetch_one_commit_ms", "ours": g, "reference": r, "ratio": g / r}));
+    println!(
+        "fetch one new commit (file://, 1,000-commit history): gix {g:.2} ms, git fetch {r:.2} ms (median of 15)"
+    );
+    println!(
+        "{}",
+        serde_json::json!({"bench": "meta_fetch_one_commit_ms", "ours": g, "reference": r, "ratio": g / r})
+    );
 }

@@ -21,7 +21,14 @@ fn id(ms: i64, n: u128) -> String {
     ulid::Ulid::from_parts(ms as u64, n).to_string()
 }
 
-fn release(env: &str, app: &str, rid: &str, version: &str, digest_byte: char, at: i64) -> pb::Release {
+fn release(
+    env: &str,
+    app: &str,
+    rid: &str,
+    version: &str,
+    digest_byte: char,
+    at: i64,
+) -> pb::Release {
     pb::Release {
         id: rid.into(),
         app: app.into(),
@@ -30,7 +37,11 @@ fn release(env: &str, app: &str, rid: &str, version: &str, digest_byte: char, at
         port: if app == "worker" { 0 } else { 8080 },
         env_vars: [("VERSION".to_string(), version.to_string())].into(),
         health_check: Some(pb::HealthCheck {
-            kind: Some(if app == "worker" { Kind::Tcp(true) } else { Kind::HttpPath("/healthz".into()) }),
+            kind: Some(if app == "worker" {
+                Kind::Tcp(true)
+            } else {
+                Kind::HttpPath("/healthz".into())
+            }),
             interval_ms: 1000,
             timeout_ms: 500,
         }),
@@ -40,7 +51,11 @@ fn release(env: &str, app: &str, rid: &str, version: &str, digest_byte: char, at
             disk_mb: 1024,
         }),
         min_instances: 3,
-        domains: if app == "web" && env == "production" { vec!["www.example.com".into()] } else { vec![] },
+        domains: if app == "web" && env == "production" {
+            vec!["www.example.com".into()]
+        } else {
+            vec![]
+        },
         drain_seconds: None,
         source: Some(pb::Source {
             repo: format!("https://github.com/example/{app}.git"),
@@ -53,9 +68,14 @@ fn release(env: &str, app: &str, rid: &str, version: &str, digest_byte: char, at
 }
 
 fn main() {
-    let root = std::env::args().nth(1).expect("usage: write_example_meta <dir>");
+    let root = std::env::args()
+        .nth(1)
+        .expect("usage: write_example_meta <dir>");
     let root = Path::new(&root);
-    for (env, domain) in [("production", "example.app"), ("staging", "staging.example.app")] {
+    for (env, domain) in [
+        ("production", "example.app"),
+        ("staging", "staging.example.app"),
+    ] {
         write(
             root,
             &env_path(env),
@@ -65,7 +85,8 @@ fn main() {
                 regions: vec!["eu-central-1".into()],
                 age_recipients: vec![pb::AgeRecipient {
                     name: "node-1".into(),
-                    recipient: "age1se5ghfycr4n8kcwc3qwf234ymvmr2lex2a99wh8gpfx97glwt9hqch4569".into(),
+                    recipient: "age1se5ghfycr4n8kcwc3qwf234ymvmr2lex2a99wh8gpfx97glwt9hqch4569"
+                        .into(),
                 }],
             }
             .encode_to_vec(),
@@ -117,13 +138,23 @@ fn main() {
     write(
         root,
         &deployment_path("production", "web", &rollout),
-        mk(&rollout, pb::DeploymentState::RollingOut, r.created_at + 1000).encode_to_vec(),
+        mk(
+            &rollout,
+            pb::DeploymentState::RollingOut,
+            r.created_at + 1000,
+        )
+        .encode_to_vec(),
     );
     let promoted = next(r.created_at + 30_000);
     write(
         root,
         &deployment_path("production", "web", &promoted),
-        mk(&promoted, pb::DeploymentState::Promoted, r.created_at + 30_000).encode_to_vec(),
+        mk(
+            &promoted,
+            pb::DeploymentState::Promoted,
+            r.created_at + 30_000,
+        )
+        .encode_to_vec(),
     );
     write(
         root,
@@ -162,5 +193,9 @@ fn main() {
         ),
     )
     .unwrap();
-    std::fs::write(root.join(".gitattributes"), include_str!("../assets/gitattributes")).unwrap();
+    std::fs::write(
+        root.join(".gitattributes"),
+        include_str!("../assets/gitattributes"),
+    )
+    .unwrap();
 }

@@ -88,14 +88,21 @@ pub struct DesiredInstance {
 impl AppState {
     /// Rollouts whose instances should be running now.
     pub fn running_rollouts(&self) -> impl Iterator<Item = &RolloutView> {
-        self.serving.iter().chain(self.rolling_out.iter()).chain(self.draining.iter())
+        self.serving
+            .iter()
+            .chain(self.rolling_out.iter())
+            .chain(self.draining.iter())
     }
 
     /// The active release, when no rollout exists for it yet (newer than
     /// what serves) and none failed: the captain should start one.
     pub fn release_needing_rollout(&self) -> Option<&pb::Release> {
         let active = self.active_release.as_ref()?;
-        let serving_id = self.serving.as_ref().map(|s| s.rollout_id.as_str()).unwrap_or("");
+        let serving_id = self
+            .serving
+            .as_ref()
+            .map(|s| s.rollout_id.as_str())
+            .unwrap_or("");
         let covered = self
             .serving
             .iter()
@@ -164,14 +171,25 @@ pub fn desired_state(tree: &MetaTree, now_millis: i64) -> Result<DesiredState, M
     }
     let empty_r = BTreeMap::new();
     let empty_d = BTreeMap::new();
-    let mut keys: Vec<&(String, String)> = loaded.releases.keys().chain(loaded.deployments.keys()).collect();
+    let mut keys: Vec<&(String, String)> = loaded
+        .releases
+        .keys()
+        .chain(loaded.deployments.keys())
+        .collect();
     keys.sort();
     keys.dedup();
     for key in keys {
         let (env, app) = key;
         let releases = loaded.releases.get(key).unwrap_or(&empty_r);
         let deployments = loaded.deployments.get(key).unwrap_or(&empty_d);
-        let app_state = plan_app(env, app, releases, deployments, loaded.secrets.contains_key(key), now_millis);
+        let app_state = plan_app(
+            env,
+            app,
+            releases,
+            deployments,
+            loaded.secrets.contains_key(key),
+            now_millis,
+        );
         // `load` guarantees the env exists.
         if let Some(e) = state.envs.get_mut(env) {
             e.apps.insert(app.clone(), app_state);
@@ -208,8 +226,14 @@ fn plan_app(
     let mut views: Vec<(RolloutView, Option<&str>)> = Vec::new(); // (view, id of promoting file)
     for (rid, files) in &rollouts {
         let latest = *files.last().expect("group is non-empty");
-        let promoting = files.iter().find(|d| d.state == DeploymentState::Promoted as i32);
-        let Some(release) = latest.release.clone().or_else(|| files.iter().find_map(|d| d.release.clone())) else {
+        let promoting = files
+            .iter()
+            .find(|d| d.state == DeploymentState::Promoted as i32);
+        let Some(release) = latest
+            .release
+            .clone()
+            .or_else(|| files.iter().find_map(|d| d.release.clone()))
+        else {
             continue; // validation guarantees an embedded release
         };
         views.push((
@@ -260,7 +284,11 @@ fn plan_app(
         st.serving = Some(serving);
     }
 
-    let serving_id = st.serving.as_ref().map(|s| s.rollout_id.clone()).unwrap_or_default();
+    let serving_id = st
+        .serving
+        .as_ref()
+        .map(|s| s.rollout_id.clone())
+        .unwrap_or_default();
     st.rolling_out = views
         .iter()
         .filter(|(v, _)| v.state() == DeploymentState::RollingOut && v.rollout_id > serving_id)

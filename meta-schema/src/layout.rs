@@ -17,12 +17,29 @@
 /// A path of the meta repository, parsed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum MetaPath {
-    Env { env: String },
-    Release { env: String, app: String, id: String },
-    Deployment { env: String, app: String, id: String },
-    Secrets { env: String, app: String },
-    Channel { name: String },
-    Node { id: String },
+    Env {
+        env: String,
+    },
+    Release {
+        env: String,
+        app: String,
+        id: String,
+    },
+    Deployment {
+        env: String,
+        app: String,
+        id: String,
+    },
+    Secrets {
+        env: String,
+        app: String,
+    },
+    Channel {
+        name: String,
+    },
+    Node {
+        id: String,
+    },
 }
 
 impl MetaPath {
@@ -31,7 +48,9 @@ impl MetaPath {
     pub fn parse(path: &str) -> Option<MetaPath> {
         let parts: Vec<&str> = path.split('/').collect();
         match parts.as_slice() {
-            ["envs", env, "env.pb"] => Some(MetaPath::Env { env: env.to_string() }),
+            ["envs", env, "env.pb"] => Some(MetaPath::Env {
+                env: env.to_string(),
+            }),
             ["envs", env, "apps", app, "releases", file] => {
                 file.strip_suffix(".pb").map(|id| MetaPath::Release {
                     env: env.to_string(),
@@ -111,7 +130,8 @@ pub fn node_path(id: &str) -> String {
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }

@@ -37,7 +37,9 @@ const GITATTRIBUTES: &str = include_str!("../assets/gitattributes");
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("{path} already exists in the meta repository; meta files are immutable, a change is a new file")]
+    #[error(
+        "{path} already exists in the meta repository; meta files are immutable, a change is a new file"
+    )]
     AlreadyExists { path: String },
     #[error("{path} is immutable (releases and deployments are never replaced)")]
     Immutable { path: String },
@@ -51,7 +53,9 @@ pub enum RepoError {
     NoCommit { commit: String },
     #[error("commit {commit} cannot be reverted: {reason}")]
     CannotRevert { commit: String, reason: String },
-    #[error("gave up committing to {branch} after {attempts} attempts: the branch kept moving or stayed locked")]
+    #[error(
+        "gave up committing to {branch} after {attempts} attempts: the branch kept moving or stayed locked"
+    )]
     Contended { branch: String, attempts: u32 },
     #[error("git {op} failed: {detail}")]
     GitCommand { op: String, detail: String },
@@ -70,7 +74,9 @@ pub enum RepoError {
     },
 }
 
-fn gix_err<E: std::error::Error + Send + Sync + 'static>(op: impl Into<String>) -> impl FnOnce(E) -> RepoError {
+fn gix_err<E: std::error::Error + Send + Sync + 'static>(
+    op: impl Into<String>,
+) -> impl FnOnce(E) -> RepoError {
     let op = op.into();
     move |e| RepoError::Gix {
         op,
@@ -157,7 +163,9 @@ pub struct MetaRepo {
 
 impl std::fmt::Debug for MetaRepo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetaRepo").field("path", &self.path).finish()
+        f.debug_struct("MetaRepo")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -170,7 +178,8 @@ impl MetaRepo {
             path: path.into(),
             source,
         })?;
-        let repo = gix::init_bare(path).map_err(gix_err(format!("initialising {}", path.display())))?;
+        let repo =
+            gix::init_bare(path).map_err(gix_err(format!("initialising {}", path.display())))?;
         // A meta repository only ever moves forward.
         let config = repo.path().join("config");
         let mut text = std::fs::read_to_string(&config).map_err(|source| RepoError::Io {
@@ -184,24 +193,31 @@ impl MetaRepo {
             path: config.clone(),
             source,
         })?;
-        std::fs::write(repo.path().join("HEAD"), format!("ref: refs/heads/{DEFAULT_BRANCH}\n")).map_err(|source| {
-            RepoError::Io {
-                op: "writing HEAD",
-                path: repo.path().join("HEAD"),
-                source,
-            }
+        std::fs::write(
+            repo.path().join("HEAD"),
+            format!("ref: refs/heads/{DEFAULT_BRANCH}\n"),
+        )
+        .map_err(|source| RepoError::Io {
+            op: "writing HEAD",
+            path: repo.path().join("HEAD"),
+            source,
         })?;
         let meta = MetaRepo::open(path)?;
         meta.commit(
             DEFAULT_BRANCH,
-            &ChangeSet::new().add("README.md", README).add(".gitattributes", GITATTRIBUTES),
+            &ChangeSet::new()
+                .add("README.md", README)
+                .add(".gitattributes", GITATTRIBUTES),
             "Initialise meta repository",
         )?;
         Ok(meta)
     }
 
     pub fn open(path: &Path) -> Result<MetaRepo> {
-        let repo = gix::open(path).map_err(gix_err(format!("opening meta repository {}", path.display())))?;
+        let repo = gix::open(path).map_err(gix_err(format!(
+            "opening meta repository {}",
+            path.display()
+        )))?;
         Ok(MetaRepo {
             path: path.to_path_buf(),
             repo: repo.into_sync(),
@@ -257,45 +273,62 @@ impl MetaRepo {
 
     /// Apply `changes` on top of `branch` as one commit: atomic, validated,
     /// retried on top of a concurrent commit.
-    pub fn commit_by(&self, branch: &str, changes: &ChangeSet, message: &str, who: &Identity) -> Result<String> {
+    pub fn commit_by(
+        &self,
+        branch: &str,
+        changes: &ChangeSet,
+        message: &str,
+        who: &Identity,
+    ) -> Result<String> {
         let repo = self.local();
         let refname = format!("refs/heads/{branch}");
-        self.with_cas_retry(&repo, branch, |repo, head| {
-            let base_tree = match head {
-                Some(c) => commit_tree(repo, c)?,
-                None => ObjectId::empty_tree(repo.object_hash()),
-            };
-            let existing = flat_tree(repo, base_tree)?;
-            for (path, _) in &changes.add {
-                if existing.contains_key(path.as_str()) {
-                    return Err(RepoError::AlreadyExists { path: path.clone() });
+        self.with_cas_retry(
+            &repo,
+            branch,
+            |repo, head| {
+                let base_tree = match head {
+                    Some(c) => commit_tree(repo, c)?,
+                    None => ObjectId::empty_tree(repo.object_hash()),
+                };
+                let existing = flat_tree(repo, base_tree)?;
+                for (path, _) in &changes.add {
+                    if existing.contains_key(path.as_str()) {
+                        return Err(RepoError::AlreadyExists { path: path.clone() });
+                    }
                 }
-            }
-            for (path, _) in &changes.replace {
-                if MetaPath::parse(path).is_some_and(|p| p.is_immutable()) {
-                    return Err(RepoError::Immutable { path: path.clone() });
+                for (path, _) in &changes.replace {
+                    if MetaPath::parse(path).is_some_and(|p| p.is_immutable()) {
+                        return Err(RepoError::Immutable { path: path.clone() });
+                    }
                 }
-            }
-            for path in &changes.remove {
-                if !existing.contains_key(path.as_str()) {
-                    return Err(RepoError::NotFound { path: path.clone() });
+                for path in &changes.remove {
+                    if !existing.contains_key(path.as_str()) {
+                        return Err(RepoError::NotFound { path: path.clone() });
+                    }
                 }
-            }
-            let mut editor = repo.edit_tree(base_tree).map_err(gix_err("editing tree"))?;
-            for (path, bytes) in changes.add.iter().chain(changes.replace.iter()) {
-                let blob = repo.write_blob(bytes).map_err(gix_err("writing blob"))?.detach();
-                editor
-                    .upsert(path.as_str(), gix::object::tree::EntryKind::Blob, blob)
-                    .map_err(gix_err(format!("adding {path}")))?;
-            }
-            for path in &changes.remove {
-                editor.remove(path.as_str()).map_err(gix_err(format!("removing {path}")))?;
-            }
-            let tree = editor.write().map_err(gix_err("writing tree"))?.detach();
-            let files = read_tree(repo, tree)?;
-            validate_tree(&files).map_err(RepoError::Invalid)?;
-            Ok((tree, message.to_string()))
-        }, who, &refname)
+                let mut editor = repo.edit_tree(base_tree).map_err(gix_err("editing tree"))?;
+                for (path, bytes) in changes.add.iter().chain(changes.replace.iter()) {
+                    let blob = repo
+                        .write_blob(bytes)
+                        .map_err(gix_err("writing blob"))?
+                        .detach();
+                    editor
+                        .upsert(path.as_str(), gix::object::tree::EntryKind::Blob, blob)
+                        .map_err(gix_err(format!("adding {path}")))?;
+                }
+                for path in &changes.remove {
+                    editor
+                        .remove(path.as_str())
+                        .map_err(gix_err(format!("removing {path}")))?;
+                }
+                let tree = editor.write().map_err(gix_err("writing tree"))?.detach();
+                let files = read_tree(repo, tree)?;
+                validate_tree(&files).map_err(RepoError::Invalid)?;
+                Ok((tree, message.to_string()))
+            },
+            who,
+            &refname,
+        )
     }
 
     /// Build a tree with `build` on the current head and move the branch to
@@ -354,23 +387,36 @@ impl MetaRepo {
                 Some(MetaPath::Release { env, app, .. })
                 | Some(MetaPath::Deployment { env, app, .. })
                 | Some(MetaPath::Secrets { env, app }) => {
-                    filter.env.as_ref().is_none_or(|e| *e == env) && filter.app.as_ref().is_none_or(|a| *a == app)
+                    filter.env.as_ref().is_none_or(|e| *e == env)
+                        && filter.app.as_ref().is_none_or(|a| *a == app)
                 }
-                Some(MetaPath::Env { env }) => filter.app.is_none() && filter.env.as_ref().is_none_or(|e| *e == env),
+                Some(MetaPath::Env { env }) => {
+                    filter.app.is_none() && filter.env.as_ref().is_none_or(|e| *e == env)
+                }
                 _ => filter.env.is_none() && filter.app.is_none(),
             }
         };
         let walk = repo
             .rev_walk([head])
-            .sorting(gix::revision::walk::Sorting::ByCommitTime(Default::default()))
+            .sorting(gix::revision::walk::Sorting::ByCommitTime(
+                Default::default(),
+            ))
             .all()
             .map_err(gix_err("walking history"))?;
         let mut out = Vec::new();
         for info in walk {
             let info = info.map_err(gix_err("walking history"))?;
-            let commit = repo.find_commit(info.id).map_err(gix_err("reading commit"))?;
+            let commit = repo
+                .find_commit(info.id)
+                .map_err(gix_err("reading commit"))?;
             let parents: Vec<ObjectId> = commit.parent_ids().map(|p| p.detach()).collect();
-            let new = flat_tree(&repo, commit.tree_id().map_err(gix_err("reading commit"))?.detach())?;
+            let new = flat_tree(
+                &repo,
+                commit
+                    .tree_id()
+                    .map_err(gix_err("reading commit"))?
+                    .detach(),
+            )?;
             let old = match parents.first() {
                 Some(p) => flat_tree(&repo, commit_tree(&repo, *p)?)?,
                 None => BTreeMap::new(),
@@ -407,7 +453,9 @@ impl MetaRepo {
         if a == d {
             return Ok(true);
         }
-        let base = repo.merge_base(a, d).map_err(gix_err("computing merge base"))?;
+        let base = repo
+            .merge_base(a, d)
+            .map_err(gix_err("computing merge base"))?;
         Ok(base.is_some_and(|b| b.detach() == a))
     }
 
@@ -437,7 +485,12 @@ impl MetaRepo {
         let out = Command::new("git")
             .arg("--git-dir")
             .arg(self.git_dir())
-            .args(["push", "--quiet", url, &format!("refs/heads/{branch}:refs/heads/{branch}")])
+            .args([
+                "push",
+                "--quiet",
+                url,
+                &format!("refs/heads/{branch}:refs/heads/{branch}"),
+            ])
             .output()
             .map_err(|source| RepoError::Io {
                 op: "running git push",
@@ -461,7 +514,9 @@ impl MetaRepo {
     pub fn revert_by(&self, branch: &str, commit: &str, who: &Identity) -> Result<String> {
         let repo = self.local();
         let target = resolve(&repo, commit)?;
-        let c = repo.find_commit(target).map_err(gix_err("reading commit"))?;
+        let c = repo
+            .find_commit(target)
+            .map_err(gix_err("reading commit"))?;
         let parents: Vec<ObjectId> = c.parent_ids().map(|p| p.detach()).collect();
         let parent = match parents.as_slice() {
             [p] => *p,
@@ -486,32 +541,45 @@ impl MetaRepo {
             .unwrap_or_default();
         let refname = format!("refs/heads/{branch}");
         let message = format!("Revert \"{subject}\"\n\nThis reverts commit {target}.\n");
-        self.with_cas_retry(&repo, branch, |repo, head| {
-            let Some(head) = head else {
-                return Err(RepoError::NoBranch {
-                    branch: branch.to_string(),
-                });
-            };
-            let ours = commit_tree(repo, head)?;
-            let options = repo.tree_merge_options().map_err(gix_err("merge options"))?;
-            let labels = gix::merge::blob::builtin_driver::text::Labels {
-                ancestor: Some("reverted".into()),
-                current: Some("head".into()),
-                other: Some("parent".into()),
-            };
-            let mut outcome = repo
-                .merge_trees(reverted_tree, ours, parent_tree, labels, options)
-                .map_err(gix_err("merging trees"))?;
-            if outcome.has_unresolved_conflicts(gix::merge::tree::TreatAsUnresolved::default()) {
-                return Err(RepoError::CannotRevert {
-                    commit: commit.into(),
-                    reason: "later commits conflict with it".into(),
-                });
-            }
-            let tree = outcome.tree.write().map_err(gix_err("writing tree"))?.detach();
-            validate_tree(&read_tree(repo, tree)?).map_err(RepoError::Invalid)?;
-            Ok((tree, message.clone()))
-        }, who, &refname)
+        self.with_cas_retry(
+            &repo,
+            branch,
+            |repo, head| {
+                let Some(head) = head else {
+                    return Err(RepoError::NoBranch {
+                        branch: branch.to_string(),
+                    });
+                };
+                let ours = commit_tree(repo, head)?;
+                let options = repo
+                    .tree_merge_options()
+                    .map_err(gix_err("merge options"))?;
+                let labels = gix::merge::blob::builtin_driver::text::Labels {
+                    ancestor: Some("reverted".into()),
+                    current: Some("head".into()),
+                    other: Some("parent".into()),
+                };
+                let mut outcome = repo
+                    .merge_trees(reverted_tree, ours, parent_tree, labels, options)
+                    .map_err(gix_err("merging trees"))?;
+                if outcome.has_unresolved_conflicts(gix::merge::tree::TreatAsUnresolved::default())
+                {
+                    return Err(RepoError::CannotRevert {
+                        commit: commit.into(),
+                        reason: "later commits conflict with it".into(),
+                    });
+                }
+                let tree = outcome
+                    .tree
+                    .write()
+                    .map_err(gix_err("writing tree"))?
+                    .detach();
+                validate_tree(&read_tree(repo, tree)?).map_err(RepoError::Invalid)?;
+                Ok((tree, message.clone()))
+            },
+            who,
+            &refname,
+        )
     }
 }
 
@@ -526,14 +594,26 @@ fn signature(who: &Identity) -> gix::actor::Signature {
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     h.finish()
 }
 
 fn ref_target(repo: &gix::Repository, full: &str) -> Result<Option<ObjectId>> {
-    match repo.try_find_reference(full).map_err(gix_err(format!("reading {full}")))? {
+    match repo
+        .try_find_reference(full)
+        .map_err(gix_err(format!("reading {full}")))?
+    {
         None => Ok(None),
-        Some(mut r) => Ok(Some(r.peel_to_id().map_err(gix_err(format!("peeling {full}")))?.detach())),
+        Some(mut r) => Ok(Some(
+            r.peel_to_id()
+                .map_err(gix_err(format!("peeling {full}")))?
+                .detach(),
+        )),
     }
 }
 
@@ -542,11 +622,15 @@ fn resolve(repo: &gix::Repository, spec: &str) -> Result<ObjectId> {
         if repo.find_object(id).is_ok() {
             return Ok(id);
         }
-        return Err(RepoError::NoCommit { commit: spec.into() });
+        return Err(RepoError::NoCommit {
+            commit: spec.into(),
+        });
     }
     let id = repo
         .rev_parse_single(spec)
-        .map_err(|_| RepoError::NoCommit { commit: spec.into() })?;
+        .map_err(|_| RepoError::NoCommit {
+            commit: spec.into(),
+        })?;
     Ok(id.detach())
 }
 
@@ -554,14 +638,18 @@ fn commit_tree(repo: &gix::Repository, commit: ObjectId) -> Result<ObjectId> {
     let c = repo.find_commit(commit).map_err(|_| RepoError::NoCommit {
         commit: commit.to_string(),
     })?;
-    Ok(c.tree_id().map_err(gix_err("reading commit tree"))?.detach())
+    Ok(c.tree_id()
+        .map_err(gix_err("reading commit tree"))?
+        .detach())
 }
 
 /// Path -> blob id of every blob in a tree.
 fn flat_tree(repo: &gix::Repository, tree: ObjectId) -> Result<BTreeMap<String, ObjectId>> {
     let tree = repo.find_tree(tree).map_err(gix_err("reading tree"))?;
     let mut rec = gix::traverse::tree::Recorder::default();
-    tree.traverse().breadthfirst(&mut rec).map_err(gix_err("walking tree"))?;
+    tree.traverse()
+        .breadthfirst(&mut rec)
+        .map_err(gix_err("walking tree"))?;
     Ok(rec
         .records
         .into_iter()
@@ -573,7 +661,9 @@ fn flat_tree(repo: &gix::Repository, tree: ObjectId) -> Result<BTreeMap<String, 
 fn read_tree(repo: &gix::Repository, tree: ObjectId) -> Result<MetaTree> {
     let mut out = MetaTree::new();
     for (path, oid) in flat_tree(repo, tree)? {
-        let blob = repo.find_blob(oid).map_err(gix_err(format!("reading {path}")))?;
+        let blob = repo
+            .find_blob(oid)
+            .map_err(gix_err(format!("reading {path}")))?;
         out.insert(path, blob.data.clone());
     }
     Ok(out)
@@ -581,7 +671,8 @@ fn read_tree(repo: &gix::Repository, tree: ObjectId) -> Result<MetaTree> {
 
 /// The paths of a tree that are meta files (for listing).
 pub fn meta_paths(tree: &MetaTree) -> impl Iterator<Item = (&str, MetaPath)> {
-    tree.iter().filter_map(|(p, _)| MetaPath::parse(p).map(|m| (p, m)))
+    tree.iter()
+        .filter_map(|(p, _)| MetaPath::parse(p).map(|m| (p, m)))
 }
 
 /// Re-export for callers that build paths.

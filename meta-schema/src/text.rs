@@ -25,7 +25,11 @@ impl std::str::FromStr for Kind {
             "deployment" => Kind::Deployment,
             "channel" => Kind::Channel,
             "node" => Kind::Node,
-            _ => return Err(format!("unknown kind {s:?} (env, release, deployment, channel, node)")),
+            _ => {
+                return Err(format!(
+                    "unknown kind {s:?} (env, release, deployment, channel, node)"
+                ));
+            }
         })
     }
 }
@@ -38,14 +42,22 @@ pub enum DecodeError {
         #[source]
         source: prost::DecodeError,
     },
-    #[error("not a zeitwork meta file (it decodes as none of env, release, deployment, channel, node)")]
+    #[error(
+        "not a zeitwork meta file (it decodes as none of env, release, deployment, channel, node)"
+    )]
     Unrecognised,
 }
 
 /// Kind of a meta file from its repository path.
 pub fn kind_of_path(path: &str) -> Option<Kind> {
     // Accept absolute or nested paths: look at the tail.
-    let tail: Vec<&str> = path.rsplit('/').take(6).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail: Vec<&str> = path
+        .rsplit('/')
+        .take(6)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     for start in 0..tail.len() {
         if let Some(mp) = MetaPath::parse(&tail[start..].join("/")) {
             return Some(match mp {
@@ -104,7 +116,9 @@ pub fn sniff(bytes: &[u8]) -> Option<Kind> {
 
 /// Readable, stable text of a meta file.
 pub fn decode(kind: Option<Kind>, bytes: &[u8]) -> Result<String, DecodeError> {
-    let kind = kind.or_else(|| sniff(bytes)).ok_or(DecodeError::Unrecognised)?;
+    let kind = kind
+        .or_else(|| sniff(bytes))
+        .ok_or(DecodeError::Unrecognised)?;
     let inv = |source| DecodeError::Invalid { kind, source };
     Ok(match kind {
         Kind::Env => format!("{:#?}\n", pb::Env::decode(bytes).map_err(inv)?),

@@ -88,8 +88,11 @@ fn decode<M: Message + Default>(path: &str, bytes: &[u8], errs: &mut Errs) -> Op
 }
 
 fn is_digest(s: &str) -> bool {
-    s.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    s.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 fn is_env_var_name(s: &str) -> bool {
@@ -121,7 +124,11 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
         match mp {
             MetaPath::Env { env } => {
                 if !is_dns_label(&env) {
-                    errs.push(path, "", format!("env directory name {env:?} is not a DNS label"));
+                    errs.push(
+                        path,
+                        "",
+                        format!("env directory name {env:?} is not a DNS label"),
+                    );
                 }
                 if let Some(m) = decode::<pb::Env>(path, bytes, &mut errs) {
                     check_env(path, &env, &m, &mut errs);
@@ -131,7 +138,11 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
             MetaPath::Release { env, app, id } => {
                 check_app_dir(path, &env, &app, &mut errs);
                 if !is_ulid(&id) {
-                    errs.push(path, "", format!("file name {id:?} is not a ULID (ids must sort by time)"));
+                    errs.push(
+                        path,
+                        "",
+                        format!("file name {id:?} is not a ULID (ids must sort by time)"),
+                    );
                 }
                 if let Some(m) = decode::<pb::Release>(path, bytes, &mut errs) {
                     check_release(path, &env, &app, Some(&id), &m, &mut errs);
@@ -141,7 +152,11 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
             MetaPath::Deployment { env, app, id } => {
                 check_app_dir(path, &env, &app, &mut errs);
                 if !is_ulid(&id) {
-                    errs.push(path, "", format!("file name {id:?} is not a ULID (ids must sort by time)"));
+                    errs.push(
+                        path,
+                        "",
+                        format!("file name {id:?} is not a ULID (ids must sort by time)"),
+                    );
                 }
                 if let Some(m) = decode::<pb::Deployment>(path, bytes, &mut errs) {
                     check_deployment(path, &env, &app, &id, &m, &mut errs);
@@ -150,17 +165,28 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
             }
             MetaPath::Secrets { env, app } => {
                 check_app_dir(path, &env, &app, &mut errs);
-                match std::str::from_utf8(bytes).ok().and_then(|s| serde_yaml::from_str::<serde_yaml::Value>(s).ok()) {
+                match std::str::from_utf8(bytes)
+                    .ok()
+                    .and_then(|s| serde_yaml::from_str::<serde_yaml::Value>(s).ok())
+                {
                     Some(serde_yaml::Value::Mapping(m)) if m.contains_key("sops") => {
                         out.secrets.insert((env, app), ());
                     }
-                    _ => errs.push(path, "sops", "not a sops-encrypted YAML file (no `sops` metadata map)"),
+                    _ => errs.push(
+                        path,
+                        "sops",
+                        "not a sops-encrypted YAML file (no `sops` metadata map)",
+                    ),
                 }
             }
             MetaPath::Channel { name } => {
                 if let Some(m) = decode::<pb::Channel>(path, bytes, &mut errs) {
                     if m.name != name {
-                        errs.push(path, "name", format!("must equal the file name {name:?}, is {:?}", m.name));
+                        errs.push(
+                            path,
+                            "name",
+                            format!("must equal the file name {name:?}, is {:?}", m.name),
+                        );
                     }
                     out.channels.insert(name, m);
                 }
@@ -168,7 +194,11 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
             MetaPath::Node { id } => {
                 if let Some(m) = decode::<pb::Node>(path, bytes, &mut errs) {
                     if m.id != id {
-                        errs.push(path, "id", format!("must equal the file name {id:?}, is {:?}", m.id));
+                        errs.push(
+                            path,
+                            "id",
+                            format!("must equal the file name {id:?}, is {:?}", m.id),
+                        );
                     }
                     out.nodes.insert(id, m);
                 }
@@ -197,7 +227,9 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
     // every app, plus the platform names <app>.<env domain>.
     let mut owners: BTreeMap<String, (String, String)> = BTreeMap::new();
     for ((env, app), releases) in &out.releases {
-        let Some((id, rel)) = releases.last_key_value() else { continue };
+        let Some((id, rel)) = releases.last_key_value() else {
+            continue;
+        };
         for d in &rel.domains {
             let d = d.to_ascii_lowercase();
             if let Some((oe, oa)) = owners.get(&d) {
@@ -225,16 +257,28 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
 
 fn check_app_dir(path: &str, env: &str, app: &str, errs: &mut Errs) {
     if !is_dns_label(env) {
-        errs.push(path, "", format!("env directory name {env:?} is not a DNS label"));
+        errs.push(
+            path,
+            "",
+            format!("env directory name {env:?} is not a DNS label"),
+        );
     }
     if !is_dns_label(app) {
-        errs.push(path, "", format!("app directory name {app:?} is not a DNS label (1-63 of a-z, 0-9, '-')"));
+        errs.push(
+            path,
+            "",
+            format!("app directory name {app:?} is not a DNS label (1-63 of a-z, 0-9, '-')"),
+        );
     }
 }
 
 fn check_env(path: &str, env: &str, m: &pb::Env, errs: &mut Errs) {
     if m.name != env {
-        errs.push(path, "name", format!("must equal the directory name {env:?}, is {:?}", m.name));
+        errs.push(
+            path,
+            "name",
+            format!("must equal the directory name {env:?}, is {:?}", m.name),
+        );
     }
     for d in &m.domains {
         if !is_domain(d) {
@@ -243,7 +287,14 @@ fn check_env(path: &str, env: &str, m: &pb::Env, errs: &mut Errs) {
     }
     for r in &m.age_recipients {
         if !r.recipient.starts_with("age1") {
-            errs.push(path, "age_recipients", format!("recipient of {:?} is not an age X25519 recipient (age1...)", r.name));
+            errs.push(
+                path,
+                "age_recipients",
+                format!(
+                    "recipient of {:?} is not an age X25519 recipient (age1...)",
+                    r.name
+                ),
+            );
         }
     }
 }
@@ -254,32 +305,53 @@ pub(crate) fn check_release_fields(m: &pb::Release) -> Vec<(String, String)> {
     let mut v = Vec::new();
     let mut e = |f: &str, r: String| v.push((f.to_string(), r));
     if m.image_digest.is_empty() && m.source.as_ref().is_none_or(|s| s.commit.is_empty()) {
-        e("image_digest", "a release needs an image digest (or a source commit to build)".into());
+        e(
+            "image_digest",
+            "a release needs an image digest (or a source commit to build)".into(),
+        );
     }
     if !m.image_digest.is_empty() && !is_digest(&m.image_digest) {
-        e("image_digest", format!("{:?} is not sha256:<64 lowercase hex>", m.image_digest));
+        e(
+            "image_digest",
+            format!("{:?} is not sha256:<64 lowercase hex>", m.image_digest),
+        );
     }
     if m.port > 65535 {
-        e("port", format!("{} is not a port: must be 1-65535, or 0 for $PORT", m.port));
+        e(
+            "port",
+            format!("{} is not a port: must be 1-65535, or 0 for $PORT", m.port),
+        );
     }
     for k in m.env_vars.keys() {
         if !is_env_var_name(k) {
-            e("env_vars", format!("{k:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+            e(
+                "env_vars",
+                format!("{k:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+            );
         }
     }
     for k in &m.secret_refs {
         if !is_env_var_name(k) {
-            e("secret_refs", format!("{k:?} is not an environment variable name"));
+            e(
+                "secret_refs",
+                format!("{k:?} is not an environment variable name"),
+            );
         }
     }
     if let Some(hc) = &m.health_check
         && let Some(pb::health_check::Kind::HttpPath(p)) = &hc.kind
         && !p.starts_with('/')
     {
-        e("health_check.http_path", format!("{p:?} must start with '/'"));
+        e(
+            "health_check.http_path",
+            format!("{p:?} must start with '/'"),
+        );
     }
     if m.min_instances > 1000 {
-        e("min_instances", format!("{} is more than 1000", m.min_instances));
+        e(
+            "min_instances",
+            format!("{} is more than 1000", m.min_instances),
+        );
     }
     for d in &m.domains {
         if !is_domain(d) {
@@ -290,58 +362,126 @@ pub(crate) fn check_release_fields(m: &pb::Release) -> Vec<(String, String)> {
         e("created_at", "must be set (unix milliseconds)".into());
     }
     if !m.rollback_of.is_empty() && !is_ulid(&m.rollback_of) {
-        e("rollback_of", format!("{:?} is not a release id", m.rollback_of));
+        e(
+            "rollback_of",
+            format!("{:?} is not a release id", m.rollback_of),
+        );
     }
     v
 }
 
-fn check_release(path: &str, env: &str, app: &str, id: Option<&str>, m: &pb::Release, errs: &mut Errs) {
+fn check_release(
+    path: &str,
+    env: &str,
+    app: &str,
+    id: Option<&str>,
+    m: &pb::Release,
+    errs: &mut Errs,
+) {
     if let Some(id) = id
         && m.id != id
     {
-        errs.push(path, "id", format!("must equal the file name {id:?}, is {:?}", m.id));
+        errs.push(
+            path,
+            "id",
+            format!("must equal the file name {id:?}, is {:?}", m.id),
+        );
     }
     if m.app != app {
-        errs.push(path, "app", format!("must equal the directory name {app:?}, is {:?}", m.app));
+        errs.push(
+            path,
+            "app",
+            format!("must equal the directory name {app:?}, is {:?}", m.app),
+        );
     }
     if m.env != env {
-        errs.push(path, "env", format!("must equal the env directory {env:?}, is {:?}", m.env));
+        errs.push(
+            path,
+            "env",
+            format!("must equal the env directory {env:?}, is {:?}", m.env),
+        );
     }
     for (f, r) in check_release_fields(m) {
         errs.push(path, &f, r);
     }
 }
 
-fn check_deployment(path: &str, env: &str, app: &str, id: &str, m: &pb::Deployment, errs: &mut Errs) {
+fn check_deployment(
+    path: &str,
+    env: &str,
+    app: &str,
+    id: &str,
+    m: &pb::Deployment,
+    errs: &mut Errs,
+) {
     if m.id != id {
-        errs.push(path, "id", format!("must equal the file name {id:?}, is {:?}", m.id));
+        errs.push(
+            path,
+            "id",
+            format!("must equal the file name {id:?}, is {:?}", m.id),
+        );
     }
     if m.app != app {
-        errs.push(path, "app", format!("must equal the directory name {app:?}, is {:?}", m.app));
+        errs.push(
+            path,
+            "app",
+            format!("must equal the directory name {app:?}, is {:?}", m.app),
+        );
     }
     if m.env != env {
-        errs.push(path, "env", format!("must equal the env directory {env:?}, is {:?}", m.env));
+        errs.push(
+            path,
+            "env",
+            format!("must equal the env directory {env:?}, is {:?}", m.env),
+        );
     }
     if !is_ulid(&m.rollout_id) {
-        errs.push(path, "rollout_id", format!("{:?} is not a deployment id", m.rollout_id));
+        errs.push(
+            path,
+            "rollout_id",
+            format!("{:?} is not a deployment id", m.rollout_id),
+        );
     } else if m.rollout_id.as_str() > id {
-        errs.push(path, "rollout_id", "must not be newer than the deployment itself");
+        errs.push(
+            path,
+            "rollout_id",
+            "must not be newer than the deployment itself",
+        );
     }
     let state = pb::DeploymentState::try_from(m.state).unwrap_or(pb::DeploymentState::Unspecified);
     if state == pb::DeploymentState::Unspecified {
         errs.push(path, "state", "must be ROLLING_OUT, PROMOTED or FAILED");
     }
     if state == pb::DeploymentState::RollingOut && m.rollout_id != m.id {
-        errs.push(path, "rollout_id", "a ROLLING_OUT deployment starts its rollout: rollout_id must equal id");
+        errs.push(
+            path,
+            "rollout_id",
+            "a ROLLING_OUT deployment starts its rollout: rollout_id must equal id",
+        );
     }
     match &m.release {
-        None => errs.push(path, "release", "a deployment embeds the release it deploys"),
+        None => errs.push(
+            path,
+            "release",
+            "a deployment embeds the release it deploys",
+        ),
         Some(r) => {
             if r.app != app || r.env != env {
-                errs.push(path, "release", format!("embedded release is of {}/{}, not {env}/{app}", r.env, r.app));
+                errs.push(
+                    path,
+                    "release",
+                    format!(
+                        "embedded release is of {}/{}, not {env}/{app}",
+                        r.env, r.app
+                    ),
+                );
             }
             if !is_ulid(&r.id) {
-                errs.push(path, "release.id", format!("{:?} is not a release id", r.id));
+                errs.push(
+                    path,
+                    "release.id",
+                    format!("{:?} is not a release id", r.id),
+                );
             }
             for (f, rule) in check_release_fields(r) {
                 errs.push(path, &format!("release.{f}"), rule);
@@ -349,18 +489,34 @@ fn check_deployment(path: &str, env: &str, app: &str, id: &str, m: &pb::Deployme
         }
     }
     if state != pb::DeploymentState::Failed && m.instances.is_empty() {
-        errs.push(path, "instances", "a deployment places at least one instance");
+        errs.push(
+            path,
+            "instances",
+            "a deployment places at least one instance",
+        );
     }
     let mut seen = std::collections::BTreeSet::new();
     for p in &m.instances {
         if !is_ulid(&p.instance_id) {
-            errs.push(path, "instances.instance_id", format!("{:?} is not an instance id (ULID)", p.instance_id));
+            errs.push(
+                path,
+                "instances.instance_id",
+                format!("{:?} is not an instance id (ULID)", p.instance_id),
+            );
         }
         if !seen.insert(&p.instance_id) {
-            errs.push(path, "instances.instance_id", format!("{:?} appears twice", p.instance_id));
+            errs.push(
+                path,
+                "instances.instance_id",
+                format!("{:?} appears twice", p.instance_id),
+            );
         }
         if p.node.is_empty() {
-            errs.push(path, "instances.node", format!("instance {} has no node", p.instance_id));
+            errs.push(
+                path,
+                "instances.node",
+                format!("instance {} has no node", p.instance_id),
+            );
         }
     }
     if m.created_at <= 0 {

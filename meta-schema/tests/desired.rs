@@ -36,17 +36,26 @@ impl World {
             drain_seconds: drain,
             ..Default::default()
         };
-        self.tree.insert(release_path("prod", app, &r.id), r.encode_to_vec());
+        self.tree
+            .insert(release_path("prod", app, &r.id), r.encode_to_vec());
         r
     }
 
-    fn deploy(&mut self, release: &pb::Release, state: DeploymentState, rollout: Option<&pb::Deployment>, at: i64) -> pb::Deployment {
+    fn deploy(
+        &mut self,
+        release: &pb::Release,
+        state: DeploymentState,
+        rollout: Option<&pb::Deployment>,
+        at: i64,
+    ) -> pb::Deployment {
         let id = new_id();
         let d = pb::Deployment {
             id: id.clone(),
             app: release.app.clone(),
             env: "prod".into(),
-            rollout_id: rollout.map(|r| r.rollout_id.clone()).unwrap_or_else(|| id.clone()),
+            rollout_id: rollout
+                .map(|r| r.rollout_id.clone())
+                .unwrap_or_else(|| id.clone()),
             state: state as i32,
             release: Some(release.clone()),
             instances: rollout.map(|r| r.instances.clone()).unwrap_or_else(|| {
@@ -60,7 +69,10 @@ impl World {
             created_at: at,
             reason: String::new(),
         };
-        self.tree.insert(deployment_path("prod", &release.app, &id), d.encode_to_vec());
+        self.tree.insert(
+            deployment_path("prod", &release.app, &id),
+            d.encode_to_vec(),
+        );
         d
     }
 }
@@ -116,7 +128,10 @@ fn failed_rollout_keeps_previous_serving_and_is_not_retried() {
     assert_eq!(app.serving.as_ref().unwrap().rollout_id, d1.id);
     assert!(app.rolling_out.is_none());
     assert_eq!(app.failed.len(), 1);
-    assert!(app.release_needing_rollout().is_none(), "a failed release is not rolled out again by itself");
+    assert!(
+        app.release_needing_rollout().is_none(),
+        "a failed release is not rolled out again by itself"
+    );
     assert_eq!(s.instances().len(), 3);
 }
 
@@ -128,7 +143,15 @@ fn newer_rollout_abandons_an_unfinished_older_one() {
     let r2 = w.release("web", None);
     let d2 = w.deploy(&r2, DeploymentState::RollingOut, None, T0 + 1);
     let s = desired_state(&w.tree, T0 + 2).unwrap();
-    assert_eq!(s.app("prod", "web").unwrap().rolling_out.as_ref().unwrap().rollout_id, d2.id);
+    assert_eq!(
+        s.app("prod", "web")
+            .unwrap()
+            .rolling_out
+            .as_ref()
+            .unwrap()
+            .rollout_id,
+        d2.id
+    );
     assert_eq!(s.instances().len(), 3);
 }
 
@@ -146,7 +169,11 @@ fn reverted_release_needs_a_new_rollout_and_removed_app_wants_nothing() {
     let s = desired_state(&w.tree, T0 + 4).unwrap();
     let app = s.app("prod", "web").unwrap();
     assert_eq!(app.active_release.as_ref().unwrap().id, r1.id);
-    assert_eq!(app.serving.as_ref().unwrap().release.id, r2.id, "r2 serves until r1 is healthy again");
+    assert_eq!(
+        app.serving.as_ref().unwrap().release.id,
+        r2.id,
+        "r2 serves until r1 is healthy again"
+    );
     assert_eq!(app.release_needing_rollout().unwrap().id, r1.id);
 
     // No release at all: nothing runs.
@@ -160,19 +187,29 @@ fn duplicate_domains_and_missing_env_are_named() {
     let mut w = World::new();
     let mut a = w.release("a", None);
     a.domains = vec!["shop.example.com".into()];
-    w.tree.insert(release_path("prod", "a", &a.id), a.encode_to_vec());
+    w.tree
+        .insert(release_path("prod", "a", &a.id), a.encode_to_vec());
     let mut b = w.release("b", None);
     b.domains = vec!["shop.example.com".into()];
-    w.tree.insert(release_path("prod", "b", &b.id), b.encode_to_vec());
+    w.tree
+        .insert(release_path("prod", "b", &b.id), b.encode_to_vec());
     let err = desired_state(&w.tree, T0).unwrap_err();
-    let text = format!("{err}: {}", match &err {
-        meta_schema::desired::MetaError::Invalid(v) => v.to_string(),
-    });
-    assert!(text.contains("shop.example.com") && text.contains("belongs to one app"), "{text}");
+    let text = format!(
+        "{err}: {}",
+        match &err {
+            meta_schema::desired::MetaError::Invalid(v) => v.to_string(),
+        }
+    );
+    assert!(
+        text.contains("shop.example.com") && text.contains("belongs to one app"),
+        "{text}"
+    );
 
     let mut w = World::new();
     w.tree.remove(&env_path("prod"));
     w.release("web", None);
-    let err = meta_schema::validate::validate_tree(&w.tree).unwrap_err().to_string();
+    let err = meta_schema::validate::validate_tree(&w.tree)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("has no envs/prod/env.pb"), "{err}");
 }

@@ -52,14 +52,23 @@ fn release(env: &str, app: &str, tag: &str) -> (String, Vec<u8>) {
 fn active_version(repo: &MetaRepo, commit: &str) -> String {
     let tree = repo.tree_at(commit).unwrap();
     let state = desired_state(&tree, now_millis()).unwrap();
-    let rel = state.app("prod", "web").unwrap().active_release.as_ref().unwrap();
+    let rel = state
+        .app("prod", "web")
+        .unwrap()
+        .active_release
+        .as_ref()
+        .unwrap();
     rel.env_vars["VERSION"].clone()
 }
 
 fn new_repo(dir: &Path) -> MetaRepo {
     let repo = MetaRepo::init_bare(&dir.join("meta.git")).unwrap();
-    repo.commit("main", &ChangeSet::new().add(env_path("prod"), env_file("prod")), "env prod")
-        .unwrap();
+    repo.commit(
+        "main",
+        &ChangeSet::new().add(env_path("prod"), env_file("prod")),
+        "env prod",
+    )
+    .unwrap();
     repo
 }
 
@@ -70,13 +79,28 @@ fn rollback_by_plain_git_revert_in_a_clone() {
     let mut release_commits = Vec::new();
     for v in ["v1", "v2", "v3"] {
         let (path, bytes) = release("prod", "web", v);
-        release_commits.push(repo.commit("main", &ChangeSet::new().add(path, bytes), &format!("release {v}")).unwrap());
+        release_commits.push(
+            repo.commit(
+                "main",
+                &ChangeSet::new().add(path, bytes),
+                &format!("release {v}"),
+            )
+            .unwrap(),
+        );
     }
     assert_eq!(active_version(&repo, "main"), "v3");
 
     // A person clones, reverts the commit that added v3, pushes back.
     let clone = tmp.path().join("clone");
-    git(tmp.path(), &["clone", "-q", repo.path().to_str().unwrap(), clone.to_str().unwrap()]);
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            repo.path().to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
     git(&clone, &["revert", "--no-edit", &release_commits[2]]);
     git(&clone, &["push", "-q", "origin", "main"]);
 
@@ -84,7 +108,15 @@ fn rollback_by_plain_git_revert_in_a_clone() {
     assert_ne!(head, release_commits[2]);
     assert_eq!(active_version(&repo, &head), "v2");
     // The log of the app shows the revert on top.
-    let log = repo.log("main", &LogFilter { env: None, app: Some("web".into()) }).unwrap();
+    let log = repo
+        .log(
+            "main",
+            &LogFilter {
+                env: None,
+                app: Some("web".into()),
+            },
+        )
+        .unwrap();
     assert!(log[0].message.starts_with("Revert"), "{:?}", log[0]);
     assert_eq!(log.len(), 4);
 }
@@ -94,12 +126,16 @@ fn revert_with_gix_merge_trees() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = new_repo(tmp.path());
     let (p1, b1) = release("prod", "web", "v1");
-    repo.commit("main", &ChangeSet::new().add(p1, b1), "v1").unwrap();
+    repo.commit("main", &ChangeSet::new().add(p1, b1), "v1")
+        .unwrap();
     let (p2, b2) = release("prod", "web", "v2");
-    let c2 = repo.commit("main", &ChangeSet::new().add(p2.clone(), b2), "v2").unwrap();
+    let c2 = repo
+        .commit("main", &ChangeSet::new().add(p2.clone(), b2), "v2")
+        .unwrap();
     // An unrelated later commit does not stop the revert.
     let (p3, b3) = release("prod", "api", "a1");
-    repo.commit("main", &ChangeSet::new().add(p3.clone(), b3), "api a1").unwrap();
+    repo.commit("main", &ChangeSet::new().add(p3.clone(), b3), "api a1")
+        .unwrap();
 
     let reverted = repo.revert("main", &c2).unwrap();
     let tree = repo.tree_at(&reverted).unwrap();
@@ -107,8 +143,17 @@ fn revert_with_gix_merge_trees() {
     assert!(tree.contains(&p3));
     assert_eq!(active_version(&repo, &reverted), "v1");
     // Reverting the first commit is refused with a reason.
-    let first = repo.log("main", &LogFilter::default()).unwrap().last().unwrap().commit.clone();
-    assert!(matches!(repo.revert("main", &first), Err(RepoError::CannotRevert { .. })));
+    let first = repo
+        .log("main", &LogFilter::default())
+        .unwrap()
+        .last()
+        .unwrap()
+        .commit
+        .clone();
+    assert!(matches!(
+        repo.revert("main", &first),
+        Err(RepoError::CannotRevert { .. })
+    ));
 }
 
 #[test]
@@ -116,12 +161,17 @@ fn invalid_pb_in_a_commit_is_named_and_desired_state_refuses_it() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = new_repo(tmp.path());
     let (good, good_bytes) = release("prod", "web", "v1");
-    repo.commit("main", &ChangeSet::new().add(good, good_bytes), "v1").unwrap();
+    repo.commit("main", &ChangeSet::new().add(good, good_bytes), "v1")
+        .unwrap();
 
     // Our writer refuses an invalid file.
     let bad_path = release_path("prod", "web", &new_id());
     let err = repo
-        .commit("main", &ChangeSet::new().add(bad_path.clone(), b"\xff\xff garbage".to_vec()), "bad")
+        .commit(
+            "main",
+            &ChangeSet::new().add(bad_path.clone(), b"\xff\xff garbage".to_vec()),
+            "bad",
+        )
         .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, RepoError::Invalid(_)), "{err}");
@@ -130,7 +180,15 @@ fn invalid_pb_in_a_commit_is_named_and_desired_state_refuses_it() {
     // A person commits one anyway with plain git: validation names it, and
     // desired_state of that commit is an error, not a partial state.
     let clone = tmp.path().join("clone");
-    git(tmp.path(), &["clone", "-q", repo.path().to_str().unwrap(), clone.to_str().unwrap()]);
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            repo.path().to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
     let full = clone.join(&bad_path);
     std::fs::create_dir_all(full.parent().unwrap()).unwrap();
     std::fs::write(&full, b"\x0a\x05\xff\xfe\xfd").unwrap();
@@ -155,8 +213,14 @@ fn invalid_pb_in_a_commit_is_named_and_desired_state_refuses_it() {
     let tree = repo.tree_at(&head).unwrap();
     let err = meta_schema::validate::validate_tree(&tree).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains(&bad_path) && text.contains("not a valid protobuf"), "{text}");
-    assert!(text.contains(&port_path) && text.contains("`port`") && text.contains("1-65535"), "{text}");
+    assert!(
+        text.contains(&bad_path) && text.contains("not a valid protobuf"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&port_path) && text.contains("`port`") && text.contains("1-65535"),
+        "{text}"
+    );
     assert!(desired_state(&tree, now_millis()).is_err());
 }
 
@@ -165,18 +229,48 @@ fn adding_an_existing_file_is_refused_and_immutables_cannot_be_replaced() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = new_repo(tmp.path());
     let (path, bytes) = release("prod", "web", "v1");
-    repo.commit("main", &ChangeSet::new().add(path.clone(), bytes.clone()), "v1").unwrap();
+    repo.commit(
+        "main",
+        &ChangeSet::new().add(path.clone(), bytes.clone()),
+        "v1",
+    )
+    .unwrap();
     let head = repo.head("main").unwrap();
-    let err = repo.commit("main", &ChangeSet::new().add(path.clone(), bytes.clone()), "again").unwrap_err();
-    assert!(matches!(err, RepoError::AlreadyExists { path: ref p } if *p == path), "{err}");
-    let err = repo.commit("main", &ChangeSet::new().replace(path.clone(), bytes), "replace").unwrap_err();
+    let err = repo
+        .commit(
+            "main",
+            &ChangeSet::new().add(path.clone(), bytes.clone()),
+            "again",
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, RepoError::AlreadyExists { path: ref p } if *p == path),
+        "{err}"
+    );
+    let err = repo
+        .commit(
+            "main",
+            &ChangeSet::new().replace(path.clone(), bytes),
+            "replace",
+        )
+        .unwrap_err();
     assert!(matches!(err, RepoError::Immutable { .. }), "{err}");
     assert_eq!(repo.head("main").unwrap(), head, "nothing was committed");
     // A mutable document can be replaced whole.
-    let mut env = pb::Env::decode(repo.tree_at("main").unwrap().get(&env_path("prod")).unwrap()).unwrap();
+    let mut env = pb::Env::decode(
+        repo.tree_at("main")
+            .unwrap()
+            .get(&env_path("prod"))
+            .unwrap(),
+    )
+    .unwrap();
     env.domains.push("example.com".into());
-    repo.commit("main", &ChangeSet::new().replace(env_path("prod"), env.encode_to_vec()), "domain")
-        .unwrap();
+    repo.commit(
+        "main",
+        &ChangeSet::new().replace(env_path("prod"), env.encode_to_vec()),
+        "domain",
+    )
+    .unwrap();
 }
 
 #[test]
@@ -193,14 +287,18 @@ fn racing_commits_are_all_kept() {
                         // processes would.
                         let repo = MetaRepo::open(repo.path()).unwrap();
                         let (p, b) = release("prod", &format!("app{t}"), &format!("v{i}"));
-                        repo.commit("main", &ChangeSet::new().add(p.clone(), b), "race").unwrap();
+                        repo.commit("main", &ChangeSet::new().add(p.clone(), b), "race")
+                            .unwrap();
                         p
                     })
                     .collect::<Vec<_>>()
             })
         })
         .collect();
-    let paths: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let paths: Vec<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     let tree = repo.tree_at("main").unwrap();
     for p in &paths {
         assert!(tree.contains(p), "lost {p}");
@@ -218,11 +316,29 @@ fn force_pushed_older_head_is_not_a_descendant() {
     let tmp = tempfile::tempdir().unwrap();
     // The origin is a plain bare repo that accepts force pushes.
     let origin = tmp.path().join("origin.git");
-    git(tmp.path(), &["init", "-q", "--bare", "-b", "main", origin.to_str().unwrap()]);
+    git(
+        tmp.path(),
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            origin.to_str().unwrap(),
+        ],
+    );
     let writer = MetaRepo::init_bare(&tmp.path().join("writer.git")).unwrap();
-    writer.commit("main", &ChangeSet::new().add(env_path("prod"), env_file("prod")), "env").unwrap();
+    writer
+        .commit(
+            "main",
+            &ChangeSet::new().add(env_path("prod"), env_file("prod")),
+            "env",
+        )
+        .unwrap();
     let (p1, b1) = release("prod", "web", "v1");
-    let old = writer.commit("main", &ChangeSet::new().add(p1, b1), "v1").unwrap();
+    let old = writer
+        .commit("main", &ChangeSet::new().add(p1, b1), "v1")
+        .unwrap();
     writer.push(origin.to_str().unwrap(), "main").unwrap();
 
     let follower = MetaRepo::init_bare(&tmp.path().join("follower.git")).unwrap();
@@ -231,7 +347,9 @@ fn force_pushed_older_head_is_not_a_descendant() {
     assert_eq!(first, old);
 
     let (p2, b2) = release("prod", "web", "v2");
-    let new = writer.commit("main", &ChangeSet::new().add(p2, b2), "v2").unwrap();
+    let new = writer
+        .commit("main", &ChangeSet::new().add(p2, b2), "v2")
+        .unwrap();
     writer.push(origin.to_str().unwrap(), "main").unwrap();
     let fetched = follower.fetch(&url, "main").unwrap().unwrap();
     assert_eq!(fetched, new);
@@ -239,17 +357,34 @@ fn force_pushed_older_head_is_not_a_descendant() {
 
     // Someone force-pushes the older head.
     let clone = tmp.path().join("clone");
-    git(tmp.path(), &["clone", "-q", origin.to_str().unwrap(), clone.to_str().unwrap()]);
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            origin.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
     git(&clone, &["reset", "-q", "--hard", &old]);
     git(&clone, &["push", "-q", "--force", "origin", "main"]);
     let forced = follower.fetch(&url, "main").unwrap().unwrap();
     assert_eq!(forced, old);
-    assert!(!follower.is_ancestor(&fetched, &forced).unwrap(), "older head must not count as a descendant");
+    assert!(
+        !follower.is_ancestor(&fetched, &forced).unwrap(),
+        "older head must not count as a descendant"
+    );
 
     // A meta repository made by `init_bare` refuses such a push outright.
     let out = Command::new("git")
         .current_dir(&clone)
-        .args(["push", "-q", "--force", writer.path().to_str().unwrap(), &format!("{old}:refs/heads/main")])
+        .args([
+            "push",
+            "-q",
+            "--force",
+            writer.path().to_str().unwrap(),
+            &format!("{old}:refs/heads/main"),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success(), "non-fast-forward push was accepted");

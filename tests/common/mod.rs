@@ -14,7 +14,11 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn zw() -> &'static str {
@@ -33,7 +37,11 @@ pub struct Up {
 impl Up {
     pub fn start(data: &Path, api_port: u16, http: u16) -> Up {
         let log = PathBuf::from(format!("{}.{api_port}.log", data.display()));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(zw())
             .args(["up", "--runtime", "process"])
             .arg("--data-dir")
@@ -57,12 +65,17 @@ impl Up {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(t) = std::fs::read_to_string(data.join("admin.token"))
-                && reqwest::blocking::get(format!("{}/v1/health", up.api)).is_ok_and(|r| r.status().is_success())
+                && reqwest::blocking::get(format!("{}/v1/health", up.api))
+                    .is_ok_and(|r| r.status().is_success())
             {
                 up.token = t.trim().to_string();
                 break;
             }
-            assert!(Instant::now() < deadline, "zw up did not come up:\n{}", up.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "zw up did not come up:\n{}",
+                up.log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         up
@@ -78,7 +91,9 @@ impl Up {
 
     pub fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let c = reqwest::blocking::Client::new();
-        let mut req = c.request(method, format!("{}{path}", self.api)).bearer_auth(&self.token);
+        let mut req = c
+            .request(method, format!("{}{path}", self.api))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -129,7 +144,8 @@ pub fn build(work: &Path, data: &Path, name: &str, page: &str, cmd: Option<&str>
     }
     std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
     std::fs::write(ctx.join("index.html"), page).unwrap();
-    std::fs::copy("/bin/busybox", ctx.join("busybox")).expect("busybox-static is installed (/bin/busybox)");
+    std::fs::copy("/bin/busybox", ctx.join("busybox"))
+        .expect("busybox-static is installed (/bin/busybox)");
     let out = Command::new(zw())
         .args(["build", "--json", "--app", "hello"])
         .arg("--data-dir")
@@ -137,7 +153,11 @@ pub fn build(work: &Path, data: &Path, name: &str, page: &str, cmd: Option<&str>
         .arg(&ctx)
         .output()
         .unwrap();
-    assert!(out.status.success(), "zw build: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "zw build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["artifact"]["digest"].as_str().unwrap().to_string()
 }
@@ -151,8 +171,15 @@ pub fn deploy(up: &Up, digest: &str) -> Value {
 }
 
 pub fn get_page(http: u16) -> Result<String, String> {
-    let c = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-    match c.get(format!("http://127.0.0.1:{http}/")).header("host", "hello.localhost").send() {
+    let c = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    match c
+        .get(format!("http://127.0.0.1:{http}/"))
+        .header("host", "hello.localhost")
+        .send()
+    {
         Ok(r) if r.status().is_success() => r.text().map_err(|e| e.to_string()),
         Ok(r) => Err(format!("status {}", r.status())),
         Err(e) => Err(e.to_string()),
@@ -165,7 +192,11 @@ pub fn wait_for_page(up: &Up, want: &str, secs: u64) {
         if get_page(up.http).is_ok_and(|p| p.contains(want)) {
             return;
         }
-        assert!(Instant::now() < deadline, "{want:?} never served:\n{}", up.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "{want:?} never served:\n{}",
+            up.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -195,22 +226,39 @@ impl Load {
         let failures = Arc::new(AtomicUsize::new(0));
         let (s, f) = (stop.clone(), failures.clone());
         let handle = std::thread::spawn(move || {
-            let c = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+            let c = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
             let started = Instant::now();
             let (mut n, mut order, mut errors) = (0usize, Vec::<String>::new(), Vec::new());
             let (mut last_ok, mut max_gap) = (Instant::now(), Duration::ZERO);
-            while !s.load(Ordering::Relaxed) && n < 200_000 && started.elapsed() < Duration::from_secs(600) {
+            while !s.load(Ordering::Relaxed)
+                && n < 200_000
+                && started.elapsed() < Duration::from_secs(600)
+            {
                 n += 1;
-                let r = c.get(format!("http://127.0.0.1:{http}/")).header("host", "hello.localhost").send();
+                let r = c
+                    .get(format!("http://127.0.0.1:{http}/"))
+                    .header("host", "hello.localhost")
+                    .send();
                 match r.map_err(|e| e.to_string()).and_then(|r| {
                     let st = r.status();
                     let body = r.text().map_err(|e| e.to_string())?;
-                    if st.is_success() { Ok(body) } else { Err(format!("status {st}: {body}")) }
+                    if st.is_success() {
+                        Ok(body)
+                    } else {
+                        Err(format!("status {st}: {body}"))
+                    }
                 }) {
                     Ok(body) => {
                         max_gap = max_gap.max(last_ok.elapsed());
                         last_ok = Instant::now();
-                        let v = ["version-1", "version-2"].iter().find(|v| body.contains(**v)).map(|v| v.to_string()).unwrap_or_default();
+                        let v = ["version-1", "version-2"]
+                            .iter()
+                            .find(|v| body.contains(**v))
+                            .map(|v| v.to_string())
+                            .unwrap_or_default();
                         if order.last() != Some(&v) {
                             order.push(v);
                         }
@@ -223,9 +271,18 @@ impl Load {
                     }
                 }
             }
-            LoadResult { requests: n, order, errors, max_gap }
+            LoadResult {
+                requests: n,
+                order,
+                errors,
+                max_gap,
+            }
         });
-        Load { stop, failures, handle: Some(handle) }
+        Load {
+            stop,
+            failures,
+            handle: Some(handle),
+        }
     }
 
     pub fn finish(mut self) -> LoadResult {
@@ -241,14 +298,26 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 pub fn setup_app(up: &Up) {
-    let p = up.api(reqwest::Method::POST, "/v1/projects", Some(json!({"name": "hello", "repo": "https://example.invalid/hello.git"})));
+    let p = up.api(
+        reqwest::Method::POST,
+        "/v1/projects",
+        Some(json!({"name": "hello", "repo": "https://example.invalid/hello.git"})),
+    );
     let pid = p["id"].as_str().unwrap();
-    up.api(reqwest::Method::POST, &format!("/v1/projects/{pid}/apps"), Some(json!({"name": "hello"})));
+    up.api(
+        reqwest::Method::POST,
+        &format!("/v1/projects/{pid}/apps"),
+        Some(json!({"name": "hello"})),
+    );
 }
 
 /// Instances running from this data dir: distinct chroot roots of live
@@ -267,6 +336,8 @@ pub fn running_instances(data: &Path) -> BTreeSet<PathBuf> {
 }
 
 pub fn deployment_status(up: &Up, id: &str) -> String {
-    up.api(reqwest::Method::GET, &format!("/v1/deployments/{id}"), None)["status"].as_str().unwrap().to_string()
+    up.api(reqwest::Method::GET, &format!("/v1/deployments/{id}"), None)["status"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
-

@@ -19,9 +19,16 @@ use futures::future::BoxFuture;
 pub fn require_tools(tools: &[&str]) {
     for tool in tools {
         let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).chain(["/usr/sbin".into(), "/sbin".into()]).any(|d: PathBuf| d.join(tool).is_file()))
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .chain(["/usr/sbin".into(), "/sbin".into()])
+                    .any(|d: PathBuf| d.join(tool).is_file())
+            })
             .unwrap_or(false);
-        assert!(found, "this test needs `{tool}` (Debian: apt-get install buildah e2fsprogs busybox-static git python3-venv)");
+        assert!(
+            found,
+            "this test needs `{tool}` (Debian: apt-get install buildah e2fsprogs busybox-static git python3-venv)"
+        );
     }
 }
 
@@ -31,7 +38,9 @@ pub fn busybox() -> PathBuf {
             return PathBuf::from(p);
         }
     }
-    panic!("this test needs a static busybox at /bin/busybox (Debian: apt-get install busybox-static)");
+    panic!(
+        "this test needs a static busybox at /bin/busybox (Debian: apt-get install busybox-static)"
+    );
 }
 
 /// A build context with busybox at `busybox` and `dockerfile` at `Dockerfile`.
@@ -44,7 +53,12 @@ pub fn busybox_context(dir: &Path, dockerfile: &str) -> PathBuf {
 
 /// Retries fast enough for tests.
 pub fn fast_retry(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy { max_attempts, initial_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(2), multiplier: 2.0 }
+    RetryPolicy {
+        max_attempts,
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(2),
+        multiplier: 2.0,
+    }
 }
 
 pub fn config(data_dir: &Path) -> BuilderConfig {
@@ -54,12 +68,21 @@ pub fn config(data_dir: &Path) -> BuilderConfig {
 }
 
 /// A builder with the real buildah backend, counting backend calls.
-pub fn buildah_builder(store: Arc<dyn ObjectStore>, data_dir: &Path) -> (Builder, Arc<AtomicUsize>) {
+pub fn buildah_builder(
+    store: Arc<dyn ObjectStore>,
+    data_dir: &Path,
+) -> (Builder, Arc<AtomicUsize>) {
     require_tools(&["buildah", "mkfs.ext4"]);
     let inner = BuildahBackend::new(&data_dir.join("buildah")).expect("buildah backend");
     let calls = Arc::new(AtomicUsize::new(0));
-    let backend = CountingBackend { inner, calls: calls.clone() };
-    (Builder::with_backend(store, Box::new(backend), config(data_dir)), calls)
+    let backend = CountingBackend {
+        inner,
+        calls: calls.clone(),
+    };
+    (
+        Builder::with_backend(store, Box::new(backend), config(data_dir)),
+        calls,
+    )
 }
 
 /// Counts calls of a real backend.
@@ -72,7 +95,11 @@ impl<B: BuildBackend> BuildBackend for CountingBackend<B> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
-    fn build<'a>(&'a self, req: &'a BackendRequest, log: &'a dyn LogSink) -> BoxFuture<'a, Result<(), BuildError>> {
+    fn build<'a>(
+        &'a self,
+        req: &'a BackendRequest,
+        log: &'a dyn LogSink,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.build(req, log)
     }
@@ -86,7 +113,10 @@ pub struct CountingStore<S> {
 
 impl<S> CountingStore<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner, puts: AtomicUsize::new(0) }
+        Self {
+            inner,
+            puts: AtomicUsize::new(0),
+        }
     }
     pub fn puts(&self) -> usize {
         self.puts.load(Ordering::SeqCst)
@@ -97,7 +127,11 @@ impl<S: ObjectStore> ObjectStore for CountingStore<S> {
     fn describe(&self) -> String {
         self.inner.describe()
     }
-    fn put_file<'a>(&'a self, key: &'a str, src: &'a Path) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        src: &'a Path,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.puts.fetch_add(1, Ordering::SeqCst);
         self.inner.put_file(key, src)
     }
@@ -122,23 +156,44 @@ impl<S: ObjectStore> ObjectStore for CountingStore<S> {
 /// Run `debugfs -R <request> <image>` and return its stdout.
 pub fn debugfs(image: &Path, request: &str) -> String {
     require_tools(&["debugfs"]);
-    let out = Command::new("debugfs").arg("-R").arg(request).arg(image).output().expect("run debugfs");
-    assert!(out.status.success(), "debugfs {request}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .expect("run debugfs");
+    assert!(
+        out.status.success(),
+        "debugfs {request}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Whether `path` exists in the image.
 pub fn debugfs_exists(image: &Path, path: &str) -> bool {
-    let out = Command::new("debugfs").arg("-R").arg(format!("stat {path}")).arg(image).output().expect("run debugfs");
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("stat {path}"))
+        .arg(image)
+        .output()
+        .expect("run debugfs");
     !String::from_utf8_lossy(&out.stderr).contains("File not found")
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("scripts").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("scripts")
+        .join(name)
 }
 
 /// moto_server on 127.0.0.1 (installed by scripts/s3-test-server.sh into a
@@ -150,9 +205,20 @@ pub struct MotoServer {
 
 impl MotoServer {
     pub fn start() -> Self {
-        let install = Command::new("bash").arg(script("s3-test-server.sh")).arg("install").stdout(Stdio::null()).status().expect("run s3-test-server.sh");
-        assert!(install.success(), "scripts/s3-test-server.sh install failed: moto[server] is needed for S3 tests");
-        let mut s = Self { port: free_port(), child: None };
+        let install = Command::new("bash")
+            .arg(script("s3-test-server.sh"))
+            .arg("install")
+            .stdout(Stdio::null())
+            .status()
+            .expect("run s3-test-server.sh");
+        assert!(
+            install.success(),
+            "scripts/s3-test-server.sh install failed: moto[server] is needed for S3 tests"
+        );
+        let mut s = Self {
+            port: free_port(),
+            child: None,
+        };
         s.spawn();
         s
     }
@@ -172,12 +238,19 @@ impl MotoServer {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("moto_server exited early: {status}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("moto_server did not listen on 127.0.0.1:{} within 20 s", self.port);
+        panic!(
+            "moto_server did not listen on 127.0.0.1:{} within 20 s",
+            self.port
+        );
     }
 
     pub fn endpoint(&self) -> String {

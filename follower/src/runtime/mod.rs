@@ -76,7 +76,10 @@ pub enum Liveness {
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("runtime {driver} is not available here: {reason}")]
-    Unavailable { driver: &'static str, reason: String },
+    Unavailable {
+        driver: &'static str,
+        reason: String,
+    },
     #[error("image at {path} is unusable: {reason}")]
     BadImage { path: PathBuf, reason: String },
     #[error("instance {instance_id} failed to start: {reason}")]
@@ -96,7 +99,10 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Start one instance. Returns once the VMM/process is running (not
     /// necessarily healthy: health checks are the reconciler's job).
-    fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>>;
+    fn start<'a>(
+        &'a self,
+        spec: &'a InstanceSpec,
+    ) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>>;
 
     /// Stop an instance and release what it held (network, mounts). Must be
     /// idempotent: stopping an instance that is already gone is `Ok`.
@@ -109,7 +115,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// behind (the follower died after asking for a start and before the
     /// ledger recorded its handle): processes, network, mounts. Idempotent;
     /// the default has nothing to clean.
-    fn reclaim<'a>(&'a self, instance_id: &'a str, work_dir: &'a Path) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    fn reclaim<'a>(
+        &'a self,
+        instance_id: &'a str,
+        work_dir: &'a Path,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         let _ = (instance_id, work_dir);
         Box::pin(async { Ok(()) })
     }
@@ -164,14 +174,18 @@ fn build_firecracker(
     on_exit: &std::sync::Arc<tokio::sync::Notify>,
 ) -> Result<std::sync::Arc<dyn Runtime>, String> {
     firecracker::probe()?;
-    let g = vm.firecracker_guest.as_ref().ok_or("no firecracker guest kernel/initramfs configured")?;
+    let g = vm
+        .firecracker_guest
+        .as_ref()
+        .ok_or("no firecracker guest kernel/initramfs configured")?;
     let cfg = firecracker::FirecrackerConfig {
         binary: PathBuf::from("firecracker"),
         kernel: g.kernel.clone(),
         initramfs: g.initramfs.clone(),
         scripts_dir: scripts_dir.to_path_buf(),
     };
-    let rt = firecracker::FirecrackerRuntime::new(cfg, on_exit.clone()).map_err(|e| e.to_string())?;
+    let rt =
+        firecracker::FirecrackerRuntime::new(cfg, on_exit.clone()).map_err(|e| e.to_string())?;
     Ok(std::sync::Arc::new(rt))
 }
 
@@ -181,7 +195,10 @@ fn build_qemu(
     on_exit: &std::sync::Arc<tokio::sync::Notify>,
 ) -> Result<std::sync::Arc<dyn Runtime>, String> {
     qemu::probe()?;
-    let guest = vm.qemu_guest.clone().ok_or("no qemu guest kernel/initramfs configured")?;
+    let guest = vm
+        .qemu_guest
+        .clone()
+        .ok_or("no qemu guest kernel/initramfs configured")?;
     let cfg = qemu::QemuConfig {
         guest,
         accel: qemu::AccelChoice::Auto,
@@ -229,12 +246,19 @@ pub fn choose(
                 tracing::info!("{reason}");
                 return Ok((rt, reason));
             }
-            Err(reason) if choice == c => return Err(RuntimeError::Unavailable { driver: name, reason }),
+            Err(reason) if choice == c => {
+                return Err(RuntimeError::Unavailable {
+                    driver: name,
+                    reason,
+                });
+            }
             Err(reason) => skipped.push(format!("{name} skipped: {reason}")),
         }
     }
-    process::ProcessRuntime::probe()
-        .map_err(|reason| RuntimeError::Unavailable { driver: "process", reason })?;
+    process::ProcessRuntime::probe().map_err(|reason| RuntimeError::Unavailable {
+        driver: "process",
+        reason,
+    })?;
     let reason = match choice {
         RuntimeChoice::Process => "process: asked for with --runtime process".to_string(),
         _ => format!("auto chose process because {}", skipped.join("; ")),

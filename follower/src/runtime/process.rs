@@ -53,9 +53,11 @@ impl ProcessRuntime {
     /// "instance exit" activation).
     pub fn new(scripts_dir: &Path, on_exit: Arc<Notify>) -> Result<Self, RuntimeError> {
         let supervisor = scripts_dir.join("process-instance.sh");
-        crate::net::write_script(&supervisor, SUPERVISOR_SH).map_err(|source| RuntimeError::Io {
-            what: format!("writing {}", supervisor.display()),
-            source,
+        crate::net::write_script(&supervisor, SUPERVISOR_SH).map_err(|source| {
+            RuntimeError::Io {
+                what: format!("writing {}", supervisor.display()),
+                source,
+            }
         })?;
         let net = InstanceNet::new(scripts_dir).map_err(|e| RuntimeError::Unavailable {
             driver: "process",
@@ -65,7 +67,12 @@ impl ProcessRuntime {
             "runtime `process` selected: instances run as namespaced processes on this host's kernel, NOT in VMs; \
              use it for development or machines without virtualisation only"
         );
-        Ok(ProcessRuntime { supervisor, net, exits: Default::default(), on_exit })
+        Ok(ProcessRuntime {
+            supervisor,
+            net,
+            exits: Default::default(),
+            on_exit,
+        })
     }
 
     /// Probe: root, and the tools the supervisor needs.
@@ -77,7 +84,9 @@ impl ProcessRuntime {
             let found = std::env::var_os("PATH")
                 .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
                 .unwrap_or(false)
-                || ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].iter().any(|d| Path::new(d).join(tool).is_file());
+                || ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+                    .iter()
+                    .any(|d| Path::new(d).join(tool).is_file());
             if !found {
                 return Err(format!("`{tool}` not found"));
             }
@@ -93,11 +102,18 @@ impl ProcessRuntime {
         }
     }
 
-    async fn start_inner(&self, spec: &InstanceSpec, names: &InstanceNetNames) -> Result<RuntimeHandle, RuntimeError> {
+    async fn start_inner(
+        &self,
+        spec: &InstanceSpec,
+        names: &InstanceNetNames,
+    ) -> Result<RuntimeHandle, RuntimeError> {
         let io = |what: String| move |source| RuntimeError::Io { what, source };
         let rootfs = spec.image_dir.join("rootfs.ext4");
         if !rootfs.is_file() {
-            return Err(RuntimeError::BadImage { path: rootfs, reason: "rootfs.ext4 is missing".into() });
+            return Err(RuntimeError::BadImage {
+                path: rootfs,
+                reason: "rootfs.ext4 is missing".into(),
+            });
         }
         if spec.argv.is_empty() {
             return Err(RuntimeError::StartFailed {
@@ -105,7 +121,8 @@ impl ProcessRuntime {
                 reason: "the image has neither entrypoint nor cmd".into(),
             });
         }
-        std::fs::create_dir_all(&spec.work_dir).map_err(io(format!("creating {}", spec.work_dir.display())))?;
+        std::fs::create_dir_all(&spec.work_dir)
+            .map_err(io(format!("creating {}", spec.work_dir.display())))?;
         for stale in ["started", "exit_status", "supervisor.pid"] {
             let _ = std::fs::remove_file(spec.work_dir.join(stale));
         }
@@ -115,14 +132,23 @@ impl ProcessRuntime {
             .append(true)
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
-        let log2 = log.try_clone().map_err(io("duplicating the log fd".into()))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io("duplicating the log fd".into()))?;
 
-        self.net.up(names, spec.ip).await.map_err(|e| RuntimeError::StartFailed {
-            instance_id: spec.instance_id.clone(),
-            reason: e.to_string(),
-        })?;
+        self.net
+            .up(names, spec.ip)
+            .await
+            .map_err(|e| RuntimeError::StartFailed {
+                instance_id: spec.instance_id.clone(),
+                reason: e.to_string(),
+            })?;
 
-        let workdir = if spec.workdir.is_empty() { "/" } else { &spec.workdir };
+        let workdir = if spec.workdir.is_empty() {
+            "/"
+        } else {
+            &spec.workdir
+        };
         let mut cmd = tokio::process::Command::new("bash");
         cmd.arg(&self.supervisor)
             .arg("run")
@@ -151,7 +177,9 @@ impl ProcessRuntime {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(io("spawning the process supervisor".into()))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(io("spawning the process supervisor".into()))?;
         let pid = child.id().expect("a just-spawned child has a pid");
         let pid_start_ticks = proc_stat(pid).map(|(_, t)| t).unwrap_or(0);
         {
@@ -173,9 +201,12 @@ impl ProcessRuntime {
             ip: spec.ip,
             port: spec.port,
             work_dir: spec.work_dir.clone(),
-            extra: [("netns".to_string(), names.netns.clone()), ("host_if".to_string(), names.host_if.clone())]
-                .into_iter()
-                .collect(),
+            extra: [
+                ("netns".to_string(), names.netns.clone()),
+                ("host_if".to_string(), names.host_if.clone()),
+            ]
+            .into_iter()
+            .collect(),
         };
 
         // Wait (bounded) for the supervisor to reach the app's exec, so that
@@ -200,7 +231,10 @@ impl ProcessRuntime {
                 let _ = self.stop(&handle).await;
                 return Err(RuntimeError::StartFailed {
                     instance_id: spec.instance_id.clone(),
-                    reason: format!("not ready after {READY_TIMEOUT:?}: {}", log_tail(&log_path, 3)),
+                    reason: format!(
+                        "not ready after {READY_TIMEOUT:?}: {}",
+                        log_tail(&log_path, 3)
+                    ),
                 });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -255,7 +289,11 @@ fn app_catches_sigterm(supervisor: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{app}/status"))
         .ok()
         .and_then(|st| {
-            let mask = st.lines().find_map(|l| l.strip_prefix("SigCgt:"))?.trim().to_string();
+            let mask = st
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))?
+                .trim()
+                .to_string();
             u64::from_str_radix(&mask, 16).ok()
         })
         .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
@@ -263,7 +301,9 @@ fn app_catches_sigterm(supervisor: u32) -> bool {
 
 /// Last `n` non-empty lines of a log file, joined with " | ".
 pub fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
@@ -273,7 +313,10 @@ impl Runtime for ProcessRuntime {
         "process"
     }
 
-    fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>> {
+    fn start<'a>(
+        &'a self,
+        spec: &'a InstanceSpec,
+    ) -> BoxFuture<'a, Result<RuntimeHandle, RuntimeError>> {
         Box::pin(async move {
             let names = InstanceNetNames::for_instance(&spec.instance_id);
             // A namespace left by an earlier attempt would make `up` fail.
@@ -315,7 +358,11 @@ impl Runtime for ProcessRuntime {
         Liveness::Exited(code)
     }
 
-    fn reclaim<'a>(&'a self, instance_id: &'a str, work_dir: &'a Path) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    fn reclaim<'a>(
+        &'a self,
+        instance_id: &'a str,
+        work_dir: &'a Path,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             let pid: Option<u32> = std::fs::read_to_string(work_dir.join("supervisor.pid"))
                 .ok()
@@ -324,8 +371,14 @@ impl Runtime for ProcessRuntime {
                 // Only a supervisor of this very work dir is ours to kill.
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let cmdline = String::from_utf8_lossy(&cmdline);
-                if cmdline.contains("process-instance.sh") && cmdline.contains(&*work_dir.to_string_lossy()) {
-                    tracing::info!(instance = instance_id, pid, "reclaiming an interrupted start");
+                if cmdline.contains("process-instance.sh")
+                    && cmdline.contains(&*work_dir.to_string_lossy())
+                {
+                    tracing::info!(
+                        instance = instance_id,
+                        pid,
+                        "reclaiming an interrupted start"
+                    );
                     self.kill_group(pid).await;
                 }
             }

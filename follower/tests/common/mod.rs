@@ -6,8 +6,6 @@ use std::process::Command;
 
 use follower::image::ImageConfig;
 
-
-
 /// Builds an image in the object-store layout under `store`
 /// (`images/<hex>/rootfs.ext4` + `config.json`) from a directory holding a
 /// static busybox, an `index.html` and a passwd/group with `nobody`.
@@ -20,8 +18,11 @@ pub fn busybox_image(store: &Path, config: &ImageConfig) -> String {
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
     std::fs::write(root.join("www/index.html"), "hello from zeitwork\n").unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
-        .unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    )
+    .unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
     let img = staging.path().join("rootfs.ext4");
     let st = Command::new("mkfs.ext4")
@@ -34,7 +35,12 @@ pub fn busybox_image(store: &Path, config: &ImageConfig) -> String {
         .expect("mkfs.ext4 (e2fsprogs) is installed");
     assert!(st.success(), "mkfs.ext4 failed");
     let out = Command::new("sha256sum").arg(&img).output().unwrap();
-    let hex = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string();
+    let hex = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     // Give each config its own digest even with the same rootfs.
     let cfg = serde_json::to_vec(config).unwrap();
     let hex = sha_of(&[hex.as_bytes(), &cfg].concat());
@@ -54,15 +60,27 @@ fn sha_of(bytes: &[u8]) -> String {
         .unwrap();
     child.stdin.take().unwrap().write_all(bytes).unwrap();
     let out = child.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// A busybox httpd serving /www on `port`, as `nobody`.
 pub fn httpd_config(port: u16) -> ImageConfig {
     ImageConfig {
-        entrypoint: vec!["/bin/busybox".into(), "httpd".into(), "-f".into(), "-v".into()],
+        entrypoint: vec![
+            "/bin/busybox".into(),
+            "httpd".into(),
+            "-f".into(),
+            "-v".into(),
+        ],
         cmd: vec!["-p".into(), port.to_string(), "-h".into(), "/www".into()],
-        env: [("PATH".to_string(), "/bin".to_string())].into_iter().collect(),
+        env: [("PATH".to_string(), "/bin".to_string())]
+            .into_iter()
+            .collect(),
         workdir: "/www".into(),
         user: "nobody".into(),
         exposed_ports: vec![port],
@@ -72,7 +90,9 @@ pub fn httpd_config(port: u16) -> ImageConfig {
 
 /// The path of the image directory of `digest` in `store`.
 pub fn image_dir(store: &Path, digest: &str) -> PathBuf {
-    store.join("images").join(digest.trim_start_matches("sha256:"))
+    store
+        .join("images")
+        .join(digest.trim_start_matches("sha256:"))
 }
 
 /// A random node-local range, so concurrent tests never share addresses.
@@ -85,17 +105,28 @@ pub fn random_range() -> follower::net::InstanceRange {
 /// socket): status line and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(std::time::Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await?;
+    let mut s = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(std::time::Duration::from_secs(3), s.read_to_end(&mut buf))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out"))??;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -111,10 +142,14 @@ impl Meta {
         use prost::Message;
         let path = dir.join("upstream.git");
         let repo = meta_schema::repo::MetaRepo::init_bare(&path).unwrap();
-        let env = meta_schema::pb::Env { name: "prod".into(), ..Default::default() };
+        let env = meta_schema::pb::Env {
+            name: "prod".into(),
+            ..Default::default()
+        };
         repo.commit(
             "main",
-            &meta_schema::repo::ChangeSet::new().add(meta_schema::layout::env_path("prod"), env.encode_to_vec()),
+            &meta_schema::repo::ChangeSet::new()
+                .add(meta_schema::layout::env_path("prod"), env.encode_to_vec()),
             "env prod",
         )
         .unwrap();
@@ -158,12 +193,17 @@ impl Meta {
             id: id.clone(),
             app: release.app.clone(),
             env: "prod".into(),
-            rollout_id: rollout.map(|r| r.rollout_id.clone()).unwrap_or_else(|| id.clone()),
+            rollout_id: rollout
+                .map(|r| r.rollout_id.clone())
+                .unwrap_or_else(|| id.clone()),
             state: state as i32,
             release: Some(release.clone()),
             instances: rollout.map(|r| r.instances.clone()).unwrap_or_else(|| {
                 (0..n)
-                    .map(|_| meta_schema::pb::Placement { instance_id: meta_schema::new_id(), node: node.into() })
+                    .map(|_| meta_schema::pb::Placement {
+                        instance_id: meta_schema::new_id(),
+                        node: node.into(),
+                    })
                     .collect()
             }),
             created_at: meta_schema::now_millis(),
@@ -182,10 +222,16 @@ impl Meta {
         use prost::Message;
         let mut cs = meta_schema::repo::ChangeSet::new();
         for r in releases {
-            cs = cs.add(meta_schema::layout::release_path(&r.env, &r.app, &r.id), r.encode_to_vec());
+            cs = cs.add(
+                meta_schema::layout::release_path(&r.env, &r.app, &r.id),
+                r.encode_to_vec(),
+            );
         }
         for d in deployments {
-            cs = cs.add(meta_schema::layout::deployment_path(&d.env, &d.app, &d.id), d.encode_to_vec());
+            cs = cs.add(
+                meta_schema::layout::deployment_path(&d.env, &d.app, &d.id),
+                d.encode_to_vec(),
+            );
         }
         for p in remove {
             cs = cs.remove(p.clone());
@@ -228,7 +274,10 @@ pub fn issued_token(n: usize) -> String {
     format!("node-token-issued-by-captain-{n}")
 }
 
-type Shared = (std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>, std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+type Shared = (
+    std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+);
 
 impl RecordingCaptain {
     pub async fn start() -> RecordingCaptain {
@@ -248,30 +297,60 @@ impl RecordingCaptain {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            let bytes = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
-            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            let bytes = axum::body::to_bytes(req.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
             let is_register = method == "POST" && path == "/v1/nodes";
-            let refused = revoked.lock().unwrap().iter().any(|t| auth == format!("Bearer {t}"));
+            let refused = revoked
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|t| auth == format!("Bearer {t}"));
             let mut reqs = reqs.lock().unwrap();
-            reqs.push(Recorded { method, path, auth, body: body.clone() });
+            reqs.push(Recorded {
+                method,
+                path,
+                auth,
+                body: body.clone(),
+            });
             if is_register {
-                let n = reqs.iter().filter(|r| r.method == "POST" && r.path == "/v1/nodes").count();
-                (StatusCode::CREATED, axum::Json(serde_json::json!({"node": body, "token": issued_token(n)})))
+                let n = reqs
+                    .iter()
+                    .filter(|r| r.method == "POST" && r.path == "/v1/nodes")
+                    .count();
+                (
+                    StatusCode::CREATED,
+                    axum::Json(serde_json::json!({"node": body, "token": issued_token(n)})),
+                )
             } else if refused {
-                (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({"error": "revoked"})))
+                (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(serde_json::json!({"error": "revoked"})),
+                )
             } else {
                 (StatusCode::OK, axum::Json(serde_json::json!({})))
             }
         }
-        let app = axum::Router::new().fallback(record).with_state((requests.clone(), revoked.clone()));
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state((requests.clone(), revoked.clone()));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-        RecordingCaptain { url, requests, revoked }
+        RecordingCaptain {
+            url,
+            requests,
+            revoked,
+        }
     }
 
     pub fn count(&self, method: &str, path: &str) -> usize {
-        self.all().iter().filter(|r| r.method == method && r.path == path).count()
+        self.all()
+            .iter()
+            .filter(|r| r.method == method && r.path == path)
+            .count()
     }
 
     pub fn all(&self) -> Vec<Recorded> {
