@@ -101,6 +101,8 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(POST "/v1/projects/{id}/apps", User, "Create an app in a project", One(sch::<CreateApp>), 201 => One(sch::<AppView>), create_app),
         route!(GET "/v1/apps/{id}", User, "Get an app and its active release", No, 200 => One(sch::<AppView>), get_app),
         route!(DELETE "/v1/apps/{id}", User, "Delete an app (removes its releases from the meta repo)", No, 204 => No, delete_app),
+        route!(GET "/v1/apps/{id}/secrets", User, "Names and recipients of an app's secrets (never values)", No, 200 => One(sch::<crate::secrets::SecretsView>), crate::secrets::get_secrets),
+        route!(PUT "/v1/apps/{id}/secrets", User, "Replace an app's secrets with the complete set given: encrypted to the env's nodes, committed with a new release", One(sch::<crate::secrets::SetSecrets>), 200 => One(sch::<crate::secrets::SecretsView>), crate::secrets::put_secrets),
         route!(GET "/v1/deployments", User, "List deployments, newest first", No, 200 => List(sch::<DeploymentView>), list_deployments),
         route!(POST "/v1/deployments", User, "Create a deployment: commits a new Release to the meta repo", One(sch::<CreateDeployment>), 201 => One(sch::<DeploymentView>), create_deployment),
         route!(GET "/v1/deployments/{id}", User, "Get a deployment", No, 200 => One(sch::<DeploymentView>), get_deployment),
@@ -749,7 +751,7 @@ async fn create_app(
         Err(e) => return Err(e.into()),
     }
     st.meta
-        .ensure_env(&env, &st.config.platform_domains)
+        .ensure_env(&env, &st.config.platform_domains, &st.db)
         .await
         .map_err(meta_err)?;
     Ok(json(StatusCode::CREATED, app_view(&st, row).await?))
@@ -922,8 +924,11 @@ pub async fn deploy(
             "commit {commit:?} is not a git commit id"
         )));
     }
+    let (secret_refs, secrets_blob) = crate::secrets::current_refs(st, &app.env, &app.name).await?;
     let release = pb::Release {
         id: meta_schema::new_id(),
+        secret_refs,
+        secrets_blob,
         app: app.name.clone(),
         env: app.env.clone(),
         image_digest: digest.clone(),
@@ -959,7 +964,7 @@ pub async fn deploy(
         return Err(ApiError::new(Code::InvalidRelease, e.to_string()));
     }
     st.meta
-        .ensure_env(&app.env, &st.config.platform_domains)
+        .ensure_env(&app.env, &st.config.platform_domains, &st.db)
         .await
         .map_err(meta_err)?;
     let commit_id = st
@@ -1268,6 +1273,11 @@ async fn register_node(
         }
         Err(e) => return Err(e.into()),
     }
+    if !row.age_recipient.is_empty() {
+        crate::secrets::add_node_recipient(&st, &row.id, &row.age_recipient)
+            .await
+            .map_err(meta_err)?;
+    }
     let (_, token) = auth::issue(
         &st.db,
         TokenKind::Node,
@@ -1306,6 +1316,9 @@ async fn delete_node(
     st.db
         .revoke_node_tokens(&id, meta_schema::now_millis())
         .await?;
+    crate::secrets::remove_node_recipient(&st, &id)
+        .await
+        .map_err(meta_err)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

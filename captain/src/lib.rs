@@ -17,6 +17,7 @@ pub mod meta;
 pub mod metrics;
 pub mod rollout;
 pub mod routes;
+pub mod secrets;
 pub mod status;
 pub mod webhook;
 

@@ -301,15 +301,20 @@ impl MetaStore {
         Ok(c)
     }
 
-    /// Make sure `envs/<env>/env.pb` exists, committing it when absent.
+    /// Make sure `envs/<env>/env.pb` exists, committing it when absent with
+    /// the age recipients of every registered node (see [`crate::secrets`]).
     pub async fn ensure_env(
         self: &std::sync::Arc<Self>,
         env: &str,
         domains: &[String],
+        db: &Db,
     ) -> Result<(), MetaError> {
         if self.envs.lock().map(|s| s.contains(env)).unwrap_or(false) {
             return Ok(());
         }
+        // Held while reading the nodes and committing, so a node registering
+        // meanwhile is either read here or finds this env.pb to update.
+        let _g = crate::secrets::env_lock().lock().await;
         let path = meta_schema::layout::env_path(env);
         let exists = match self.head().await? {
             Some(h) => self.tree(h).await?.contains(&path),
@@ -320,7 +325,7 @@ impl MetaStore {
                 name: env.to_string(),
                 domains: domains.to_vec(),
                 regions: vec![],
-                age_recipients: vec![],
+                age_recipients: crate::secrets::node_recipients(db).await?,
             };
             match self
                 .commit(

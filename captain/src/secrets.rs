@@ -1,0 +1,604 @@
+//! App secrets, as the captain sees them: it can *encrypt* but never decrypt.
+//!
+//! - Every registered node's age recipient is listed in every env's
+//!   `env.pb` (`age_recipients`, name = node id): registering a node adds it
+//!   to all envs, removing a node removes it, and a new env starts with all
+//!   of them ([`crate::meta::MetaStore::ensure_env`]). `env.pb` is replaced
+//!   whole in one commit; these writes are serialised by [`env_lock`].
+//! - `PUT /v1/apps/{id}/secrets` takes the **complete** desired set of an
+//!   app's secrets. The captain holds no age identity, so it can read
+//!   neither the old values nor the data key of the current file: it cannot
+//!   merge a change into it. It encrypts the set with a fresh data key to
+//!   the env's recipients ([`meta_schema::sops::encrypt`]) and, in one
+//!   commit, replaces the secrets file and adds a Release copying the app's
+//!   newest release with `secret_refs` = the names and `secrets_blob` = the
+//!   git blob id of the new file (so the rollout restarts the instances with
+//!   the new values). A name present in the current file but absent from the
+//!   set must be listed in `unset`, so a forgotten name is never dropped
+//!   silently (409 naming the missing names).
+//! - `GET /v1/apps/{id}/secrets` answers names and recipients only.
+//!
+//! Plaintext values exist in the captain only between the request body and
+//! the encryption, inside [`Secrets`] (zeroized on drop, `Debug` redacted):
+//! no log line, database row, response or error message carries one. The
+//! request body is parsed here, not by [`crate::error::ApiJson`], because
+//! serde's messages quote offending values (`invalid type: integer 42`).
+//!
+//! A node that joins after a secrets file was written is not among that
+//! file's recipients: the file must be written again (`zw secrets rotate`,
+//! which also revokes a removed node by using a fresh data key). The `GET`
+//! answer says so in `stale`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use meta_schema::MetaTree;
+use meta_schema::layout::{MetaPath, app_dir, env_path, release_path, secrets_path};
+use meta_schema::pb;
+use meta_schema::repo::ChangeSet;
+use meta_schema::sops::{Secrets, SopsFile};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::AppState;
+use crate::db::{AppRow, Db, DbError};
+use crate::error::{ApiError, ApiPath, Code};
+use crate::meta::{MetaError, MetaStore};
+
+/// Serialises the captain's read-modify-write of `env.pb` files (node
+/// recipients, env creation), so no update is lost between two of them.
+pub fn env_lock() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    &LOCK
+}
+
+/// The age recipients of the registered nodes, by node id.
+pub async fn node_recipients(db: &Db) -> Result<Vec<pb::AgeRecipient>, DbError> {
+    Ok(db
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| !n.age_recipient.is_empty())
+        .map(|n| pb::AgeRecipient {
+            name: n.id,
+            recipient: n.age_recipient,
+        })
+        .collect())
+}
+
+/// Is `s` an age X25519 recipient (`age1…`) that files can be encrypted to?
+pub fn is_age_recipient(s: &str) -> bool {
+    seal(&Secrets::new(), &[("", s)], 0).is_ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SealError {
+    #[error("the age recipient of {0:?} is not an age X25519 recipient")]
+    Recipient(String),
+    #[error(transparent)]
+    Sops(#[from] meta_schema::sops::SopsError),
+}
+
+/// Encrypts `secrets` to `(name, age1…)` recipients. The recipient type is
+/// the one [`meta_schema::sops::encrypt`] takes, inferred, so the captain
+/// needs no direct dependency on `age`.
+fn seal(
+    secrets: &Secrets,
+    recipients: &[(&str, &str)],
+    now_millis: i64,
+) -> Result<String, SealError> {
+    let mut keys = Vec::with_capacity(recipients.len());
+    for (name, r) in recipients {
+        keys.push(
+            r.parse()
+                .map_err(|_| SealError::Recipient((*name).to_string()))?,
+        );
+    }
+    Ok(meta_schema::sops::encrypt(secrets, &keys, now_millis)?)
+}
+
+/// Applies `change` to the recipients of every env at the head, committing
+/// the changed `env.pb` files in one commit (none when nothing changes).
+async fn update_envs(
+    meta: &std::sync::Arc<MetaStore>,
+    message: &str,
+    change: impl Fn(&mut Vec<pb::AgeRecipient>),
+) -> Result<Option<String>, MetaError> {
+    let _g = env_lock().lock().await;
+    let Some(head) = meta.head().await? else {
+        return Ok(None);
+    };
+    let tree = meta.tree(head).await?;
+    let mut cs = ChangeSet::new();
+    let mut envs = Vec::new();
+    for (path, bytes) in tree.iter() {
+        if !matches!(MetaPath::parse(path), Some(MetaPath::Env { .. })) {
+            continue;
+        }
+        // An undecodable env.pb cannot be at a valid head; skip rather
+        // than guess.
+        let Ok(mut env) = pb::Env::decode(bytes) else {
+            continue;
+        };
+        let before = env.age_recipients.clone();
+        change(&mut env.age_recipients);
+        if env.age_recipients != before {
+            envs.push(env.name.clone());
+            cs = cs.replace(path, env.encode_to_vec());
+        }
+    }
+    if cs.is_empty() {
+        return Ok(None);
+    }
+    let msg = format!("{message} (envs: {})", envs.join(", "));
+    meta.commit(cs, msg).await.map(Some)
+}
+
+/// Lists `node`'s recipient in every env (replacing an older key of the
+/// same node).
+pub async fn add_node_recipient(
+    st: &AppState,
+    node: &str,
+    recipient: &str,
+) -> Result<(), MetaError> {
+    if !is_age_recipient(recipient) {
+        // Listing it would make every later secrets write of every env fail.
+        tracing::warn!(%node, "the node's age recipient is not an age X25519 recipient; it is not added to the envs and the node cannot read secrets");
+        return Ok(());
+    }
+    let commit = update_envs(&st.meta, &format!("Node {node} can read secrets"), |list| {
+        if let Some(r) = list.iter_mut().find(|r| r.name == node) {
+            r.recipient = recipient.to_string();
+        } else {
+            list.push(pb::AgeRecipient {
+                name: node.to_string(),
+                recipient: recipient.to_string(),
+            });
+        }
+    })
+    .await?;
+    if commit.is_some() {
+        tracing::info!(%node, "node's age recipient added to every env");
+        st.mirror_wake.notify_one();
+    }
+    Ok(())
+}
+
+/// Removes `node`'s recipient from every env. Files already encrypted to
+/// it stay readable with its key until they are rewritten (`zw secrets
+/// rotate`).
+pub async fn remove_node_recipient(st: &AppState, node: &str) -> Result<(), MetaError> {
+    let commit = update_envs(
+        &st.meta,
+        &format!("Node {node} removed from the secrets recipients"),
+        |list| list.retain(|r| r.name != node),
+    )
+    .await?;
+    if commit.is_some() {
+        tracing::info!(%node, "node's age recipient removed from every env");
+        st.mirror_wake.notify_one();
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- API
+
+/// The complete desired set of an app's secrets.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecrets {
+    /// NAME -> value, every secret the app should have (names are
+    /// environment variable names). The captain cannot decrypt the current
+    /// file, so this replaces it whole.
+    pub secrets: BTreeMap<String, String>,
+    /// Names of the current file deliberately left out of `secrets`; any
+    /// other current name missing from `secrets` is refused (409).
+    #[serde(default)]
+    pub unset: Vec<String>,
+}
+
+/// An app's secrets, without values.
+#[derive(Serialize, ToSchema)]
+pub struct SecretsView {
+    pub app_id: String,
+    pub env: String,
+    pub app: String,
+    /// Names in the secrets file at the meta repo head.
+    pub names: Vec<String>,
+    /// Meta repo path of the secrets file.
+    pub path: String,
+    /// Recipients (node ids / operator names) the file is encrypted to.
+    pub recipients: Vec<String>,
+    /// Recipients listed in the env's env.pb.
+    pub env_recipients: Vec<String>,
+    /// The file is not encrypted to exactly the env's recipients (a node
+    /// joined or left since it was written): write it again
+    /// (`zw secrets rotate`).
+    pub stale: bool,
+    /// Release made by this write (PUT only; none when the app has no
+    /// release yet: its next deployment uses the secrets).
+    pub release: Option<String>,
+    /// Commit of this write (PUT only).
+    pub commit: Option<String>,
+}
+
+/// The request body of `PUT /v1/apps/{id}/secrets`, parsed without ever
+/// quoting a value in an error.
+pub struct SecretsBody(SetSecrets);
+
+impl<S: Send + Sync> FromRequest<S> for SecretsBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("");
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if mime != "application/json" && !mime.ends_with("+json") {
+                return Err(ApiError::new(
+                    Code::UnsupportedMediaType,
+                    format!("expected Content-Type: application/json, got {ct:?}"),
+                ));
+            }
+        }
+        let bytes = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(crate::error::bytes_rejection)?;
+        if bytes.is_empty() {
+            return Err(ApiError::new(
+                Code::InvalidJson,
+                "request body is empty; expected {\"secrets\": {\"NAME\": \"value\", ...}}",
+            ));
+        }
+        serde_json::from_slice(&bytes).map(SecretsBody).map_err(|e| {
+            use serde_json::error::Category;
+            let at = format!("line {} column {}", e.line(), e.column());
+            match e.classify() {
+                Category::Syntax | Category::Eof | Category::Io => {
+                    ApiError::new(Code::InvalidJson, format!("malformed JSON at {at}"))
+                }
+                // Top-level keys only (`secrets` is a map): no value.
+                Category::Data if e.to_string().starts_with("unknown field") => {
+                    ApiError::new(Code::UnknownField, e.to_string())
+                }
+                Category::Data => ApiError::bad_request(format!(
+                    "invalid request body at {at}: expected {{\"secrets\": {{\"NAME\": \"string value\", ...}}, \"unset\": [\"NAME\", ...]}} (values are not quoted back)"
+                )),
+            }
+        })
+    }
+}
+
+fn is_env_var_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next()
+        .is_some_and(|c| c == b'_' || c.is_ascii_alphabetic())
+        && b.all(|c| c == b'_' || c.is_ascii_alphanumeric())
+}
+
+/// Git's blob id of `bytes` (`git hash-object`), as `secrets_blob`.
+fn git_blob_id(bytes: &[u8]) -> Result<String, ApiError> {
+    let fail = |e: &dyn std::fmt::Display| {
+        ApiError::new(
+            Code::Internal,
+            format!("git hash-object of the secrets file: {e}"),
+        )
+    };
+    let mut child = Command::new("git")
+        .args(["hash-object", "-t", "blob", "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(&e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(bytes).map_err(|e| fail(&e))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(&e))?;
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || id.len() < 40 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return Err(fail(&String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(id)
+}
+
+fn meta_err(e: MetaError) -> ApiError {
+    ApiError::internal("meta repository", &e)
+}
+
+async fn app_of(st: &AppState, id: &str) -> Result<AppRow, ApiError> {
+    st.db
+        .app(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("app", id))
+}
+
+async fn head_tree(st: &AppState) -> Result<MetaTree, ApiError> {
+    match st.meta.head().await.map_err(meta_err)? {
+        Some(h) => st.meta.tree(h).await.map_err(meta_err),
+        None => Ok(MetaTree::new()),
+    }
+}
+
+fn env_of(tree: &MetaTree, env: &str) -> Result<Option<pb::Env>, ApiError> {
+    tree.get(&env_path(env))
+        .map(|b| {
+            pb::Env::decode(b).map_err(|e| {
+                ApiError::new(
+                    Code::Internal,
+                    format!("env.pb of {env:?} does not decode: {e}"),
+                )
+            })
+        })
+        .transpose()
+}
+
+fn secrets_file(tree: &MetaTree, env: &str, app: &str) -> Result<Option<SopsFile>, ApiError> {
+    let path = secrets_path(env, app);
+    let Some(bytes) = tree.get(&path) else {
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ApiError::new(Code::Internal, format!("{path} is not UTF-8")))?;
+    SopsFile::parse(text)
+        .map(Some)
+        .map_err(|e| ApiError::new(Code::Internal, format!("{path}: {e}")))
+}
+
+/// Names of the recipients of `file`, by the env's names where known.
+fn view(app: &AppRow, env: Option<&pb::Env>, file: Option<&SopsFile>) -> SecretsView {
+    let env_recipients: Vec<&pb::AgeRecipient> = env
+        .map(|e| e.age_recipients.iter().collect())
+        .unwrap_or_default();
+    let (names, keys): (Vec<String>, BTreeSet<String>) = match file {
+        Some(f) => (
+            f.names().into_iter().map(str::to_string).collect(),
+            f.recipients().into_iter().map(str::to_string).collect(),
+        ),
+        None => (vec![], BTreeSet::new()),
+    };
+    let wanted: BTreeSet<String> = env_recipients.iter().map(|r| r.recipient.clone()).collect();
+    let recipients = keys
+        .iter()
+        .map(|k| {
+            env_recipients
+                .iter()
+                .find(|r| &r.recipient == k)
+                .map(|r| r.name.clone())
+                .unwrap_or_else(|| k.clone())
+        })
+        .collect();
+    SecretsView {
+        app_id: app.id.clone(),
+        env: app.env.clone(),
+        app: app.name.clone(),
+        names,
+        path: secrets_path(&app.env, &app.name),
+        recipients,
+        env_recipients: env_recipients.iter().map(|r| r.name.clone()).collect(),
+        stale: file.is_some() && keys != wanted,
+        release: None,
+        commit: None,
+    }
+}
+
+/// `GET /v1/apps/{id}/secrets`: names and recipients, never values.
+pub async fn get_secrets(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let app = app_of(&st, &id).await?;
+    let tree = head_tree(&st).await?;
+    let env = env_of(&tree, &app.env)?;
+    let file = secrets_file(&tree, &app.env, &app.name)?;
+    Ok((
+        StatusCode::OK,
+        axum::Json(view(&app, env.as_ref(), file.as_ref())),
+    )
+        .into_response())
+}
+
+/// `PUT /v1/apps/{id}/secrets`: encrypt the complete set to the env's
+/// recipients; one commit replaces the file and adds a release using it.
+pub async fn put_secrets(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    SecretsBody(body): SecretsBody,
+) -> Result<Response, ApiError> {
+    let SetSecrets { secrets, unset } = body;
+    let secrets = Secrets::from(secrets);
+    let app = app_of(&st, &id).await?;
+    let bad: Vec<&str> = secrets
+        .names()
+        .chain(unset.iter().map(String::as_str))
+        .filter(|n| {
+            !is_env_var_name(n) || n.ends_with(meta_schema::sops::DEFAULT_UNENCRYPTED_SUFFIX)
+        })
+        .collect();
+    if !bad.is_empty() {
+        return Err(ApiError::new(
+            Code::InvalidName,
+            format!(
+                "not secret names (environment variable names [A-Za-z_][A-Za-z0-9_]*, not ending in {}): {}",
+                meta_schema::sops::DEFAULT_UNENCRYPTED_SUFFIX,
+                bad.join(", ")
+            ),
+        ));
+    }
+    if let Some(both) = unset.iter().find(|n| secrets.contains(n)) {
+        return Err(ApiError::bad_request(format!(
+            "{both} is both set and unset"
+        )));
+    }
+    st.meta
+        .ensure_env(&app.env, &st.config.platform_domains, &st.db)
+        .await
+        .map_err(meta_err)?;
+    let tree = head_tree(&st).await?;
+    let env = env_of(&tree, &app.env)?.unwrap_or_default();
+    if env.age_recipients.is_empty() {
+        return Err(ApiError::new(
+            Code::Conflict,
+            format!(
+                "env {:?} has no age recipients yet: register a node (its follower does at start) before setting secrets",
+                app.env
+            ),
+        ));
+    }
+    let path = secrets_path(&app.env, &app.name);
+    if let Some(current) = secrets_file(&tree, &app.env, &app.name)? {
+        let dropped: Vec<&str> = current
+            .names()
+            .into_iter()
+            .filter(|n| !secrets.contains(n) && !unset.iter().any(|u| u == n))
+            .collect();
+        if !dropped.is_empty() {
+            return Err(ApiError::new(
+                Code::Conflict,
+                format!(
+                    "the captain cannot decrypt the current secrets to keep them: send every secret again, or list the ones to remove in `unset`; missing: {}",
+                    dropped.join(", ")
+                ),
+            ));
+        }
+    }
+    let recipients: Vec<(&str, &str)> = env
+        .age_recipients
+        .iter()
+        .map(|r| (r.name.as_str(), r.recipient.as_str()))
+        .collect();
+    let yaml = seal(&secrets, &recipients, meta_schema::now_millis()).map_err(|e| match e {
+        SealError::Recipient(_) => ApiError::new(Code::Conflict, format!("env {:?}: {e}", app.env)),
+        SealError::Sops(e) => ApiError::bad_request(format!("cannot encrypt the secrets: {e}")),
+    })?;
+    let names: Vec<String> = secrets.names().map(str::to_string).collect();
+    drop(secrets);
+    let bytes = yaml.into_bytes();
+    let blob = {
+        let b = bytes.clone();
+        tokio::task::spawn_blocking(move || git_blob_id(&b))
+            .await
+            .map_err(|e| ApiError::internal("hashing the secrets file", &e))??
+    };
+    // The newest release of the app at this head, copied with the new refs.
+    let prefix = format!("{}/releases/", app_dir(&app.env, &app.name));
+    let newest = tree
+        .iter()
+        .filter(|(p, _)| p.starts_with(&prefix) && p.ends_with(".pb"))
+        .max_by(|a, b| a.0.cmp(b.0))
+        .map(|(p, b)| {
+            pb::Release::decode(b)
+                .map_err(|e| ApiError::new(Code::Internal, format!("{p} does not decode: {e}")))
+        })
+        .transpose()?;
+    let mut cs = ChangeSet::new().replace(path.clone(), bytes);
+    let release = newest.map(|old| pb::Release {
+        id: meta_schema::new_id(),
+        secret_refs: names.clone(),
+        secrets_blob: blob.clone(),
+        created_at: meta_schema::now_millis(),
+        rollback_of: String::new(),
+        ..old
+    });
+    if let Some(r) = &release {
+        cs = cs.add(release_path(&app.env, &app.name, &r.id), r.encode_to_vec());
+    }
+    let message = match &release {
+        Some(r) => format!(
+            "Secrets of {} in {}: {} (release {})",
+            app.name,
+            app.env,
+            names.join(", "),
+            r.id
+        ),
+        None => format!(
+            "Secrets of {} in {}: {}",
+            app.name,
+            app.env,
+            names.join(", ")
+        ),
+    };
+    let commit = st
+        .meta
+        .commit(cs, message)
+        .await
+        .map_err(|e| match e.repo_error() {
+            Some(meta_schema::repo::RepoError::Invalid(v)) => {
+                ApiError::new(Code::InvalidRelease, v.to_string())
+            }
+            _ => meta_err(e),
+        })?;
+    tracing::info!(app = %app.id, env = %app.env, names = ?names, %commit, "secrets written");
+    st.mirror_wake.notify_one();
+    st.rollout_wake.notify_one();
+    let tree = head_tree(&st).await?;
+    let env = env_of(&tree, &app.env)?;
+    let file = secrets_file(&tree, &app.env, &app.name)?;
+    let mut v = view(&app, env.as_ref(), file.as_ref());
+    v.release = release.map(|r| r.id);
+    v.commit = Some(commit);
+    Ok((StatusCode::OK, axum::Json(v)).into_response())
+}
+
+/// `secret_refs` and `secrets_blob` for a new release of `env/app`: the
+/// names and blob id of its secrets file at the head (empty without one).
+pub async fn current_refs(
+    st: &AppState,
+    env: &str,
+    app: &str,
+) -> Result<(Vec<String>, String), ApiError> {
+    let tree = head_tree(st).await?;
+    let path = secrets_path(env, app);
+    let Some(bytes) = tree.get(&path) else {
+        return Ok((vec![], String::new()));
+    };
+    let names = secrets_file(&tree, env, app)?
+        .map(|f| f.names().into_iter().map(str::to_string).collect())
+        .unwrap_or_default();
+    let b = bytes.to_vec();
+    let blob = tokio::task::spawn_blocking(move || git_blob_id(&b))
+        .await
+        .map_err(|e| ApiError::internal("hashing the secrets file", &e))??;
+    Ok((names, blob))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_id_is_gits() {
+        // `printf 'hello\n' | git hash-object --stdin`
+        assert_eq!(
+            git_blob_id(b"hello\n").unwrap(),
+            "ce013625030ba8dba906f756967f9e9ca394464a"
+        );
+    }
+
+    #[test]
+    fn recipients_are_checked_by_encrypting_to_them() {
+        assert!(!is_age_recipient("age1notarecipient"));
+        assert!(!is_age_recipient(""));
+        assert!(is_age_recipient(
+            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+        ));
+    }
+
+    #[test]
+    fn env_var_names() {
+        assert!(is_env_var_name("API_KEY"));
+        assert!(is_env_var_name("_x1"));
+        assert!(!is_env_var_name("1A"));
+        assert!(!is_env_var_name("A-B"));
+        assert!(!is_env_var_name(""));
+    }
+}
