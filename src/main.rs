@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod client;
 mod meta_cmd;
 mod up;
 
@@ -33,6 +34,8 @@ enum Command {
     CaptainPreReceive,
     /// Build a directory or git URL (Dockerfile) into a microVM image in the object store.
     Build(builder::cli::Args),
+    #[command(flatten)]
+    Client(client::Command),
 }
 
 fn init_tracing() {
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
             0 => ExitCode::SUCCESS,
             _ => ExitCode::FAILURE,
         }),
+        Command::Client(cmd) => client::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Build(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(builder::cli::run(args)))

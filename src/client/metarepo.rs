@@ -1,0 +1,176 @@
+//! The meta repository as the CLI sees it: a clone of the captain's
+//! `/meta.git` (git smart HTTP, the API token as a Bearer header passed
+//! through git's environment, never its arguments). A new release made from
+//! an existing one (rollback, env, scale, redeploy) is a new immutable file
+//! committed and pushed here; the captain's pre-receive hook validates it
+//! and its mirror indexes it before the push returns.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::{Context as _, bail};
+use meta_schema::pb;
+use prost::Message as _;
+
+use super::api::{Api, enc};
+use super::{AppView, DeploymentView};
+
+pub struct MetaClone {
+    dir: tempfile::TempDir,
+    token: String,
+    url: String,
+}
+
+impl MetaClone {
+    /// Clone the captain's meta repository into a temporary directory.
+    pub fn open(client: &Api) -> anyhow::Result<MetaClone> {
+        let dir = tempfile::Builder::new().prefix("zw-meta-").tempdir()?;
+        let m = MetaClone {
+            dir,
+            token: client.token().to_string(),
+            url: format!("{}/meta.git", client.base),
+        };
+        let dest = m.dir.path().join("repo");
+        let out = m.git_in(m.dir.path(), &["clone", "--quiet", "--no-tags", &m.url, "repo"])?;
+        if !out.status.success() {
+            bail!(
+                "cloning the meta repository {} (from {}): {}",
+                m.url,
+                client.base_origin,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        debug_assert!(dest.is_dir());
+        Ok(m)
+    }
+
+    fn repo(&self) -> std::path::PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    fn git_in(&self, cwd: &Path, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new("git")
+            .current_dir(cwd)
+            .args(args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+            .env("GIT_CONFIG_VALUE_0", format!("Authorization: Bearer {}", self.token))
+            .output()
+            .context("running git (is it installed?)")
+    }
+
+    fn git(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.git_in(&self.repo(), args)
+    }
+
+    /// A file's bytes at a commit; `None` when it is not there.
+    pub fn read_at(&self, commit: &str, path: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let spec = format!("{commit}:{path}");
+        let out = self.git(&["cat-file", "blob", &spec])?;
+        Ok(out.status.success().then_some(out.stdout))
+    }
+
+    /// The release a deployment is made of, read from the commit that added
+    /// it (so a reverted release can still be copied), else from HEAD.
+    pub fn release(&self, d: &DeploymentView) -> anyhow::Result<pb::Release> {
+        let mut bytes = None;
+        if !d.commit.is_empty() {
+            bytes = self.read_at(&d.commit, &d.path)?;
+        }
+        if bytes.is_none() {
+            bytes = self.read_at("HEAD", &d.path)?;
+        }
+        let Some(b) = bytes else {
+            bail!("release {} ({}) is not in the meta repository", d.id, d.path);
+        };
+        pb::Release::decode(b.as_slice()).with_context(|| format!("decoding {}", d.path))
+    }
+
+    /// The domains of an env, from its `env.pb` at HEAD.
+    pub fn env_domains(&self, env: &str) -> anyhow::Result<Vec<String>> {
+        match self.read_at("HEAD", &meta_schema::layout::env_path(env))? {
+            Some(b) => Ok(pb::Env::decode(b.as_slice())?.domains),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Commit `release` as a new file and push it; returns its id.
+    pub fn push_release(&self, release: &pb::Release, message: &str) -> anyhow::Result<String> {
+        let path = meta_schema::layout::release_path(&release.env, &release.app, &release.id);
+        let full = self.repo().join(&path);
+        std::fs::create_dir_all(full.parent().context("release path has a parent")?)?;
+        std::fs::write(&full, release.encode_to_vec())?;
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = self.git(args)?;
+            if !out.status.success() {
+                bail!(
+                    "git {}: {}{}",
+                    args.first().copied().unwrap_or(""),
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        };
+        run(&["add", "--", &path])?;
+        let has_name = self
+            .git(&["config", "--get", "user.name"])?
+            .status
+            .success();
+        let has_email = self
+            .git(&["config", "--get", "user.email"])?
+            .status
+            .success();
+        let mut args: Vec<&str> = Vec::new();
+        if !has_name {
+            args.extend(["-c", "user.name=zw"]);
+        }
+        if !has_email {
+            args.extend(["-c", "user.email=zw@localhost"]);
+        }
+        args.extend(["commit", "--quiet", "--no-verify", "-m", message]);
+        run(&args)?;
+        let out = self.git(&["push", "--quiet", "origin", "HEAD"])?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = err
+                .lines()
+                .map(|l| l.trim_start_matches("remote:").trim())
+                .filter(|l| !l.is_empty() && !l.starts_with("To ") && !l.starts_with("error: failed to push"))
+                .collect();
+            bail!("the captain refused the new release: {}", lines.join("; "));
+        }
+        Ok(release.id.clone())
+    }
+}
+
+/// A copy of `base` as a new release (new id, now).
+pub fn copy_release(base: &pb::Release) -> pb::Release {
+    pb::Release {
+        id: meta_schema::new_id(),
+        created_at: meta_schema::now_millis(),
+        rollback_of: String::new(),
+        ..base.clone()
+    }
+}
+
+/// `https://<app>.<first env domain>` for an app.
+pub fn app_url(client: &Api, app: &AppView) -> anyhow::Result<Option<String>> {
+    let m = MetaClone::open(client)?;
+    Ok(url_of(&m, app)?)
+}
+
+pub fn url_of(m: &MetaClone, app: &AppView) -> anyhow::Result<Option<String>> {
+    Ok(m.env_domains(&app.env)?
+        .first()
+        .map(|d| format!("https://{}.{d}", app.name)))
+}
+
+/// The active deployment of an app, if any.
+pub fn active(client: &Api, app: &AppView) -> anyhow::Result<Option<DeploymentView>> {
+    match &app.active_release {
+        Some(id) => Ok(Some(client.get(&format!("/v1/deployments/{}", enc(id)))?)),
+        None => Ok(None),
+    }
+}
