@@ -47,7 +47,9 @@ fn init_tracing() {
         .try_init();
 }
 
-fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<ExitCode> {
+fn run_async(
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
