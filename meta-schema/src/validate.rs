@@ -378,31 +378,45 @@ fn check_release(
     m: &pb::Release,
     errs: &mut Errs,
 ) {
-    if let Some(id) = id
-        && m.id != id
+    check_identity(path, errs, (id, &m.id), (app, &m.app), (env, &m.env));
+    for (f, r) in check_release_fields(m) {
+        errs.push(path, &f, r);
+    }
+}
+
+/// The id, app and env a file states must match its path: (from the path,
+/// from the message) pairs; an id of `None` is not checked.
+fn check_identity(
+    path: &str,
+    errs: &mut Errs,
+    id: (Option<&str>, &str),
+    app: (&str, &str),
+    env: (&str, &str),
+) {
+    if let (Some(want), got) = id
+        && got != want
     {
         errs.push(
             path,
             "id",
-            format!("must equal the file name {id:?}, is {:?}", m.id),
+            format!("must equal the file name {want:?}, is {got:?}"),
         );
     }
-    if m.app != app {
+    if app.1 != app.0 {
+        let (want, got) = app;
         errs.push(
             path,
             "app",
-            format!("must equal the directory name {app:?}, is {:?}", m.app),
+            format!("must equal the directory name {want:?}, is {got:?}"),
         );
     }
-    if m.env != env {
+    if env.1 != env.0 {
+        let (want, got) = env;
         errs.push(
             path,
             "env",
-            format!("must equal the env directory {env:?}, is {:?}", m.env),
+            format!("must equal the env directory {want:?}, is {got:?}"),
         );
-    }
-    for (f, r) in check_release_fields(m) {
-        errs.push(path, &f, r);
     }
 }
 
@@ -414,27 +428,7 @@ fn check_deployment(
     m: &pb::Deployment,
     errs: &mut Errs,
 ) {
-    if m.id != id {
-        errs.push(
-            path,
-            "id",
-            format!("must equal the file name {id:?}, is {:?}", m.id),
-        );
-    }
-    if m.app != app {
-        errs.push(
-            path,
-            "app",
-            format!("must equal the directory name {app:?}, is {:?}", m.app),
-        );
-    }
-    if m.env != env {
-        errs.push(
-            path,
-            "env",
-            format!("must equal the env directory {env:?}, is {:?}", m.env),
-        );
-    }
+    check_identity(path, errs, (Some(id), &m.id), (app, &m.app), (env, &m.env));
     if !is_ulid(&m.rollout_id) {
         errs.push(
             path,
