@@ -52,7 +52,7 @@ pub fn run(a: LogsArgs) -> anyhow::Result<()> {
             Err(e) => {
                 if let Some(api) = e.downcast_ref::<ApiError>()
                     && api.status == 404
-                    && api.code.starts_with("http_")
+                    && (api.code.starts_with("http_") || api.message.starts_with("no route for"))
                 {
                     anyhow::bail!(
                         "the API at {} has no logs endpoint (GET /v1/apps/{{id}}/logs); this captain cannot serve logs yet",
