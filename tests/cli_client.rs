@@ -102,7 +102,8 @@ fn stderr(o: &Output) -> String {
 fn failed(o: &Output) -> String {
     assert_eq!(o.status.code(), Some(1), "expected exit 1; stdout {}", String::from_utf8_lossy(&o.stdout));
     let e = stderr(o);
-    assert!(e.starts_with("error: "), "{e}");
+    // Progress lines may come first; the error is the last line.
+    assert!(e.trim_end().lines().last().is_some_and(|l| l.starts_with("error: ")), "{e}");
     e
 }
 
@@ -266,3 +267,79 @@ fn logs_says_when_the_captain_has_no_logs_endpoint() {
     assert!(e.contains(&format!("the API at {} has no logs endpoint", t.api)), "{e}");
 }
 
+
+/// `zw deploy` without --no-wait follows the deployment's status to a
+/// terminal one: exit 0 and the URL on `running`, exit 1 with the reason on
+/// `failed`. The statuses are moved here through the API, as the rollout
+/// would move them.
+#[test]
+fn deploy_follows_the_rollout_to_running_or_failed() {
+    let t = TestCaptain::start();
+    t.ok(&["apps", "create", "hello", "--repo", "https://example.invalid/hello.git"]);
+    let http = reqwest::blocking::Client::new();
+    let put = |id: &str, status: &str, reason: Option<&str>| {
+        let mut body = serde_json::json!({"status": status});
+        if let Some(r) = reason {
+            body["reason"] = r.into();
+        }
+        let r = http
+            .put(format!("{}/v1/deployments/{id}/status", t.api))
+            .bearer_auth(&t.token)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{status}: {}", r.text().unwrap());
+    };
+    let spawn = |img: &str| {
+        Command::new(ZW)
+            .args(["deploy", "--image", img, "--app", "hello", "--wait-timeout", "120"])
+            .args(["--api", &t.api, "--token", &t.token])
+            .env("ZW_DATA_DIR", t.home.path().join("no-data"))
+            .env("XDG_CONFIG_HOME", t.home.path().join("config"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The newest deployment not in `seen`, waiting for the CLI to make it.
+    let newest_new = |seen: usize| -> String {
+        for _ in 0..600 {
+            let v: Value = http
+                .get(format!("{}/v1/deployments?app_id=hello.production", t.api))
+                .bearer_auth(&t.token)
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            let v = v.as_array().unwrap();
+            if v.len() > seen {
+                return v[0]["id"].as_str().unwrap().to_string();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("zw deploy made no deployment");
+    };
+
+    let child = spawn(&digest('c'));
+    let id = newest_new(0);
+    for s in ["building", "starting", "running"] {
+        put(&id, s, None);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "https://hello.localhost");
+    assert!(stderr(&out).contains(&format!("release {id} is running")), "{}", stderr(&out));
+
+    let child = spawn(&digest('d'));
+    let id2 = newest_new(1);
+    assert_ne!(id, id2);
+    put(&id2, "failed", Some("health check /healthz answered 500"));
+    let out = child.wait_with_output().unwrap();
+    let e = failed(&out);
+    assert!(e.contains(&format!("release {id2} failed: health check /healthz answered 500")), "{e}");
+
+    // Now there is a running release before the active one: plain rollback copies it.
+    t.ok(&["rollback", "--app", "hello", "--no-wait"]);
+    let rel = t.json(&["releases", "--app", "hello", "--json"]);
+    assert_eq!(rel[0]["image_digest"], digest('c').as_str());
+}
