@@ -343,3 +343,33 @@ fn deploy_follows_the_rollout_to_running_or_failed() {
     let rel = t.json(&["releases", "--app", "hello", "--json"]);
     assert_eq!(rel[0]["image_digest"], digest('c').as_str());
 }
+
+/// `zw deploy` with no source argument builds the current directory with
+/// the builder crate into the data dir's object store (where `zw up` serves
+/// images from), then releases that image.
+#[test]
+fn deploy_builds_the_current_directory_into_the_data_dir_store() {
+    let t = TestCaptain::start();
+    t.ok(&["apps", "create", "hello", "--repo", "https://example.invalid/hello.git"]);
+    let work = tempfile::tempdir().unwrap();
+    let ctx = work.path().join("src");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
+    std::fs::copy(example.join("Dockerfile"), ctx.join("Dockerfile")).unwrap();
+    std::fs::write(ctx.join("index.html"), "built by zw deploy\n").unwrap();
+    std::fs::copy("/bin/busybox", ctx.join("busybox")).expect("busybox-static is installed (/bin/busybox)");
+    std::fs::write(ctx.join("zeitwork.json"), r#"{"app": "hello"}"#).unwrap();
+    let data = work.path().join("data");
+    let o = t.zw_in(
+        &ctx,
+        &["deploy", "--no-wait", "--port", "8080", "--health-check", "/healthz", "--api", &t.api, "--token", &t.token],
+        &[("ZW_DATA_DIR", data.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rel = t.json(&["releases", "--app", "hello", "--json"]);
+    let digest = rel[0]["image_digest"].as_str().unwrap();
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    assert!(stderr(&o).contains(&format!("image {digest}")), "{}", stderr(&o));
+    assert!(data.join("store/images").join(hex).join("rootfs.ext4").is_file());
+    assert!(data.join("store/images").join(hex).join("config.json").is_file());
+}
