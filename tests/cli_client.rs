@@ -372,4 +372,32 @@ fn deploy_builds_the_current_directory_into_the_data_dir_store() {
     assert!(stderr(&o).contains(&format!("image {digest}")), "{}", stderr(&o));
     assert!(data.join("store/images").join(hex).join("rootfs.ext4").is_file());
     assert!(data.join("store/images").join(hex).join("config.json").is_file());
+
+    // --git URL: the branch is pinned to its commit, which the release records.
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .current_dir(&ctx)
+            .args(["-c", "user.name=Dev", "-c", "user.email=dev@example.com"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "hello"]);
+    let head = git(&["rev-parse", "HEAD"]);
+    let url = format!("file://{}", ctx.display());
+    let o = t.zw_in(
+        work.path(),
+        &["deploy", "--git", &url, "--branch", "main", "--app", "hello", "--no-wait", "--api", &t.api, "--token", &t.token],
+        &[("ZW_DATA_DIR", data.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rel = t.json(&["releases", "--app", "hello", "--json"]);
+    assert_eq!(rel.as_array().unwrap().len(), 2);
+    assert_eq!(rel[0]["source_commit"], head.as_str());
+    let hex = rel[0]["image_digest"].as_str().unwrap().strip_prefix("sha256:").unwrap();
+    assert!(data.join("store/images").join(hex).join("rootfs.ext4").is_file());
 }

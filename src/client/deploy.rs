@@ -100,12 +100,13 @@ fn build(a: &DeployArgs, app: &str) -> anyhow::Result<(String, String)> {
     let data_dir = super::data_dir(a.data_dir.clone());
     let (source, commit) = match &a.git {
         Some(url) => {
-            let rev = match (&a.branch, &a.commit) {
-                (Some(b), _) => GitRev::Branch(b.clone()),
-                (None, Some(c)) => GitRev::Commit(c.clone()),
-                (None, None) => GitRev::DefaultBranch,
+            // Pin the branch (or HEAD) to a commit first, so the release
+            // records exactly what was built.
+            let commit = match &a.commit {
+                Some(c) => c.clone(),
+                None => remote_commit(url, a.branch.as_deref())?,
             };
-            (Source::Git { url: url.clone(), rev }, a.commit.clone().unwrap_or_default())
+            (Source::Git { url: url.clone(), rev: GitRev::Commit(commit.clone()) }, commit)
         }
         None => {
             let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from("."));
@@ -139,6 +140,27 @@ fn build(a: &DeployArgs, app: &str) -> anyhow::Result<(String, String)> {
         artifact.config.rootfs_bytes
     );
     Ok((artifact.digest, commit))
+}
+
+/// The commit a remote's branch (or HEAD) points at now.
+fn remote_commit(url: &str, branch: Option<&str>) -> anyhow::Result<String> {
+    let refname = branch.map_or_else(|| "HEAD".to_string(), |b| format!("refs/heads/{b}"));
+    let out = std::process::Command::new("git")
+        .args(["ls-remote", "--", url, &refname])
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .context("running git ls-remote (is git installed?)")?;
+    if !out.status.success() {
+        bail!("git ls-remote {url}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(sha) = text.lines().find_map(|l| {
+        let (sha, name) = l.split_once('\t')?;
+        (name == refname).then(|| sha.to_string())
+    }) else {
+        bail!("{url} has no {}", branch.map_or("HEAD".to_string(), |b| format!("branch {b}")));
+    };
+    Ok(sha)
 }
 
 /// HEAD of a clean git work tree, else empty (the release records no commit).
