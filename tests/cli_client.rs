@@ -167,6 +167,8 @@ fn apps_releases_env_scale_rollback_through_the_api_and_meta_repo() {
     let status = t.json(&["status", "--app", "hello", "--json"]);
     assert_eq!(status["active"]["id"], rel[0]["id"]);
     assert_eq!(status["url"], "https://hello.localhost");
+    assert_eq!(status["instances"], serde_json::json!([]), "no follower reported any");
+    assert!(t.ok(&["status", "--app", "hello"]).contains("url:      https://hello.localhost"));
     let text = t.ok(&["releases", "--app", "hello"]);
     assert!(text.lines().any(|l| l.starts_with('*') && l.contains(rel[0]["id"].as_str().unwrap())), "{text}");
 

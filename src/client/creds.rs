@@ -93,7 +93,11 @@ fn env_nonempty(name: &str) -> Option<String> {
 
 /// Resolve the API and token for a user command.
 pub fn connect(args: &ConnArgs) -> anyhow::Result<Api> {
-    let saved = read_credentials()?;
+    let saved = if args.api.is_some() && args.token.is_some() {
+        None
+    } else {
+        read_credentials()?
+    };
     let data = crate::up::default_data_dir();
     let mut api: Option<(String, Origin)> = args.api.clone().map(|a| (a, Origin::Flag));
     let mut token: Option<(String, Origin)> = args.token.clone().map(|t| (t, Origin::Flag));

@@ -131,7 +131,21 @@ impl MetaClone {
         }
         args.extend(["commit", "--quiet", "--no-verify", "-m", message]);
         run(&args)?;
-        let out = self.git(&["push", "--quiet", "origin", "HEAD"])?;
+        // The captain commits too (rollouts write deployment files): when
+        // the push loses that race, replay our one new file on the new head.
+        let branch = String::from_utf8_lossy(&self.git(&["rev-parse", "--abbrev-ref", "HEAD"])?.stdout)
+            .trim()
+            .to_string();
+        let mut out = self.git(&["push", "--quiet", "origin", "HEAD"])?;
+        for _ in 0..5 {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() || !(err.contains("non-fast-forward") || err.contains("fetch first")) {
+                break;
+            }
+            run(&["fetch", "--quiet", "origin"])?;
+            run(&["-c", "user.name=zw", "-c", "user.email=zw@localhost", "rebase", "--quiet", &format!("origin/{branch}")])?;
+            out = self.git(&["push", "--quiet", "origin", "HEAD"])?;
+        }
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let lines: Vec<&str> = err
@@ -158,7 +172,7 @@ pub fn copy_release(base: &pb::Release) -> pb::Release {
 /// `https://<app>.<first env domain>` for an app.
 pub fn app_url(client: &Api, app: &AppView) -> anyhow::Result<Option<String>> {
     let m = MetaClone::open(client)?;
-    Ok(url_of(&m, app)?)
+    url_of(&m, app)
 }
 
 pub fn url_of(m: &MetaClone, app: &AppView) -> anyhow::Result<Option<String>> {

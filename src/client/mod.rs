@@ -264,6 +264,11 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         None => None,
     };
     let url = metarepo::app_url(&client, &app).ok().flatten();
+    let instances: Vec<InstanceView> = client
+        .get::<Vec<InstanceView>>("/v1/instances")?
+        .into_iter()
+        .filter(|i| i.env == app.env && i.app == app.name)
+        .collect();
     if a.json {
         println!(
             "{}",
@@ -272,6 +277,7 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
                 "active": active,
                 "latest": latest,
                 "url": url,
+                "instances": instances,
             }))?
         );
         return Ok(());
@@ -290,7 +296,34 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
     if let Some(u) = url {
         println!("url:      {u}");
     }
+    if instances.is_empty() {
+        println!("instances: none reported");
+    } else {
+        println!("instances:");
+        for i in &instances {
+            println!(
+                "  {:26}  {:10}  node {}  release {}{}",
+                i.id,
+                i.state,
+                i.node_id,
+                i.release_id,
+                reason_suffix(&i.reason)
+            );
+        }
+    }
     Ok(())
+}
+
+/// An instance as followers report it.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct InstanceView {
+    pub id: String,
+    pub node_id: String,
+    pub env: String,
+    pub app: String,
+    pub release_id: String,
+    pub state: String,
+    pub reason: String,
 }
 
 pub fn reason_suffix(r: &str) -> String {
