@@ -188,3 +188,61 @@ pub fn active(client: &Api, app: &AppView) -> anyhow::Result<Option<DeploymentVi
         None => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(cwd: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .current_dir(cwd)
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A push that loses the race with another commit (as the captain's
+    /// rollout writes) is replayed on the new head: both files arrive.
+    #[test]
+    fn push_release_replays_on_a_concurrent_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bare = tmp.path().join("meta.git");
+        git(tmp.path(), &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()]);
+        let other = tmp.path().join("other");
+        git(tmp.path(), &["clone", "-q", bare.to_str().unwrap(), other.to_str().unwrap()]);
+        std::fs::write(other.join("README"), "meta\n").unwrap();
+        git(&other, &["add", "README"]);
+        git(&other, &["commit", "-q", "-m", "init"]);
+        git(&other, &["push", "-q", "origin", "HEAD:main"]);
+
+        let m = MetaClone {
+            dir: tempfile::tempdir().unwrap(),
+            token: "unused-by-file-urls".into(),
+            url: bare.display().to_string(),
+        };
+        let out = m.git_in(m.dir.path(), &["clone", "--quiet", &m.url, "repo"]).unwrap();
+        assert!(out.status.success());
+
+        // Someone else commits after our clone.
+        std::fs::write(other.join("deployment"), "by the captain\n").unwrap();
+        git(&other, &["add", "deployment"]);
+        git(&other, &["commit", "-q", "-m", "deployment"]);
+        git(&other, &["push", "-q", "origin", "HEAD:main"]);
+
+        let r = pb::Release {
+            id: meta_schema::new_id(),
+            app: "hello".into(),
+            env: "production".into(),
+            ..Default::default()
+        };
+        let id = m.push_release(&r, "Release").unwrap();
+        git(&other, &["pull", "-q", "origin", "main"]);
+        assert!(other.join("deployment").is_file());
+        let path = other.join(meta_schema::layout::release_path("production", "hello", &id));
+        let back = pb::Release::decode(std::fs::read(path).unwrap().as_slice()).unwrap();
+        assert_eq!(back, r);
+    }
+}
