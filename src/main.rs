@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod client;
 mod meta_cmd;
+mod secrets_cmd;
 mod up;
 
 #[derive(Parser)]
@@ -36,6 +37,9 @@ enum Command {
     Build(builder::cli::Args),
     #[command(flatten)]
     Client(client::Command),
+    /// An app's secrets: set, unset, list (names only), rotate.
+    #[command(subcommand)]
+    Secrets(secrets_cmd::SecretsCommand),
 }
 
 fn init_tracing() {
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
             _ => ExitCode::FAILURE,
         }),
         Command::Client(cmd) => client::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Secrets(cmd) => secrets_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Build(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(builder::cli::run(args)))
