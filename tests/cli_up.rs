@@ -1,0 +1,82 @@
+//! The user CLI against a real `zw up` (captain, follower with the process
+//! runtime, edge): `zw deploy` of a directory builds it, follows the rollout
+//! to `running` and prints the URL, which then serves the page through the
+//! edge; `zw env set` and `zw rollback` roll out new releases the same way.
+//! The CLI finds the API and token through the data dir alone.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{Up, free_port, wait_for_page, zw};
+
+fn run(data: &Path, cwd: &Path, args: &[&str]) -> Output {
+    let home = data.join("home");
+    Command::new(zw())
+        .current_dir(cwd)
+        .args(args)
+        .env_remove("ZW_API")
+        .env_remove("ZW_TOKEN")
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("ZW_DATA_DIR", data)
+        .env("ZW_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn ok(data: &Path, cwd: &Path, args: &[&str]) -> String {
+    let out = run(data, cwd, args);
+    assert!(
+        out.status.success(),
+        "zw {args:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn deploy_env_and_rollback_with_zw_up() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let up = Up::start(&data, free_port(), free_port());
+    let ctx = work.path().join("app");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
+    std::fs::copy(example.join("Dockerfile"), ctx.join("Dockerfile")).unwrap();
+    std::fs::write(ctx.join("index.html"), "version-1\n").unwrap();
+    std::fs::copy("/bin/busybox", ctx.join("busybox")).expect("busybox-static is installed (/bin/busybox)");
+    std::fs::write(ctx.join(".zeitwork.toml"), "app = \"hello\"\n").unwrap();
+
+    ok(&data, &ctx, &["apps", "create", "hello", "--repo", "https://example.invalid/hello.git"]);
+    let url = ok(
+        &data,
+        &ctx,
+        &["deploy", "--port", "8080", "--health-check", "/healthz", "--instances", "3", "--wait-timeout", "120"],
+    );
+    assert_eq!(url.trim(), "https://hello.localhost");
+    wait_for_page(&up, "version-1", 60);
+    let first: serde_json::Value = serde_json::from_str(&ok(&data, &ctx, &["releases", "--json"])).unwrap();
+    let first = first[0]["id"].as_str().unwrap().to_string();
+
+    std::fs::write(ctx.join("index.html"), "version-2\n").unwrap();
+    ok(&data, &ctx, &["deploy", "--wait-timeout", "120"]);
+    wait_for_page(&up, "version-2", 60);
+
+    ok(&data, &ctx, &["env", "set", "GREETING=hello", "--wait-timeout", "120"]);
+    let env: serde_json::Value = serde_json::from_str(&ok(&data, &ctx, &["env", "list", "--json"])).unwrap();
+    assert_eq!(env["GREETING"], "hello");
+
+    ok(&data, &ctx, &["rollback", "--to", &first, "--wait-timeout", "120"]);
+    wait_for_page(&up, "version-1", 60);
+    let status: serde_json::Value = serde_json::from_str(&ok(&data, &ctx, &["status", "--json"])).unwrap();
+    assert_eq!(status["active"]["status"], "running");
+    assert_eq!(status["active"]["image_digest"], status["latest"]["image_digest"]);
+    let instances = status["instances"].as_array().unwrap();
+    assert!(
+        instances.iter().filter(|i| i["release_id"] == status["active"]["id"] && i["state"] == "healthy").count() >= 3,
+        "{status}"
+    );
+}
