@@ -213,10 +213,14 @@ fn finds_the_api_in_flags_env_login_and_the_data_dir() {
 
     // The flag wins over the login; a refused connection names the URL and its origin.
     let dead = format!("http://127.0.0.1:{}", free_port());
+    // The saved token is never sent to another API.
     let o = t.zw_in(cwd, &["apps", "list", "--api", &dead], &[]);
     let e = failed(&o);
+    assert!(e.contains(&format!("no API token for {dead}")), "{e}");
+    let o = t.zw_in(cwd, &["apps", "list", "--api", &dead, "--token", "zw_x"], &[]);
+    let e = failed(&o);
     assert!(e.contains(&format!("cannot connect to the API at {dead} (from the command line flag)")), "{e}");
-    let o = t.zw_in(cwd, &["apps", "list"], &[("ZW_API", &dead)]);
+    let o = t.zw_in(cwd, &["apps", "list"], &[("ZW_API", &dead), ("ZW_TOKEN", "zw_x")]);
     assert!(failed(&o).contains("(from $ZW_API)"), "{}", stderr(&o));
     // A bad token from the environment is named as such.
     let o = t.zw_in(cwd, &["apps", "list"], &[("ZW_TOKEN", "zw_nope")]);

@@ -107,7 +107,14 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<Api> {
     if token.is_none() {
         token = env_nonempty("ZW_TOKEN").map(|t| (t, Origin::Env("ZW_TOKEN")));
     }
-    if let Some((c, path)) = &saved {
+    // A saved token goes only to the API it was saved with, so that
+    // `--api https://elsewhere` never sends it to another server.
+    let same = |a: &Option<(String, Origin)>, b: &str| {
+        a.as_ref().is_none_or(|(a, _)| a.trim_end_matches('/') == b.trim_end_matches('/'))
+    };
+    if let Some((c, path)) = &saved
+        && same(&api, &c.api)
+    {
         if api.is_none() {
             api = Some((c.api.clone(), Origin::Login(path.clone())));
         }
@@ -115,11 +122,15 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<Api> {
             token = Some((c.token.clone(), Origin::Login(path.clone())));
         }
     }
-    if api.is_none() {
-        api = read_trimmed(&data.join("api.url")).map(|a| (a, Origin::DataDir(data.clone())));
-    }
-    if token.is_none() {
-        token = read_trimmed(&data.join("admin.token")).map(|t| (t, Origin::DataDir(data.clone())));
+    if let Some(local) = read_trimmed(&data.join("api.url"))
+        && same(&api, &local)
+    {
+        if api.is_none() {
+            api = Some((local, Origin::DataDir(data.clone())));
+        }
+        if token.is_none() {
+            token = read_trimmed(&data.join("admin.token")).map(|t| (t, Origin::DataDir(data.clone())));
+        }
     }
     let (api, api_origin) = api.with_context(|| {
         format!(
@@ -130,9 +141,8 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<Api> {
     })?;
     let (token, token_origin) = token.with_context(|| {
         format!(
-            "no API token: give --token, set $ZW_TOKEN, run `zw login --api URL --token T`, \
-             or run `zw up` (looked for {})",
-            data.join("admin.token").display()
+            "no API token for {api}: give --token, set $ZW_TOKEN, or run `zw login --api {api} --token T` \
+             (saved and local `zw up` tokens are only sent to their own API)"
         )
     })?;
     Api::new(&api, api_origin, token, token_origin)
