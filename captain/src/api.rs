@@ -1310,15 +1310,17 @@ async fn delete_node(
     State(st): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
+    // Recipient first: if that commit fails the node is still listed and
+    // the DELETE can be retried (a no-op commit-wise when already removed).
+    crate::secrets::remove_node_recipient(&st, &id)
+        .await
+        .map_err(meta_err)?;
     if !st.db.delete_node(&id).await? {
         return Err(ApiError::not_found("node", &id));
     }
     st.db
         .revoke_node_tokens(&id, meta_schema::now_millis())
         .await?;
-    crate::secrets::remove_node_recipient(&st, &id)
-        .await
-        .map_err(meta_err)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -57,13 +57,14 @@ pub fn env_lock() -> &'static tokio::sync::Mutex<()> {
     &LOCK
 }
 
-/// The age recipients of the registered nodes, by node id.
+/// The age recipients of the registered nodes, by node id (those that are
+/// not X25519 recipients left out, as [`add_node_recipient`] does).
 pub async fn node_recipients(db: &Db) -> Result<Vec<pb::AgeRecipient>, DbError> {
     Ok(db
         .nodes()
         .await?
         .into_iter()
-        .filter(|n| !n.age_recipient.is_empty())
+        .filter(|n| is_age_recipient(&n.age_recipient))
         .map(|n| pb::AgeRecipient {
             name: n.id,
             recipient: n.age_recipient,
