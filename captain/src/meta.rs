@@ -488,6 +488,11 @@ fn commits_batch(
 /// Index the head of the meta repository into the database.
 pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncReport, MetaError> {
     let _g = store.sync_lock.lock().await;
+    // Rows already present need no write: a sync costs what changed. Read
+    // them *before* the head: a release the API commits and records after
+    // this point is not in this set, so an older head can never mark it
+    // absent.
+    let present_before: BTreeSet<String> = db.present_deployment_ids().await?.into_iter().collect();
     let Some(head) = store.head().await? else {
         return Ok(SyncReport::default());
     };
@@ -512,8 +517,6 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
     };
     let empty = BTreeMap::new();
     let mut present = BTreeSet::new();
-    // Rows already present need no write: a sync costs what changed.
-    let present_before: BTreeSet<String> = db.present_deployment_ids().await?.into_iter().collect();
     for ((env, app), releases) in &loaded.releases {
         let Some((_, newest)) = releases.last_key_value() else {
             continue;
