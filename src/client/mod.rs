@@ -334,3 +334,29 @@ pub fn reason_suffix(r: &str) -> String {
 pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
     flag.unwrap_or_else(crate::up::default_data_dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_format_as_utc() {
+        assert_eq!(fmt_millis(0), "1970-01-01 00:00:00");
+        assert_eq!(fmt_millis(1_795_469_789_279), "2026-11-23 21:36:29");
+        assert_eq!(fmt_millis(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(fmt_millis(-1000), "1969-12-31 23:59:59");
+    }
+
+    #[test]
+    fn the_app_comes_from_the_project_file() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(project_file_app(d.path()).unwrap(), None);
+        std::fs::write(d.path().join("zeitwork.json"), r#"{"app": "from-json"}"#).unwrap();
+        assert_eq!(project_file_app(d.path()).unwrap().as_deref(), Some("from-json"));
+        // .zeitwork.toml wins over zeitwork.json.
+        std::fs::write(d.path().join(".zeitwork.toml"), "# x\nname = \"n\"\napp = 'web' # comment\n").unwrap();
+        assert_eq!(project_file_app(d.path()).unwrap().as_deref(), Some("web"));
+        std::fs::write(d.path().join(".zeitwork.toml"), "app = web\n").unwrap();
+        assert!(project_file_app(d.path()).unwrap_err().to_string().contains("quoted string"));
+    }
+}
