@@ -71,6 +71,40 @@ fn deploy_env_and_rollback_with_zw_up() {
 
     ok(&data, &ctx, &["rollback", "--to", &first, "--wait-timeout", "120"]);
     wait_for_page(&up, "version-1", 60);
+
+    // A secret set through the captain (a release of its own); the CLI's
+    // next release names the secrets file as it is now, although the
+    // release it copies (the first) had none.
+    up.api(
+        reqwest::Method::PUT,
+        "/v1/apps/hello.production/secrets",
+        Some(serde_json::json!({"secrets": {"API_KEY": "s3cret"}})),
+    );
+    ok(&data, &ctx, &["rollback", "--to", &first, "--wait-timeout", "120"]);
+    let status: serde_json::Value = serde_json::from_str(&ok(&data, &ctx, &["status", "--json"])).unwrap();
+    let active = status["active"]["path"].as_str().unwrap();
+    let pb = Command::new("git")
+        .arg("--git-dir")
+        .arg(data.join("meta.git"))
+        .args(["cat-file", "blob", &format!("HEAD:{active}")])
+        .output()
+        .unwrap();
+    assert!(pb.status.success(), "{}", String::from_utf8_lossy(&pb.stderr));
+    let decoded = {
+        use std::io::Write as _;
+        let mut c = Command::new(zw())
+            .args(["meta", "decode", "-", "--kind", "release"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(&pb.stdout).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(decoded.contains("API_KEY"), "{decoded}");
+    assert!(!decoded.contains("s3cret"), "{decoded}");
     let status: serde_json::Value = serde_json::from_str(&ok(&data, &ctx, &["status", "--json"])).unwrap();
     assert_eq!(status["active"]["status"], "running");
     assert_eq!(status["active"]["image_digest"], status["latest"]["image_digest"]);

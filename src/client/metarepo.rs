@@ -95,8 +95,33 @@ impl MetaClone {
         }
     }
 
-    /// Commit `release` as a new file and push it; returns its id.
+    /// The names and git blob id of an app's secrets file at HEAD (empty
+    /// without one), as the captain puts them into every new release: the
+    /// follower reads the values from the file at HEAD, so a release must
+    /// name the secrets that file has now, not those of the release it copies.
+    pub fn current_secrets(&self, env: &str, app: &str) -> anyhow::Result<(Vec<String>, String)> {
+        let path = meta_schema::layout::secrets_path(env, app);
+        let Some(bytes) = self.read_at("HEAD", &path)? else {
+            return Ok((Vec::new(), String::new()));
+        };
+        let text = std::str::from_utf8(&bytes).with_context(|| format!("{path} is not UTF-8"))?;
+        let file = meta_schema::sops::SopsFile::parse(text).with_context(|| format!("parsing {path}"))?;
+        let names = file.names().into_iter().map(str::to_string).collect();
+        let out = self.git(&["rev-parse", &format!("HEAD:{path}")])?;
+        if !out.status.success() {
+            bail!("git rev-parse HEAD:{path}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok((names, String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    }
+
+    /// Commit `release` (with the app's current secrets) as a new file and
+    /// push it; returns its id.
     pub fn push_release(&self, release: &pb::Release, message: &str) -> anyhow::Result<String> {
+        let mut release = release.clone();
+        let (refs, blob) = self.current_secrets(&release.env, &release.app)?;
+        release.secret_refs = refs;
+        release.secrets_blob = blob;
+        let release = &release;
         let path = meta_schema::layout::release_path(&release.env, &release.app, &release.id);
         let full = self.repo().join(&path);
         std::fs::create_dir_all(full.parent().context("release path has a parent")?)?;
