@@ -31,9 +31,14 @@ impl TestCaptain {
         let data = tempfile::tempdir().unwrap();
         let mut cfg = captain::Config::new(data.path());
         cfg.hook_command = Some(vec![ZW.into(), "captain-pre-receive".into()]);
-        let captain = rt.block_on(captain::Captain::start(cfg)).expect("captain starts");
+        let captain = rt
+            .block_on(captain::Captain::start(cfg))
+            .expect("captain starts");
         let api = format!("http://{}", captain.local_addr());
-        let token = captain.admin_token().expect("first start makes a token").to_string();
+        let token = captain
+            .admin_token()
+            .expect("first start makes a token")
+            .to_string();
         TestCaptain {
             rt,
             captain: Some(captain),
@@ -83,7 +88,8 @@ impl TestCaptain {
 
     fn json(&self, args: &[&str]) -> Value {
         let s = self.ok(args);
-        serde_json::from_str(&s).unwrap_or_else(|e| panic!("zw {args:?} printed no JSON ({e}): {s}"))
+        serde_json::from_str(&s)
+            .unwrap_or_else(|e| panic!("zw {args:?} printed no JSON ({e}): {s}"))
     }
 }
 
@@ -100,10 +106,21 @@ fn stderr(o: &Output) -> String {
 }
 
 fn failed(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(1), "expected exit 1; stdout {}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected exit 1; stdout {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let e = stderr(o);
     // Progress lines may come first; the error is the last line.
-    assert!(e.trim_end().lines().last().is_some_and(|l| l.starts_with("error: ")), "{e}");
+    assert!(
+        e.trim_end()
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("error: ")),
+        "{e}"
+    );
     e
 }
 
@@ -112,13 +129,24 @@ fn digest(c: char) -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
 fn apps_releases_env_scale_rollback_through_the_api_and_meta_repo() {
     let t = TestCaptain::start();
-    let a = t.json(&["apps", "create", "hello", "--repo", "https://example.invalid/hello.git", "--json"]);
+    let a = t.json(&[
+        "apps",
+        "create",
+        "hello",
+        "--repo",
+        "https://example.invalid/hello.git",
+        "--json",
+    ]);
     assert_eq!(a["id"], "hello.production");
     let list = t.json(&["apps", "list", "--json"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
@@ -127,19 +155,48 @@ fn apps_releases_env_scale_rollback_through_the_api_and_meta_repo() {
 
     // First release: POST /v1/deployments (no active release to copy).
     let (img_a, img_b) = (digest('a'), digest('b'));
-    t.ok(&["deploy", "--image", &img_a, "--app", "hello", "--port", "8080", "--health-check", "/healthz", "--no-wait"]);
+    t.ok(&[
+        "deploy",
+        "--image",
+        &img_a,
+        "--app",
+        "hello",
+        "--port",
+        "8080",
+        "--health-check",
+        "/healthz",
+        "--no-wait",
+    ]);
     let rel = t.json(&["releases", "--app", "hello", "--json"]);
     assert_eq!(rel.as_array().unwrap().len(), 1);
     let first = rel[0]["id"].as_str().unwrap().to_string();
     assert_eq!(rel[0]["image_digest"], img_a.as_str());
 
     // env set: a new release copying the active one, pushed to meta.git.
-    t.ok(&["env", "set", "FOO=bar", "GREETING=hi there", "--app", "hello", "--no-wait"]);
+    t.ok(&[
+        "env",
+        "set",
+        "FOO=bar",
+        "GREETING=hi there",
+        "--app",
+        "hello",
+        "--no-wait",
+    ]);
     let env = t.json(&["env", "list", "--app", "hello", "--json"]);
-    assert_eq!(env, serde_json::json!({"FOO": "bar", "GREETING": "hi there"}));
+    assert_eq!(
+        env,
+        serde_json::json!({"FOO": "bar", "GREETING": "hi there"})
+    );
 
     // A redeploy keeps the env vars and changes the image.
-    t.ok(&["deploy", "--image", &img_b, "--app", "hello.production", "--no-wait"]);
+    t.ok(&[
+        "deploy",
+        "--image",
+        &img_b,
+        "--app",
+        "hello.production",
+        "--no-wait",
+    ]);
     let env = t.json(&["env", "list", "--app", "hello", "--json"]);
     assert_eq!(env["FOO"], "bar");
 
@@ -157,20 +214,38 @@ fn apps_releases_env_scale_rollback_through_the_api_and_meta_repo() {
     // Nothing has run (no followers), so there is nothing to roll back to
     // by default; --to copies the named release, env vars and all.
     let o = t.zw(&["rollback", "--app", "hello", "--no-wait"]);
-    assert!(failed(&o).contains("no earlier running release"), "{}", stderr(&o));
+    assert!(
+        failed(&o).contains("no earlier running release"),
+        "{}",
+        stderr(&o)
+    );
     t.ok(&["rollback", "--to", &first, "--app", "hello", "--no-wait"]);
     let rel = t.json(&["releases", "--app", "hello", "--json"]);
     assert_eq!(rel[0]["image_digest"], img_a.as_str());
     assert_eq!(rel[0]["min_instances"], 3);
-    assert_eq!(t.json(&["env", "list", "--app", "hello", "--json"]), serde_json::json!({}));
+    assert_eq!(
+        t.json(&["env", "list", "--app", "hello", "--json"]),
+        serde_json::json!({})
+    );
 
     let status = t.json(&["status", "--app", "hello", "--json"]);
     assert_eq!(status["active"]["id"], rel[0]["id"]);
     assert_eq!(status["url"], "https://hello.localhost");
-    assert_eq!(status["instances"], serde_json::json!([]), "no follower reported any");
-    assert!(t.ok(&["status", "--app", "hello"]).contains("url:      https://hello.localhost"));
+    assert_eq!(
+        status["instances"],
+        serde_json::json!([]),
+        "no follower reported any"
+    );
+    assert!(
+        t.ok(&["status", "--app", "hello"])
+            .contains("url:      https://hello.localhost")
+    );
     let text = t.ok(&["releases", "--app", "hello"]);
-    assert!(text.lines().any(|l| l.starts_with('*') && l.contains(rel[0]["id"].as_str().unwrap())), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with('*') && l.contains(rel[0]["id"].as_str().unwrap())),
+        "{text}"
+    );
 
     t.ok(&["apps", "delete", "hello"]);
     assert_eq!(t.json(&["apps", "list", "--json"]), serde_json::json!([]));
@@ -183,18 +258,36 @@ fn finds_the_api_in_flags_env_login_and_the_data_dir() {
     std::fs::write(t.data.path().join("api.url"), format!("{}\n", t.api)).unwrap();
     let data = t.data.path().to_str().unwrap();
     let cwd = t.home.path();
-    let o = t.zw_in(cwd, &["apps", "create", "web", "--repo", "https://example.invalid/w.git"], &[("ZW_DATA_DIR", data)]);
+    let o = t.zw_in(
+        cwd,
+        &[
+            "apps",
+            "create",
+            "web",
+            "--repo",
+            "https://example.invalid/w.git",
+        ],
+        &[("ZW_DATA_DIR", data)],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 
     // Environment variables.
-    let o = t.zw_in(cwd, &["apps", "list", "--json"], &[("ZW_API", &t.api), ("ZW_TOKEN", &t.token)]);
+    let o = t.zw_in(
+        cwd,
+        &["apps", "list", "--json"],
+        &[("ZW_API", &t.api), ("ZW_TOKEN", &t.token)],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v[0]["name"], "web");
 
     // zw login refuses a bad token and saves nothing.
     let creds = t.home.path().join("config/zeitwork/credentials.json");
-    let o = t.zw_in(cwd, &["login", "--api", &t.api, "--token", "zw_not_a_token"], &[]);
+    let o = t.zw_in(
+        cwd,
+        &["login", "--api", &t.api, "--token", "zw_not_a_token"],
+        &[],
+    );
     let e = failed(&o);
     assert!(e.contains("(unauthorized)"), "{e}");
     assert!(!creds.exists());
@@ -202,7 +295,10 @@ fn finds_the_api_in_flags_env_login_and_the_data_dir() {
     let o = t.zw_in(cwd, &["login", "--api", &t.api, "--token", &t.token], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     use std::os::unix::fs::PermissionsExt as _;
-    assert_eq!(std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let saved: Value = serde_json::from_slice(&std::fs::read(&creds).unwrap()).unwrap();
     assert_eq!(saved["api"], t.api.as_str());
     let o = t.zw_in(cwd, &["status", "--app", "web", "--json"], &[]);
@@ -217,30 +313,69 @@ fn finds_the_api_in_flags_env_login_and_the_data_dir() {
     let o = t.zw_in(cwd, &["apps", "list", "--api", &dead], &[]);
     let e = failed(&o);
     assert!(e.contains(&format!("no API token for {dead}")), "{e}");
-    let o = t.zw_in(cwd, &["apps", "list", "--api", &dead, "--token", "zw_x"], &[]);
+    let o = t.zw_in(
+        cwd,
+        &["apps", "list", "--api", &dead, "--token", "zw_x"],
+        &[],
+    );
     let e = failed(&o);
-    assert!(e.contains(&format!("cannot connect to the API at {dead} (from the command line flag)")), "{e}");
-    let o = t.zw_in(cwd, &["apps", "list"], &[("ZW_API", &dead), ("ZW_TOKEN", "zw_x")]);
+    assert!(
+        e.contains(&format!(
+            "cannot connect to the API at {dead} (from the command line flag)"
+        )),
+        "{e}"
+    );
+    let o = t.zw_in(
+        cwd,
+        &["apps", "list"],
+        &[("ZW_API", &dead), ("ZW_TOKEN", "zw_x")],
+    );
     assert!(failed(&o).contains("(from $ZW_API)"), "{}", stderr(&o));
     // A bad token from the environment is named as such.
     let o = t.zw_in(cwd, &["apps", "list"], &[("ZW_TOKEN", "zw_nope")]);
     let e = failed(&o);
-    assert!(e.contains("(token from $ZW_TOKEN)") && e.contains("(unauthorized)"), "{e}");
+    assert!(
+        e.contains("(token from $ZW_TOKEN)") && e.contains("(unauthorized)"),
+        "{e}"
+    );
 }
 
 #[test]
 fn errors_and_the_app_from_the_project_file() {
     let t = TestCaptain::start();
-    t.ok(&["apps", "create", "site", "--env", "staging", "--repo", "https://example.invalid/s.git"]);
+    t.ok(&[
+        "apps",
+        "create",
+        "site",
+        "--env",
+        "staging",
+        "--repo",
+        "https://example.invalid/s.git",
+    ]);
     let o = t.zw(&["apps", "create", "site", "--env", "staging"]);
     let e = failed(&o);
     assert!(e.trim_end().ends_with("(conflict)"), "{e}");
     assert!(e.contains("exists in env \"staging\""), "{e}");
 
     let o = t.zw(&["status", "--app", "nope.production"]);
-    assert!(failed(&o).trim_end().ends_with("(not_found)"), "{}", stderr(&o));
-    let o = t.zw(&["deploy", "--image", "sha256:short", "--app", "site", "--no-wait"]);
-    assert!(failed(&o).trim_end().ends_with("(bad_request)"), "{}", stderr(&o));
+    assert!(
+        failed(&o).trim_end().ends_with("(not_found)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = t.zw(&[
+        "deploy",
+        "--image",
+        "sha256:short",
+        "--app",
+        "site",
+        "--no-wait",
+    ]);
+    assert!(
+        failed(&o).trim_end().ends_with("(bad_request)"),
+        "{}",
+        stderr(&o)
+    );
 
     // No --app and no project file: a clear error.
     let dir = tempfile::tempdir().unwrap();
@@ -250,8 +385,16 @@ fn errors_and_the_app_from_the_project_file() {
         t.zw_in(dir.path(), &all, &[])
     };
     let o = run(&["status"]);
-    assert!(failed(&o).contains("which app? give --app NAME"), "{}", stderr(&o));
-    std::fs::write(dir.path().join(".zeitwork.toml"), "# the app\napp = \"site\"\n").unwrap();
+    assert!(
+        failed(&o).contains("which app? give --app NAME"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(
+        dir.path().join(".zeitwork.toml"),
+        "# the app\napp = \"site\"\n",
+    )
+    .unwrap();
     let o = run(&["status", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -261,18 +404,30 @@ fn errors_and_the_app_from_the_project_file() {
     let o = run(&["scale", "2", "--no-wait"]);
     assert!(failed(&o).contains("has no release yet"), "{}", stderr(&o));
     let o = run(&["env", "set", "1BAD=x"]);
-    assert!(failed(&o).contains("is not an environment variable name"), "{}", stderr(&o));
+    assert!(
+        failed(&o).contains("is not an environment variable name"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn logs_says_when_the_captain_has_no_logs_endpoint() {
     let t = TestCaptain::start();
-    t.ok(&["apps", "create", "svc", "--repo", "https://example.invalid/svc.git"]);
+    t.ok(&[
+        "apps",
+        "create",
+        "svc",
+        "--repo",
+        "https://example.invalid/svc.git",
+    ]);
     let o = t.zw(&["logs", "--app", "svc"]);
     let e = failed(&o);
-    assert!(e.contains(&format!("the API at {} has no logs endpoint", t.api)), "{e}");
+    assert!(
+        e.contains(&format!("the API at {} has no logs endpoint", t.api)),
+        "{e}"
+    );
 }
-
 
 /// `zw deploy` without --no-wait follows the deployment's status to a
 /// terminal one: exit 0 and the URL on `running`, exit 1 with the reason on
@@ -281,7 +436,13 @@ fn logs_says_when_the_captain_has_no_logs_endpoint() {
 #[test]
 fn deploy_follows_the_rollout_to_running_or_failed() {
     let t = TestCaptain::start();
-    t.ok(&["apps", "create", "hello", "--repo", "https://example.invalid/hello.git"]);
+    t.ok(&[
+        "apps",
+        "create",
+        "hello",
+        "--repo",
+        "https://example.invalid/hello.git",
+    ]);
     let http = reqwest::blocking::Client::new();
     let put = |id: &str, status: &str, reason: Option<&str>| {
         let mut body = serde_json::json!({"status": status});
@@ -298,7 +459,15 @@ fn deploy_follows_the_rollout_to_running_or_failed() {
     };
     let spawn = |img: &str| {
         Command::new(ZW)
-            .args(["deploy", "--image", img, "--app", "hello", "--wait-timeout", "120"])
+            .args([
+                "deploy",
+                "--image",
+                img,
+                "--app",
+                "hello",
+                "--wait-timeout",
+                "120",
+            ])
             .args(["--api", &t.api, "--token", &t.token])
             .env("ZW_DATA_DIR", t.home.path().join("no-data"))
             .env("XDG_CONFIG_HOME", t.home.path().join("config"))
@@ -333,8 +502,15 @@ fn deploy_follows_the_rollout_to_running_or_failed() {
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "https://hello.localhost");
-    assert!(stderr(&out).contains(&format!("release {id} is running")), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "https://hello.localhost"
+    );
+    assert!(
+        stderr(&out).contains(&format!("release {id} is running")),
+        "{}",
+        stderr(&out)
+    );
 
     let child = spawn(&digest('d'));
     let id2 = newest_new(1);
@@ -342,7 +518,12 @@ fn deploy_follows_the_rollout_to_running_or_failed() {
     put(&id2, "failed", Some("health check /healthz answered 500"));
     let out = child.wait_with_output().unwrap();
     let e = failed(&out);
-    assert!(e.contains(&format!("release {id2} failed: health check /healthz answered 500")), "{e}");
+    assert!(
+        e.contains(&format!(
+            "release {id2} failed: health check /healthz answered 500"
+        )),
+        "{e}"
+    );
 
     // Now there is a running release before the active one: plain rollback copies it.
     t.ok(&["rollback", "--app", "hello", "--no-wait"]);
@@ -356,28 +537,60 @@ fn deploy_follows_the_rollout_to_running_or_failed() {
 #[test]
 fn deploy_builds_the_current_directory_into_the_data_dir_store() {
     let t = TestCaptain::start();
-    t.ok(&["apps", "create", "hello", "--repo", "https://example.invalid/hello.git"]);
+    t.ok(&[
+        "apps",
+        "create",
+        "hello",
+        "--repo",
+        "https://example.invalid/hello.git",
+    ]);
     let work = tempfile::tempdir().unwrap();
     let ctx = work.path().join("src");
     std::fs::create_dir_all(&ctx).unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
     std::fs::copy(example.join("Dockerfile"), ctx.join("Dockerfile")).unwrap();
     std::fs::write(ctx.join("index.html"), "built by zw deploy\n").unwrap();
-    std::fs::copy("/bin/busybox", ctx.join("busybox")).expect("busybox-static is installed (/bin/busybox)");
+    std::fs::copy("/bin/busybox", ctx.join("busybox"))
+        .expect("busybox-static is installed (/bin/busybox)");
     std::fs::write(ctx.join("zeitwork.json"), r#"{"app": "hello"}"#).unwrap();
     let data = work.path().join("data");
     let o = t.zw_in(
         &ctx,
-        &["deploy", "--no-wait", "--port", "8080", "--health-check", "/healthz", "--api", &t.api, "--token", &t.token],
+        &[
+            "deploy",
+            "--no-wait",
+            "--port",
+            "8080",
+            "--health-check",
+            "/healthz",
+            "--api",
+            &t.api,
+            "--token",
+            &t.token,
+        ],
         &[("ZW_DATA_DIR", data.to_str().unwrap())],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let rel = t.json(&["releases", "--app", "hello", "--json"]);
     let digest = rel[0]["image_digest"].as_str().unwrap();
     let hex = digest.strip_prefix("sha256:").unwrap();
-    assert!(stderr(&o).contains(&format!("image {digest}")), "{}", stderr(&o));
-    assert!(data.join("store/images").join(hex).join("rootfs.ext4").is_file());
-    assert!(data.join("store/images").join(hex).join("config.json").is_file());
+    assert!(
+        stderr(&o).contains(&format!("image {digest}")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        data.join("store/images")
+            .join(hex)
+            .join("rootfs.ext4")
+            .is_file()
+    );
+    assert!(
+        data.join("store/images")
+            .join(hex)
+            .join("config.json")
+            .is_file()
+    );
 
     // --git URL: the branch is pinned to its commit, which the release records.
     let git = |args: &[&str]| {
@@ -387,7 +600,11 @@ fn deploy_builds_the_current_directory_into_the_data_dir_store() {
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     git(&["init", "-q", "-b", "main"]);
@@ -397,13 +614,35 @@ fn deploy_builds_the_current_directory_into_the_data_dir_store() {
     let url = format!("file://{}", ctx.display());
     let o = t.zw_in(
         work.path(),
-        &["deploy", "--git", &url, "--branch", "main", "--app", "hello", "--no-wait", "--api", &t.api, "--token", &t.token],
+        &[
+            "deploy",
+            "--git",
+            &url,
+            "--branch",
+            "main",
+            "--app",
+            "hello",
+            "--no-wait",
+            "--api",
+            &t.api,
+            "--token",
+            &t.token,
+        ],
         &[("ZW_DATA_DIR", data.to_str().unwrap())],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let rel = t.json(&["releases", "--app", "hello", "--json"]);
     assert_eq!(rel.as_array().unwrap().len(), 2);
     assert_eq!(rel[0]["source_commit"], head.as_str());
-    let hex = rel[0]["image_digest"].as_str().unwrap().strip_prefix("sha256:").unwrap();
-    assert!(data.join("store/images").join(hex).join("rootfs.ext4").is_file());
+    let hex = rel[0]["image_digest"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("sha256:")
+        .unwrap();
+    assert!(
+        data.join("store/images")
+            .join(hex)
+            .join("rootfs.ext4")
+            .is_file()
+    );
 }

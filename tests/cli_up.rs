@@ -47,29 +47,60 @@ fn deploy_env_and_rollback_with_zw_up() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
     std::fs::copy(example.join("Dockerfile"), ctx.join("Dockerfile")).unwrap();
     std::fs::write(ctx.join("index.html"), "version-1\n").unwrap();
-    std::fs::copy("/bin/busybox", ctx.join("busybox")).expect("busybox-static is installed (/bin/busybox)");
+    std::fs::copy("/bin/busybox", ctx.join("busybox"))
+        .expect("busybox-static is installed (/bin/busybox)");
     std::fs::write(ctx.join(".zeitwork.toml"), "app = \"hello\"\n").unwrap();
 
-    ok(&data, &ctx, &["apps", "create", "hello", "--repo", "https://example.invalid/hello.git"]);
+    ok(
+        &data,
+        &ctx,
+        &[
+            "apps",
+            "create",
+            "hello",
+            "--repo",
+            "https://example.invalid/hello.git",
+        ],
+    );
     let url = ok(
         &data,
         &ctx,
-        &["deploy", "--port", "8080", "--health-check", "/healthz", "--instances", "3", "--wait-timeout", "120"],
+        &[
+            "deploy",
+            "--port",
+            "8080",
+            "--health-check",
+            "/healthz",
+            "--instances",
+            "3",
+            "--wait-timeout",
+            "120",
+        ],
     );
     assert_eq!(url.trim(), "https://hello.localhost");
     wait_for_page(&up, "version-1", 60);
-    let first: serde_json::Value = serde_json::from_str(&ok(&data, &ctx, &["releases", "--json"])).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(&ok(&data, &ctx, &["releases", "--json"])).unwrap();
     let first = first[0]["id"].as_str().unwrap().to_string();
 
     std::fs::write(ctx.join("index.html"), "version-2\n").unwrap();
     ok(&data, &ctx, &["deploy", "--wait-timeout", "120"]);
     wait_for_page(&up, "version-2", 60);
 
-    ok(&data, &ctx, &["env", "set", "GREETING=hello", "--wait-timeout", "120"]);
-    let env: serde_json::Value = serde_json::from_str(&ok(&data, &ctx, &["env", "list", "--json"])).unwrap();
+    ok(
+        &data,
+        &ctx,
+        &["env", "set", "GREETING=hello", "--wait-timeout", "120"],
+    );
+    let env: serde_json::Value =
+        serde_json::from_str(&ok(&data, &ctx, &["env", "list", "--json"])).unwrap();
     assert_eq!(env["GREETING"], "hello");
 
-    ok(&data, &ctx, &["rollback", "--to", &first, "--wait-timeout", "120"]);
+    ok(
+        &data,
+        &ctx,
+        &["rollback", "--to", &first, "--wait-timeout", "120"],
+    );
     wait_for_page(&up, "version-1", 60);
 
     // A secret set through the captain (a release of its own); the CLI's
@@ -80,8 +111,13 @@ fn deploy_env_and_rollback_with_zw_up() {
         "/v1/apps/hello.production/secrets",
         Some(serde_json::json!({"secrets": {"API_KEY": "s3cret"}})),
     );
-    ok(&data, &ctx, &["rollback", "--to", &first, "--wait-timeout", "120"]);
-    let status: serde_json::Value = serde_json::from_str(&ok(&data, &ctx, &["status", "--json"])).unwrap();
+    ok(
+        &data,
+        &ctx,
+        &["rollback", "--to", &first, "--wait-timeout", "120"],
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&data, &ctx, &["status", "--json"])).unwrap();
     let active = status["active"]["path"].as_str().unwrap();
     let pb = Command::new("git")
         .arg("--git-dir")
@@ -89,7 +125,11 @@ fn deploy_env_and_rollback_with_zw_up() {
         .args(["cat-file", "blob", &format!("HEAD:{active}")])
         .output()
         .unwrap();
-    assert!(pb.status.success(), "{}", String::from_utf8_lossy(&pb.stderr));
+    assert!(
+        pb.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pb.stderr)
+    );
     let decoded = {
         use std::io::Write as _;
         let mut c = Command::new(zw())
@@ -105,12 +145,20 @@ fn deploy_env_and_rollback_with_zw_up() {
     };
     assert!(decoded.contains("API_KEY"), "{decoded}");
     assert!(!decoded.contains("s3cret"), "{decoded}");
-    let status: serde_json::Value = serde_json::from_str(&ok(&data, &ctx, &["status", "--json"])).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&data, &ctx, &["status", "--json"])).unwrap();
     assert_eq!(status["active"]["status"], "running");
-    assert_eq!(status["active"]["image_digest"], status["latest"]["image_digest"]);
+    assert_eq!(
+        status["active"]["image_digest"],
+        status["latest"]["image_digest"]
+    );
     let instances = status["instances"].as_array().unwrap();
     assert!(
-        instances.iter().filter(|i| i["release_id"] == status["active"]["id"] && i["state"] == "healthy").count() >= 3,
+        instances
+            .iter()
+            .filter(|i| i["release_id"] == status["active"]["id"] && i["state"] == "healthy")
+            .count()
+            >= 3,
         "{status}"
     );
 }

@@ -59,7 +59,12 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(base: &str, base_origin: Origin, token: String, token_origin: Origin) -> anyhow::Result<Api> {
+    pub fn new(
+        base: &str,
+        base_origin: Origin,
+        token: String,
+        token_origin: Origin,
+    ) -> anyhow::Result<Api> {
         let base = base.trim().trim_end_matches('/').to_string();
         anyhow::ensure!(
             base.starts_with("http://") || base.starts_with("https://"),
@@ -85,13 +90,23 @@ impl Api {
     }
 
     /// Send a request; a non-2xx answer becomes an [`ApiError`].
-    pub fn send(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Response> {
+    pub fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Response> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method.clone(), &url).bearer_auth(&self.token);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().map_err(|e| self.transport_error(&method, path, e))?;
+        let resp = req
+            .send()
+            .map_err(|e| self.transport_error(&method, path, e))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -143,7 +158,11 @@ impl Api {
                 message: if text.trim().is_empty() {
                     format!("the API at {} answered HTTP {status}", self.base)
                 } else {
-                    format!("the API at {} answered HTTP {status}: {}", self.base, text.trim())
+                    format!(
+                        "the API at {} answered HTTP {status}: {}",
+                        self.base,
+                        text.trim()
+                    )
                 },
             },
         }
@@ -151,13 +170,19 @@ impl Api {
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let r = self.send(Method::GET, path, None)?;
-        r.json().with_context(|| format!("reading the answer of GET {path}"))
+        r.json()
+            .with_context(|| format!("reading the answer of GET {path}"))
     }
 
-    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
         let b = serde_json::to_value(body)?;
         let r = self.send(Method::POST, path, Some(&b))?;
-        r.json().with_context(|| format!("reading the answer of POST {path}"))
+        r.json()
+            .with_context(|| format!("reading the answer of POST {path}"))
     }
 
     pub fn delete(&self, path: &str) -> anyhow::Result<()> {

@@ -67,13 +67,19 @@ fn create(a: CreateArgs) -> anyhow::Result<()> {
     let projects: Vec<ProjectView> = client.get("/v1/projects")?;
     let project_id = match &a.project {
         Some(p) => {
-            let hits: Vec<&ProjectView> = projects.iter().filter(|x| &x.id == p || &x.name == p).collect();
+            let hits: Vec<&ProjectView> = projects
+                .iter()
+                .filter(|x| &x.id == p || &x.name == p)
+                .collect();
             match hits.as_slice() {
                 [one] => one.id.clone(),
                 [] => anyhow::bail!("no project {p:?} (projects: {})", names(&projects)),
                 _ => anyhow::bail!(
                     "several projects are named {p:?}; give one of their ids: {}",
-                    hits.iter().map(|x| x.id.as_str()).collect::<Vec<_>>().join(", ")
+                    hits.iter()
+                        .map(|x| x.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             }
         }
@@ -84,11 +90,15 @@ fn create(a: CreateArgs) -> anyhow::Result<()> {
                     Some(r) => r.clone(),
                     None => std::env::current_dir()?.display().to_string(),
                 };
-                let p: ProjectView = client.post("/v1/projects", &json!({"name": a.name, "repo": repo}))?;
+                let p: ProjectView =
+                    client.post("/v1/projects", &json!({"name": a.name, "repo": repo}))?;
                 eprintln!("created project {} ({}) for {}", p.name, p.id, p.repo);
                 p.id
             }
-            _ => anyhow::bail!("several projects exist; give --project, one of: {}", names(&projects)),
+            _ => anyhow::bail!(
+                "several projects exist; give --project, one of: {}",
+                names(&projects)
+            ),
         },
     };
     let mut body = json!({"name": a.name});
@@ -99,7 +109,10 @@ fn create(a: CreateArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&app)?);
     } else {
-        println!("created app {} in env {} (id {}, project {})", app.name, app.env, app.id, app.project_id);
+        println!(
+            "created app {} in env {} (id {}, project {})",
+            app.name, app.env, app.id, app.project_id
+        );
     }
     Ok(())
 }
@@ -108,7 +121,10 @@ fn names(ps: &[ProjectView]) -> String {
     if ps.is_empty() {
         return "none".into();
     }
-    ps.iter().map(|p| format!("{} ({})", p.name, p.id)).collect::<Vec<_>>().join(", ")
+    ps.iter()
+        .map(|p| format!("{} ({})", p.name, p.id))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn list(a: ListArgs) -> anyhow::Result<()> {
@@ -131,10 +147,18 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
         println!("no apps (create one with `zw apps create NAME`)");
         return Ok(());
     }
-    let w = rows.iter().map(|r| r.0.name.len()).max().unwrap_or(4).max(4);
+    let w = rows
+        .iter()
+        .map(|r| r.0.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     let we = rows.iter().map(|r| r.0.env.len()).max().unwrap_or(3).max(3);
     let wp = rows.iter().map(|r| r.1.len()).max().unwrap_or(7).max(7);
-    println!("{:w$}  {:we$}  {:wp$}  {:26}  CREATED", "NAME", "ENV", "PROJECT", "ACTIVE RELEASE");
+    println!(
+        "{:w$}  {:we$}  {:wp$}  {:26}  CREATED",
+        "NAME", "ENV", "PROJECT", "ACTIVE RELEASE"
+    );
     for (app, project) in &rows {
         println!(
             "{:w$}  {:we$}  {:wp$}  {:26}  {}",

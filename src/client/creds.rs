@@ -45,8 +45,12 @@ fn read_credentials() -> anyhow::Result<Option<(Credentials, PathBuf)>> {
     };
     match std::fs::read(&path) {
         Ok(b) => {
-            let c: Credentials = serde_json::from_slice(&b)
-                .with_context(|| format!("{} is not valid credentials JSON; run `zw login` again", path.display()))?;
+            let c: Credentials = serde_json::from_slice(&b).with_context(|| {
+                format!(
+                    "{} is not valid credentials JSON; run `zw login` again",
+                    path.display()
+                )
+            })?;
             Ok(Some((c, path)))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -88,7 +92,10 @@ fn read_trimmed(p: &Path) -> Option<String> {
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
-    std::env::var(name).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    std::env::var(name)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// Resolve the API and token for a user command.
@@ -110,7 +117,8 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<Api> {
     // A saved token goes only to the API it was saved with, so that
     // `--api https://elsewhere` never sends it to another server.
     let same = |a: &Option<(String, Origin)>, b: &str| {
-        a.as_ref().is_none_or(|(a, _)| a.trim_end_matches('/') == b.trim_end_matches('/'))
+        a.as_ref()
+            .is_none_or(|(a, _)| a.trim_end_matches('/') == b.trim_end_matches('/'))
     };
     if let Some((c, path)) = &saved
         && same(&api, &c.api)
@@ -129,7 +137,8 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<Api> {
             api = Some((local, Origin::DataDir(data.clone())));
         }
         if token.is_none() {
-            token = read_trimmed(&data.join("admin.token")).map(|t| (t, Origin::DataDir(data.clone())));
+            token =
+                read_trimmed(&data.join("admin.token")).map(|t| (t, Origin::DataDir(data.clone())));
         }
     }
     let (api, api_origin) = api.with_context(|| {

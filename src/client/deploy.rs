@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use builder::{BackendKind, BuildOptions, Builder, BuilderConfig, GitRev, LocalStore, LogLine, LogSink, LogStream, ObjectStore, Source, Stage};
+use builder::{
+    BackendKind, BuildOptions, Builder, BuilderConfig, GitRev, LocalStore, LogLine, LogSink,
+    LogStream, ObjectStore, Source, Stage,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use meta_schema::pb;
 use serde_json::json;
@@ -81,7 +84,11 @@ struct BarLog(ProgressBar);
 
 impl LogSink for BarLog {
     fn line(&self, line: LogLine) {
-        let prefix = if line.stream == LogStream::Builder { "==> " } else { "    " };
+        let prefix = if line.stream == LogStream::Builder {
+            "==> "
+        } else {
+            "    "
+        };
         self.0.println(format!("{prefix}{}", line.text));
     }
     fn stage(&self, stage: Stage) {
@@ -91,7 +98,9 @@ impl LogSink for BarLog {
 
 fn spinner() -> ProgressBar {
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
+    );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
 }
@@ -106,11 +115,19 @@ fn build(a: &DeployArgs, app: &str) -> anyhow::Result<(String, String)> {
                 Some(c) => c.clone(),
                 None => remote_commit(url, a.branch.as_deref())?,
             };
-            (Source::Git { url: url.clone(), rev: GitRev::Commit(commit.clone()) }, commit)
+            (
+                Source::Git {
+                    url: url.clone(),
+                    rev: GitRev::Commit(commit.clone()),
+                },
+                commit,
+            )
         }
         None => {
             let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from("."));
-            let dir = dir.canonicalize().with_context(|| format!("source directory {}", dir.display()))?;
+            let dir = dir
+                .canonicalize()
+                .with_context(|| format!("source directory {}", dir.display()))?;
             let commit = local_commit(&dir);
             (Source::Local(dir), commit)
         }
@@ -120,11 +137,17 @@ fn build(a: &DeployArgs, app: &str) -> anyhow::Result<(String, String)> {
         .iter()
         .map(|s| builder::parse_build_arg(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let opts = BuildOptions { app: Some(app.to_string()), dockerfile: a.dockerfile.clone(), build_args };
+    let opts = BuildOptions {
+        app: Some(app.to_string()),
+        dockerfile: a.dockerfile.clone(),
+        build_args,
+    };
     let mut config = BuilderConfig::new(&data_dir);
     config.backend = a.backend;
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(data_dir.join("store")));
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let bar = spinner();
     bar.set_message(format!("building {source}"));
     let result = rt.block_on(async {
@@ -135,7 +158,11 @@ fn build(a: &DeployArgs, app: &str) -> anyhow::Result<(String, String)> {
     let artifact = result?;
     eprintln!(
         "{} image {} ({} bytes)",
-        if artifact.uploaded { "built" } else { "unchanged" },
+        if artifact.uploaded {
+            "built"
+        } else {
+            "unchanged"
+        },
         artifact.digest,
         artifact.config.rootfs_bytes
     );
@@ -151,14 +178,20 @@ fn remote_commit(url: &str, branch: Option<&str>) -> anyhow::Result<String> {
         .output()
         .context("running git ls-remote (is git installed?)")?;
     if !out.status.success() {
-        bail!("git ls-remote {url}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "git ls-remote {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let Some(sha) = text.lines().find_map(|l| {
         let (sha, name) = l.split_once('\t')?;
         (name == refname).then(|| sha.to_string())
     }) else {
-        bail!("{url} has no {}", branch.map_or("HEAD".to_string(), |b| format!("branch {b}")));
+        bail!(
+            "{url} has no {}",
+            branch.map_or("HEAD".to_string(), |b| format!("branch {b}"))
+        );
     };
     Ok(sha)
 }
@@ -272,7 +305,11 @@ pub fn follow(client: &Api, id: &str, f: &FollowArgs) -> anyhow::Result<()> {
             }
             last = d.status.clone();
         }
-        bar.set_message(format!("release {id}: {}{}", d.status, reason_suffix(&d.reason)));
+        bar.set_message(format!(
+            "release {id}: {}{}",
+            d.status,
+            reason_suffix(&d.reason)
+        ));
         match d.status.as_str() {
             "running" => {
                 bar.finish_and_clear();

@@ -31,7 +31,10 @@ impl MetaClone {
             url: format!("{}/meta.git", client.base),
         };
         let dest = m.dir.path().join("repo");
-        let out = m.git_in(m.dir.path(), &["clone", "--quiet", "--no-tags", &m.url, "repo"])?;
+        let out = m.git_in(
+            m.dir.path(),
+            &["clone", "--quiet", "--no-tags", &m.url, "repo"],
+        )?;
         if !out.status.success() {
             bail!(
                 "cloning the meta repository {} (from {}): {}",
@@ -55,7 +58,10 @@ impl MetaClone {
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_COUNT", "1")
             .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env("GIT_CONFIG_VALUE_0", format!("Authorization: Bearer {}", self.token))
+            .env(
+                "GIT_CONFIG_VALUE_0",
+                format!("Authorization: Bearer {}", self.token),
+            )
             .output()
             .context("running git (is it installed?)")
     }
@@ -82,7 +88,11 @@ impl MetaClone {
             bytes = self.read_at("HEAD", &d.path)?;
         }
         let Some(b) = bytes else {
-            bail!("release {} ({}) is not in the meta repository", d.id, d.path);
+            bail!(
+                "release {} ({}) is not in the meta repository",
+                d.id,
+                d.path
+            );
         };
         pb::Release::decode(b.as_slice()).with_context(|| format!("decoding {}", d.path))
     }
@@ -105,13 +115,20 @@ impl MetaClone {
             return Ok((Vec::new(), String::new()));
         };
         let text = std::str::from_utf8(&bytes).with_context(|| format!("{path} is not UTF-8"))?;
-        let file = meta_schema::sops::SopsFile::parse(text).with_context(|| format!("parsing {path}"))?;
+        let file =
+            meta_schema::sops::SopsFile::parse(text).with_context(|| format!("parsing {path}"))?;
         let names = file.names().into_iter().map(str::to_string).collect();
         let out = self.git(&["rev-parse", &format!("HEAD:{path}")])?;
         if !out.status.success() {
-            bail!("git rev-parse HEAD:{path}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "git rev-parse HEAD:{path}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        Ok((names, String::from_utf8_lossy(&out.stdout).trim().to_string()))
+        Ok((
+            names,
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ))
     }
 
     /// Commit `release` (with the app's current secrets) as a new file and
@@ -158,17 +175,28 @@ impl MetaClone {
         run(&args)?;
         // The captain commits too (rollouts write deployment files): when
         // the push loses that race, replay our one new file on the new head.
-        let branch = String::from_utf8_lossy(&self.git(&["rev-parse", "--abbrev-ref", "HEAD"])?.stdout)
-            .trim()
-            .to_string();
+        let branch =
+            String::from_utf8_lossy(&self.git(&["rev-parse", "--abbrev-ref", "HEAD"])?.stdout)
+                .trim()
+                .to_string();
         let mut out = self.git(&["push", "--quiet", "origin", "HEAD"])?;
         for _ in 0..5 {
             let err = String::from_utf8_lossy(&out.stderr);
-            if out.status.success() || !(err.contains("non-fast-forward") || err.contains("fetch first")) {
+            if out.status.success()
+                || !(err.contains("non-fast-forward") || err.contains("fetch first"))
+            {
                 break;
             }
             run(&["fetch", "--quiet", "origin"])?;
-            run(&["-c", "user.name=zw", "-c", "user.email=zw@localhost", "rebase", "--quiet", &format!("origin/{branch}")])?;
+            run(&[
+                "-c",
+                "user.name=zw",
+                "-c",
+                "user.email=zw@localhost",
+                "rebase",
+                "--quiet",
+                &format!("origin/{branch}"),
+            ])?;
             out = self.git(&["push", "--quiet", "origin", "HEAD"])?;
         }
         if !out.status.success() {
@@ -176,7 +204,11 @@ impl MetaClone {
             let lines: Vec<&str> = err
                 .lines()
                 .map(|l| l.trim_start_matches("remote:").trim())
-                .filter(|l| !l.is_empty() && !l.starts_with("To ") && !l.starts_with("error: failed to push"))
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("To ")
+                        && !l.starts_with("error: failed to push")
+                })
                 .collect();
             bail!("the captain refused the new release: {}", lines.join("; "));
         }
@@ -225,7 +257,11 @@ mod tests {
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -235,9 +271,20 @@ mod tests {
     fn push_release_replays_on_a_concurrent_commit() {
         let tmp = tempfile::tempdir().unwrap();
         let bare = tmp.path().join("meta.git");
-        git(tmp.path(), &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()]);
+        git(
+            tmp.path(),
+            &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()],
+        );
         let other = tmp.path().join("other");
-        git(tmp.path(), &["clone", "-q", bare.to_str().unwrap(), other.to_str().unwrap()]);
+        git(
+            tmp.path(),
+            &[
+                "clone",
+                "-q",
+                bare.to_str().unwrap(),
+                other.to_str().unwrap(),
+            ],
+        );
         std::fs::write(other.join("README"), "meta\n").unwrap();
         git(&other, &["add", "README"]);
         git(&other, &["commit", "-q", "-m", "init"]);
@@ -248,7 +295,9 @@ mod tests {
             token: "unused-by-file-urls".into(),
             url: bare.display().to_string(),
         };
-        let out = m.git_in(m.dir.path(), &["clone", "--quiet", &m.url, "repo"]).unwrap();
+        let out = m
+            .git_in(m.dir.path(), &["clone", "--quiet", &m.url, "repo"])
+            .unwrap();
         assert!(out.status.success());
 
         // Someone else commits after our clone.
@@ -266,7 +315,11 @@ mod tests {
         let id = m.push_release(&r, "Release").unwrap();
         git(&other, &["pull", "-q", "origin", "main"]);
         assert!(other.join("deployment").is_file());
-        let path = other.join(meta_schema::layout::release_path("production", "hello", &id));
+        let path = other.join(meta_schema::layout::release_path(
+            "production",
+            "hello",
+            &id,
+        ));
         let back = pb::Release::decode(std::fs::read(path).unwrap().as_slice()).unwrap();
         assert_eq!(back, r);
     }

@@ -95,7 +95,12 @@ fn login(a: LoginArgs) -> anyhow::Result<()> {
         .token
         .clone()
         .ok_or_else(|| anyhow::anyhow!("zw login needs --token TOKEN"))?;
-    let client = api::Api::new(&api_url, api::Origin::Flag, token.clone(), api::Origin::Flag)?;
+    let client = api::Api::new(
+        &api_url,
+        api::Origin::Flag,
+        token.clone(),
+        api::Origin::Flag,
+    )?;
     // Any authenticated read proves the URL and the token.
     let projects: Vec<serde_json::Value> = client.get("/v1/projects")?;
     let path = creds::save_credentials(&creds::Credentials {
@@ -142,7 +147,9 @@ pub fn project_file_app(dir: &std::path::Path) -> anyhow::Result<Option<String>>
                     .strip_prefix('"')
                     .and_then(|v| v.strip_suffix('"'))
                     .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
-                    .ok_or_else(|| anyhow::anyhow!("{}: app must be a quoted string", toml.display()))?;
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("{}: app must be a quoted string", toml.display())
+                    })?;
                 return Ok(Some(v.to_string()));
             }
         }
@@ -153,7 +160,8 @@ pub fn project_file_app(dir: &std::path::Path) -> anyhow::Result<Option<String>>
         struct F {
             app: Option<String>,
         }
-        let f: F = serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", json.display()))?;
+        let f: F =
+            serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", json.display()))?;
         return Ok(f.app);
     }
     Ok(None)
@@ -224,7 +232,11 @@ pub fn resolve_app(client: &api::Api, name: &str) -> anyhow::Result<AppView> {
 }
 
 /// Deployments of an app, newest first.
-pub fn deployments(client: &api::Api, app_id: &str, limit: u32) -> anyhow::Result<Vec<DeploymentView>> {
+pub fn deployments(
+    client: &api::Api,
+    app_id: &str,
+    limit: u32,
+) -> anyhow::Result<Vec<DeploymentView>> {
     client.get(&format!(
         "/v1/deployments?app_id={}&limit={limit}",
         api::enc(app_id)
@@ -260,7 +272,9 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
     let app = resolve_app(&client, &app_name(&a.app)?)?;
     let latest = deployments(&client, &app.id, 1)?.into_iter().next();
     let active = match &app.active_release {
-        Some(id) => Some(client.get::<DeploymentView>(&format!("/v1/deployments/{}", api::enc(id)))?),
+        Some(id) => {
+            Some(client.get::<DeploymentView>(&format!("/v1/deployments/{}", api::enc(id)))?)
+        }
         None => None,
     };
     let url = metarepo::app_url(&client, &app).ok().flatten();
@@ -282,7 +296,10 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    println!("app:      {} (env {}, project {})", app.name, app.env, app.project_id);
+    println!(
+        "app:      {} (env {}, project {})",
+        app.name, app.env, app.project_id
+    );
     match &active {
         Some(d) => println!(
             "active:   {} {} image {} ({} instances)",
@@ -290,8 +307,16 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         ),
         None => println!("active:   none (deploy with `zw deploy --app {}`)", app.id),
     }
-    if let Some(d) = latest.as_ref().filter(|d| Some(&d.id) != app.active_release.as_ref()) {
-        println!("latest:   {} {}{}", d.id, d.status, reason_suffix(&d.reason));
+    if let Some(d) = latest
+        .as_ref()
+        .filter(|d| Some(&d.id) != app.active_release.as_ref())
+    {
+        println!(
+            "latest:   {} {}{}",
+            d.id,
+            d.status,
+            reason_suffix(&d.reason)
+        );
     }
     if let Some(u) = url {
         println!("url:      {u}");
@@ -327,7 +352,11 @@ pub struct InstanceView {
 }
 
 pub fn reason_suffix(r: &str) -> String {
-    if r.is_empty() { String::new() } else { format!(" ({r})") }
+    if r.is_empty() {
+        String::new()
+    } else {
+        format!(" ({r})")
+    }
 }
 
 /// The data dir `zw up` and `zw build` use.
@@ -352,11 +381,23 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(project_file_app(d.path()).unwrap(), None);
         std::fs::write(d.path().join("zeitwork.json"), r#"{"app": "from-json"}"#).unwrap();
-        assert_eq!(project_file_app(d.path()).unwrap().as_deref(), Some("from-json"));
+        assert_eq!(
+            project_file_app(d.path()).unwrap().as_deref(),
+            Some("from-json")
+        );
         // .zeitwork.toml wins over zeitwork.json.
-        std::fs::write(d.path().join(".zeitwork.toml"), "# x\nname = \"n\"\napp = 'web' # comment\n").unwrap();
+        std::fs::write(
+            d.path().join(".zeitwork.toml"),
+            "# x\nname = \"n\"\napp = 'web' # comment\n",
+        )
+        .unwrap();
         assert_eq!(project_file_app(d.path()).unwrap().as_deref(), Some("web"));
         std::fs::write(d.path().join(".zeitwork.toml"), "app = web\n").unwrap();
-        assert!(project_file_app(d.path()).unwrap_err().to_string().contains("quoted string"));
+        assert!(
+            project_file_app(d.path())
+                .unwrap_err()
+                .to_string()
+                .contains("quoted string")
+        );
     }
 }

@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, bail};
 use meta_schema::pb;
 
+use super::api::Api;
 use super::creds::{self, ConnArgs};
 use super::deploy::{FollowArgs, follow};
 use super::metarepo::{self, MetaClone};
 use super::{AppArg, AppView, DeploymentView, app_name, deployments, fmt_millis, resolve_app};
-use super::api::Api;
 
 #[derive(Debug, clap::Args)]
 pub struct ReleasesArgs {
@@ -106,10 +106,16 @@ pub fn list(a: ReleasesArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if ds.is_empty() {
-        println!("no releases of {} yet (deploy with `zw deploy --app {}`)", app.name, app.id);
+        println!(
+            "no releases of {} yet (deploy with `zw deploy --app {}`)",
+            app.name, app.id
+        );
         return Ok(());
     }
-    println!("   {:26}  {:8}  {:9}  {:19}  {:19}  REASON", "RELEASE", "STATUS", "INSTANCES", "IMAGE", "CREATED");
+    println!(
+        "   {:26}  {:8}  {:9}  {:19}  {:19}  REASON",
+        "RELEASE", "STATUS", "INSTANCES", "IMAGE", "CREATED"
+    );
     for d in &ds {
         let mark = if app.active_release.as_deref() == Some(d.id.as_str()) {
             "*"
@@ -118,13 +124,22 @@ pub fn list(a: ReleasesArgs) -> anyhow::Result<()> {
         } else {
             " "
         };
-        let image: String = d.image_digest.trim_start_matches("sha256:").chars().take(12).collect();
+        let image: String = d
+            .image_digest
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(12)
+            .collect();
         println!(
             "{mark}  {:26}  {:8}  {:9}  {:19}  {:19}  {}",
             d.id,
             d.status,
             d.min_instances,
-            if image.is_empty() { "-".into() } else { format!("sha256:{image}") },
+            if image.is_empty() {
+                "-".into()
+            } else {
+                format!("sha256:{image}")
+            },
             fmt_millis(d.created_at),
             d.reason
         );
@@ -134,9 +149,17 @@ pub fn list(a: ReleasesArgs) -> anyhow::Result<()> {
 }
 
 /// The active release, or a clear error when the app has none.
-fn active_release(client: &Api, m: &MetaClone, app: &AppView) -> anyhow::Result<(DeploymentView, pb::Release)> {
+fn active_release(
+    client: &Api,
+    m: &MetaClone,
+    app: &AppView,
+) -> anyhow::Result<(DeploymentView, pb::Release)> {
     let Some(d) = metarepo::active(client, app)? else {
-        bail!("{} has no release yet; deploy it first with `zw deploy --app {}`", app.name, app.id);
+        bail!(
+            "{} has no release yet; deploy it first with `zw deploy --app {}`",
+            app.name,
+            app.id
+        );
     };
     let r = m.release(&d)?;
     Ok((d, r))
@@ -164,7 +187,8 @@ pub fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
     let app = resolve_app(&client, &app_name(&a.app)?)?;
     let target: DeploymentView = match &a.to {
         Some(id) => {
-            let d: DeploymentView = client.get(&format!("/v1/deployments/{}", super::api::enc(id)))?;
+            let d: DeploymentView =
+                client.get(&format!("/v1/deployments/{}", super::api::enc(id)))?;
             if d.app_id != app.id {
                 bail!("release {id} belongs to {}, not {}", d.app_id, app.id);
             }
@@ -181,7 +205,10 @@ pub fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
                 .skip(pos + 1)
                 .find(|d| d.status == "running")
                 .with_context(|| {
-                    format!("{} has no earlier running release; name one with --to (see `zw releases`)", app.name)
+                    format!(
+                        "{} has no earlier running release; name one with --to (see `zw releases`)",
+                        app.name
+                    )
                 })?
         }
     };
@@ -197,7 +224,10 @@ fn parse_var(s: &str) -> anyhow::Result<(String, String)> {
     let (k, v) = s
         .split_once('=')
         .with_context(|| format!("{s:?} is not KEY=VALUE"))?;
-    if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || k.starts_with(|c: char| c.is_ascii_digit()) {
+    if k.is_empty()
+        || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        || k.starts_with(|c: char| c.is_ascii_digit())
+    {
         bail!("{k:?} is not an environment variable name (letters, digits, _)");
     }
     Ok((k.to_string(), v.to_string()))
@@ -206,7 +236,11 @@ fn parse_var(s: &str) -> anyhow::Result<(String, String)> {
 pub fn env(c: EnvCommand) -> anyhow::Result<()> {
     match c {
         EnvCommand::Set(a) => {
-            let vars = a.vars.iter().map(|s| parse_var(s)).collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+            let vars = a
+                .vars
+                .iter()
+                .map(|s| parse_var(s))
+                .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
             let client = creds::connect(&a.conn)?;
             let app = resolve_app(&client, &app_name(&a.app)?)?;
             let m = MetaClone::open(&client)?;
@@ -223,7 +257,12 @@ pub fn env(c: EnvCommand) -> anyhow::Result<()> {
             let m = MetaClone::open(&client)?;
             let (_, base) = active_release(&client, &m, &app)?;
             let mut r = metarepo::copy_release(&base);
-            let missing: Vec<&str> = a.keys.iter().filter(|k| !r.env_vars.contains_key(*k)).map(String::as_str).collect();
+            let missing: Vec<&str> = a
+                .keys
+                .iter()
+                .filter(|k| !r.env_vars.contains_key(*k))
+                .map(String::as_str)
+                .collect();
             if !missing.is_empty() {
                 bail!("{} has no variable {}", app.name, missing.join(", "));
             }
@@ -262,11 +301,7 @@ pub fn scale(a: ScaleArgs) -> anyhow::Result<()> {
     r.min_instances = a.instances;
     let msg = format!(
         "Scale {} in {} from {} to {} instances",
-        app.name,
-        app.env,
-        d.min_instances,
-        a.instances
+        app.name, app.env, d.min_instances, a.instances
     );
     push_and_follow(&client, &m, &app, r, &msg, &a.follow)
 }
-
