@@ -237,16 +237,40 @@ pub enum RolloutError {
     Desired(#[from] meta_schema::desired::MetaError),
 }
 
+/// What the captain's reconcilers read on every activation: desired state
+/// at the meta repo's head and the observed instances and nodes.
+pub struct Observed {
+    pub state: DesiredState,
+    pub instances: Vec<InstanceRow>,
+    pub nodes: Vec<NodeRow>,
+}
+
+impl Observed {
+    /// `None` while the meta repository has no commit.
+    pub async fn read(captain: &Captain, now: i64) -> Result<Option<Observed>, RolloutError> {
+        let Some(head) = captain.meta.head().await? else {
+            return Ok(None);
+        };
+        let tree = captain.meta.tree(head).await?;
+        Ok(Some(Observed {
+            state: desired_state(&tree, now)?,
+            instances: captain.db.instances(None).await?,
+            nodes: captain.db.nodes().await?,
+        }))
+    }
+}
+
 /// One pass: read, plan, write. Returns the actions taken.
 pub async fn pass(captain: &Captain, timeout: Duration) -> Result<Vec<Action>, RolloutError> {
-    let Some(head) = captain.meta.head().await? else {
+    let now = now_millis();
+    let Some(Observed {
+        state,
+        instances,
+        nodes,
+    }) = Observed::read(captain, now).await?
+    else {
         return Ok(Vec::new());
     };
-    let tree = captain.meta.tree(head).await?;
-    let now = now_millis();
-    let state = desired_state(&tree, now)?;
-    let instances = captain.db.instances(None).await?;
-    let nodes = captain.db.nodes().await?;
     let actions = plan(&state, &instances, &nodes, now, timeout);
     for action in &actions {
         let d = action.deployment();

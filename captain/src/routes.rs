@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use edge::routes::{Backend, Route, RouteKind, RouteTable, STREAM_EVENT, Transport};
 use futures::Stream;
-use meta_schema::desired::{DesiredState, desired_state};
+use meta_schema::desired::DesiredState;
 use meta_schema::now_millis;
 use tokio::sync::watch;
 
@@ -119,19 +119,12 @@ impl RouteFeed {
     }
 }
 
-async fn refresh(captain: &AppState) -> Result<(), String> {
-    let Some(head) = captain.meta.head().await.map_err(|e| e.to_string())? else {
-        return Ok(());
-    };
-    let tree = captain.meta.tree(head).await.map_err(|e| e.to_string())?;
-    let state = desired_state(&tree, now_millis()).map_err(|e| format!("{e}"))?;
-    let instances = captain
-        .db
-        .instances(None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let nodes = captain.db.nodes().await.map_err(|e| e.to_string())?;
-    captain.routes.publish(compute(&state, &instances, &nodes));
+async fn refresh(captain: &AppState) -> Result<(), crate::rollout::RolloutError> {
+    if let Some(o) = crate::rollout::Observed::read(captain, now_millis()).await? {
+        captain
+            .routes
+            .publish(compute(&o.state, &o.instances, &o.nodes));
+    }
     Ok(())
 }
 
@@ -180,6 +173,7 @@ pub async fn stream(
 mod tests {
     use super::*;
     use meta_schema::MetaTree;
+    use meta_schema::desired::desired_state;
     use meta_schema::layout::{deployment_path, env_path, release_path};
     use meta_schema::pb::{self, DeploymentState};
     use prost::Message;
