@@ -9,16 +9,18 @@
 //!
 //! Every address is on loopback; every wait is bounded.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+#[path = "common/secrets.rs"]
+mod secrets_common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use follower::image::{ImageConfig, LocalDirImageSource};
-use follower::reconciler::{InstanceRecord, Phase};
+use follower::image::LocalDirImageSource;
+use follower::reconciler::Phase;
 use follower::runtime::RuntimeChoice;
 use prost::Message;
+use secrets_common::*;
 use serde_json::{Value, json};
 
 const SECRET: &str = "plaintext-7c0ffee-d15ea5e-first";
@@ -27,208 +29,6 @@ const SECRET2: &str = "plaintext-2b4dc0de-f00d-second";
 const NUMBER: &str = "918273645546372819";
 /// A valid age X25519 recipient of no node here (age's test vector).
 const OTHER_RECIPIENT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
-
-/// Everything every component logs, from the start of the test.
-fn log_buffer() -> Arc<Mutex<Vec<u8>>> {
-    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    BUF.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let w = buf.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("debug,hyper=info,hyper_util=info,h2=info")
-            .with_ansi(false)
-            .with_writer(move || LogWriter(w.clone()))
-            .init();
-        buf
-    })
-    .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn contains(hay: &[u8], needle: &str) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_string()
-}
-
-/// An ext4 image holding a static busybox, in the object-store layout.
-/// The app writes `$API_KEY` into the page it serves.
-fn busybox_image(store: &Path) -> String {
-    let staging = tempfile::tempdir().unwrap();
-    let root = staging.path().join("root");
-    for d in ["bin", "www", "etc", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
-    std::fs::write(root.join("www/index.html"), "up\n").unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    let img = staging.path().join("rootfs.ext4");
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-d"])
-        .arg(&root)
-        .arg(&img)
-        .arg("16M")
-        .stdout(Stdio::null())
-        .status()
-        .expect("mkfs.ext4 (e2fsprogs) is installed");
-    assert!(st.success(), "mkfs.ext4 failed");
-    let config = ImageConfig {
-        entrypoint: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
-        cmd: vec![
-            "echo \"$API_KEY\" > /www/secret.txt && exec /bin/busybox httpd -f -p 8080 -h /www"
-                .into(),
-        ],
-        env: [("PATH".to_string(), "/bin".to_string())]
-            .into_iter()
-            .collect(),
-        workdir: "/www".into(),
-        user: "root".into(),
-        exposed_ports: vec![8080],
-        rootfs_bytes: 16 << 20,
-    };
-    let cfg = serde_json::to_vec(&config).unwrap();
-    let rootfs = std::fs::read(&img).unwrap();
-    let hex = sha256_hex(&[rootfs.as_slice(), &cfg].concat());
-    let dir = store.join("images").join(&hex);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("rootfs.ext4"), rootfs).unwrap();
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
-    format!("sha256:{hex}")
-}
-
-fn git(git_dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
-    let mut child = Command::new("git")
-        .arg("--git-dir")
-        .arg(git_dir)
-        .args(args)
-        .env("GIT_INDEX_FILE", git_dir.join("test-tamper-index"))
-        .env("GIT_AUTHOR_NAME", "tamperer")
-        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-        .env("GIT_COMMITTER_NAME", "tamperer")
-        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    if let Some(b) = stdin {
-        input.write_all(b).unwrap();
-    }
-    drop(input);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn git_str(git_dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> String {
-    String::from_utf8(git(git_dir, args, stdin))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-struct Api {
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, String) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await.unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    }
-
-    async fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let (s, text) = self.call(method.clone(), path, body).await;
-        assert!((200..300).contains(&s), "{method} {path}: {s} {text}");
-        if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap()
-        }
-    }
-}
-
-/// Age recipient names listed in `env`'s env.pb at the meta head.
-async fn env_recipients(captain: &captain::Captain, env: &str) -> Vec<(String, String)> {
-    let meta = &captain.state().meta;
-    let head = meta.head().await.unwrap().unwrap();
-    let tree = meta.tree(head).await.unwrap();
-    let bytes = tree.get(&meta_schema::layout::env_path(env)).unwrap();
-    meta_schema::pb::Env::decode(bytes)
-        .unwrap()
-        .age_recipients
-        .into_iter()
-        .map(|r| (r.name, r.recipient))
-        .collect()
-}
-
-async fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn healthy_of(f: &follower::Follower, release: &str) -> Option<InstanceRecord> {
-    f.reconciler
-        .instances
-        .borrow()
-        .values()
-        .find(|r| r.release_id == release && r.phase == Phase::Healthy)
-        .cloned()
-}
-
-async fn page(http: &reqwest::Client, rec: &InstanceRecord) -> String {
-    let url = format!("http://[{}]:{}/secret.txt", rec.ip, rec.port);
-    http.get(url).send().await.unwrap().text().await.unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_reaches_the_instance_and_nowhere_else() {

@@ -103,6 +103,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(DELETE "/v1/apps/{id}", User, "Delete an app (removes its releases from the meta repo)", No, 204 => No, delete_app),
         route!(GET "/v1/apps/{id}/secrets", User, "Names and recipients of an app's secrets (never values)", No, 200 => One(sch::<crate::secrets::SecretsView>), crate::secrets::get_secrets),
         route!(PUT "/v1/apps/{id}/secrets", User, "Replace an app's secrets with the complete set given: encrypted to the env's nodes, committed with a new release", One(sch::<crate::secrets::SetSecrets>), 200 => One(sch::<crate::secrets::SecretsView>), crate::secrets::put_secrets),
+        route!(PUT "/v1/apps/{id}/secrets/file", Node, "A node re-encrypts the app's secrets file (sops YAML body) to exactly the env's recipients; idempotent; committed with a new release", No, 200 => One(sch::<crate::secrets::SecretsView>), crate::secrets::put_secrets_file),
         route!(GET "/v1/deployments", User, "List deployments, newest first", No, 200 => List(sch::<DeploymentView>), list_deployments),
         route!(POST "/v1/deployments", User, "Create a deployment: commits a new Release to the meta repo", One(sch::<CreateDeployment>), 201 => One(sch::<DeploymentView>), create_deployment),
         route!(GET "/v1/deployments/{id}", User, "Get a deployment", No, 200 => One(sch::<DeploymentView>), get_deployment),

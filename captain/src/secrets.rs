@@ -24,10 +24,17 @@
 //! request body is parsed here, not by [`crate::error::ApiJson`], because
 //! serde's messages quote offending values (`invalid type: integer 42`).
 //!
-//! A node that joins after a secrets file was written is not among that
-//! file's recipients: the file must be written again (`zw secrets rotate`,
-//! which also revokes a removed node by using a fresh data key). The `GET`
-//! answer says so in `stale`.
+//! - `PUT /v1/apps/{id}/secrets/file`: a node that joins after a secrets
+//!   file was written is not among its recipients, and a removed node still
+//!   is. A follower that can decrypt the file re-encrypts it
+//!   (`follower::rekey`: the same data key when nodes were only added, a
+//!   fresh one when one left) and sends the whole sops file here. The
+//!   captain checks what it can without decrypting (the names of the
+//!   current file, exactly the env's recipients, the file unchanged since
+//!   the node's `base` commit) and commits it with a release, as above. It
+//!   is idempotent: when the file at the head already has the env's
+//!   recipients (another node was first) it answers 200 without a commit.
+//!   Until then the `GET` answer says `stale`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -47,12 +54,20 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::db::{AppRow, Db, DbError};
-use crate::error::{ApiError, ApiPath, Code};
+use crate::error::{ApiError, ApiPath, ApiQuery, Code};
 use crate::meta::{MetaError, MetaStore};
 
 /// Serialises the captain's read-modify-write of `env.pb` files (node
 /// recipients, env creation), so no update is lost between two of them.
 pub fn env_lock() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    &LOCK
+}
+
+/// Serialises the captain's writes of secrets files (a read of the file at
+/// the head, checks, and the commit), so a node's re-encryption never
+/// overwrites a set written meanwhile and racing nodes commit once.
+fn file_lock() -> &'static tokio::sync::Mutex<()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     &LOCK
 }
@@ -312,6 +327,35 @@ fn git_blob_id(bytes: &[u8]) -> Result<String, ApiError> {
     Ok(id)
 }
 
+/// The newest release of `app` in `tree`, copied as a new release with
+/// `secret_refs` = `names` and `secrets_blob` = `blob` (none when the app
+/// has no release yet).
+fn release_copy(
+    tree: &MetaTree,
+    app: &AppRow,
+    names: &[String],
+    blob: &str,
+) -> Result<Option<pb::Release>, ApiError> {
+    let prefix = format!("{}/releases/", app_dir(&app.env, &app.name));
+    let newest = tree
+        .iter()
+        .filter(|(p, _)| p.starts_with(&prefix) && p.ends_with(".pb"))
+        .max_by(|a, b| a.0.cmp(b.0))
+        .map(|(p, b)| {
+            pb::Release::decode(b)
+                .map_err(|e| ApiError::new(Code::Internal, format!("{p} does not decode: {e}")))
+        })
+        .transpose()?;
+    Ok(newest.map(|old| pb::Release {
+        id: meta_schema::new_id(),
+        secret_refs: names.to_vec(),
+        secrets_blob: blob.to_string(),
+        created_at: meta_schema::now_millis(),
+        rollback_of: String::new(),
+        ..old
+    }))
+}
+
 fn meta_err(e: MetaError) -> ApiError {
     ApiError::internal("meta repository", &e)
 }
@@ -444,6 +488,9 @@ pub async fn put_secrets(
         .ensure_env(&app.env, &st.config.platform_domains, &st.db)
         .await
         .map_err(meta_err)?;
+    // A re-encryption sent by a node checks the file at the head against
+    // what it re-encrypted, then commits: not in between.
+    let _g = file_lock().lock().await;
     let tree = head_tree(&st).await?;
     let env = env_of(&tree, &app.env)?.unwrap_or_default();
     if env.age_recipients.is_empty() {
@@ -490,26 +537,8 @@ pub async fn put_secrets(
             .await
             .map_err(|e| ApiError::internal("hashing the secrets file", &e))??
     };
-    // The newest release of the app at this head, copied with the new refs.
-    let prefix = format!("{}/releases/", app_dir(&app.env, &app.name));
-    let newest = tree
-        .iter()
-        .filter(|(p, _)| p.starts_with(&prefix) && p.ends_with(".pb"))
-        .max_by(|a, b| a.0.cmp(b.0))
-        .map(|(p, b)| {
-            pb::Release::decode(b)
-                .map_err(|e| ApiError::new(Code::Internal, format!("{p} does not decode: {e}")))
-        })
-        .transpose()?;
     let mut cs = ChangeSet::new().replace(path.clone(), bytes);
-    let release = newest.map(|old| pb::Release {
-        id: meta_schema::new_id(),
-        secret_refs: names.clone(),
-        secrets_blob: blob.clone(),
-        created_at: meta_schema::now_millis(),
-        rollback_of: String::new(),
-        ..old
-    });
+    let release = release_copy(&tree, &app, &names, &blob)?;
     if let Some(r) = &release {
         cs = cs.add(release_path(&app.env, &app.name, &r.id), r.encode_to_vec());
     }
@@ -545,6 +574,186 @@ pub async fn put_secrets(
     let env = env_of(&tree, &app.env)?;
     let file = secrets_file(&tree, &app.env, &app.name)?;
     let mut v = view(&app, env.as_ref(), file.as_ref());
+    v.release = release.map(|r| r.id);
+    v.commit = Some(commit);
+    Ok((StatusCode::OK, axum::Json(v)).into_response())
+}
+
+/// The query of `PUT /v1/apps/{id}/secrets/file`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileQuery {
+    /// The meta commit whose secrets file was re-encrypted: refused (409)
+    /// when the file at the head is no longer that one (a set written
+    /// meanwhile must not be replaced by older values).
+    #[serde(default)]
+    pub base: Option<String>,
+}
+
+/// The body of `PUT /v1/apps/{id}/secrets/file`: a sops YAML file.
+pub struct SopsBody(String);
+
+impl<S: Send + Sync> FromRequest<S> for SopsBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(crate::error::bytes_rejection)?;
+        String::from_utf8(bytes.to_vec())
+            .map(SopsBody)
+            .map_err(|_| ApiError::bad_request("the body is not UTF-8: expected a sops YAML file"))
+    }
+}
+
+/// `name` of the env recipient `key`, or the key itself.
+fn recipient_name<'a>(env: &'a pb::Env, key: &'a str) -> &'a str {
+    env.age_recipients
+        .iter()
+        .find(|r| r.recipient == key)
+        .map_or(key, |r| r.name.as_str())
+}
+
+/// `PUT /v1/apps/{id}/secrets/file`: a node that can decrypt the app's
+/// secrets file sends it re-encrypted to exactly the env's recipients (the
+/// same data key when nodes were only added, a fresh one when one was
+/// removed). The captain checks what it can without decrypting: same names
+/// as the current file, recipients = the env's. Idempotent: when the file at
+/// the head already has those recipients (another node was first), 200
+/// without a commit. Else one commit replaces the file and adds a release
+/// copying the newest one with the new `secrets_blob`.
+pub async fn put_secrets_file(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
+    SopsBody(yaml): SopsBody,
+) -> Result<Response, ApiError> {
+    let app = app_of(&st, &id).await?;
+    let new = SopsFile::parse(&yaml)
+        .map_err(|e| ApiError::bad_request(format!("not a sops secrets file: {e}")))?;
+    if let Some(base) = &q.base
+        && (base.len() < 40 || !base.bytes().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(ApiError::bad_request(
+            "base must be a commit id (hexadecimal)",
+        ));
+    }
+    // Neither env.pb (the recipients) nor the file changes until the commit.
+    let _e = env_lock().lock().await;
+    let _g = file_lock().lock().await;
+    let tree = head_tree(&st).await?;
+    let env = env_of(&tree, &app.env)?.unwrap_or_default();
+    let wanted: BTreeSet<&str> = env
+        .age_recipients
+        .iter()
+        .map(|r| r.recipient.as_str())
+        .collect();
+    if wanted.is_empty() {
+        return Err(ApiError::new(
+            Code::Conflict,
+            format!("env {:?} has no age recipients", app.env),
+        ));
+    }
+    let path = secrets_path(&app.env, &app.name);
+    let Some(current) = secrets_file(&tree, &app.env, &app.name)? else {
+        return Err(ApiError::new(
+            Code::Conflict,
+            format!("{path} does not exist: there is nothing to re-encrypt"),
+        ));
+    };
+    let new_names: BTreeSet<&str> = new.names().into_iter().collect();
+    let cur_names: BTreeSet<&str> = current.names().into_iter().collect();
+    if new_names != cur_names {
+        let diff = |a: &BTreeSet<&str>, b: &BTreeSet<&str>| {
+            a.difference(b).copied().collect::<Vec<_>>().join(", ")
+        };
+        return Err(ApiError::new(
+            Code::Conflict,
+            format!(
+                "a re-encrypted file must hold the names of {path}; added: [{}], missing: [{}]",
+                diff(&new_names, &cur_names),
+                diff(&cur_names, &new_names)
+            ),
+        ));
+    }
+    let got: BTreeSet<&str> = new.recipients().into_iter().collect();
+    if got != wanted || got.len() != new.recipients().len() {
+        let names = |s: &BTreeSet<&str>| {
+            s.iter()
+                .map(|k| recipient_name(&env, k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(ApiError::new(
+            Code::Conflict,
+            format!(
+                "the file must be encrypted to exactly the recipients of env {:?} ([{}]), once each; it is encrypted to [{}]",
+                app.env,
+                names(&wanted),
+                names(&got)
+            ),
+        ));
+    }
+    let have: BTreeSet<&str> = current.recipients().into_iter().collect();
+    if have == wanted {
+        // Another node re-encrypted it first (or it never was stale).
+        let v = view(&app, Some(&env), Some(&current));
+        return Ok((StatusCode::OK, axum::Json(v)).into_response());
+    }
+    if let Some(base) = &q.base {
+        let at_base = st.meta.tree(base.clone()).await.map_err(|_| {
+            ApiError::new(
+                Code::Conflict,
+                format!("base {base} is not a commit of the meta repository"),
+            )
+        })?;
+        if at_base.get(&path) != tree.get(&path) {
+            return Err(ApiError::new(
+                Code::Conflict,
+                format!("{path} changed since {base}: re-encrypt the file at the head"),
+            ));
+        }
+    }
+    let names: Vec<String> = current.names().into_iter().map(str::to_string).collect();
+    let bytes = yaml.into_bytes();
+    let blob = {
+        let b = bytes.clone();
+        tokio::task::spawn_blocking(move || git_blob_id(&b))
+            .await
+            .map_err(|e| ApiError::internal("hashing the secrets file", &e))??
+    };
+    let release = release_copy(&tree, &app, &names, &blob)?;
+    let mut cs = ChangeSet::new().replace(path.clone(), bytes);
+    if let Some(r) = &release {
+        cs = cs.add(release_path(&app.env, &app.name, &r.id), r.encode_to_vec());
+    }
+    // The captain cannot check which key the node used; it says what the
+    // node was asked to do.
+    let removed = !have.is_subset(&wanted);
+    let what = if removed {
+        "re-encrypted by a node (a recipient left: fresh data key)"
+    } else {
+        "re-wrapped by a node (recipients added)"
+    };
+    let message = format!(
+        "Secrets of {} in {} {what}; recipients: {}{}",
+        app.name,
+        app.env,
+        env.age_recipients
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        release
+            .as_ref()
+            .map(|r| format!(" (release {})", r.id))
+            .unwrap_or_default()
+    );
+    let commit = st.meta.commit(cs, message).await.map_err(meta_err)?;
+    tracing::info!(app = %app.id, env = %app.env, removed, %commit, "secrets file re-encrypted by a node");
+    st.mirror_wake.notify_one();
+    st.rollout_wake.notify_one();
+    let mut v = view(&app, Some(&env), Some(&new));
     v.release = release.map(|r| r.id);
     v.commit = Some(commit);
     Ok((StatusCode::OK, axum::Json(v)).into_response())

@@ -148,6 +148,15 @@ pub trait Captain: Send + Sync + 'static {
         &'a self,
         report: &'a InstanceReport,
     ) -> BoxFuture<'a, Result<(), CaptainError>>;
+    /// `PUT /v1/apps/{app_id}/secrets/file?base=`: the app's secrets file
+    /// re-encrypted by this node to its env's recipients (see
+    /// [`crate::rekey`]); `base` is the commit it was read at.
+    fn put_secrets_file<'a>(
+        &'a self,
+        app_id: &'a str,
+        base: &'a str,
+        yaml: &'a str,
+    ) -> BoxFuture<'a, Result<(), CaptainError>>;
 }
 
 /// No captain (a standalone node): nothing is sent; state is visible on the
@@ -177,6 +186,14 @@ impl Captain for NoCaptain {
     fn report_instance<'a>(
         &'a self,
         _report: &'a InstanceReport,
+    ) -> BoxFuture<'a, Result<(), CaptainError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn put_secrets_file<'a>(
+        &'a self,
+        _app_id: &'a str,
+        _base: &'a str,
+        _yaml: &'a str,
     ) -> BoxFuture<'a, Result<(), CaptainError>> {
         Box::pin(async { Ok(()) })
     }
@@ -303,6 +320,46 @@ impl Captain for HttpCaptain {
             )
             .await
             .map(drop)
+        })
+    }
+
+    fn put_secrets_file<'a>(
+        &'a self,
+        app_id: &'a str,
+        base: &'a str,
+        yaml: &'a str,
+    ) -> BoxFuture<'a, Result<(), CaptainError>> {
+        Box::pin(async move {
+            const OP: &str = "sending a re-encrypted secrets file to";
+            // Both are safe in a URL: an app id is `<dns-label>.<dns-label>`,
+            // a commit id is hexadecimal.
+            let url = format!("{}/v1/apps/{app_id}/secrets/file?base={base}", self.base);
+            let resp = self
+                .http
+                .put(&url)
+                .bearer_auth(self.token())
+                .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+                .body(yaml.to_string())
+                .send()
+                .await
+                .map_err(|source| CaptainError::Http {
+                    op: OP,
+                    url: url.clone(),
+                    source,
+                })?;
+            if resp.status().is_success() {
+                return Ok(());
+            }
+            // The captain's refusals name the app and the reason, never a
+            // value (it cannot read them).
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            Err(CaptainError::Status {
+                op: OP,
+                url,
+                status,
+                body: body.chars().take(500).collect(),
+            })
         })
     }
 }

@@ -10,6 +10,7 @@
 //!   the `auto` choice.
 //! - [`net`]: per-instance netns, IPv6 addresses, nftables isolation
 //!   (`scripts/instance-net.sh`).
+//! - [`rekey`]: re-encrypt secrets files to their env's recipients.
 //! - [`image`], [`health`], [`logs`], [`captain`], [`api`], [`ledger`].
 //!
 //! **Architecture invariant.** The follower is the only component that
@@ -20,7 +21,7 @@
 //! [`image::ImageSource`], [`captain::Captain`],
 //! [`reconciler::HealthChecker`]); every start is on disk (ledger) before
 //! it happens. Secrets exist in plaintext only in memory, on their way into
-//! an instance's environment.
+//! an instance's environment or into a fresh data key ([`rekey`]).
 //!
 //! **API boundary.** Inbound: the node API ([`api`], bearer tokens of the
 //! captain and of the node). Outbound: the captain's REST API
@@ -39,6 +40,7 @@ pub mod ledger;
 pub mod logs;
 pub mod net;
 pub mod reconciler;
+pub mod rekey;
 pub mod runtime;
 
 use std::net::SocketAddr;
@@ -260,7 +262,7 @@ impl Follower {
             repo: follower.repo().clone(),
             node_id: node_id.clone(),
             follow: follow.clone(),
-            identity: Some(identity),
+            identity: Some(identity.clone()),
         });
 
         let captain: Arc<dyn Captain> = match &cfg.captain_url {
@@ -279,6 +281,18 @@ impl Follower {
             rec,
             cfg.reconcile_interval,
             activate.clone(),
+            shutdown_rx.clone(),
+        );
+        // Secrets files this node can read are re-encrypted when the env's
+        // recipients changed (a node joined or left).
+        let rekey_task = rekey::spawn(
+            rekey::Rekeyer {
+                repo: follower.repo().clone(),
+                identity,
+                captain: captain.clone(),
+            },
+            follow.clone(),
+            cfg.poll_interval,
             shutdown_rx.clone(),
         );
         let follow_task = follow::spawn(
@@ -369,7 +383,7 @@ impl Follower {
             notify,
             runtime,
             shutdown,
-            tasks: vec![rec_task, follow_task, api_task, hb_task],
+            tasks: vec![rec_task, follow_task, rekey_task, api_task, hb_task],
         })
     }
 

@@ -1047,6 +1047,14 @@ mod tests {
                 Ok(())
             })
         }
+        fn put_secrets_file<'a>(
+            &'a self,
+            _app_id: &'a str,
+            _base: &'a str,
+            _yaml: &'a str,
+        ) -> BoxFuture<'a, Result<(), CaptainError>> {
+            unreachable!("the reconciler never writes secrets files")
+        }
     }
 
     /// Healthy unless the instance's slot is listed.
