@@ -192,7 +192,19 @@ async fn secrets_follow_nodes_joining_and_leaving() {
     // Already encrypted to the env's recipients: accepted, nothing written.
     let (s, body) = put_file(&api, &app_id, &format!("?base={head1}"), file1.clone()).await;
     assert_eq!(s, 200, "{body}");
-    assert_eq!(head_file(&captain).await.0, head1, "no commit");
+    assert_eq!(
+        git_str(
+            &meta_git,
+            &["log", "-1", "--format=%H", "refs/heads/main", "--", PATH],
+            None,
+        ),
+        git_str(
+            &meta_git,
+            &["log", "-1", "--format=%H", &head1, "--", PATH],
+            None,
+        ),
+        "no commit"
+    );
 
     // Node B joins: A can read the file and re-wraps its data key for B.
     let dir_b = tmp.path().join("node-b");
@@ -289,8 +301,61 @@ async fn secrets_follow_nodes_joining_and_leaving() {
         assert!(!contains(&l, SECRET), "plaintext in the logs");
     }
 
+    // With no follower running, the endpoint alone: a node joins, and a
+    // file re-wrapped (here, by the test with B's identity) is refused when
+    // read at a commit whose file is not the head's, committed once when it
+    // is, and accepted without a commit when sent again.
     bridge_b.abort();
+    let recipient_b = b.age_recipient.clone();
     b.shutdown_and_stop_instances().await;
+    api.ok(
+        M::POST,
+        "/v1/nodes",
+        Some(json!({"id": "node-x", "address": "127.0.0.1", "cpus": 1, "memory_bytes": 1u64 << 30, "disk_bytes": 1u64 << 30, "age_recipient": OTHER_RECIPIENT})),
+    )
+    .await;
+    let listed = api
+        .ok(M::GET, &format!("/v1/apps/{app_id}/secrets"), None)
+        .await;
+    assert_eq!(listed["stale"], json!(true), "{listed}");
+    let rewrapped = {
+        let id = id_b.parse().unwrap();
+        let mut keys = Vec::new();
+        for r in [recipient_b.as_str(), OTHER_RECIPIENT] {
+            keys.push(r.parse().unwrap());
+        }
+        SopsFile::parse(&file3)
+            .unwrap()
+            .rewrap(std::slice::from_ref(&id), &keys)
+            .unwrap()
+    };
+    let (s, body) = put_file(&api, &app_id, &format!("?base={head1}"), rewrapped.clone()).await;
+    assert_eq!(s, 409, "{body}");
+    assert!(body.contains("changed since"), "{body}");
+    let at = git_str(
+        &meta_git,
+        &["log", "-1", "--format=%H", "refs/heads/main", "--", PATH],
+        None,
+    );
+    let (s, body) = put_file(&api, &app_id, &format!("?base={at}"), rewrapped.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    let committed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(committed["commit"].is_string(), "{body}");
+    assert_eq!(committed["stale"], json!(false), "{body}");
+    let (_, file4) = head_file(&captain).await;
+    assert_eq!(file4.trim_end(), rewrapped.trim_end());
+    let (s, body) = put_file(&api, &app_id, &format!("?base={at}"), rewrapped).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["commit"].is_null());
+    // (The rollout of the new release may commit meanwhile: compare the
+    // last commit of the file.)
+    let last = git_str(
+        &meta_git,
+        &["log", "-1", "--format=%H", "refs/heads/main", "--", PATH],
+        None,
+    );
+    assert_eq!(json!(last), committed["commit"], "no second commit");
+
     captain.shutdown().await;
     assert!(
         !contains(&logs.lock().unwrap(), SECRET),

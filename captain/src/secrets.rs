@@ -233,8 +233,9 @@ pub struct SecretsView {
     /// Recipients listed in the env's env.pb.
     pub env_recipients: Vec<String>,
     /// The file is not encrypted to exactly the env's recipients (a node
-    /// joined or left since it was written): write it again
-    /// (`zw secrets rotate`).
+    /// joined or left since it was written). A node that can decrypt it
+    /// re-encrypts it shortly (`PUT /v1/apps/{id}/secrets/file`); when no
+    /// remaining node can, write the set again.
     pub stale: bool,
     /// Release made by this write (PUT only; none when the app has no
     /// release yet: its next deployment uses the secrets).

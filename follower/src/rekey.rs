@@ -19,7 +19,9 @@
 //! release. Several nodes may do it at once: the captain commits the first
 //! and answers the others 200 without a commit.
 //!
-//! Work happens once per applied commit; a pass whose sends failed for a
+//! A file that no remaining node can decrypt (every node it was encrypted
+//! to was removed) stays stale: only a new complete set written through the
+//! captain replaces it. Work happens once per applied commit; a pass whose sends failed for a
 //! reason that may pass (captain unreachable, app not yet mirrored) is
 //! retried with backoff. Nothing here logs a value: errors name the app and
 //! the reason only (sops errors and the captain's refusals never carry one).
