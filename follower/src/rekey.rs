@@ -229,7 +229,7 @@ impl Rekeyer {
                 .await
             {
                 Ok(()) => {
-                    tracing::info!(app = %app_id, action = ?f.action, %commit, "secrets file re-encrypted to the env's recipients")
+                    tracing::info!(app = %app_id, action = ?f.action, %commit, "secrets file re-encrypted to the env's recipients and accepted by the captain (committed, or already right when another node was first)")
                 }
                 Err(e) => {
                     let retry = may_pass(&e);
