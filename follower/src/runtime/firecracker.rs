@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 
 use super::qemu::{
     BASE_CMDLINE, Exits, GUEST_TAP_SH, INITRD_FD, handle_exit_code, instance_initrd, io_err,
-    kill_vmm, mac_of, run_tap, vmm_pre_exec,
+    kill_vmm, mac_of, prepare_vm_start, run_tap, vmm_pre_exec,
 };
 use super::{InstanceSpec, Liveness, Runtime, RuntimeError, RuntimeHandle, pid_is, proc_stat};
 use crate::net::{INSTANCE_PREFIX_LEN, InstanceNetNames, gateway_of, write_script};
@@ -238,22 +238,9 @@ impl FirecrackerRuntime {
             instance_id: spec.instance_id.clone(),
             reason,
         };
-        let rootfs = spec.image_dir.join("rootfs.ext4");
-        if !rootfs.is_file() {
-            return Err(RuntimeError::BadImage {
-                path: rootfs,
-                reason: "rootfs.ext4 is missing".into(),
-            });
-        }
-        if spec.argv.is_empty() {
-            return Err(failed("the image has neither entrypoint nor cmd".into()));
-        }
-        std::fs::create_dir_all(&spec.work_dir)
-            .map_err(io_err(format!("creating {}", spec.work_dir.display())))?;
+        let (log, log_offset) = prepare_vm_start(spec)?;
         let sock = spec.work_dir.join("firecracker.sock");
         let _ = std::fs::remove_file(&sock);
-        let log = spec.work_dir.join("stdout.log");
-        let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let open_append = |p: &Path| {
             std::fs::OpenOptions::new()
                 .create(true)

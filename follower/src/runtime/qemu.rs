@@ -115,6 +115,31 @@ pub struct QemuConfig {
     pub scripts_dir: PathBuf,
 }
 
+/// Checks shared by the VM drivers before they start a VMM: the image has a
+/// rootfs and a command, and the instance's work dir exists. Returns the
+/// console log path and its current length (the guest's output of this
+/// start begins there).
+pub(crate) fn prepare_vm_start(spec: &InstanceSpec) -> Result<(PathBuf, u64), RuntimeError> {
+    let rootfs = spec.image_dir.join("rootfs.ext4");
+    if !rootfs.is_file() {
+        return Err(RuntimeError::BadImage {
+            path: rootfs,
+            reason: "rootfs.ext4 is missing".into(),
+        });
+    }
+    if spec.argv.is_empty() {
+        return Err(RuntimeError::StartFailed {
+            instance_id: spec.instance_id.clone(),
+            reason: "the image has neither entrypoint nor cmd".into(),
+        });
+    }
+    std::fs::create_dir_all(&spec.work_dir)
+        .map_err(io_err(format!("creating {}", spec.work_dir.display())))?;
+    let log = spec.work_dir.join("stdout.log");
+    let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    Ok((log, log_offset))
+}
+
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
     let what = what.into();
     move |source| RuntimeError::Io { what, source }
@@ -686,20 +711,7 @@ impl QemuRuntime {
             instance_id: spec.instance_id.clone(),
             reason,
         };
-        let rootfs = spec.image_dir.join("rootfs.ext4");
-        if !rootfs.is_file() {
-            return Err(RuntimeError::BadImage {
-                path: rootfs,
-                reason: "rootfs.ext4 is missing".into(),
-            });
-        }
-        if spec.argv.is_empty() {
-            return Err(failed("the image has neither entrypoint nor cmd".into()));
-        }
-        std::fs::create_dir_all(&spec.work_dir)
-            .map_err(io_err(format!("creating {}", spec.work_dir.display())))?;
-        let log = spec.work_dir.join("stdout.log");
-        let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let (_, log_offset) = prepare_vm_start(spec)?;
         let qemu_log_path = spec.work_dir.join("qemu.log");
         let qemu_log = std::fs::OpenOptions::new()
             .create(true)
