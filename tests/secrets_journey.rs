@@ -12,7 +12,6 @@
 #[path = "common/secrets.rs"]
 mod secrets_common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,39 +33,17 @@ const OTHER_RECIPIENT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg
 async fn secret_reaches_the_instance_and_nowhere_else() {
     let logs = log_buffer();
     let tmp = tempfile::tempdir().unwrap();
-    let data: PathBuf = tmp.path().join("captain");
-    let store = tmp.path().join("store");
-    let digest = busybox_image(&store);
-
-    let mut cfg = captain::Config::new(&data);
-    cfg.poll_interval = Duration::from_millis(500);
-    cfg.rollout_interval = Duration::from_millis(200);
-    cfg.heartbeat_interval = Duration::from_secs(1);
-    let captain = captain::Captain::start(cfg).await.unwrap();
-    let api = Api {
-        base: format!("http://{}", captain.local_addr()),
-        token: captain.admin_token().unwrap().to_string(),
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
-    };
-    use reqwest::Method as M;
-
     // An app (and its env) before any node exists: nothing to encrypt to.
-    let p = api
-        .ok(
-            M::POST,
-            "/v1/projects",
-            Some(json!({"name": "web", "repo": "https://example.invalid/web.git"})),
-        )
-        .await;
-    let pid = p["id"].as_str().unwrap().to_string();
-    let app = api
-        .ok(
-            M::POST,
-            &format!("/v1/projects/{pid}/apps"),
-            Some(json!({"name": "web", "env": "production"})),
-        )
-        .await;
-    let app_id = app["id"].as_str().unwrap().to_string();
+    let Setup {
+        data,
+        store,
+        digest,
+        captain,
+        api,
+        project_id: pid,
+        app_id,
+    } = captain_with_web_app(tmp.path()).await;
+    use reqwest::Method as M;
     let secrets_url = format!("/v1/apps/{app_id}/secrets");
     let (s, body) = api
         .call(

@@ -97,37 +97,16 @@ async fn put_file(api: &Api, app_id: &str, query: &str, yaml: String) -> (u16, S
 async fn secrets_follow_nodes_joining_and_leaving() {
     let logs = log_buffer();
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("captain");
-    let store = tmp.path().join("store");
-    let digest = busybox_image(&store);
+    let Setup {
+        data,
+        store,
+        digest,
+        captain,
+        api,
+        app_id,
+        ..
+    } = captain_with_web_app(tmp.path()).await;
     let meta_git = data.join("meta.git");
-
-    let mut cfg = captain::Config::new(&data);
-    cfg.poll_interval = Duration::from_millis(500);
-    cfg.rollout_interval = Duration::from_millis(200);
-    cfg.heartbeat_interval = Duration::from_secs(1);
-    let captain = captain::Captain::start(cfg).await.unwrap();
-    let api = Api {
-        base: format!("http://{}", captain.local_addr()),
-        token: captain.admin_token().unwrap().to_string(),
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
-    };
-    let p = api
-        .ok(
-            M::POST,
-            "/v1/projects",
-            Some(json!({"name": "web", "repo": "https://example.invalid/web.git"})),
-        )
-        .await;
-    let pid = p["id"].as_str().unwrap().to_string();
-    let app = api
-        .ok(
-            M::POST,
-            &format!("/v1/projects/{pid}/apps"),
-            Some(json!({"name": "web", "env": "production"})),
-        )
-        .await;
-    let app_id = app["id"].as_str().unwrap().to_string();
     assert_eq!(app_id, "web.production");
 
     // Node A registers; a secret set through the API reaches its instance.

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -263,4 +263,58 @@ pub fn bridge(captain: &captain::Captain, f: &follower::Follower) -> tokio::task
             notify.notify_one();
         }
     })
+}
+
+/// What the secrets tests start from: a captain on `root/captain` (fast
+/// polling), the admin's API client, the busybox image in `root/store`,
+/// and the project `web` with its app `web.production`.
+pub struct Setup {
+    pub data: PathBuf,
+    pub store: PathBuf,
+    pub digest: String,
+    pub captain: captain::Captain,
+    pub api: Api,
+    pub project_id: String,
+    pub app_id: String,
+}
+
+pub async fn captain_with_web_app(root: &Path) -> Setup {
+    let data = root.join("captain");
+    let store = root.join("store");
+    let digest = busybox_image(&store);
+    let mut cfg = captain::Config::new(&data);
+    cfg.poll_interval = Duration::from_millis(500);
+    cfg.rollout_interval = Duration::from_millis(200);
+    cfg.heartbeat_interval = Duration::from_secs(1);
+    let captain = captain::Captain::start(cfg).await.unwrap();
+    let api = Api {
+        base: format!("http://{}", captain.local_addr()),
+        token: captain.admin_token().unwrap().to_string(),
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+    };
+    let p = api
+        .ok(
+            reqwest::Method::POST,
+            "/v1/projects",
+            Some(serde_json::json!({"name": "web", "repo": "https://example.invalid/web.git"})),
+        )
+        .await;
+    let pid = p["id"].as_str().unwrap().to_string();
+    let app = api
+        .ok(
+            reqwest::Method::POST,
+            &format!("/v1/projects/{pid}/apps"),
+            Some(serde_json::json!({"name": "web", "env": "production"})),
+        )
+        .await;
+    let app_id = app["id"].as_str().unwrap().to_string();
+    Setup {
+        data,
+        store,
+        digest,
+        captain,
+        api,
+        project_id: pid,
+        app_id,
+    }
 }
