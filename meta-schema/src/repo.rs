@@ -404,21 +404,29 @@ impl MetaRepo {
             .all()
             .map_err(gix_err("walking history"))?;
         let mut out = Vec::new();
+        // In a linear history, a commit's parent is the next commit walked:
+        // its flattened tree is kept so each tree is flattened once.
+        let mut parent_flat: Option<(ObjectId, BTreeMap<String, ObjectId>)> = None;
         for info in walk {
             let info = info.map_err(gix_err("walking history"))?;
             let commit = repo
                 .find_commit(info.id)
                 .map_err(gix_err("reading commit"))?;
             let parents: Vec<ObjectId> = commit.parent_ids().map(|p| p.detach()).collect();
-            let new = flat_tree(
-                &repo,
-                commit
-                    .tree_id()
-                    .map_err(gix_err("reading commit"))?
-                    .detach(),
-            )?;
-            let old = match parents.first() {
-                Some(p) => flat_tree(&repo, commit_tree(&repo, *p)?)?,
+            let tree_id = commit
+                .tree_id()
+                .map_err(gix_err("reading commit"))?
+                .detach();
+            let new = match parent_flat.take() {
+                Some((id, flat)) if id == tree_id => flat,
+                _ => flat_tree(&repo, tree_id)?,
+            };
+            let parent_tree = parents
+                .first()
+                .map(|p| commit_tree(&repo, *p))
+                .transpose()?;
+            let old = match parent_tree {
+                Some(t) => flat_tree(&repo, t)?,
                 None => BTreeMap::new(),
             };
             let mut paths: Vec<String> = new
@@ -428,6 +436,7 @@ impl MetaRepo {
                 .chain(old.keys().filter(|k| !new.contains_key(*k)).cloned())
                 .collect();
             paths.sort();
+            parent_flat = parent_tree.map(|t| (t, old));
             if (filter.env.is_some() || filter.app.is_some()) && !paths.iter().any(|p| prefix(p)) {
                 continue;
             }
