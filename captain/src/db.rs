@@ -91,16 +91,30 @@ fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
     move |source| DbError::Query { op, source }
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "captain",
-    include_str!("../../migrations/sqlite/0001_captain.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "captain",
-    include_str!("../../migrations/postgres/0001_captain.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "captain",
+        include_str!("../../migrations/sqlite/0001_captain.sql"),
+    ),
+    (
+        2,
+        "builds",
+        include_str!("../../migrations/sqlite/0002_builds.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "captain",
+        include_str!("../../migrations/postgres/0001_captain.sql"),
+    ),
+    (
+        2,
+        "builds",
+        include_str!("../../migrations/postgres/0002_builds.sql"),
+    ),
+];
 
 /// The migrations of `backend`, embedded from `migrations/<backend>/`.
 pub fn migrator(backend: Backend) -> Migrator {
