@@ -122,6 +122,12 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(POST "/v1/images", Node, "Record an image's metadata", One(sch::<CreateImage>), 201 => One(sch::<ImageView>), create_image),
         route!(GET "/v1/images/{id}", User, "Get an image by id or digest", No, 200 => One(sch::<ImageView>), get_image),
         route!(DELETE "/v1/images/{id}", Admin, "Forget an image", No, 204 => No, delete_image),
+        route!(GET "/v1/images/{id}/download", Node, "Stream an image's ext4 root filesystem (?part=config: its config.json) from the object store", No, 200 => No, crate::builds::download_image),
+        route!(POST "/v1/sources", User, "Upload a build source: a gzip'd tar with every entry under one top-level directory (Content-Type: application/gzip)", No, 201 => One(sch::<crate::builds::SourceView>), crate::builds::upload_source),
+        route!(GET "/v1/builds", User, "List builds, newest first (?app_id=, ?limit=)", No, 200 => List(sch::<crate::builds::BuildView>), crate::builds::list_builds),
+        route!(POST "/v1/builds", User, "Queue a build of a git source or an uploaded source; optionally deploy its image", One(sch::<crate::builds::CreateBuild>), 201 => One(sch::<crate::builds::BuildView>), crate::builds::create_build),
+        route!(GET "/v1/builds/{id}", User, "Get a build", No, 200 => One(sch::<crate::builds::BuildView>), crate::builds::get_build),
+        route!(GET "/v1/builds/{id}/logs", User, "A build's log lines after ?from=<seq> (X-Last-Log-Seq), or as server-sent events with Accept: text/event-stream", No, 200 => List(sch::<crate::builds::BuildLogLine>), crate::builds::build_logs),
         route!(GET "/v1/routes/stream", User, "The edge's route table as server-sent events (edge::routes format)", No, 200 => No, crate::routes::stream),
         route!(GET "/meta.git/info/refs", Git, "git smart HTTP: ref advertisement (Basic or Bearer token)", No, 200 => No, crate::githttp::serve),
         route!(POST "/meta.git/git-upload-pack", Git, "git smart HTTP: fetch", No, 200 => No, crate::githttp::serve),
@@ -133,7 +139,9 @@ pub fn routes() -> Vec<RouteSpec> {
 pub fn router(state: AppState) -> Router {
     let mut r: Router<AppState> = Router::new();
     for spec in routes() {
-        let limit = if spec.access == Access::Git {
+        // git pushes and source uploads are streamed and bounded by their
+        // handlers; everything else is JSON.
+        let limit = if spec.access == Access::Git || spec.path == "/v1/sources" {
             DefaultBodyLimit::disable()
         } else {
             DefaultBodyLimit::max(BODY_LIMIT)

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod builds;
 pub mod cli;
 pub mod db;
 pub mod error;
@@ -63,6 +64,17 @@ pub struct Config {
     pub rollout_interval: Duration,
     /// How long a rollout may take to become healthy before it fails.
     pub rollout_timeout: Duration,
+    /// Runs the builds of `POST /v1/builds` and holds the object store
+    /// images are downloaded from; none = this captain does not build.
+    pub builder: Option<Arc<builder::Builder>>,
+    /// Builds run at once (workers claiming the queue).
+    pub build_workers: usize,
+    /// Attempts of a build whose infrastructure keeps failing.
+    pub build_max_attempts: u32,
+    /// Delay before the second attempt; doubles for each further one.
+    pub build_retry_backoff: Duration,
+    /// Largest source tarball `POST /v1/sources` accepts.
+    pub max_source_bytes: u64,
 }
 
 impl Config {
@@ -85,6 +97,11 @@ impl Config {
             max_db_connections: 8,
             rollout_interval: Duration::from_secs(2),
             rollout_timeout: rollout::DEFAULT_ROLLOUT_TIMEOUT,
+            builder: None,
+            build_workers: 1,
+            build_max_attempts: 3,
+            build_retry_backoff: Duration::from_secs(10),
+            max_source_bytes: builds::DEFAULT_MAX_SOURCE_BYTES,
         }
     }
 
@@ -130,6 +147,11 @@ pub struct Inner {
     /// Bumped after every mirror pass, i.e. after every commit the captain
     /// wrote or saw pushed: in-process followers (`zw up`) fetch at once.
     pub commits: watch::Sender<u64>,
+    /// Wakes a build worker (a build was queued).
+    pub builds_wake: Notify,
+    /// Bumped when build log lines are stored or a build changes status:
+    /// log streams look again.
+    pub build_events: watch::Sender<u64>,
 }
 
 impl Deref for AppState {
@@ -230,9 +252,25 @@ impl Captain {
             routes_wake: Notify::new(),
             routes: routes::RouteFeed::default(),
             commits: watch::channel(0).0,
+            builds_wake: Notify::new(),
+            build_events: watch::channel(0).0,
         }));
+        let (requeued, failed) = state
+            .db
+            .recover_interrupted_builds(
+                meta_schema::now_millis(),
+                i64::from(config.build_max_attempts.max(1)),
+            )
+            .await?;
+        if requeued + failed > 0 {
+            tracing::warn!(
+                requeued,
+                failed,
+                "builds were running when the captain last stopped"
+            );
+        }
         let (shutdown, rx) = watch::channel(false);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(mirror_loop(state.clone(), rx.clone())),
             tokio::spawn(liveness_loop(state.clone(), rx.clone())),
             tokio::spawn(rollout::run(
@@ -247,6 +285,15 @@ impl Captain {
                 rx.clone(),
             )),
         ];
+        if let Some(b) = &config.builder {
+            for _ in 0..config.build_workers {
+                tasks.push(tokio::spawn(builds::run_worker(
+                    state.clone(),
+                    b.clone(),
+                    rx.clone(),
+                )));
+            }
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {

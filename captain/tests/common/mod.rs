@@ -165,6 +165,8 @@ pub struct Env {
     pub base: String,
     pub token: String,
     pub http: reqwest::Client,
+    /// Given to every captain this Env starts (builds, image downloads).
+    pub builder: Option<std::sync::Arc<builder::Builder>>,
 }
 
 pub fn config(dir: &Path, database_url: &str) -> Config {
@@ -183,11 +185,21 @@ pub fn config(dir: &Path, database_url: &str) -> Config {
 
 impl Env {
     pub async fn start(backend: Backend) -> Env {
+        Env::start_with(backend, |_| None).await
+    }
+
+    /// Like [`Env::start`], with the builder `make` returns for the data dir.
+    pub async fn start_with(
+        backend: Backend,
+        make: impl FnOnce(&Path) -> Option<std::sync::Arc<builder::Builder>>,
+    ) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let database_url = fresh_database(backend, dir.path()).await;
-        let captain = Captain::start(config(dir.path(), &database_url))
-            .await
-            .expect("captain starts");
+        let builder = make(dir.path());
+        let mut cfg = config(dir.path(), &database_url);
+        cfg.builder = builder.clone();
+        cfg.build_retry_backoff = std::time::Duration::from_millis(200);
+        let captain = Captain::start(cfg).await.expect("captain starts");
         let token = std::fs::read_to_string(dir.path().join("admin.token"))
             .unwrap()
             .trim()
@@ -202,6 +214,7 @@ impl Env {
             base,
             token,
             http: reqwest::Client::new(),
+            builder,
         }
     }
 
@@ -222,9 +235,10 @@ impl Env {
         if wipe {
             wipe_database(&self.database_url, self.backend).await;
         }
-        let c = Captain::start(config(self.dir.path(), &self.database_url))
-            .await
-            .expect("captain restarts");
+        let mut cfg = config(self.dir.path(), &self.database_url);
+        cfg.builder = self.builder.clone();
+        cfg.build_retry_backoff = std::time::Duration::from_millis(200);
+        let c = Captain::start(cfg).await.expect("captain restarts");
         if let Some(t) = c.admin_token() {
             self.token = t.to_string();
         }

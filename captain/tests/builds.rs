@@ -1,0 +1,434 @@
+//! The captain's build queue with real buildah builds of `FROM scratch`
+//! busybox images, on SQLite and on a real Postgres: upload, queue, build,
+//! logs (JSON and server-sent events), image download, deploy; a failing
+//! RUN fails once; an infrastructure fault is retried by the queue; a build
+//! cut short by a stop is retried by the next captain.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use builder::store::{ObjectStore, ObjectStream, StoreError};
+use builder::{Builder, BuilderConfig, LocalStore, RetryPolicy};
+use bytes::Bytes;
+use common::{Backend, Env};
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+
+/// The meta repository's pre-receive hook runs this binary (see
+/// `common::test_hook_command`): only acts when the hook runs it.
+#[test]
+#[ignore = "run by the meta repository's pre-receive hook, not by the test runner"]
+fn pre_receive_hook_entry() {
+    if std::env::var_os(common::HOOK_MODE_ENV).is_some() {
+        std::process::exit(captain::hooks::main_entry());
+    }
+}
+
+fn busybox() -> PathBuf {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("this test needs a static busybox (apt-get install busybox-static)")
+}
+
+/// A source directory with busybox and `dockerfile`, as a .tar.gz whose
+/// entries sit under `src/` (what `zw deploy` uploads).
+fn source_tarball(dir: &Path, dockerfile: &str) -> Vec<u8> {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(busybox(), src.join("busybox")).unwrap();
+    std::fs::write(src.join("Dockerfile"), dockerfile).unwrap();
+    let out = dir.join("src.tar.gz");
+    let st = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(&out)
+        .arg("-C")
+        .arg(dir)
+        .arg("src")
+        .status()
+        .expect("tar runs");
+    assert!(st.success());
+    std::fs::read(out).unwrap()
+}
+
+const GOOD: &str = "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo built-by-captain > /stamp\"]\nCMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/\"]\nEXPOSE 8080\n";
+const FAILING: &str = "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo the-user-step-broke; exit 3\"]\n";
+
+/// A real local store whose first `fail_puts` uploads fail with a transient
+/// error (the store "down for a moment").
+struct FlakyStore {
+    inner: LocalStore,
+    fail_puts: AtomicUsize,
+}
+
+impl ObjectStore for FlakyStore {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        src: &'a Path,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        if key.starts_with("images/")
+            && self
+                .fail_puts
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Box::pin(async move {
+                Err(StoreError::Remote {
+                    store: "flaky".into(),
+                    op: "put",
+                    key: key.into(),
+                    message: "connection refused (the store is down)".into(),
+                    transient: true,
+                })
+            });
+        }
+        self.inner.put_file(key, src)
+    }
+    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.put(key, data)
+    }
+    fn get_stream<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectStream, StoreError>> {
+        self.inner.get_stream(key)
+    }
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.exists(key)
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.delete(key)
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+        self.inner.list(prefix)
+    }
+}
+
+/// A buildah builder over `store`, with no per-step retries so that an
+/// infrastructure fault reaches the queue.
+fn make_builder(data: &Path, store: Arc<dyn ObjectStore>) -> Arc<Builder> {
+    let mut cfg = BuilderConfig::new(data.join("builder"));
+    cfg.retry = RetryPolicy::none();
+    let backend =
+        builder::BuildahBackend::new(&data.join("builder").join("buildah")).expect("buildah");
+    Arc::new(Builder::with_backend(store, Box::new(backend), cfg))
+}
+
+async fn upload(env: &Env, tarball: Vec<u8>) -> String {
+    let r = env
+        .http
+        .post(format!("{}/v1/sources", env.base))
+        .bearer_auth(&env.token)
+        .header("content-type", "application/gzip")
+        .body(tarball)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 201, "{v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+async fn wait_build(env: &Env, id: &str, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let (s, b) = env.get(&format!("/v1/builds/{id}")).await;
+        assert_eq!(s, 200, "{b}");
+        if b["status"] == "succeeded" || b["status"] == "failed" {
+            return b;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "build {id} still {b} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads a build's SSE stream to its end (bounded).
+async fn sse(env: &Env, id: &str) -> String {
+    let r = env
+        .http
+        .get(format!("{}/v1/builds/{id}/logs", env.base))
+        .bearer_auth(&env.token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    tokio::time::timeout(Duration::from_secs(180), r.text())
+        .await
+        .expect("the stream ends when the build ends")
+        .unwrap()
+}
+
+async fn queue_upload_deploy_download_logs(backend: Backend) {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = Env::start_with(backend, |d| {
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(d.join("store")));
+        Some(make_builder(d, store))
+    })
+    .await;
+    let (_, app) = env.project_and_app("shop", "web").await;
+    let src = upload(&env, source_tarball(tmp.path(), GOOD)).await;
+    // The same bytes again: the same id, stored once.
+    assert_eq!(upload(&env, source_tarball(tmp.path(), GOOD)).await, src);
+
+    let (s, b) = env
+        .post(
+            "/v1/builds",
+            json!({"app_id": app, "source": {"upload": src}, "source_commit": "abc1234",
+                   "deploy": {"port": 8080, "health_check_path": "/stamp"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["status"], "queued");
+    let id = b["id"].as_str().unwrap().to_string();
+    // Streamed while it runs: the stream ends with the finished build.
+    let stream = sse(&env, &id).await;
+    assert!(stream.contains("event: line"), "{stream}");
+    assert!(stream.contains("event: end"), "{stream}");
+    let b = wait_build(&env, &id, Duration::from_secs(30)).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(b["attempts"], 1);
+    let digest = b["image_digest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:"), "{b}");
+    let dep = b["deployment_id"].as_str().unwrap().to_string();
+    assert!(!dep.is_empty(), "a deployment was asked for: {b}");
+
+    // Every stored line was in the stream, in order, once.
+    let (s, lines) = env.get(&format!("/v1/builds/{id}/logs?limit=10000")).await;
+    assert_eq!(s, 200);
+    let lines = lines.as_array().unwrap().clone();
+    assert!(lines.len() > 3, "{lines:?}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["seq"], i as i64 + 1);
+        assert!(
+            stream.contains(&format!("id: {}\n", l["seq"])),
+            "line {} missing from the stream",
+            l["seq"]
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["line"].as_str().unwrap().contains(&digest)),
+        "the log names the image"
+    );
+    // Paged: after the 2nd line, the 3rd comes first.
+    let (_, page) = env
+        .get(&format!("/v1/builds/{id}/logs?from=2&limit=1"))
+        .await;
+    assert_eq!(page[0]["seq"], 3);
+
+    // The image row, the deployment with that image, the release commit.
+    let (s, img) = env.get(&format!("/v1/images/{digest}")).await;
+    assert_eq!(s, 200, "{img}");
+    assert_eq!(img["source_commit"], "abc1234");
+    let (s, d) = env.get(&format!("/v1/deployments/{dep}")).await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["image_digest"], digest);
+    assert_eq!(d["source_commit"], "abc1234");
+
+    // Download streams exactly the stored objects.
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    for (part, key) in [
+        ("rootfs", format!("images/{hex}/rootfs.ext4")),
+        ("config", format!("images/{hex}/config.json")),
+    ] {
+        let r = env
+            .http
+            .get(format!(
+                "{}/v1/images/{digest}/download?part={part}",
+                env.base
+            ))
+            .bearer_auth(&env.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{part}");
+        let body = r.bytes().await.unwrap();
+        let stored = std::fs::read(env.data_dir().join("store").join(&key)).unwrap();
+        assert_eq!(body.len(), stored.len(), "{part}");
+        assert!(body == stored, "{part} differs from the store");
+    }
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(
+            env.data_dir()
+                .join("store")
+                .join(format!("images/{hex}/config.json")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["exposed_ports"], json!([8080]));
+
+    // Bad input, each named, nothing queued.
+    let before = env.get("/v1/builds").await.1.as_array().unwrap().len();
+    let cases = [
+        (json!({"app_id": app, "source": {}}), 400, "exactly one"),
+        (
+            json!({"app_id": app, "source": {"upload": "sha256:zz"}}),
+            400,
+            "sha256",
+        ),
+        (
+            json!({"app_id": app, "source": {"upload": format!("sha256:{}", "0".repeat(64))}}),
+            404,
+            "uploaded source",
+        ),
+        (
+            json!({"app_id": app, "source": {"git": {"url": "not a url"}}}),
+            400,
+            "git URL",
+        ),
+        (
+            json!({"app_id": app, "source": {"upload": src}, "dockerfile": "/etc/Dockerfile"}),
+            400,
+            "inside the source",
+        ),
+        (
+            json!({"app_id": "nope", "source": {"upload": src}}),
+            404,
+            "app",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let (s, v) = env.post("/v1/builds", body.clone()).await;
+        assert_eq!(s, status, "{body} -> {v}");
+        assert!(v.to_string().contains(needle), "{body} -> {v}");
+    }
+    let r = env
+        .http
+        .post(format!("{}/v1/sources", env.base))
+        .bearer_auth(&env.token)
+        .header("content-type", "application/gzip")
+        .body("not gzip at all")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = env
+        .http
+        .post(format!("{}/v1/sources", env.base))
+        .bearer_auth(&env.token)
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+    assert_eq!(
+        env.get("/v1/builds").await.1.as_array().unwrap().len(),
+        before
+    );
+    let (s, _) = env.get("/v1/builds/nope").await;
+    assert_eq!(s, 404);
+    env.stop().await;
+}
+
+async fn user_fault_fails_once_infra_fault_is_retried(backend: Backend) {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = Env::start_with(backend, |d| {
+        let store: Arc<dyn ObjectStore> = Arc::new(FlakyStore {
+            inner: LocalStore::new(d.join("store")),
+            fail_puts: AtomicUsize::new(1),
+        });
+        Some(make_builder(d, store))
+    })
+    .await;
+    let (_, app) = env.project_and_app("shop", "web").await;
+
+    // The user's RUN step fails: failed at once, with its output.
+    let bad = upload(&env, source_tarball(&tmp.path().join("bad"), FAILING)).await;
+    let (s, b) = env
+        .post(
+            "/v1/builds",
+            json!({"app_id": app, "source": {"upload": bad}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let b = wait_build(&env, b["id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(b["status"], "failed", "{b}");
+    assert_eq!(b["attempts"], 1, "a user fault is not retried: {b}");
+    let err = b["error"].as_str().unwrap();
+    assert!(
+        err.contains("the-user-step-broke"),
+        "log tail in the status: {err}"
+    );
+
+    // The store refuses the first upload: the queue retries, then succeeds.
+    let good = upload(&env, source_tarball(&tmp.path().join("good"), GOOD)).await;
+    let (s, b) = env
+        .post(
+            "/v1/builds",
+            json!({"app_id": app, "source": {"upload": good}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let b = wait_build(&env, &id, Duration::from_secs(90)).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(b["attempts"], 2, "one retry after the store fault: {b}");
+    assert!(
+        b["deployment_id"].as_str().unwrap().is_empty(),
+        "build only"
+    );
+    let (_, lines) = env.get(&format!("/v1/builds/{id}/logs?limit=10000")).await;
+    let text = lines.to_string();
+    assert!(text.contains("retrying"), "{text}");
+    assert!(text.contains("attempt 2"), "{text}");
+    env.stop().await;
+}
+
+async fn a_build_cut_short_by_a_stop_runs_again(backend: Backend) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut env = Env::start_with(backend, |d| {
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(d.join("store")));
+        Some(make_builder(d, store))
+    })
+    .await;
+    let (_, app) = env.project_and_app("shop", "web").await;
+    let src = upload(&env, source_tarball(tmp.path(), GOOD)).await;
+    let (s, b) = env
+        .post(
+            "/v1/builds",
+            json!({"app_id": app, "source": {"upload": src}, "deploy": {}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    // Stop as soon as the build runs.
+    let start = Instant::now();
+    loop {
+        let (_, b) = env.get(&format!("/v1/builds/{id}")).await;
+        if b["status"] == "building" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.restart(false).await;
+    let b = wait_build(&env, &id, Duration::from_secs(60)).await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    assert_eq!(b["attempts"], 2, "{b}");
+    assert!(!b["deployment_id"].as_str().unwrap().is_empty(), "{b}");
+    // One deployment from it, not two.
+    let (_, deps) = env.get(&format!("/v1/deployments?app_id={app}")).await;
+    assert_eq!(deps.as_array().unwrap().len(), 1, "{deps}");
+    env.stop().await;
+}
+
+both!(
+    upload_build_deploy_download,
+    queue_upload_deploy_download_logs
+);
+both!(faults, user_fault_fails_once_infra_fault_is_retried);
+both!(restart, a_build_cut_short_by_a_stop_runs_again);
