@@ -1,5 +1,9 @@
 //! The node agent API (axum). Every route but `GET /v1/health` needs
-//! `Authorization: Bearer <token>` with the captain's token or the node's own.
+//! `Authorization: Bearer <token>`: the node's own tokens (its local token,
+//! the configured captain token, the node token of its current
+//! registration) or the `api_key` the captain issued at that registration
+//! (invariant 7: only the captain and the node itself). A new registration
+//! replaces the previous one's credentials.
 //!
 //! Writes never touch the ledger directly: they are commands to the
 //! reconciler task, the ledger's one writer.
@@ -35,7 +39,8 @@ pub struct NodeInfo {
 
 pub struct ApiState {
     pub info: NodeInfo,
-    /// Bearer tokens accepted: the captain's and the node's own.
+    /// Bearer tokens accepted: the captain's and the node's own, plus the
+    /// node token and captain `api_key` of the current registration.
     pub tokens: ArcSwap<Vec<String>>,
     pub reconciler: ReconcilerHandle,
     pub follow: watch::Receiver<FollowState>,
@@ -229,16 +234,19 @@ async fn logs(
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let from = q.from;
     let r = tokio::task::spawn_blocking(move || {
-        crate::logs::collect(&work_dir)?;
-        crate::logs::read(&work_dir, from, limit)
+        let mark = crate::logs::collect_with_mark(&work_dir)?;
+        Ok::<_, crate::logs::LogError>((mark, crate::logs::read(&work_dir, from, limit)?))
     })
     .await
     .expect("log reading does not panic");
     match r {
-        Ok(lines) => {
+        Ok((mark, lines)) => {
             let last = lines.last().map_or(from, |l| l.t);
             let mut headers = HeaderMap::new();
             headers.insert("X-Last-Log-Nano", HeaderValue::from(last));
+            // Every line this instance stamps later is stamped after this:
+            // what a reader merging several instances waits for.
+            headers.insert("X-Log-Collected-Nano", HeaderValue::from(mark));
             let body: Vec<LogEntry> = lines
                 .into_iter()
                 .map(|l| LogEntry {

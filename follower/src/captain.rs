@@ -47,6 +47,10 @@ pub struct Registered {
     #[serde(default)]
     pub node: serde_json::Value,
     pub token: String,
+    /// The key the captain calls this node's API with, valid until the next
+    /// registration (empty from captains that predate it).
+    #[serde(default)]
+    pub api_key: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -173,6 +177,7 @@ impl Captain for NoCaptain {
             Ok(Registered {
                 node: serde_json::Value::Null,
                 token: String::new(),
+                api_key: String::new(),
             })
         })
     }

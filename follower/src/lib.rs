@@ -24,11 +24,12 @@
 //! an instance's environment or into a fresh data key ([`rekey`]).
 //!
 //! **API boundary.** Inbound: the node API ([`api`], bearer tokens of the
-//! captain and of the node). Outbound: the captain's REST API
-//! ([`captain::HttpCaptain`]) and a git fetch of the meta repository. State
-//! on disk under the data dir: `ledger/` (instances, follow state),
-//! `meta.git`, `instances/<id>/` (driver state, `stdout.log`, `log.jsonl`),
-//! `node-id`, `node-token`, `age-identity`, `captain-node-token`.
+//! node and the `api_key` the captain issued at its current registration).
+//! Outbound: the captain's REST API ([`captain::HttpCaptain`]) and a git
+//! fetch of the meta repository. State on disk under the data dir:
+//! `ledger/` (instances, follow state), `meta.git`, `instances/<id>/`
+//! (driver state, `stdout.log`, `log.jsonl`), `node-id`, `node-token`,
+//! `age-identity`, `captain-node-token`.
 
 pub mod api;
 pub mod captain;
@@ -452,12 +453,18 @@ async fn heartbeats(
     // token (the previous one stops working). The token is kept on disk for
     // operators; the follower never reuses it across starts.
     let token_path = data_dir.join("captain-node-token");
-    let accept = |token: &str| {
-        let mut t = (**api.tokens.load()).clone();
-        if !t.iter().any(|x| x == token) {
-            t.push(token.to_string());
-            api.tokens.store(Arc::new(t));
+    // The API accepts the node's own tokens it started with, plus the
+    // credentials of the current registration only: the node token and
+    // the captain's `api_key` of a previous one stop working here too.
+    let own = (**api.tokens.load()).clone();
+    let accept = |r: &captain::Registered| {
+        let mut t = own.clone();
+        for c in [&r.token, &r.api_key] {
+            if !c.is_empty() && !t.contains(c) {
+                t.push(c.clone());
+            }
         }
+        api.tokens.store(Arc::new(t));
     };
     let mut registered = false;
     let mut delay = Duration::from_millis(500);
@@ -465,12 +472,12 @@ async fn heartbeats(
         if !registered {
             match captain.register(&reg).await {
                 Ok(r) => {
-                    if !r.token.is_empty() {
-                        if let Err(e) = write_secret(&token_path, &r.token) {
-                            tracing::error!(error = %e, path = %token_path.display(), "keeping the node token");
-                        }
-                        accept(&r.token);
+                    if !r.token.is_empty()
+                        && let Err(e) = write_secret(&token_path, &r.token)
+                    {
+                        tracing::error!(error = %e, path = %token_path.display(), "keeping the node token");
                     }
+                    accept(&r);
                     tracing::info!(node = %reg.id, "registered with the captain");
                     registered = true;
                     delay = Duration::from_millis(500);

@@ -61,16 +61,33 @@ static COLLECTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Stamps the complete lines of `stdout.log` not stamped yet. Blocking.
 pub fn collect(work_dir: &Path) -> Result<usize, LogError> {
     let _one_at_a_time = COLLECTING.lock().unwrap_or_else(|e| e.into_inner());
+    collect_locked(work_dir).map(|(n, _)| n)
+}
+
+/// [`collect`], and a mark: every line the instance's output gets later is
+/// stamped after it (readers merging several instances return lines only
+/// up to the smallest mark, so a late line never lands behind a stamp
+/// already returned). Blocking.
+pub fn collect_with_mark(work_dir: &Path) -> Result<u64, LogError> {
+    let _one_at_a_time = COLLECTING.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, last) = collect_locked(work_dir)?;
+    // Later collections stamp max(their now, last + 1), both after this
+    // (unless the wall clock steps back).
+    Ok(now_nanos().saturating_sub(1).max(last))
+}
+
+/// Collects; returns the lines stamped and the newest stamp of the index.
+fn collect_locked(work_dir: &Path) -> Result<(usize, u64), LogError> {
     let raw = work_dir.join("stdout.log");
     let index = work_dir.join("log.jsonl");
     let io = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| LogError::Io { op, path, source }
     };
-    let Ok(mut f) = std::fs::File::open(&raw) else {
-        return Ok(0);
-    };
     let last = last_record(&index);
+    let Ok(mut f) = std::fs::File::open(&raw) else {
+        return Ok((0, last.map_or(0, |l| l.t)));
+    };
     let (mut offset, mut t) = last.map(|l| (l.o, l.t)).unwrap_or((0, 0));
     f.seek(SeekFrom::Start(offset))
         .map_err(io("seeking in", &raw))?;
@@ -102,7 +119,7 @@ pub fn collect(work_dir: &Path) -> Result<usize, LogError> {
             .map_err(io("opening", &index))?;
         idx.write_all(&out).map_err(io("appending to", &index))?;
     }
-    Ok(n)
+    Ok((n, t))
 }
 
 /// Lines stamped strictly after `from`, at most `limit`, oldest first.
@@ -165,5 +182,14 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // The mark is at or after every stamp so far, and the next line is
+        // stamped after it.
+        let mark = collect_with_mark(dir.path()).unwrap();
+        assert!(mark >= rest.last().unwrap().t);
+        f.write_all(b"five\n").unwrap();
+        collect(dir.path()).unwrap();
+        let five = read(dir.path(), mark, 10).unwrap();
+        assert_eq!(five.len(), 1);
+        assert_eq!(five[0].line, "five");
     }
 }
