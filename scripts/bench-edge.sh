@@ -3,7 +3,9 @@
 #
 #   scripts/bench-edge.sh [duration_seconds]
 #
-# Both proxies run one worker pinned to CPU 0; wrk and the backend (an nginx
+# Both proxies run one worker pinned to CPU 0 (the edge on a current-thread
+# runtime, like nginx's single-threaded worker, unless EDGE_CURRENT_THREAD=0:
+# then a one-worker multi-thread runtime); wrk and the backend (an nginx
 # answering 200 itself) share CPU 1. Prints one JSON line per figure, as
 # BENCH.md asks: {"bench":..,"ours":..,"reference":..,"ratio":..}.
 # Needs: nginx, wrk, taskset, python3, openssl; builds the edge in release.
@@ -103,7 +105,7 @@ mkdir -p "$WORK/edge-data/certs"
 
 taskset -c 1 nginx -c "$WORK/backend.conf" -p "$WORK"
 taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK"
-EDGE_CURRENT_THREAD=${EDGE_CURRENT_THREAD:-} TOKIO_WORKER_THREADS=1 ZW_LOG=error taskset -c 0 "$EDGE_BIN" \
+EDGE_CURRENT_THREAD=${EDGE_CURRENT_THREAD:-1} TOKIO_WORKER_THREADS=1 ZW_LOG=error taskset -c 0 "$EDGE_BIN" \
   --routes-file "$WORK/routes.json" --data-dir "$WORK/edge-data" \
   --http "$EDGE_HTTP" --https "$EDGE_HTTPS" --no-access-log \
   --tls-cert "$WORK/cert.crt" --tls-key "$WORK/cert.key" --no-local-ca &

@@ -20,9 +20,17 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     // Worker threads follow TOKIO_WORKER_THREADS or the CPU affinity mask
-    // (taskset), like any tokio multi-thread runtime.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // (taskset), like any tokio multi-thread runtime. EDGE_CURRENT_THREAD=1
+    // runs everything on the main thread instead (one worker, no
+    // cross-thread scheduling).
+    let rt = if std::env::var_os("EDGE_CURRENT_THREAD").is_some_and(|v| v == "1") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
     rt.block_on(edge::cli::run(cli.args))
 }
