@@ -242,6 +242,40 @@ pub fn request_host<B>(req: &Request<B>) -> Option<String> {
     Some(normalize_host(&raw))
 }
 
+/// [`request_host`] without an allocation when the host is already in
+/// normal form (lower case, no trailing dot), as it nearly always is.
+fn request_host_cow<B>(req: &Request<B>) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    let host = match req.uri().authority() {
+        Some(a) => a.host(),
+        None => {
+            let h = req.headers().get(header::HOST)?.as_bytes();
+            // The common `name[:port]` is taken as is; anything else (IPv6
+            // literals, odd characters) goes through the full parse.
+            let (name, port) = match h.iter().position(|&b| b == b':') {
+                Some(i) => (&h[..i], &h[i + 1..]),
+                None => (h, &b""[..]),
+            };
+            let plain = name
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+                && port.iter().all(u8::is_ascii_digit)
+                && (port.len() <= 5);
+            if !plain || (port.is_empty() && name.len() < h.len()) {
+                return request_host(req).map(Cow::Owned);
+            }
+            std::str::from_utf8(name).ok()?
+        }
+    };
+    if host.is_empty() {
+        return None;
+    }
+    if host.ends_with('.') || host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some(Cow::Owned(normalize_host(host)));
+    }
+    Some(Cow::Borrowed(host))
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -251,8 +285,87 @@ fn is_idempotent(m: &Method) -> bool {
 
 enum Attempt {
     Done(Response<Incoming>, Checkin),
-    ConnectFailed(String),
+    /// The backend could not be reached; the request, when it surely never
+    /// left, is handed back for another backend.
+    ConnectFailed(String, Option<Request<UpstreamBody>>),
     Failed(StatusCode, String),
+}
+
+/// Who answered a request, for the access log.
+enum Served {
+    Edge(&'static str),
+    Backend(Arc<BackendState>),
+}
+
+impl std::fmt::Display for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Served::Edge(what) => f.write_str(what),
+            Served::Backend(b) => write!(f, "{}@{}", b.backend.instance_id, b.backend.node_proxy),
+        }
+    }
+}
+
+/// The request's host, copied out of it without a heap allocation in the
+/// common case (so the request itself can move on).
+#[allow(clippy::large_enum_variant)] // on the stack on purpose
+enum HostBuf {
+    Stack(StackBuf<256>),
+    Heap(String),
+}
+
+impl HostBuf {
+    fn of<B>(req: &Request<B>) -> Option<Self> {
+        let host = request_host_cow(req)?;
+        let mut buf = StackBuf::<256>::new();
+        Some(match std::fmt::Write::write_str(&mut buf, &host) {
+            Ok(()) => HostBuf::Stack(buf),
+            Err(_) => HostBuf::Heap(host.into_owned()),
+        })
+    }
+}
+
+impl std::ops::Deref for HostBuf {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            // Only whole `&str`s are ever written into the buffer.
+            HostBuf::Stack(b) => std::str::from_utf8(&b.buf[..b.len]).unwrap_or(""),
+            HostBuf::Heap(s) => s,
+        }
+    }
+}
+
+/// Formats into a stack buffer (header values without a heap `String`).
+struct StackBuf<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackBuf<N> {
+    fn new() -> Self {
+        Self {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    fn header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.buf[..self.len]).expect("ASCII without controls")
+    }
+}
+
+impl<const N: usize> std::fmt::Write for StackBuf<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > N {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 impl Proxy {
@@ -296,9 +409,15 @@ impl Proxy {
     }
 
     fn request_id(&self) -> HeaderValue {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let s = format!("{:08x}{:012x}", self.id_prefix, n & 0xffff_ffff_ffff);
-        HeaderValue::from_str(&s).expect("hex is a valid header value")
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff;
+        // 8 hex digits of the per-process prefix, 12 of the counter.
+        let v = (u128::from(self.id_prefix) << 48) | u128::from(n);
+        let mut buf = [0u8; 20];
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = HEX[((v >> (4 * (19 - i))) & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
     }
 
     /// Handles one request from a client.
@@ -307,28 +426,31 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-        let start = Instant::now();
         let request_id = self.request_id();
+        if !self.config.access_log {
+            let host = HostBuf::of(&req);
+            let (resp, _) = self.route(req, host.as_deref(), conn, &request_id).await;
+            return Ok(resp);
+        }
+        let start = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let version = req.version();
-        let host = request_host(&req);
-        let (resp, backend) = self.route(req, host.as_deref(), conn, &request_id).await;
-        if self.config.access_log {
-            tracing::info!(
-                target: "edge::access",
-                request_id = request_id.to_str().unwrap_or(""),
-                client = %conn.remote,
-                tls = conn.tls,
-                ?version,
-                %method,
-                host = host.as_deref().unwrap_or("-"),
-                path,
-                status = resp.status().as_u16(),
-                backend = backend.as_deref().unwrap_or("-"),
-                ms = start.elapsed().as_secs_f64() * 1000.0,
-            );
-        }
+        let host = HostBuf::of(&req);
+        let (resp, served) = self.route(req, host.as_deref(), conn, &request_id).await;
+        tracing::info!(
+            target: "edge::access",
+            request_id = request_id.to_str().unwrap_or(""),
+            client = %conn.remote,
+            tls = conn.tls,
+            ?version,
+            %method,
+            host = host.as_deref().unwrap_or("-"),
+            path,
+            status = resp.status().as_u16(),
+            backend = %served.as_ref().map_or(&Served::Edge("-"), |s| s),
+            ms = start.elapsed().as_secs_f64() * 1000.0,
+        );
         Ok(resp)
     }
 
@@ -338,7 +460,7 @@ impl Proxy {
         host: Option<&str>,
         conn: ConnInfo,
         request_id: &HeaderValue,
-    ) -> (Response<ProxyBody>, Option<String>) {
+    ) -> (Response<ProxyBody>, Option<Served>) {
         let Some(host) = host else {
             return (
                 error_page(
@@ -358,7 +480,7 @@ impl Proxy {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            return (resp, Some("acme-http-01".into()));
+            return (resp, Some(Served::Edge("acme-http-01")));
         }
         let router = self.routes.load();
         let Some(entry) = router.lookup(host) else {
@@ -387,15 +509,13 @@ impl Proxy {
         });
         strip_hop_by_hop(&mut parts.headers, upgrade);
         let h = &mut parts.headers;
-        if let Some(oh) = &original_host {
-            h.insert(header::HOST, oh.clone());
+        if let Some(oh) = original_host {
             h.insert("x-forwarded-host", oh.clone());
+            h.insert(header::HOST, oh);
         }
-        h.insert(
-            "x-forwarded-for",
-            HeaderValue::from_str(&conn.remote.ip().to_string())
-                .expect("an IP is a valid header value"),
-        );
+        let mut ip = StackBuf::<48>::new();
+        let _ = std::fmt::Write::write_fmt(&mut ip, format_args!("{}", conn.remote.ip()));
+        h.insert("x-forwarded-for", ip.header_value());
         h.insert(
             "x-forwarded-proto",
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -403,57 +523,59 @@ impl Proxy {
         h.insert(REQUEST_ID_HEADER, request_id.clone());
         h.remove(INSTANCE_HEADER);
         parts.version = Version::HTTP_11;
+        if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+            parts.uri = Uri::from(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
+        }
 
         let empty_body = body.is_end_stream();
         let retryable = is_idempotent(&parts.method) && empty_body && !upgrade;
-        let mut body = Some(if empty_body {
+        let body = if empty_body {
             Either::Right(Empty::new())
         } else {
             Either::Left(body)
-        });
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut spare = Some(parts);
+        };
+        // The request for the next attempt: handed back by a connect that
+        // failed before sending, or kept as a copy when a node-proxy may
+        // answer "could not connect" after taking it.
+        let mut next = Some(Request::from_parts(parts, body));
 
         let mut tried: Vec<Arc<BackendState>> = Vec::new();
         let max_attempts = 1 + if retryable { self.config.retries } else { 0 };
         let mut last_err = String::from("no backend");
         for _ in 0..max_attempts {
+            let Some(mut up_req) = next.take() else {
+                break;
+            };
             let exclude: Vec<&Arc<BackendState>> = tried.iter().collect();
             let Some(backend) = entry.pick(&exclude) else {
                 break;
             };
             let guard = backend.start();
-            let label = format!(
-                "{}@{}",
-                backend.backend.instance_id, backend.backend.node_proxy
-            );
-            // Only a retryable request can need its head again.
-            let mut attempt_parts = match &spare {
-                Some(p) if retryable => p.clone(),
-                _ => match spare.take() {
-                    Some(p) => p,
-                    None => break,
-                },
-            };
             let tls = match backend.transport() {
                 Transport::Mtls => {
-                    attempt_parts
-                        .headers
+                    up_req
+                        .headers_mut()
                         .insert(INSTANCE_HEADER, backend.instance_header.clone());
                     true
                 }
                 Transport::Plain => false,
             };
-            attempt_parts.uri = Uri::from(path_and_query.clone());
-            let this_body = match body.take() {
-                Some(b) => b,
-                None => Either::Right(Empty::new()),
-            };
-            let up_req = Request::from_parts(attempt_parts, this_body);
+            // Only a node-proxy takes a request and then says it could not
+            // connect; only then does a retry need a copy.
+            let copy = (retryable && tls).then(|| {
+                let mut c = Request::new(Either::Right(Empty::new()));
+                *c.method_mut() = up_req.method().clone();
+                *c.uri_mut() = up_req.uri().clone();
+                *c.version_mut() = up_req.version();
+                *c.headers_mut() = up_req.headers().clone();
+                c
+            });
             match self.send(&backend, tls, up_req).await {
                 Attempt::Done(mut resp, checkin) => {
                     backend.mark_ok();
@@ -478,7 +600,7 @@ impl Proxy {
                                     checkin: None,
                                 },
                             ),
-                            Some(label),
+                            Some(Served::Backend(backend)),
                         );
                     }
                     let (mut rparts, body) = resp.into_parts();
@@ -494,13 +616,13 @@ impl Proxy {
                                 checkin: Some(checkin),
                             },
                         ),
-                        Some(label),
+                        Some(Served::Backend(backend)),
                     );
                 }
-                Attempt::ConnectFailed(err) => {
+                Attempt::ConnectFailed(err, back) => {
                     tracing::warn!(
                         request_id = request_id.to_str().unwrap_or(""),
-                        backend = %label,
+                        backend = %Served::Backend(backend.clone()),
                         error = %err,
                         "backend connect failed; marking it down"
                     );
@@ -508,11 +630,12 @@ impl Proxy {
                     last_err = err;
                     drop(guard);
                     tried.push(backend);
+                    next = back.or(copy);
                 }
                 Attempt::Failed(status, err) => {
                     tracing::warn!(
                         request_id = request_id.to_str().unwrap_or(""),
-                        backend = %label,
+                        backend = %Served::Backend(backend.clone()),
                         error = %err,
                         "backend request failed"
                     );
@@ -521,7 +644,10 @@ impl Proxy {
                     } else {
                         "The app could not be reached."
                     };
-                    return (error_page(status, msg, Some(request_id)), Some(label));
+                    return (
+                        error_page(status, msg, Some(request_id)),
+                        Some(Served::Backend(backend)),
+                    );
                 }
             }
         }
@@ -544,21 +670,20 @@ impl Proxy {
     }
 
     async fn send(&self, backend: &BackendState, tls: bool, req: Request<UpstreamBody>) -> Attempt {
-        let authority = backend.backend.node_proxy.as_str();
-        let Some((host, port)) = crate::routes::split_host_port(authority) else {
+        let Some((key, host, port)) = backend.address() else {
             return Attempt::Failed(
                 StatusCode::BAD_GATEWAY,
-                format!("invalid backend address {authority}"),
+                format!("invalid backend address {}", backend.backend.node_proxy),
             );
         };
-        let exchange = self.pool.send(tls, authority, host, port, req);
+        let exchange = self.pool.send(tls, key, host, port, req);
         match tokio::time::timeout(self.config.response_timeout, exchange).await {
             Err(_) => Attempt::Failed(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("no response within {:?}", self.config.response_timeout),
             ),
-            Ok(Err(e)) if e.is_connect() => Attempt::ConnectFailed(error_chain(&e)),
-            Ok(Err(e)) => Attempt::Failed(StatusCode::BAD_GATEWAY, error_chain(&e)),
+            Ok(Err((e, back))) if e.is_connect() => Attempt::ConnectFailed(error_chain(&e), back),
+            Ok(Err((e, _))) => Attempt::Failed(StatusCode::BAD_GATEWAY, error_chain(&e)),
             Ok(Ok((resp, checkin))) => {
                 if resp.status() == StatusCode::BAD_GATEWAY
                     && resp
@@ -568,6 +693,7 @@ impl Proxy {
                 {
                     return Attempt::ConnectFailed(
                         "node-proxy could not connect to the instance".into(),
+                        None,
                     );
                 }
                 Attempt::Done(resp, checkin)
@@ -586,4 +712,61 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = src.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, host: Option<&str>) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn host_fast_path_agrees_with_the_full_parse() {
+        for (uri, host) in [
+            ("/", Some("app.example.com")),
+            ("/", Some("app.example.com:8080")),
+            ("/", Some("App.Example.COM.")),
+            ("/", Some("[::1]:8080")),
+            ("/", Some("127.0.0.1:80")),
+            ("/", Some("bad host")),
+            ("/", Some("a.com:")),
+            ("/", Some("a.com:99999999")),
+            ("/", Some("")),
+            ("/", None),
+            ("http://Other.Example/x", Some("ignored.example")),
+        ] {
+            let r = req(uri, host);
+            assert_eq!(
+                request_host_cow(&r).map(|c| c.into_owned()),
+                request_host(&r),
+                "{uri} {host:?}"
+            );
+            assert_eq!(
+                HostBuf::of(&r).as_deref(),
+                request_host(&r).as_deref(),
+                "{uri} {host:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_ids_are_20_hex_digits_and_unique() {
+        let proxy = Proxy::new(Arc::new(Routes::new()), None, ProxyConfig::default());
+        let a = proxy.request_id();
+        let b = proxy.request_id();
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            let s = id.to_str().unwrap();
+            assert_eq!(s.len(), 20);
+            assert!(s.bytes().all(|c| c.is_ascii_hexdigit()));
+            assert_eq!(&s[..8], format!("{:08x}", proxy.id_prefix));
+        }
+        assert_eq!(&b.to_str().unwrap()[8..], "000000000001");
+    }
 }

@@ -19,6 +19,9 @@ pub struct BackendState {
     pub backend: Backend,
     /// [`Backend::instance_id`] ready to be sent as a header.
     pub instance_header: HeaderValue,
+    /// [`Backend::node_proxy`] split once (validated by the table), and as
+    /// the key the connection pool shares between instances of one node.
+    addr: Option<(Arc<str>, Box<str>, u16)>,
     /// Requests sent and not yet finished.
     outstanding: AtomicUsize,
     /// Until when (ms since `epoch`) the backend is skipped after a failed
@@ -31,9 +34,17 @@ impl BackendState {
     fn new(backend: Backend, epoch: Instant) -> Self {
         let instance_header =
             HeaderValue::from_str(&backend.instance_id).expect("validated by RouteTable::validate");
+        let addr = crate::routes::split_host_port(&backend.node_proxy).map(|(host, port)| {
+            (
+                Arc::from(backend.node_proxy.as_str()),
+                Box::from(host),
+                port,
+            )
+        });
         Self {
             backend,
             instance_header,
+            addr,
             outstanding: AtomicUsize::new(0),
             down_until_ms: AtomicU64::new(0),
             epoch,
@@ -77,6 +88,14 @@ impl BackendState {
     /// The key connections are pooled by: the node-proxy (or plain address).
     pub fn transport(&self) -> Transport {
         self.backend.transport
+    }
+
+    /// `(node_proxy, host, port)`; `None` for an address that does not parse
+    /// (which [`RouteTable::validate`] refuses).
+    pub fn address(&self) -> Option<(&Arc<str>, &str, u16)> {
+        self.addr
+            .as_ref()
+            .map(|(key, host, port)| (key, &**host, *port))
     }
 }
 

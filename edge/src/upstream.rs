@@ -242,7 +242,8 @@ pub type UpstreamBody =
     http_body_util::Either<hyper::body::Incoming, http_body_util::Empty<bytes::Bytes>>;
 
 type Sender = hyper::client::conn::http1::SendRequest<UpstreamBody>;
-type IdleMap = std::collections::HashMap<(bool, String), Vec<(Sender, std::time::Instant)>>;
+/// Idle connections by `host:port`, one map per transport (plain, mTLS).
+type IdleMap = std::collections::HashMap<Arc<str>, Vec<(Sender, std::time::Instant)>>;
 
 /// Why an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -273,7 +274,7 @@ impl SendError {
 /// never reused.
 pub struct Pool {
     connector: UpstreamConnector,
-    idle: std::sync::Mutex<IdleMap>,
+    idle: std::sync::Mutex<[IdleMap; 2]>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -281,7 +282,8 @@ pub struct Pool {
 /// Returns a connection to the pool when dropped after [`Checkin::done`].
 pub struct Checkin {
     pool: Arc<Pool>,
-    key: (bool, String),
+    tls: bool,
+    key: Arc<str>,
     sender: Option<Sender>,
 }
 
@@ -289,7 +291,7 @@ impl Checkin {
     /// The response was read completely: the connection can serve another.
     pub fn done(mut self) {
         if let Some(sender) = self.sender.take() {
-            self.pool.put(std::mem::take(&mut self.key), sender);
+            self.pool.put(self.tls, &self.key, sender);
         }
     }
 }
@@ -305,9 +307,9 @@ impl Pool {
         })
     }
 
-    fn take(&self, key: &(bool, String)) -> Option<Sender> {
+    fn take(&self, tls: bool, key: &str) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(key)?;
+        let list = idle[usize::from(tls)].get_mut(key)?;
         while let Some((sender, since)) = list.pop() {
             if !sender.is_closed() && since.elapsed() < self.idle_timeout {
                 return Some(sender);
@@ -316,24 +318,23 @@ impl Pool {
         None
     }
 
-    fn put(&self, key: (bool, String), sender: Sender) {
+    fn put(&self, tls: bool, key: &Arc<str>, sender: Sender) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(key).or_default();
+        let map = &mut idle[usize::from(tls)];
+        let list = match map.get_mut(&**key) {
+            Some(list) => list,
+            None => map.entry(key.clone()).or_default(),
+        };
         if list.len() < self.max_idle {
             list.push((sender, std::time::Instant::now()));
         }
     }
 
-    async fn connect(
-        &self,
-        key: &(bool, String),
-        host: &str,
-        port: u16,
-    ) -> Result<Sender, SendError> {
-        let stream = self.connector.connect(host, port, key.0).await?;
+    async fn connect(&self, tls: bool, host: &str, port: u16) -> Result<Sender, SendError> {
+        let stream = self.connector.connect(host, port, tls).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -346,34 +347,42 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Sends `req` (origin-form URI, Host set) to `host:port`; `tls` selects
-    /// mTLS. A pooled connection that turns out to be closed is replaced by
-    /// a fresh one without the request being lost.
+    /// Sends `req` (origin-form URI, Host set) to `host:port` (`key` is
+    /// that address as the route table spells it); `tls` selects mTLS. A
+    /// pooled connection that turns out to be closed is replaced by a fresh
+    /// one without the request being lost. When the request surely never
+    /// left ([`SendError::is_connect`]), it is handed back for a retry.
     pub async fn send(
         self: &Arc<Self>,
         tls: bool,
-        authority: &str,
+        key: &Arc<str>,
         host: &str,
         port: u16,
         mut req: http::Request<UpstreamBody>,
-    ) -> Result<(http::Response<hyper::body::Incoming>, Checkin), SendError> {
-        let key = (tls, authority.to_owned());
+    ) -> Result<
+        (http::Response<hyper::body::Incoming>, Checkin),
+        (SendError, Option<http::Request<UpstreamBody>>),
+    > {
         // Pooled connections first; each failure that hands the request
         // back moves on to the next, then to a new connection.
         loop {
-            let (mut sender, fresh) = match self.take(&key) {
+            let (mut sender, fresh) = match self.take(tls, key) {
                 Some(s) => (s, false),
-                None => (self.connect(&key, host, port).await?, true),
+                None => match self.connect(tls, host, port).await {
+                    Ok(s) => (s, true),
+                    Err(e) => return Err((e, Some(req))),
+                },
             };
             if sender.ready().await.is_err() {
                 if fresh {
-                    return Err(SendError::Connect(ConnectError::Tcp {
-                        addr: authority.to_owned(),
+                    let err = SendError::Connect(ConnectError::Tcp {
+                        addr: key.to_string(),
                         source: io::Error::new(
                             io::ErrorKind::ConnectionReset,
                             "closed right after connect",
                         ),
-                    }));
+                    });
+                    return Err((err, Some(req)));
                 }
                 continue;
             }
@@ -381,14 +390,15 @@ impl Pool {
                 Ok(resp) => {
                     let checkin = Checkin {
                         pool: self.clone(),
-                        key,
+                        tls,
+                        key: key.clone(),
                         sender: Some(sender),
                     };
                     return Ok((resp, checkin));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) if !fresh => req = back,
-                    _ => return Err(SendError::Exchange(e.into_error())),
+                    _ => return Err((SendError::Exchange(e.into_error()), None)),
                 },
             }
         }
