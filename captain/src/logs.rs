@@ -3,7 +3,9 @@
 //! [`crate::nodelink`] and merged by time.
 //!
 //! The app's instances are those followers reported (the `instances`
-//! table). Every instance on a node that is not offline is asked, at once,
+//! table), but for stopped ones (their node deleted them, logs included;
+//! `?instance=` still asks for one). Every instance on a node that is not
+//! offline is asked, at once,
 //! for its lines stamped after `from` (at most `limit` each); the answers
 //! are merged by stamp and the first `limit` returned, each tagged with its
 //! instance. `X-Last-Log-Nano` is the stamp of the last line returned, or
@@ -80,15 +82,17 @@ pub async fn app_logs(
         .ok_or_else(|| ApiError::not_found("app", &id))?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let from = q.from;
-    let mut instances = st.db.instances_of_app(&app.env, &app.name).await?;
-    if let Some(only) = &q.instance {
-        instances.retain(|(i, _)| i == only);
-        if instances.is_empty() {
-            return Err(ApiError::new(
-                Code::NotFound,
-                format!("app {id:?} has no instance {only:?}"),
-            ));
-        }
+    let instances = st
+        .db
+        .instances_of_app(&app.env, &app.name, q.instance.as_deref())
+        .await?;
+    if let Some(only) = &q.instance
+        && instances.is_empty()
+    {
+        return Err(ApiError::new(
+            Code::NotFound,
+            format!("app {id:?} has no instance {only:?}"),
+        ));
     }
 
     let wanted: BTreeSet<&str> = instances.iter().map(|(_, n)| n.as_str()).collect();
@@ -119,12 +123,11 @@ pub async fn app_logs(
                     link.instance_logs(instance, from, limit).await,
                 )
             }),
-            Some(Err(e)) => {
-                if unreachable.insert(node.clone()) {
-                    tracing::warn!(app = %id, %node, error = %e, "app logs: node cannot be called");
-                }
+            // Warned once per node (the insert is false for its others).
+            Some(Err(e)) if unreachable.insert(node.clone()) => {
+                tracing::warn!(app = %id, %node, error = %e, "app logs: node cannot be called");
             }
-            None => {}
+            Some(Err(_)) | None => {}
         }
     }
     let answers = futures::future::join_all(calls).await;

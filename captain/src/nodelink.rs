@@ -171,18 +171,22 @@ impl Db {
         Ok(out)
     }
 
-    /// (instance id, node id) of every reported instance of an app.
+    /// (instance id, node id) of the reported instances of an app that its
+    /// node still has (a follower deletes a stopped instance's directory,
+    /// logs included), or of the one instance `only`, whatever its state.
     pub async fn instances_of_app(
         &self,
         env: &str,
         app: &str,
+        only: Option<&str>,
     ) -> Result<Vec<(String, String)>, DbError> {
         let op = "listing the instances of an app";
         let rows = sqlx::query(
-            "SELECT id, node_id FROM instances WHERE env = $1 AND app = $2 ORDER BY id",
+            "SELECT id, node_id FROM instances WHERE env = $1 AND app = $2 AND (id = $3 OR ($3 = '' AND state <> 'stopped')) ORDER BY id",
         )
         .bind(env)
         .bind(app)
+        .bind(only.unwrap_or(""))
         .fetch_all(self.pool())
         .await
         .map_err(|source| DbError::Query { op, source })?;
@@ -424,8 +428,8 @@ mod tests {
         assert_eq!(k1, derive_key(&a, "n1", "tok1"));
         assert_ne!(k1, derive_key(&a, "n1", "tok2"));
         assert_ne!(k1, derive_key(&a, "n2", "tok1"));
-        // "n1:" + "x:y" and "n1:x" + ":y" must not collide only if ids
-        // cannot hold ':'; node ids are DNS labels and token ids ULIDs.
+        // "<node>:<token id>" is unambiguous: node ids are DNS labels, token
+        // ids ULIDs, neither holds ':'.
         std::fs::write(dir.path().join(LINK_SECRET_FILE), "short\n").unwrap();
         assert!(matches!(
             link_secret(dir.path()),

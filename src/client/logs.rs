@@ -2,7 +2,9 @@
 //! `GET /v1/apps/{id}/logs?from=<unix-nanos>` answers the lines stamped
 //! after `from` (JSON `[{"t": nanos, "line": "...", "instance": "..."}]`, the
 //! followers' format) and `X-Last-Log-Nano`, the stamp of the last one, which
-//! is the next `from`; so no line prints twice.
+//! is the next `from`; so no line prints twice. Nodes the captain could not
+//! reach are named in `X-Log-Unreachable`; their lines are missing, which
+//! is said on stderr.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -23,6 +25,9 @@ pub struct LogsArgs {
     /// Start after this unix-nanosecond stamp (default: the beginning).
     #[arg(long, default_value_t = 0)]
     pub from: u64,
+    /// Only this instance of the app.
+    #[arg(long)]
+    pub instance: Option<String>,
     #[command(flatten)]
     pub app: AppArg,
     /// Print one JSON object per line.
@@ -31,6 +36,9 @@ pub struct LogsArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
 }
+
+/// Lines asked for per request.
+const PAGE: usize = 1000;
 
 #[derive(Debug, Deserialize, Serialize)]
 struct Line {
@@ -45,8 +53,12 @@ pub fn run(a: LogsArgs) -> anyhow::Result<()> {
     let app = resolve_app(&client, &app_name(&a.app)?)?;
     let mut from = a.from;
     let stdout = std::io::stdout();
+    let mut unreachable = String::new();
     loop {
-        let path = format!("/v1/apps/{}/logs?from={from}&limit=1000", enc(&app.id));
+        let mut path = format!("/v1/apps/{}/logs?from={from}&limit={PAGE}", enc(&app.id));
+        if let Some(i) = &a.instance {
+            path.push_str(&format!("&instance={}", enc(i)));
+        }
         let resp = match client.send(Method::GET, &path, None) {
             Ok(r) => r,
             Err(e) => {
@@ -68,6 +80,20 @@ pub fn run(a: LogsArgs) -> anyhow::Result<()> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .context("the logs answer has no X-Last-Log-Nano header")?;
+        let down = resp
+            .headers()
+            .get("x-log-unreachable")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        if down != unreachable {
+            if !down.is_empty() {
+                eprintln!("warning: node(s) {down} did not answer; their lines are missing");
+            } else if a.follow {
+                eprintln!("every node answers again");
+            }
+            unreachable = down;
+        }
         let lines: Vec<Line> = resp.json().context("reading the logs answer")?;
         let n = lines.len();
         {
@@ -84,10 +110,12 @@ pub fn run(a: LogsArgs) -> anyhow::Result<()> {
             }
             out.flush()?;
         }
-        // A page that moves nothing forward ends a non-following read.
+        // A page that moves nothing forward ends a non-following read. A
+        // page may be a few lines short of full (the captain never ends one
+        // between two lines of the same stamp): near full means more.
         let advanced = last > from;
         from = from.max(last);
-        if n >= 1000 && advanced {
+        if n * 10 >= PAGE * 9 && advanced {
             continue;
         }
         if !a.follow {
