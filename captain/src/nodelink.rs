@@ -369,9 +369,14 @@ pub async fn notify_loop(state: AppState, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         };
-        let online = nodes
+        let online: Vec<NodeRow> = nodes
             .into_iter()
-            .filter(|n| n.state == "online" && !n.api_url.is_empty());
+            .filter(|n| n.state == "online" && !n.api_url.is_empty())
+            .collect();
+        if online.is_empty() {
+            notified = head;
+            continue;
+        }
         let links = match NodeLink::to_nodes(&state, online).await {
             Ok(l) => l,
             Err(e) => {
