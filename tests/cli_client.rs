@@ -412,7 +412,7 @@ fn errors_and_the_app_from_the_project_file() {
 }
 
 #[test]
-fn logs_says_when_the_captain_has_no_logs_endpoint() {
+fn logs_of_an_app_without_instances_and_of_an_unknown_instance() {
     let t = TestCaptain::start();
     t.ok(&[
         "apps",
@@ -421,12 +421,12 @@ fn logs_says_when_the_captain_has_no_logs_endpoint() {
         "--repo",
         "https://example.invalid/svc.git",
     ]);
-    let o = t.zw(&["logs", "--app", "svc"]);
+    // No instance reported yet: nothing to print, not an error.
+    assert_eq!(t.ok(&["logs", "--app", "svc"]), "");
+    assert_eq!(t.ok(&["logs", "--app", "svc", "--json"]), "");
+    let o = t.zw(&["logs", "--app", "svc", "--instance", "i-nope"]);
     let e = failed(&o);
-    assert!(
-        e.contains(&format!("the API at {} has no logs endpoint", t.api)),
-        "{e}"
-    );
+    assert!(e.contains("has no instance \"i-nope\""), "{e}");
 }
 
 /// `zw deploy` without --no-wait follows the deployment's status to a

@@ -4,7 +4,8 @@
 //! `git revert` the v2 release in a clone of the meta repo and push (v1
 //! serves again, 0 failures); a release that never becomes healthy is
 //! failed while v1 keeps serving; `kill -9` of `zw up` mid-rollout and a
-//! restart finish the rollout without duplicate or orphaned instances.
+//! restart finish the rollout without duplicate or orphaned instances;
+//! `zw logs --json` prints the app's lines through the captain.
 //! Every address is on loopback; every loop is bounded.
 
 mod common;
@@ -34,6 +35,7 @@ fn journey_deploy_rollout_revert_and_failed_deploy_under_load() {
 
     deploy(&up, &v1);
     wait_for_page(&up, "version-1", 60);
+    zw_logs_of_the_app(&up, tmp.path());
 
     let load = Load::start(http);
     std::thread::sleep(Duration::from_millis(300));
@@ -110,6 +112,62 @@ fn journey_deploy_rollout_revert_and_failed_deploy_under_load() {
         "instances left after Ctrl-C: {:?}",
         running_instances(&data)
     );
+}
+
+/// `zw logs --json` through the captain: the lines of the app's instances
+/// (busybox httpd -v logs every request, health checks included), each
+/// naming a reported instance, oldest first; a read from the last stamp
+/// repeats none.
+fn zw_logs_of_the_app(up: &Up, home: &std::path::Path) {
+    let read = |from: u64| -> Vec<Value> {
+        let out = std::process::Command::new(zw())
+            .args(["logs", "--json", "--app", "hello", "--from"])
+            .arg(from.to_string())
+            .args(["--api", &up.api, "--token", &up.token])
+            .env("HOME", home)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("ZW_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "zw logs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let reported: Vec<String> = up
+        .api(reqwest::Method::GET, "/v1/instances", None)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lines = loop {
+        let lines = read(0);
+        if !lines.is_empty() {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "zw logs printed no line");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let ts: Vec<u64> = lines.iter().map(|l| l["t"].as_u64().unwrap()).collect();
+    assert!(ts.windows(2).all(|w| w[0] <= w[1]), "{ts:?}");
+    for l in &lines {
+        let i = l["instance"].as_str().unwrap();
+        assert!(
+            reported.iter().any(|r| r == i),
+            "{l} of an unknown instance"
+        );
+        assert!(l["line"].is_string());
+    }
+    let last = *ts.last().unwrap();
+    assert!(read(last).iter().all(|l| l["t"].as_u64().unwrap() > last));
 }
 
 #[test]

@@ -103,6 +103,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(DELETE "/v1/apps/{id}", User, "Delete an app (removes its releases from the meta repo)", No, 204 => No, delete_app),
         route!(GET "/v1/apps/{id}/secrets", User, "Names and recipients of an app's secrets (never values)", No, 200 => One(sch::<crate::secrets::SecretsView>), crate::secrets::get_secrets),
         route!(PUT "/v1/apps/{id}/secrets", User, "Replace an app's secrets with the complete set given: encrypted to the env's nodes, committed with a new release", One(sch::<crate::secrets::SetSecrets>), 200 => One(sch::<crate::secrets::SecretsView>), crate::secrets::put_secrets),
+        route!(GET "/v1/apps/{id}/logs", User, "An app's log lines stamped after ?from=<unix-nanos>, from its instances on their nodes, merged by time (?limit=, default 1000, max 10000; ?instance=); X-Last-Log-Nano is the next from; X-Log-Unreachable lists nodes that did not answer", No, 200 => List(sch::<crate::logs::AppLogLine>), crate::logs::app_logs),
         route!(PUT "/v1/apps/{id}/secrets/file", Node, "A node re-encrypts the app's secrets file (sops YAML body) to exactly the env's recipients; idempotent; committed with a new release", No, 200 => One(sch::<crate::secrets::SecretsView>), crate::secrets::put_secrets_file),
         route!(GET "/v1/deployments", User, "List deployments, newest first", No, 200 => List(sch::<DeploymentView>), list_deployments),
         route!(POST "/v1/deployments", User, "Create a deployment: commits a new Release to the meta repo", One(sch::<CreateDeployment>), 201 => One(sch::<DeploymentView>), create_deployment),
@@ -1174,6 +1175,9 @@ pub struct RegisteredNode {
     pub node: NodeView,
     /// The node's token (shown once): it may call only node-facing endpoints.
     pub token: String,
+    /// The key the captain calls the node's API with (shown once; the node
+    /// accepts it until its next registration). Derived, never stored.
+    pub api_key: String,
 }
 
 #[derive(Deserialize, Serialize, ToSchema, Clone, Copy, PartialEq, Eq)]
@@ -1287,20 +1291,29 @@ async fn register_node(
             .await
             .map_err(meta_err)?;
     }
-    let (_, token) = auth::issue(
+    let (issued, token) = auth::issue(
         &st.db,
         TokenKind::Node,
         &format!("node {}", row.id),
         Some(&row.id),
     )
     .await?;
+    let api_key = crate::nodelink::issue_key(&st.config.data_dir, &row.id, &issued.id)
+        .map_err(|e| ApiError::internal("issuing the node's API key", &e))?;
     let node = st
         .db
         .node(&row.id)
         .await?
         .map(Into::into)
         .unwrap_or_else(|| row.into());
-    Ok(json(status, RegisteredNode { node, token }))
+    Ok(json(
+        status,
+        RegisteredNode {
+            node,
+            token,
+            api_key,
+        },
+    ))
 }
 
 async fn get_node(

@@ -14,8 +14,10 @@ pub mod db;
 pub mod error;
 pub mod githttp;
 pub mod hooks;
+pub mod logs;
 pub mod meta;
 pub mod metrics;
+pub mod nodelink;
 pub mod rollout;
 pub mod routes;
 pub mod secrets;
@@ -284,6 +286,7 @@ impl Captain {
                 Duration::from_secs(1),
                 rx.clone(),
             )),
+            tokio::spawn(nodelink::notify_loop(state.clone(), rx.clone())),
         ];
         if let Some(b) = &config.builder {
             for _ in 0..config.build_workers {
