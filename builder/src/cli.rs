@@ -1,6 +1,6 @@
 //! `zw build`: build a directory or git URL and print the image digest.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,17 +16,10 @@ use crate::log::{LogLine, LogSink, LogStream};
 use crate::source::{GitHubSource, GitRev, Source, looks_like_git_url};
 use crate::store::{LocalStore, ObjectStore, S3Config, S3Store};
 
-/// Arguments of `zw build`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Args {
-    /// A local directory, a git URL (https://, ssh://, file://, git@host:path) or github:OWNER/REPO.
-    pub source: String,
-    /// App name (used in logs and the local image tag).
-    #[arg(long)]
-    pub app: Option<String>,
-    /// Directory for work files and the backend's storage.
-    #[arg(long, env = "ZW_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+/// Where images are stored: a local directory or an S3 bucket. Shared by
+/// `zw build` and `zw captain`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreArgs {
     /// Local store directory (default: <data-dir>/store).
     #[arg(long, conflicts_with_all = ["s3_endpoint", "s3_bucket"])]
     pub store: Option<PathBuf>,
@@ -39,6 +32,40 @@ pub struct Args {
     /// S3 region.
     #[arg(long, default_value = "us-east-1")]
     pub s3_region: String,
+}
+
+impl StoreArgs {
+    /// The store these flags name; `data_dir/store` by default.
+    pub fn open(&self, data_dir: &Path) -> anyhow::Result<Arc<dyn ObjectStore>> {
+        Ok(match &self.s3_bucket {
+            Some(bucket) => {
+                let mut cfg = S3Config::from_env(bucket.clone());
+                if let Some(ep) = &self.s3_endpoint {
+                    cfg.endpoint = Some(ep.clone());
+                }
+                cfg.region = self.s3_region.clone();
+                Arc::new(S3Store::new(cfg)?)
+            }
+            None => Arc::new(LocalStore::new(
+                self.store.clone().unwrap_or_else(|| data_dir.join("store")),
+            )),
+        })
+    }
+}
+
+/// Arguments of `zw build`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// A local directory, a git URL (https://, ssh://, file://, git@host:path) or github:OWNER/REPO.
+    pub source: String,
+    /// App name (used in logs and the local image tag).
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Directory for work files and the backend's storage.
+    #[arg(long, env = "ZW_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Dockerfile path inside the source.
     #[arg(long, default_value = "Dockerfile")]
     pub dockerfile: PathBuf,
@@ -152,19 +179,7 @@ impl LogSink for StderrLog {
 /// Run `zw build`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    let store: Arc<dyn ObjectStore> = match &args.s3_bucket {
-        Some(bucket) => {
-            let mut cfg = S3Config::from_env(bucket.clone());
-            if let Some(ep) = &args.s3_endpoint {
-                cfg.endpoint = Some(ep.clone());
-            }
-            cfg.region = args.s3_region.clone();
-            Arc::new(S3Store::new(cfg)?)
-        }
-        None => Arc::new(LocalStore::new(
-            args.store.clone().unwrap_or_else(|| data_dir.join("store")),
-        )),
-    };
+    let store = args.store.open(&data_dir)?;
     let source = source_from_args(&args)?;
     let build_args = args
         .build_args

@@ -315,6 +315,9 @@ pub struct Health {
     pub status: String,
     pub database: String,
     pub meta_head: Option<String>,
+    /// How apps are reached: `{app}` and `{domain}` are replaced (e.g.
+    /// `http://{app}.{domain}:8080` under `zw up`).
+    pub app_url: String,
 }
 
 async fn health(State(st): State<AppState>) -> Result<Response, ApiError> {
@@ -325,6 +328,7 @@ async fn health(State(st): State<AppState>) -> Result<Response, ApiError> {
             status: "ok".into(),
             database: st.db.backend().to_string(),
             meta_head: head,
+            app_url: st.config.app_url_template.clone(),
         },
     ))
 }
@@ -434,7 +438,10 @@ pub struct GithubRepository {
 #[derive(Serialize, ToSchema)]
 pub struct WebhookResult {
     pub event: String,
+    /// Deployments recorded (a captain without a builder).
     pub deployments: Vec<DeploymentView>,
+    /// Builds queued, each deploying its image.
+    pub builds: Vec<crate::builds::BuildView>,
 }
 
 // ---------------------------------------------------------------- waitlist

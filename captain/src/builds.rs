@@ -14,6 +14,9 @@
 //!   [`MAX_LOG_LINES`] per build), and `GET /v1/builds/{id}/logs` streams
 //!   them as server-sent events while the build runs (`Accept:
 //!   text/event-stream`), or pages them as JSON by `?from=<seq>`.
+//! - **Deploy.** With `deploy`, the image is released as a deployment
+//!   whose unset fields (port, env vars, instances, health check) come from
+//!   the app's active release.
 //! - **Sources.** A git URL (branch or commit), or a gzip'd tarball uploaded
 //!   first with `POST /v1/sources`, kept content-addressed in the object
 //!   store (`sources/<hex>.tar.gz`) so a retried build finds it again.
@@ -603,6 +606,75 @@ fn check_commit(c: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn new_row(
+    app_id: &str,
+    kind: &str,
+    url: String,
+    branch: String,
+    commit: String,
+    dockerfile: String,
+    build_args: String,
+    deploy: Option<&DeploySpec>,
+) -> BuildRow {
+    let now = meta_schema::now_millis();
+    BuildRow {
+        id: meta_schema::new_id(),
+        app_id: app_id.into(),
+        source_kind: kind.into(),
+        source_url: url,
+        source_branch: branch,
+        source_commit: commit,
+        dockerfile,
+        build_args,
+        deploy_spec: match deploy {
+            Some(d) => serde_json::to_string(d).expect("a spec serializes"),
+            None => String::new(),
+        },
+        status: "queued".into(),
+        attempts: 0,
+        next_attempt_at: now,
+        error: String::new(),
+        image_digest: String::new(),
+        deployment_id: String::new(),
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+        updated_at: now,
+    }
+}
+
+async fn enqueue(st: &AppState, row: &BuildRow, app: &str) -> Result<(), ApiError> {
+    st.db.insert_build(row).await?;
+    st.builds_wake.notify_one();
+    st.build_events.send_modify(|n| *n += 1);
+    tracing::info!(build = %row.id, app, source = %row.source_url, "build queued");
+    Ok(())
+}
+
+/// Queues a build of `url` at `commit` for `app` (the GitHub webhook).
+pub async fn queue_git_build(
+    st: &AppState,
+    app: &crate::db::AppRow,
+    url: &str,
+    commit: &str,
+    deploy: Option<DeploySpec>,
+) -> Result<BuildView, ApiError> {
+    check_commit(commit)?;
+    let row = new_row(
+        &app.id,
+        "git",
+        url.into(),
+        String::new(),
+        commit.into(),
+        "Dockerfile".into(),
+        "{}".into(),
+        deploy.as_ref(),
+    );
+    enqueue(st, &row, &app.name).await?;
+    Ok(row.into())
+}
+
 /// `POST /v1/builds`.
 pub async fn create_build(
     State(st): State<AppState>,
@@ -680,35 +752,17 @@ pub async fn create_build(
             )));
         }
     }
-    let now = meta_schema::now_millis();
-    let row = BuildRow {
-        id: meta_schema::new_id(),
-        app_id: app.id.clone(),
-        source_kind: kind.into(),
-        source_url: url,
-        source_branch: branch,
-        source_commit: commit,
+    let row = new_row(
+        &app.id,
+        kind,
+        url,
+        branch,
+        commit,
         dockerfile,
-        build_args: serde_json::to_string(&b.build_args).expect("a map serializes"),
-        deploy_spec: match &b.deploy {
-            Some(d) => serde_json::to_string(d).expect("a spec serializes"),
-            None => String::new(),
-        },
-        status: "queued".into(),
-        attempts: 0,
-        next_attempt_at: now,
-        error: String::new(),
-        image_digest: String::new(),
-        deployment_id: String::new(),
-        created_at: now,
-        started_at: None,
-        finished_at: None,
-        updated_at: now,
-    };
-    st.db.insert_build(&row).await?;
-    st.builds_wake.notify_one();
-    st.build_events.send_modify(|n| *n += 1);
-    tracing::info!(build = %row.id, app = %app.name, source = %row.source_url, "build queued");
+        serde_json::to_string(&b.build_args).expect("a map serializes"),
+        b.deploy.as_ref(),
+    );
+    enqueue(&st, &row, &app.name).await?;
     Ok((StatusCode::CREATED, axum::Json(BuildView::from(row))).into_response())
 }
 
@@ -1201,6 +1255,7 @@ async fn run_attempt(
         return Ok((art.digest, String::new(), String::new()));
     }
     let spec: DeploySpec = serde_json::from_str(&b.deploy_spec).unwrap_or_default();
+    let spec = inherit(st, &app, spec).await;
     let req = CreateDeployment {
         app_id: app.id.clone(),
         image_digest: Some(art.digest.clone()),
@@ -1214,4 +1269,45 @@ async fn run_attempt(
         Ok(d) => Ok((art.digest, d.id, String::new())),
         Err(e) => Ok((art.digest, String::new(), e.message)),
     }
+}
+
+/// Fills what `spec` leaves open from the app's active release, so a new
+/// image keeps the app's port, env vars, instance count and health check
+/// (as `zw deploy` does when it copies the active release).
+async fn inherit(st: &AppState, app: &crate::db::AppRow, mut spec: DeploySpec) -> DeploySpec {
+    use prost::Message as _;
+    let Ok(Some(id)) = st.db.active_release(&app.id).await else {
+        return spec;
+    };
+    let Ok(Some(head)) = st.meta.head().await else {
+        return spec;
+    };
+    let Ok(tree) = st.meta.tree(head).await else {
+        return spec;
+    };
+    let path = meta_schema::layout::release_path(&app.env, &app.name, &id);
+    let Some(r) = tree
+        .get(&path)
+        .and_then(|b| meta_schema::pb::Release::decode(b).ok())
+    else {
+        return spec;
+    };
+    if spec.port.is_none() && r.port != 0 {
+        spec.port = Some(r.port);
+    }
+    if spec.env_vars.is_none() {
+        spec.env_vars = Some(r.env_vars.into_iter().collect());
+    }
+    if spec.min_instances.is_none() && r.min_instances != 0 {
+        spec.min_instances = Some(r.min_instances);
+    }
+    if spec.health_check_path.is_none()
+        && let Some(meta_schema::pb::HealthCheck {
+            kind: Some(meta_schema::pb::health_check::Kind::HttpPath(p)),
+            ..
+        }) = r.health_check
+    {
+        spec.health_check_path = Some(p);
+    }
+    spec
 }

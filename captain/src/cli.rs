@@ -37,6 +37,18 @@ pub struct Args {
     pub github_client_id: Option<String>,
     #[arg(long, env = "ZW_GITHUB_CLIENT_SECRET", hide_env_values = true)]
     pub github_client_secret: Option<String>,
+    /// Where built images are stored (and downloaded from by followers).
+    #[command(flatten)]
+    pub store: builder::cli::StoreArgs,
+    /// Builds run at once; 0 = this captain does not build.
+    #[arg(long, default_value_t = 1)]
+    pub build_workers: usize,
+    /// Build backend.
+    #[arg(long, value_enum, default_value_t = builder::BackendKind::Auto)]
+    pub build_backend: builder::BackendKind,
+    /// How apps are reached ({app} and {domain} are replaced), for clients.
+    #[arg(long, default_value = "https://{app}.{domain}")]
+    pub app_url_template: String,
 }
 
 impl Args {
@@ -51,13 +63,34 @@ impl Args {
         c.github_webhook_secret = self.github_webhook_secret.clone();
         c.github_client_id = self.github_client_id.clone();
         c.github_client_secret = self.github_client_secret.clone();
+        c.app_url_template = self.app_url_template.clone();
         c
+    }
+}
+
+/// The builder of a captain (none when `--build-workers 0`, or when no build
+/// backend works here: the captain then says why and serves without one).
+pub async fn builder(args: &Args) -> anyhow::Result<Option<std::sync::Arc<builder::Builder>>> {
+    if args.build_workers == 0 {
+        return Ok(None);
+    }
+    let store = args.store.open(&args.data_dir)?;
+    let mut bc = builder::BuilderConfig::new(args.data_dir.join("builder"));
+    bc.backend = args.build_backend;
+    match builder::Builder::new(store, bc).await {
+        Ok(b) => Ok(Some(std::sync::Arc::new(b))),
+        Err(e) => {
+            tracing::warn!(error = %e, "no build backend: this captain will not build (install buildah)");
+            Ok(None)
+        }
     }
 }
 
 /// Run the captain until Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let config = args.config();
+    let mut config = args.config();
+    config.builder = builder(&args).await?;
+    config.build_workers = args.build_workers;
     let token_path = config.admin_token_path();
     let captain = Captain::start(config)
         .await

@@ -77,6 +77,9 @@ pub struct Config {
     pub build_retry_backoff: Duration,
     /// Largest source tarball `POST /v1/sources` accepts.
     pub max_source_bytes: u64,
+    /// How apps are reached, for clients to print: `{app}` and `{domain}`
+    /// are replaced.
+    pub app_url_template: String,
 }
 
 impl Config {
@@ -104,6 +107,7 @@ impl Config {
             build_max_attempts: 3,
             build_retry_backoff: Duration::from_secs(10),
             max_source_bytes: builds::DEFAULT_MAX_SOURCE_BYTES,
+            app_url_template: "https://{app}.{domain}".into(),
         }
     }
 

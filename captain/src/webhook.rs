@@ -1,7 +1,8 @@
 //! `POST /v1/webhook/github`: a GitHub push, verified by its HMAC
-//! (`X-Hub-Signature-256`), creates a deployment (a Release with the pushed
-//! source commit, status pending until built) for every app of every
-//! project whose repo and branch match.
+//! (`X-Hub-Signature-256`), queues a build of the pushed commit that deploys
+//! its image, for every app of every project whose repo and branch match.
+//! A captain without a builder instead records a deployment (a Release with
+//! the pushed source commit, status pending until an image is given).
 
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -72,6 +73,7 @@ pub async fn github(
             axum::Json(WebhookResult {
                 event,
                 deployments: vec![],
+                builds: vec![],
             }),
         )
             .into_response());
@@ -83,6 +85,7 @@ pub async fn github(
             axum::Json(WebhookResult {
                 event,
                 deployments: vec![],
+                builds: vec![],
             }),
         )
             .into_response());
@@ -94,6 +97,7 @@ pub async fn github(
             axum::Json(WebhookResult {
                 event,
                 deployments: vec![],
+                builds: vec![],
             }),
         )
             .into_response());
@@ -106,9 +110,22 @@ pub async fn github(
     urls.sort();
     urls.dedup();
     let mut deployments = Vec::new();
+    let mut builds = Vec::new();
     for url in urls {
         for project in st.db.projects_by_repo(url, branch).await? {
             for app in st.db.apps_of_project(&project.id).await? {
+                if st.config.builder.is_some() {
+                    let b = crate::builds::queue_git_build(
+                        &st,
+                        &app,
+                        &project.repo,
+                        &push.after,
+                        Some(crate::builds::DeploySpec::default()),
+                    )
+                    .await?;
+                    builds.push(b);
+                    continue;
+                }
                 let d = crate::api::deploy(
                     &st,
                     &app,
@@ -127,10 +144,14 @@ pub async fn github(
             }
         }
     }
-    tracing::info!(branch, commit = %push.after, deployments = deployments.len(), "GitHub push");
+    tracing::info!(branch, commit = %push.after, deployments = deployments.len(), builds = builds.len(), "GitHub push");
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(WebhookResult { event, deployments }),
+        axum::Json(WebhookResult {
+            event,
+            deployments,
+            builds,
+        }),
     )
         .into_response())
 }

@@ -432,3 +432,114 @@ both!(
 );
 both!(faults, user_fault_fails_once_infra_fault_is_retried);
 both!(restart, a_build_cut_short_by_a_stop_runs_again);
+
+/// A recorded GitHub push payload whose repository URL is rewritten to a
+/// local repository (GitHub is unreachable here), signed with a real HMAC:
+/// the captain queues a build of the pushed commit and deploys its image,
+/// keeping the active release's port and env vars.
+async fn github_push_payload_recorded_builds_and_deploys(backend: Backend) {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("shop");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::copy(busybox(), repo.join("busybox")).unwrap();
+    std::fs::write(repo.join("Dockerfile"), GOOD).unwrap();
+    common::git(Some(&repo), &["init", "-q", "-b", "main"]);
+    common::git(Some(&repo), &["add", "."]);
+    common::git(
+        Some(&repo),
+        &[
+            "-c",
+            "user.name=T",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-qm",
+            "app",
+        ],
+    );
+    let sha = common::git(Some(&repo), &["rev-parse", "HEAD"]);
+    let url = format!("file://{}", repo.display());
+
+    let env = Env::start_with(backend, |d| {
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(d.join("store")));
+        Some(make_builder(d, store))
+    })
+    .await;
+    let (s, p) = env
+        .post("/v1/projects", json!({"name": "shop", "repo": url}))
+        .await;
+    assert_eq!(s, 201, "{p}");
+    let (s, a) = env
+        .post(
+            &format!("/v1/projects/{}/apps", p["id"].as_str().unwrap()),
+            json!({"name": "web"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{a}");
+    let app = a["id"].as_str().unwrap().to_string();
+    // The active release: its port and env vars must carry over.
+    let (s, d) = env
+        .post(
+            "/v1/deployments",
+            json!({"app_id": app, "image_digest": common::digest(1), "port": 8080, "env_vars": {"MODE": "prod"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{d}");
+
+    let mut payload: Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/github_push.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    payload["repository"]["clone_url"] = json!(url);
+    payload["after"] = json!(sha);
+    let body = serde_json::to_vec(&payload).unwrap();
+    let sig = captain::webhook::sign(b"It's a Secret to Everybody", &body);
+    let r = env
+        .http
+        .post(format!("{}/v1/webhook/github", env.base))
+        .header("X-GitHub-Event", "push")
+        .header("X-Hub-Signature-256", sig)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["deployments"], json!([]), "{v}");
+    let builds = v["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 1, "{v}");
+    assert_eq!(builds[0]["source_commit"], sha.as_str());
+    let b = wait_build(
+        &env,
+        builds[0]["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(b["status"], "succeeded", "{b}");
+    let dep = b["deployment_id"].as_str().unwrap();
+    let (_, d) = env.get(&format!("/v1/deployments/{dep}")).await;
+    assert_eq!(d["source_commit"], sha.as_str());
+    assert_eq!(d["image_digest"], b["image_digest"]);
+
+    // The release in the meta repo kept the port and env vars.
+    let repo = meta_schema::repo::MetaRepo::open(&env.meta_dir()).unwrap();
+    let head = repo.head("main").unwrap().unwrap();
+    let tree = repo.tree_at(&head).unwrap();
+    let path = meta_schema::layout::release_path(
+        d["env"].as_str().unwrap(),
+        d["app"].as_str().unwrap(),
+        dep,
+    );
+    let rel =
+        <meta_schema::pb::Release as prost::Message>::decode(tree.get(&path).unwrap()).unwrap();
+    assert_eq!(rel.port, 8080);
+    assert_eq!(rel.env_vars.get("MODE").map(String::as_str), Some("prod"));
+    env.stop().await;
+}
+
+both!(github_push, github_push_payload_recorded_builds_and_deploys);
