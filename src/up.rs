@@ -1,10 +1,12 @@
-//! `zw up`: captain, follower (with its node-proxy) and edge in one process,
-//! with embedded defaults only: SQLite, a local meta repository, a local
-//! object store and a local CA, all under one data directory.
+//! `zw up`: captain (with its build queue and builder), follower (with its
+//! node-proxy) and edge in one process, with embedded defaults only: SQLite,
+//! a local meta repository, a local object store and a local CA, all under
+//! one data directory.
 //!
 //! ```text
 //! <data-dir>/captain.db, meta.git, admin.token, api.url   the captain
-//! <data-dir>/store/                                       object store (images)
+//! <data-dir>/store/                                       object store (images, sources)
+//! <data-dir>/builder/                                     build work dirs, buildah storage
 //! <data-dir>/pki/                                         local CA
 //! <data-dir>/follower/                                    node agent state, ledger
 //! <data-dir>/edge/                                        route cache, certificates
@@ -43,6 +45,13 @@ pub struct UpArgs {
     /// How instances run.
     #[arg(long, value_enum, default_value = "auto")]
     pub runtime: RuntimeChoice,
+    /// Kernel and initramfs of qemu guests (`scripts/prepare-kernel.sh` and
+    /// `scripts/build-initramfs.sh` make them); without them `auto` cannot
+    /// pick qemu.
+    #[arg(long, requires = "qemu_initramfs")]
+    pub qemu_kernel: Option<PathBuf>,
+    #[arg(long, requires = "qemu_kernel")]
+    pub qemu_initramfs: Option<PathBuf>,
 }
 
 /// The data directory `zw up` and the user CLI agree on.
@@ -102,6 +111,20 @@ pub async fn run(args: UpArgs) -> Result<()> {
     ccfg.listen = args.api;
     ccfg.poll_interval = Duration::from_secs(5);
     ccfg.rollout_interval = Duration::from_millis(500);
+    ccfg.app_url_template = format!("http://{{app}}.{{domain}}:{}", args.http.port());
+    // The builder: `zw deploy` uploads sources to the captain, which builds
+    // them into the local store the follower boots images from.
+    let mut bcfg = builder::BuilderConfig::new(data.join("builder"));
+    bcfg.backend = builder::BackendKind::Auto;
+    let store: Arc<dyn builder::ObjectStore> =
+        Arc::new(builder::LocalStore::new(data.join("store")));
+    ccfg.builder = match builder::Builder::new(store, bcfg).await {
+        Ok(b) => Some(Arc::new(b)),
+        Err(e) => {
+            eprintln!("warning: no build backend, `zw deploy DIR` cannot build here: {e}");
+            None
+        }
+    };
     let captain = captain::Captain::start(ccfg)
         .await
         .context("starting the captain")?;
@@ -128,6 +151,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
     fcfg.captain_url = Some(api_url.clone());
     fcfg.token = token.clone();
     fcfg.runtime = args.runtime;
+    if let (Some(kernel), Some(initramfs)) = (&args.qemu_kernel, &args.qemu_initramfs) {
+        fcfg.vm.qemu_guest = Some(follower::runtime::qemu::GuestImage {
+            kernel: kernel.clone(),
+            initramfs: initramfs.clone(),
+        });
+    }
     fcfg.images = Some(Arc::new(follower::image::LocalDirImageSource {
         root: store.clone(),
     }));

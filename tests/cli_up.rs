@@ -77,7 +77,7 @@ fn deploy_env_and_rollback_with_zw_up() {
             "120",
         ],
     );
-    assert_eq!(url.trim(), "https://hello.localhost");
+    assert_eq!(url.trim(), format!("http://hello.localhost:{}", up.http));
     wait_for_page(&up, "version-1", 60);
     let first: serde_json::Value =
         serde_json::from_str(&ok(&data, &ctx, &["releases", "--json"])).unwrap();
@@ -86,6 +86,24 @@ fn deploy_env_and_rollback_with_zw_up() {
     std::fs::write(ctx.join("index.html"), "version-2\n").unwrap();
     ok(&data, &ctx, &["deploy", "--wait-timeout", "120"]);
     wait_for_page(&up, "version-2", 60);
+    // Both images were built by the captain inside `zw up`, from uploads,
+    // and their logs were kept.
+    let builds = up.api(reqwest::Method::GET, "/v1/builds", None);
+    let builds = builds.as_array().unwrap();
+    assert_eq!(builds.len(), 2, "{builds:?}");
+    for b in builds {
+        assert_eq!(b["status"], "succeeded", "{b}");
+        assert_eq!(b["source_kind"], "upload", "{b}");
+        let logs = up.api(
+            reqwest::Method::GET,
+            &format!("/v1/builds/{}/logs", b["id"].as_str().unwrap()),
+            None,
+        );
+        assert!(
+            logs.to_string()
+                .contains(b["image_digest"].as_str().unwrap())
+        );
+    }
 
     ok(
         &data,

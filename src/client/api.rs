@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 use reqwest::Method;
-use reqwest::blocking::{Client, Response};
+use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -96,14 +96,26 @@ impl Api {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Response> {
+        self.send_with(method, path, |r| match body {
+            Some(b) => r.json(b),
+            None => r,
+        })
+    }
+
+    /// Like [`Api::send`], with the request shaped by `shape` (headers, a
+    /// streamed body, a longer timeout).
+    pub fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        shape: impl FnOnce(RequestBuilder) -> RequestBuilder,
+    ) -> anyhow::Result<Response> {
         let url = format!("{}{path}", self.base);
-        let mut req = self
-            .http
-            .request(method.clone(), &url)
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
+        let req = shape(
+            self.http
+                .request(method.clone(), &url)
+                .bearer_auth(&self.token),
+        );
         let resp = req
             .send()
             .map_err(|e| self.transport_error(&method, path, e))?;

@@ -1,19 +1,16 @@
-//! `zw deploy`: build the source locally with the `builder` crate into the
-//! object store of the data dir (the one `zw up` serves images from; the
-//! captain has no build endpoint), then release the image: a copy of the
-//! active release with the new image when there is one (so its env vars,
-//! port, domains, secrets and instance count stay), else
-//! `POST /v1/deployments`. Then follow the rollout to a terminal status.
+//! `zw deploy`: upload the source (a directory as a .tar.gz, or a git URL)
+//! to the captain's build queue (`POST /v1/sources`, `POST /v1/builds`),
+//! show the build log as it streams (`GET /v1/builds/{id}/logs`, SSE), then
+//! release the image: a copy of the active release with the new image when
+//! there is one (so its env vars, port, domains, secrets and instance count
+//! stay), else `POST /v1/deployments`. Then follow the rollout to a
+//! terminal status.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use builder::{
-    BackendKind, BuildOptions, Builder, BuilderConfig, GitRev, LocalStore, LogLine, LogSink,
-    LogStream, ObjectStore, Source, Stage,
-};
 use indicatif::{ProgressBar, ProgressStyle};
 use meta_schema::pb;
 use serde_json::json;
@@ -21,7 +18,7 @@ use serde_json::json;
 use super::api::{Api, enc};
 use super::creds::{self, ConnArgs};
 use super::metarepo::{self, MetaClone};
-use super::{AppArg, DeploymentView, app_name, reason_suffix, resolve_app};
+use super::{AppArg, AppView, DeploymentView, app_name, reason_suffix, resolve_app};
 
 /// How to wait for a rollout.
 #[derive(Debug, Clone, clap::Args)]
@@ -68,32 +65,10 @@ pub struct DeployArgs {
     /// Build argument KEY=VALUE (repeatable).
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
     pub build_args: Vec<String>,
-    /// Build backend.
-    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
-    pub backend: BackendKind,
-    /// Data dir whose store receives the image (default: $ZW_DATA_DIR, else ~/.local/share/zeitwork).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub follow: FollowArgs,
     #[command(flatten)]
     pub conn: ConnArgs,
-}
-
-struct BarLog(ProgressBar);
-
-impl LogSink for BarLog {
-    fn line(&self, line: LogLine) {
-        let prefix = if line.stream == LogStream::Builder {
-            "==> "
-        } else {
-            "    "
-        };
-        self.0.println(format!("{prefix}{}", line.text));
-    }
-    fn stage(&self, stage: Stage) {
-        self.0.set_message(format!("building: {stage}"));
-    }
 }
 
 fn spinner() -> ProgressBar {
@@ -105,9 +80,126 @@ fn spinner() -> ProgressBar {
     bar
 }
 
-fn build(a: &DeployArgs, app: &str) -> anyhow::Result<(String, String)> {
-    let data_dir = super::data_dir(a.data_dir.clone());
-    let (source, commit) = match &a.git {
+/// A build as the captain shows it.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct BuildView {
+    id: String,
+    status: String,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    image_digest: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct SourceView {
+    id: String,
+    size_bytes: u64,
+}
+
+/// `dir` as a gzip'd tar with every entry under `src/`, without `.git`.
+fn pack(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+    let out = tempfile::NamedTempFile::new().context("creating a temporary file")?;
+    let gz = flate2::write::GzEncoder::new(out.reopen()?, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.follow_symlinks(false);
+    tar.append_dir("src", dir)
+        .with_context(|| format!("packing {}", dir.display()))?;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name();
+        if name == ".git" {
+            continue;
+        }
+        let inside = Path::new("src").join(&name);
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            tar.append_dir_all(&inside, e.path())
+        } else {
+            tar.append_path_with_name(e.path(), &inside)
+        }
+        .with_context(|| format!("packing {}", e.path().display()))?;
+    }
+    tar.into_inner()
+        .and_then(|gz| gz.finish())
+        .context("finishing the source archive")?;
+    Ok(out)
+}
+
+/// Prints a build's log as the captain streams it, until it ends; falls
+/// back to polling when the stream breaks.
+fn watch_build(client: &Api, id: &str, bar: &ProgressBar) -> anyhow::Result<BuildView> {
+    let path = format!("/v1/builds/{}", enc(id));
+    let mut from = 0i64;
+    for _ in 0..100 {
+        let resp = client.send_with(
+            reqwest::Method::GET,
+            &format!("{path}/logs?from={from}"),
+            |r| {
+                r.header("accept", "text/event-stream")
+                    .timeout(Duration::from_secs(24 * 3600))
+            },
+        )?;
+        let mut event = String::new();
+        let mut data = String::new();
+        for line in std::io::BufReader::new(resp).lines() {
+            let Ok(line) = line else { break };
+            if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            } else if line.is_empty() {
+                match event.as_str() {
+                    "line" => {
+                        if let Ok(l) = serde_json::from_str::<serde_json::Value>(&data) {
+                            from = l["seq"].as_i64().unwrap_or(from);
+                            let text = l["line"].as_str().unwrap_or_default();
+                            if l["stream"] == "builder" {
+                                if let Some(stage) = text.strip_prefix("stage: ") {
+                                    bar.set_message(format!("building: {stage}"));
+                                }
+                                bar.println(format!("==> {text}"));
+                            } else {
+                                bar.println(format!("    {text}"));
+                            }
+                        }
+                    }
+                    "end" => {
+                        return serde_json::from_str(&data).context("reading the finished build");
+                    }
+                    _ => {}
+                }
+                event.clear();
+                data.clear();
+            }
+        }
+        // The stream broke before the end: look, then resume after `from`.
+        let b: BuildView = client.get(&path)?;
+        if b.status == "succeeded" || b.status == "failed" {
+            return Ok(b);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    bail!("lost the log stream of build {id} too often; see `GET {path}`")
+}
+
+/// Builds on the captain; returns the image digest and the source commit.
+fn build(client: &Api, a: &DeployArgs, app: &AppView) -> anyhow::Result<(String, String)> {
+    let mut body = json!({"app_id": app.id, "dockerfile": a.dockerfile.display().to_string()});
+    let mut args = serde_json::Map::new();
+    for s in &a.build_args {
+        let (k, v) = s
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .with_context(|| format!("--build-arg {s:?} is not KEY=VALUE"))?;
+        args.insert(k.to_string(), json!(v));
+    }
+    body["build_args"] = serde_json::Value::Object(args);
+    let bar = spinner();
+    let commit = match &a.git {
         Some(url) => {
             // Pin the branch (or HEAD) to a commit first, so the release
             // records exactly what was built.
@@ -115,58 +207,51 @@ fn build(a: &DeployArgs, app: &str) -> anyhow::Result<(String, String)> {
                 Some(c) => c.clone(),
                 None => remote_commit(url, a.branch.as_deref())?,
             };
-            (
-                Source::Git {
-                    url: url.clone(),
-                    rev: GitRev::Commit(commit.clone()),
-                },
-                commit,
-            )
+            body["source"] = json!({"git": {"url": url, "commit": commit}});
+            commit
         }
         None => {
             let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from("."));
             let dir = dir
                 .canonicalize()
                 .with_context(|| format!("source directory {}", dir.display()))?;
+            anyhow::ensure!(dir.is_dir(), "source {} is not a directory", dir.display());
             let commit = local_commit(&dir);
-            (Source::Local(dir), commit)
+            bar.set_message(format!("packing {}", dir.display()));
+            let archive = pack(&dir)?;
+            let file = std::fs::File::open(archive.path())?;
+            let size = file.metadata()?.len();
+            bar.set_message(format!("uploading {} ({size} bytes)", dir.display()));
+            let resp = client.send_with(reqwest::Method::POST, "/v1/sources", |r| {
+                r.header("content-type", "application/gzip")
+                    .timeout(Duration::from_secs(3600))
+                    .body(reqwest::blocking::Body::sized(file, size))
+            })?;
+            let src: SourceView = resp
+                .json()
+                .context("reading the answer of POST /v1/sources")?;
+            bar.println(format!(
+                "uploaded {} ({} bytes)",
+                short(&src.id),
+                src.size_bytes
+            ));
+            body["source"] = json!({"upload": src.id});
+            if !commit.is_empty() {
+                body["source_commit"] = json!(commit);
+            }
+            commit
         }
     };
-    let build_args = a
-        .build_args
-        .iter()
-        .map(|s| builder::parse_build_arg(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let opts = BuildOptions {
-        app: Some(app.to_string()),
-        dockerfile: a.dockerfile.clone(),
-        build_args,
-    };
-    let mut config = BuilderConfig::new(&data_dir);
-    config.backend = a.backend;
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(data_dir.join("store")));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let bar = spinner();
-    bar.set_message(format!("building {source}"));
-    let result = rt.block_on(async {
-        let b = Builder::new(store, config).await?;
-        b.build(source, opts, &BarLog(bar.clone())).await
-    });
+    let b: BuildView = client.post("/v1/builds", &body)?;
+    bar.set_message(format!("build {} queued", b.id));
+    let b = watch_build(client, &b.id, &bar);
     bar.finish_and_clear();
-    let artifact = result?;
-    eprintln!(
-        "{} image {} ({} bytes)",
-        if artifact.uploaded {
-            "built"
-        } else {
-            "unchanged"
-        },
-        artifact.digest,
-        artifact.config.rootfs_bytes
-    );
-    Ok((artifact.digest, commit))
+    let b = b?;
+    if b.status != "succeeded" {
+        bail!("build {} failed: {}", b.id, b.error);
+    }
+    eprintln!("built image {}", short(&b.image_digest));
+    Ok((b.image_digest, commit))
 }
 
 /// The commit a remote's branch (or HEAD) points at now.
@@ -226,7 +311,7 @@ pub fn run(a: DeployArgs) -> anyhow::Result<()> {
     }
     let (digest, commit) = match &a.image {
         Some(d) => (d.clone(), String::new()),
-        None => build(&a, &app.name)?,
+        None => build(&client, &a, &app)?,
     };
     let m = MetaClone::open(&client)?;
     let id = match metarepo::active(&client, &app)? {
@@ -275,7 +360,7 @@ pub fn run(a: DeployArgs) -> anyhow::Result<()> {
     };
     eprintln!("released {id} of {} ({})", app.name, short(&digest));
     follow(&client, &id, &a.follow)?;
-    if let Some(u) = metarepo::url_of(&m, &app)? {
+    if let Some(u) = metarepo::url_of(&client, &m, &app)? {
         println!("{u}");
     }
     Ok(())

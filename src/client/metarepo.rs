@@ -226,16 +226,24 @@ pub fn copy_release(base: &pb::Release) -> pb::Release {
     }
 }
 
-/// `https://<app>.<first env domain>` for an app.
+/// Where an app is reached: the captain's app URL template (`GET
+/// /v1/health`, e.g. `http://{app}.{domain}:8080` under `zw up`) with the
+/// app's first env domain.
 pub fn app_url(client: &Api, app: &AppView) -> anyhow::Result<Option<String>> {
     let m = MetaClone::open(client)?;
-    url_of(&m, app)
+    url_of(client, &m, app)
 }
 
-pub fn url_of(m: &MetaClone, app: &AppView) -> anyhow::Result<Option<String>> {
+pub fn url_of(client: &Api, m: &MetaClone, app: &AppView) -> anyhow::Result<Option<String>> {
+    let health: serde_json::Value = client.get("/v1/health")?;
+    let template = health["app_url"]
+        .as_str()
+        .filter(|t| t.contains("{app}"))
+        .unwrap_or("https://{app}.{domain}")
+        .to_string();
     Ok(m.env_domains(&app.env)?
         .first()
-        .map(|d| format!("https://{}.{d}", app.name)))
+        .map(|d| template.replace("{app}", &app.name).replace("{domain}", d)))
 }
 
 /// The active deployment of an app, if any.

@@ -13,8 +13,6 @@ pub mod logs;
 pub mod metarepo;
 pub mod releases;
 
-use std::path::PathBuf;
-
 use serde::Deserialize;
 
 use creds::ConnArgs;
@@ -357,11 +355,6 @@ pub fn reason_suffix(r: &str) -> String {
     } else {
         format!(" ({r})")
     }
-}
-
-/// The data dir `zw up` and `zw build` use.
-pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
-    flag.unwrap_or_else(crate::up::default_data_dir)
 }
 
 #[cfg(test)]

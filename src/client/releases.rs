@@ -176,7 +176,7 @@ fn push_and_follow(
     let id = m.push_release(&release, message)?;
     eprintln!("released {id} of {}: {message}", app.name);
     follow(client, &id, f)?;
-    if let Some(u) = metarepo::url_of(m, app)? {
+    if let Some(u) = metarepo::url_of(client, m, app)? {
         println!("{u}");
     }
     Ok(())
