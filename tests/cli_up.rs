@@ -105,6 +105,38 @@ fn deploy_env_and_rollback_with_zw_up() {
         );
     }
 
+    // `--git`: the captain clones the commit the branch points at.
+    let repo = work.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    for f in ["Dockerfile", "busybox", ".zeitwork.toml"] {
+        std::fs::copy(ctx.join(f), repo.join(f)).unwrap();
+    }
+    std::fs::write(repo.join("index.html"), "version-3\n").unwrap();
+    let git = |args: &[&str]| {
+        let o = Command::new("git")
+            .current_dir(&repo)
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "."]);
+    git(&["commit", "-qm", "v3"]);
+    let sha = git(&["rev-parse", "HEAD"]);
+    let url = format!("file://{}", repo.display());
+    ok(
+        &data,
+        &ctx,
+        &["deploy", "--git", &url, "--wait-timeout", "120"],
+    );
+    wait_for_page(&up, "version-3", 60);
+    let builds = up.api(reqwest::Method::GET, "/v1/builds", None);
+    assert_eq!(builds[0]["source_kind"], "git", "{builds}");
+    assert_eq!(builds[0]["source_commit"], sha.as_str(), "{builds}");
+
     ok(
         &data,
         &ctx,
