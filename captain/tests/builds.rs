@@ -6,14 +6,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use builder::LocalStore;
 use builder::store::{ObjectStore, ObjectStream, StoreError};
-use builder::{Builder, BuilderConfig, LocalStore, RetryPolicy};
 use bytes::Bytes;
+use common::builds::{busybox, make_builder, source_tarball};
 use common::{Backend, Env};
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
@@ -26,34 +27,6 @@ fn pre_receive_hook_entry() {
     if std::env::var_os(common::HOOK_MODE_ENV).is_some() {
         std::process::exit(captain::hooks::main_entry());
     }
-}
-
-fn busybox() -> PathBuf {
-    ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .expect("this test needs a static busybox (apt-get install busybox-static)")
-}
-
-/// A source directory with busybox and `dockerfile`, as a .tar.gz whose
-/// entries sit under `src/` (what `zw deploy` uploads).
-fn source_tarball(dir: &Path, dockerfile: &str) -> Vec<u8> {
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::copy(busybox(), src.join("busybox")).unwrap();
-    std::fs::write(src.join("Dockerfile"), dockerfile).unwrap();
-    let out = dir.join("src.tar.gz");
-    let st = std::process::Command::new("tar")
-        .arg("czf")
-        .arg(&out)
-        .arg("-C")
-        .arg(dir)
-        .arg("src")
-        .status()
-        .expect("tar runs");
-    assert!(st.success());
-    std::fs::read(out).unwrap()
 }
 
 const GOOD: &str = "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo built-by-captain > /stamp\"]\nCMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/\"]\nEXPOSE 8080\n";
@@ -108,16 +81,6 @@ impl ObjectStore for FlakyStore {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
         self.inner.list(prefix)
     }
-}
-
-/// A buildah builder over `store`, with no per-step retries so that an
-/// infrastructure fault reaches the queue.
-fn make_builder(data: &Path, store: Arc<dyn ObjectStore>) -> Arc<Builder> {
-    let mut cfg = BuilderConfig::new(data.join("builder"));
-    cfg.retry = RetryPolicy::none();
-    let backend =
-        builder::BuildahBackend::new(&data.join("builder").join("buildah")).expect("buildah");
-    Arc::new(Builder::with_backend(store, Box::new(backend), cfg))
 }
 
 async fn upload(env: &Env, tarball: Vec<u8>) -> String {
