@@ -29,4 +29,6 @@ pub use image::{Artifact, ImageConfig};
 pub use log::{ChannelLog, LogEvent, LogLine, LogSink, LogStream, MemoryLog, NullLog};
 pub use retry::RetryPolicy;
 pub use source::{GitHubSource, GitRev, Source};
-pub use store::{LocalStore, ObjectStore, S3Config, S3Store, StoreError};
+pub use store::{
+    CaptainStore, LocalStore, ObjectStore, S3Config, S3Store, StoreError, TokenSource,
+};

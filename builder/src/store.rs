@@ -2,12 +2,14 @@
 //!
 //! [`LocalStore`] (a directory, the default) and [`S3Store`] (any
 //! S3-compatible service through aws-sdk-s3) behind one [`ObjectStore`]
-//! trait. Keys are `/`-separated relative paths such as
-//! `images/<hex>/rootfs.ext4`.
+//! trait, plus [`CaptainStore`], a read-only view of the images a captain
+//! serves (what a follower on another machine fetches from). Keys are
+//! `/`-separated relative paths such as `images/<hex>/rootfs.ext4`.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -46,14 +48,21 @@ pub enum StoreError {
     },
     #[error("S3 configuration: {0}")]
     Config(String),
+    #[error("{store}: {op} {key:?}: this store is read-only")]
+    ReadOnly {
+        store: String,
+        op: &'static str,
+        key: String,
+    },
 }
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::NotFound { .. } | StoreError::InvalidKey { .. } | StoreError::Config(_) => {
-                false
-            }
+            StoreError::NotFound { .. }
+            | StoreError::InvalidKey { .. }
+            | StoreError::Config(_)
+            | StoreError::ReadOnly { .. } => false,
             StoreError::Io { source, .. } => !matches!(
                 source.kind(),
                 io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData
@@ -695,6 +704,205 @@ impl ObjectStore for S3Store {
     }
 }
 
+// ---------------------------------------------------------------- captain
+
+/// The credential of each request to a captain, read at every request: a
+/// follower's node token rotates at each registration.
+pub type TokenSource = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The images a captain serves, as a read-only store:
+/// `images/<hex>/rootfs.ext4` is `GET {base}/v1/images/sha256:<hex>/download`
+/// and `images/<hex>/config.json` the same with `?part=config` (node
+/// access). Bodies are streamed. A 404 is [`StoreError::NotFound`]; an
+/// unreachable captain, a 5xx, a 408/429 and a 401 (the token may have
+/// rotated since it was read) are transient. Writes, deletes, listing and
+/// any other key are refused: the captain's API serves downloads only.
+#[derive(Clone)]
+pub struct CaptainStore {
+    base: String,
+    token: TokenSource,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for CaptainStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptainStore")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaptainStore {
+    /// A store over the captain at `base_url` (`http://captain:7700`),
+    /// sending `token()` as the bearer of every request. Connecting times
+    /// out after 5 s and a body that stalls for 60 s fails; a download as
+    /// such has no deadline (a rootfs may be large).
+    pub fn new(base_url: &str, token: TokenSource) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .expect("a reqwest client with rustls builds");
+        Self::with_client(base_url, token, http)
+    }
+
+    /// Same, with a client of the caller's (timeouts, proxies).
+    pub fn with_client(base_url: &str, token: TokenSource, http: reqwest::Client) -> Self {
+        CaptainStore {
+            base: base_url.trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
+    }
+
+    /// The download URL of an image object key.
+    pub fn url_of(&self, key: &str) -> Result<String, StoreError> {
+        validate_key(key)?;
+        let bad = || StoreError::InvalidKey {
+            key: key.to_string(),
+            reason: "a captain serves only images/<hex>/rootfs.ext4 and images/<hex>/config.json",
+        };
+        let mut parts = key.split('/');
+        let (Some("images"), Some(hex), Some(file), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let digest = format!("sha256:{hex}");
+        if crate::image::digest_hex(&digest).is_none() {
+            return Err(bad());
+        }
+        match file {
+            "rootfs.ext4" => Ok(format!("{}/v1/images/{digest}/download", self.base)),
+            "config.json" => Ok(format!(
+                "{}/v1/images/{digest}/download?part=config",
+                self.base
+            )),
+            _ => Err(bad()),
+        }
+    }
+
+    fn read_only(&self, op: &'static str, key: &str) -> StoreError {
+        StoreError::ReadOnly {
+            store: self.describe(),
+            op,
+            key: key.to_string(),
+        }
+    }
+
+    fn remote(&self, op: &'static str, key: &str, message: String, transient: bool) -> StoreError {
+        StoreError::Remote {
+            store: self.describe(),
+            op,
+            key: key.to_string(),
+            message,
+            transient,
+        }
+    }
+
+    /// Sends `method` to the object's URL; a success is returned, anything
+    /// else becomes the matching error.
+    async fn send(
+        &self,
+        op: &'static str,
+        method: reqwest::Method,
+        key: &str,
+    ) -> Result<reqwest::Response, StoreError> {
+        let url = self.url_of(key)?;
+        let resp = self
+            .http
+            .request(method, &url)
+            .bearer_auth((self.token)())
+            .send()
+            .await
+            .map_err(|e| self.remote(op, key, reqwest_chain(&e), true))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(StoreError::NotFound {
+                store: self.describe(),
+                key: key.to_string(),
+            });
+        }
+        let transient = status.is_server_error() || matches!(status.as_u16(), 401 | 408 | 429);
+        let body = resp.text().await.unwrap_or_default();
+        let body: String = body.trim().chars().take(300).collect();
+        Err(self.remote(op, key, format!("HTTP {status}: {body}"), transient))
+    }
+}
+
+/// A reqwest error with its causes (its `Display` omits them, e.g.
+/// "connection refused").
+fn reqwest_chain(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+impl ObjectStore for CaptainStore {
+    fn describe(&self) -> String {
+        format!("captain:{}", self.base)
+    }
+
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        _src: &'a Path,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { Err(self.read_only("put", key)) })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, _data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { Err(self.read_only("put", key)) })
+    }
+
+    fn get_stream<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<ObjectStream, StoreError>> {
+        Box::pin(async move {
+            let resp = self.send("get", reqwest::Method::GET, key).await?;
+            let store = self.describe();
+            let key = key.to_string();
+            let stream = resp.bytes_stream().map(move |r| {
+                r.map_err(|e| StoreError::Remote {
+                    store: store.clone(),
+                    op: "get (body)",
+                    key: key.clone(),
+                    message: reqwest_chain(&e),
+                    transient: true,
+                })
+            });
+            Ok(Box::pin(stream) as ObjectStream)
+        })
+    }
+
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            match self.send("exists", reqwest::Method::HEAD, key).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.is_not_found() => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { Err(self.read_only("delete", key)) })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+        Box::pin(async move { Err(self.read_only("list", prefix)) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -736,5 +944,43 @@ mod tests {
             store.put("../x", Bytes::new()).await,
             Err(StoreError::InvalidKey { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn captain_store_maps_image_keys_and_refuses_writes() {
+        let token: TokenSource = Arc::new(|| "t".to_string());
+        let store = CaptainStore::new("http://captain:7700/", token);
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            store.url_of(&format!("images/{hex}/rootfs.ext4")).unwrap(),
+            format!("http://captain:7700/v1/images/sha256:{hex}/download")
+        );
+        assert_eq!(
+            store.url_of(&format!("images/{hex}/config.json")).unwrap(),
+            format!("http://captain:7700/v1/images/sha256:{hex}/download?part=config")
+        );
+        for bad in [
+            format!("sources/{hex}.tar.gz"),
+            format!("images/{hex}/other"),
+            format!("images/{hex}/rootfs.ext4/x"),
+            "images/ABC/rootfs.ext4".to_string(),
+            format!("images/{}/rootfs.ext4", "AB".repeat(32)),
+        ] {
+            assert!(
+                matches!(store.url_of(&bad), Err(StoreError::InvalidKey { .. })),
+                "{bad} accepted"
+            );
+        }
+        let key = format!("images/{hex}/config.json");
+        for err in [
+            store.put(&key, Bytes::new()).await.unwrap_err(),
+            store.put_file(&key, Path::new("/x")).await.unwrap_err(),
+            store.delete(&key).await.unwrap_err(),
+            store.list("images/").await.unwrap_err(),
+        ] {
+            assert!(matches!(err, StoreError::ReadOnly { .. }), "{err}");
+            assert!(!err.is_transient());
+            assert!(err.to_string().contains("read-only"), "{err}");
+        }
     }
 }
