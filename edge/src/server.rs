@@ -3,22 +3,25 @@
 //! and graceful shutdown.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::passthrough::{Hello, Prefixed, open_tunnel, read_client_hello};
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 use crate::routes::RouteKind;
 use crate::tls::ACME_TLS_ALPN;
 
@@ -70,6 +73,8 @@ pub struct Server {
     conns: Arc<Semaphore>,
     refusals: Arc<Semaphore>,
     shutdown: CancellationToken,
+    /// HTTP/1.1 connections parked since the allocator was last trimmed.
+    parked: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Server {
@@ -94,6 +99,7 @@ impl Server {
             limits: Arc::new(limits),
             proxy,
             shutdown,
+            parked: Arc::default(),
         }
     }
 
@@ -115,9 +121,21 @@ impl Server {
     }
 
     async fn accept_loop(&self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+        let mut trim = tokio::time::interval(TRIM_EVERY);
+        trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (stream, remote) = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                _ = trim.tick() => {
+                    // Parked connections freed their HTTP buffers, but
+                    // between the small allocations of other connections
+                    // those pages stay resident until given back.
+                    if self.parked.load(Ordering::Relaxed) >= TRIM_AFTER_PARKED {
+                        self.parked.store(0, Ordering::Relaxed);
+                        release_free_memory();
+                    }
+                    continue;
+                }
                 res = listener.accept() => match res {
                     Ok(pair) => pair,
                     Err(err) => {
@@ -143,12 +161,14 @@ impl Server {
             };
             let this = self.clone();
             let tls = tls.clone();
-            tokio::spawn(async move {
-                match tls {
-                    None => this.serve_plain(stream, remote, permit).await,
-                    Some(acceptor) => this.serve_tls(stream, remote, acceptor, permit).await,
-                }
-            });
+            // The TLS future (rustls and HTTP/2 state) is boxed so that a
+            // plain connection's task is only as large as it needs to be.
+            match tls {
+                None => tokio::spawn(async move { this.serve_plain(stream, remote, permit).await }),
+                Some(acceptor) => tokio::spawn(Box::pin(async move {
+                    this.serve_tls(stream, remote, acceptor, permit).await
+                })),
+            };
         }
         drop(listener);
         self.drain().await;
@@ -187,6 +207,16 @@ impl Server {
     ) {
         let info = ConnInfo { remote, tls: true };
         let deadline = self.limits.handshake_timeout;
+        // No TLS state for a client that has sent nothing yet.
+        let start = tokio::time::Instant::now();
+        tokio::select! {
+            res = tokio::time::timeout(deadline, stream.readable()) => match res {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
+            },
+            _ = self.shutdown.cancelled() => return,
+        }
+        let deadline = deadline.saturating_sub(start.elapsed());
         if self.proxy.routes().load().has_passthrough() {
             let (buf, hello) =
                 match tokio::time::timeout(deadline, read_client_hello(&mut stream)).await {
@@ -204,9 +234,9 @@ impl Server {
                 }
             }
             let stream = Prefixed::new(Bytes::from(buf), stream);
-            self.terminate(stream, acceptor, info).await;
+            self.terminate(stream, acceptor, info, deadline).await;
         } else {
-            self.terminate(stream, acceptor, info).await;
+            self.terminate(stream, acceptor, info, deadline).await;
         }
     }
 
@@ -247,13 +277,14 @@ impl Server {
         tracing::warn!(host = name, "no passthrough backend reachable; closing");
     }
 
-    async fn terminate<S>(&self, stream: S, acceptor: tokio_rustls::TlsAcceptor, info: ConnInfo)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let tls = match tokio::time::timeout(self.limits.handshake_timeout, acceptor.accept(stream))
-            .await
-        {
+    async fn terminate<S: Parkable>(
+        &self,
+        stream: S,
+        acceptor: tokio_rustls::TlsAcceptor,
+        info: ConnInfo,
+        handshake_timeout: Duration,
+    ) {
+        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(err)) => {
                 tracing::debug!(client = %info.remote, error = %err, "TLS handshake failed");
@@ -272,21 +303,162 @@ impl Server {
         }
     }
 
-    async fn serve_h1<S>(&self, stream: S, info: ConnInfo)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    /// HTTP/1.1 with keep-alive, holding no HTTP state while the client is
+    /// idle: hyper serves the connection while requests come; once it has
+    /// been idle (all responses written and flushed, nothing to read) for
+    /// [`PARK_AFTER`], hyper's state (buffers, timers) is dropped and the
+    /// bare stream waits for its next bytes. The time a client has to send a
+    /// complete head, counted from the end of the previous response (or the
+    /// accept), stays `header_timeout` across parking.
+    ///
+    /// A plain connection waits for its first bytes the same way; over TLS
+    /// the handshake has already waited (and rustls may hold the request).
+    async fn serve_h1<S: Parkable>(&self, mut stream: S, info: ConnInfo) {
+        let timeout = self.limits.header_timeout;
+        let mut prefix = Bytes::new();
+        // When the current wait for a request head started.
+        let mut idle_since = tokio::time::Instant::now();
+        let mut wait = !info.tls;
+        loop {
+            if wait && prefix.is_empty() {
+                let readable = std::future::poll_fn(|cx| stream.poll_readable(cx));
+                tokio::select! {
+                    res = tokio::time::timeout_at(idle_since + timeout, readable) => match res {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) | Err(_) => return,
+                    },
+                    _ = self.shutdown.cancelled() => return,
+                }
+            }
+            wait = true;
+            // Boxed: a parked connection keeps none of the round's state.
+            match Box::pin(self.h1_round(stream, prefix, info, &mut idle_since)).await {
+                Some((s, p)) => {
+                    stream = s;
+                    prefix = p;
+                    self.parked.fetch_add(1, Ordering::Relaxed);
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Serves requests with one hyper connection until the client has been
+    /// idle for [`PARK_AFTER`] (then hands back the stream and any bytes
+    /// read past the last request), or the connection ends (`None`).
+    async fn h1_round<S: Parkable>(
+        &self,
+        stream: S,
+        prefix: Bytes,
+        info: ConnInfo,
+        idle_since: &mut tokio::time::Instant,
+    ) -> Option<(S, Bytes)> {
+        let timeout = self.limits.header_timeout;
+        let park_after = PARK_AFTER.min(timeout);
+        let state = Arc::new(ConnState::default());
         let proxy = self.proxy.clone();
-        let svc = service_fn(move |req| proxy.clone().handle(req, info));
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_timeout)
-            .max_headers(self.limits.max_headers)
-            .max_buf_size(self.limits.max_header_bytes.max(8192))
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), svc)
-            .with_upgrades();
-        drive(conn, &self.shutdown, info).await
+        let svc_state = state.clone();
+        let svc = service_fn(move |req| {
+            svc_state.started.fetch_add(1, Ordering::Relaxed);
+            svc_state.in_flight.fetch_add(1, Ordering::Relaxed);
+            let state = svc_state.clone();
+            let fut = proxy.clone().handle(req, info);
+            async move {
+                let resp = fut.await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| CountedBody { body, state }))
+            }
+        });
+        let io = ParkIo {
+            prefix,
+            inner: stream,
+            state: state.clone(),
+        };
+        let mut conn = Box::new(
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .max_headers(self.limits.max_headers)
+                .max_buf_size(self.limits.max_header_bytes.max(8192))
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades(),
+        );
+        let mut sleep = std::pin::pin!(tokio::time::sleep_until(*idle_since + park_after));
+        let mut seen = (0, 0); // (started, done) when the timer was last set
+        let mut shutting_down = false;
+        let res = std::future::poll_fn(|cx| {
+            loop {
+                if let Poll::Ready(res) = Pin::new(&mut *conn).poll(cx) {
+                    return Poll::Ready(res);
+                }
+                if !shutting_down && self.shutdown.is_cancelled() {
+                    shutting_down = true;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    continue;
+                }
+                if state.parking.load(Ordering::Relaxed) || shutting_down {
+                    return Poll::Pending;
+                }
+                // A request came or a response ended: the wait for the
+                // next head starts (again) when nothing is in flight.
+                let now_seen = (
+                    state.started.load(Ordering::Relaxed),
+                    state.done.load(Ordering::Relaxed),
+                );
+                if now_seen != seen {
+                    seen = now_seen;
+                    if state.in_flight.load(Ordering::Relaxed) == 0 {
+                        // The timer is moved only when it fires (not on
+                        // every request).
+                        *idle_since = tokio::time::Instant::now();
+                    }
+                }
+                if state.in_flight.load(Ordering::Relaxed) > 0 {
+                    return Poll::Pending;
+                }
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let now = tokio::time::Instant::now();
+                if now < *idle_since + park_after {
+                    sleep.as_mut().reset(*idle_since + park_after);
+                    continue;
+                }
+                if now >= *idle_since + timeout {
+                    // No complete head in time (hyper's header timeout).
+                    return Poll::Ready(Ok(()));
+                }
+                if state.is_parkable() {
+                    state.parking.store(true, Ordering::Relaxed);
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    continue;
+                }
+                // Idle but not quiet (a head arriving slowly, a write
+                // not flushed): look again at the header deadline.
+                sleep.as_mut().reset(*idle_since + timeout);
+            }
+        })
+        .await;
+        if let Err(err) = res {
+            tracing::debug!(client = %info.remote, error = %err, "client connection ended with an error");
+            return None;
+        }
+        if !state.parking.load(Ordering::Relaxed) || shutting_down {
+            return None;
+        }
+        // `None`: upgraded.
+        let parts = (*conn).into_parts()?;
+        let io = parts.io.into_inner();
+        // Copied (rarely non-empty): even an empty `read_buf` would keep
+        // hyper's whole read buffer alive.
+        let prefix = if parts.read_buf.is_empty() && io.prefix.is_empty() {
+            Bytes::new()
+        } else {
+            let mut b = bytes::BytesMut::with_capacity(parts.read_buf.len() + io.prefix.len());
+            b.extend_from_slice(&parts.read_buf);
+            b.extend_from_slice(&io.prefix);
+            b.freeze()
+        };
+        Some((io.inner, prefix))
     }
 
     async fn serve_h2<S>(&self, stream: S, info: ConnInfo)
@@ -356,5 +528,196 @@ async fn refuse(mut stream: TcpStream, tls: bool) {
         let _ =
             tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVERLOAD_RESPONSE)).await;
         let _ = stream.shutdown().await;
+    }
+}
+
+/// How long an HTTP/1.1 connection is idle before its HTTP state is dropped.
+const PARK_AFTER: Duration = Duration::from_millis(200);
+
+/// How often the listeners consider giving freed memory back to the OS, and
+/// how many parkings since the last time make it worth it.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+const TRIM_AFTER_PARKED: usize = 1024;
+
+/// Returns free heap pages to the kernel (glibc keeps pages of freed chunks
+/// that sit between live ones resident otherwise).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    unsafe extern "C" {
+        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+    }
+    // SAFETY: malloc_trim takes no pointers; it only releases free memory.
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
+
+/// A client stream the server can wait on without reading from it.
+pub trait Parkable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready when bytes (or EOF) can be read.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Parkable for TcpStream {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl<S: Parkable> Parkable for Prefixed<S> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.has_prefix() {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_ref().poll_readable(cx)
+    }
+}
+
+impl<S: Parkable> Parkable for tokio_rustls::server::TlsStream<S> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // hyper parks only after a read came back empty, so rustls holds no
+        // plaintext: the next bytes come from the socket.
+        self.get_ref().0.poll_readable(cx)
+    }
+}
+
+/// What the connection driver knows of hyper's progress on one hyper
+/// connection (one round between parkings).
+#[derive(Default)]
+struct ConnState {
+    /// Requests handed to the proxy.
+    started: AtomicUsize,
+    /// Responses whose body hyper has dropped.
+    done: AtomicUsize,
+    /// Requests whose response body hyper still holds.
+    in_flight: AtomicUsize,
+    /// The last read found nothing to read.
+    read_pending: AtomicBool,
+    /// Written since the last flush (hyper flushes the stream only once its
+    /// own buffer is empty).
+    dirty: AtomicBool,
+    /// The driver asked hyper to stop at the idle point; the stream is
+    /// kept open.
+    parking: AtomicBool,
+}
+
+impl ConnState {
+    /// hyper is between requests: it answered one (so it is in its idle
+    /// keep-alive state, where a graceful shutdown closes at once without a
+    /// `Connection: close`), has nothing unanswered or unflushed, and waits
+    /// for bytes.
+    fn is_parkable(&self) -> bool {
+        self.done.load(Ordering::Relaxed) > 0
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.read_pending.load(Ordering::Relaxed)
+            && !self.dirty.load(Ordering::Relaxed)
+    }
+}
+
+/// A response body that tells the driver when hyper is done with it.
+struct CountedBody {
+    body: ProxyBody,
+    state: Arc<ConnState>,
+}
+
+impl Drop for CountedBody {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client stream as hyper sees it: bytes left over from the previous
+/// hyper connection first, then the stream; records what the driver needs
+/// to know to park, and keeps the stream open when hyper stops for parking.
+struct ParkIo<S> {
+    prefix: Bytes,
+    inner: S,
+    state: Arc<ConnState>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ParkIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.state
+            .read_pending
+            .store(res.is_pending(), Ordering::Relaxed);
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ParkIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.state.dirty.store(true, Ordering::Relaxed);
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.state.dirty.store(true, Ordering::Relaxed);
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_flush(cx);
+        if res.is_ready() {
+            this.state.dirty.store(false, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.state.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }

@@ -445,3 +445,130 @@ async fn shutdown_finishes_in_flight_requests_and_stops_accepting() {
     }
     assert!(refused, "no new connections after shutdown");
 }
+
+/// Reads one HTTP/1.1 response with a `content-length` body; returns its head
+/// and body.
+async fn read_response(s: &mut TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("response head in time")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "connection closed mid-head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_park_and_resume() {
+    let a = backend("a").await;
+    let t = table(1, vec![route("a.test", "a", vec![plain("a1", a)])]);
+    let timeout = Duration::from_millis(1500);
+    let edge = start_edge(
+        &t,
+        EdgeOptions {
+            limits: Limits {
+                header_timeout: timeout,
+                ..Limits::default()
+            },
+            ..EdgeOptions::default()
+        },
+    )
+    .await;
+    let req = b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let mut s = TcpStream::connect(edge.http).await.unwrap();
+    // Connected but silent for a while, then a request.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(req).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains('a'), "{body}");
+
+    // Idle past the parking point, then a head sent in two pieces with a
+    // pause long enough to park in between.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.write_all(&req[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(&req[10..]).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+
+    // A complete request plus the start of the next in one write: the
+    // partial head survives parking.
+    let mut two = req.to_vec();
+    two.extend_from_slice(&req[..12]);
+    s.write_all(&two).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.write_all(&req[12..]).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Silent after a response: closed once the header timeout has passed
+    // since that response, parked or not.
+    let idle = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("an idle connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let waited = idle.elapsed();
+    assert!(
+        waited >= timeout - Duration::from_millis(200) && waited < timeout * 3,
+        "closed after {waited:?}"
+    );
+
+    // A websocket upgrade on a connection that has parked, open past the
+    // header timeout.
+    let mut c = TcpStream::connect(edge.http).await.unwrap();
+    c.write_all(req).await.unwrap();
+    let _ = read_response(&mut c).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ws_req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/ws",
+            edge.http
+        ))
+        .unwrap();
+    ws_req
+        .headers_mut()
+        .insert("host", "a.test".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(ws_req, c).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws_echo(&mut ws, "after parking").await;
+    tokio::time::sleep(timeout + Duration::from_millis(300)).await;
+    ws_echo(&mut ws, "still open").await;
+
+    // A connection that never sends anything is closed too.
+    let mut silent = TcpStream::connect(edge.http).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("a silent connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
