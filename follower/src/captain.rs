@@ -233,6 +233,19 @@ impl HttpCaptain {
             .unwrap_or_else(|| self.bootstrap.clone())
     }
 
+    /// [`HttpCaptain::token`] as a getter for other clients of the captain
+    /// (the image store): each call reads the token of the registration
+    /// current then, since it rotates at every registration.
+    pub fn token_source(self: &Arc<Self>) -> builder::TokenSource {
+        let me = self.clone();
+        Arc::new(move || me.token())
+    }
+
+    /// Base URL of the captain (no trailing `/`).
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
     async fn send<B: Serialize + ?Sized>(
         &self,
         op: &'static str,

@@ -47,7 +47,9 @@ pub struct Args {
     /// derived from the node id.
     #[arg(long)]
     pub instance_range: Option<String>,
-    /// Object store directory (`images/<hex>/...`); default `<data-dir>/store`.
+    /// Object store directory (`images/<hex>/...`) used in place. Default:
+    /// with `--captain`, the captain's image API (downloads verified and
+    /// cached in `<data-dir>/images`); without, `<data-dir>/store`.
     #[arg(long)]
     pub image_store: Option<PathBuf>,
     /// Kernel and initramfs of qemu guests (see `qemu::prepare_guest`).
@@ -165,6 +167,8 @@ mod tests {
         );
         assert_eq!(cfg.poll_interval, Duration::from_secs(7));
         assert!(cfg.vm.qemu_guest.is_none());
+        // No --image-store: `Follower::start` takes images from the captain.
+        assert!(cfg.images.is_none());
 
         let bad = Zw::try_parse_from([
             "zw",

@@ -4,11 +4,16 @@
 //! and `images/<hex>/config.json`, as the builder writes it.
 //!
 //! [`ImageSource`] is the reconciler's only way to get one, so the reconcile
-//! loop is testable without a store, and the builder's object store plugs in
-//! behind the same trait.
+//! loop is testable without a store. [`LocalDirImageSource`] uses a local
+//! store directory in place (one machine, `zw up`, tests);
+//! [`StoreImageSource`] downloads from any builder object store into the
+//! node's image cache, verifying every byte (`builder::fetch_image`): over
+//! the captain's API ([`builder::CaptainStore`]) it is the default of a
+//! node with a captain.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -31,6 +36,12 @@ pub enum ImageError {
         digest: String,
         path: PathBuf,
         reason: String,
+    },
+    #[error("image {digest}: downloading it into the image cache")]
+    Fetch {
+        digest: String,
+        #[source]
+        source: Box<builder::FetchError>,
     },
     #[error("image {digest}: reading {path}")]
     Io {
@@ -162,6 +173,54 @@ impl ImageSource for LocalDirImageSource {
         Box::pin(async move {
             let dir = self.image_dir(digest)?;
             let digest = digest.to_string();
+            tokio::task::spawn_blocking(move || load_image_dir(&digest, dir))
+                .await
+                .expect("image check does not panic")
+        })
+    }
+}
+
+/// Images from an object store (by default the captain's image API),
+/// downloaded into the node's image cache (`cache_dir/<hex>/`) and verified
+/// there: config.json against the digest, rootfs.ext4 against the size and
+/// sha256 it records. An image verified before is used from the cache
+/// without asking the store.
+pub struct StoreImageSource {
+    store: Arc<dyn builder::ObjectStore>,
+}
+
+impl StoreImageSource {
+    pub fn new(store: Arc<dyn builder::ObjectStore>) -> Self {
+        StoreImageSource { store }
+    }
+
+    /// Images from the captain at `base_url`, asked with `token()` (the
+    /// node token of the current registration, read at every request).
+    pub fn captain(base_url: &str, token: builder::TokenSource) -> Self {
+        Self::new(Arc::new(builder::CaptainStore::new(base_url, token)))
+    }
+
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+}
+
+impl ImageSource for StoreImageSource {
+    fn fetch<'a>(
+        &'a self,
+        digest: &'a str,
+        cache_dir: &'a Path,
+    ) -> BoxFuture<'a, Result<FetchedImage, ImageError>> {
+        Box::pin(async move {
+            let hex = digest_hex(digest)?;
+            // The builder's digests always carry their algorithm.
+            let digest = format!("sha256:{}", hex.to_ascii_lowercase());
+            let (dir, _) = builder::fetch_image(self.store.as_ref(), &digest, cache_dir)
+                .await
+                .map_err(|source| ImageError::Fetch {
+                    digest: digest.clone(),
+                    source: Box::new(source),
+                })?;
             tokio::task::spawn_blocking(move || load_image_dir(&digest, dir))
                 .await
                 .expect("image check does not panic")

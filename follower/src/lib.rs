@@ -29,7 +29,8 @@
 //! fetch of the meta repository. State on disk under the data dir:
 //! `ledger/` (instances, follow state), `meta.git`, `instances/<id>/`
 //! (driver state, `stdout.log`, `log.jsonl`), `node-id`, `node-token`,
-//! `age-identity`, `captain-node-token`.
+//! `age-identity`, `captain-node-token`, `images/<hex>/` (images fetched
+//! from the captain, verified).
 
 pub mod api;
 pub mod captain;
@@ -54,7 +55,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::captain::{Captain, HttpCaptain, NoCaptain, NodeRegistration};
 use crate::follow::{FollowState, MetaDesiredSource, MetaFollower};
-use crate::image::{ImageSource, LocalDirImageSource};
+use crate::image::{ImageSource, LocalDirImageSource, StoreImageSource};
 use crate::net::InstanceRange;
 use crate::reconciler::{Reconciler, ReconcilerConfig, ReconcilerHandle};
 use crate::runtime::{Runtime, RuntimeChoice};
@@ -82,7 +83,9 @@ pub struct FollowerConfig {
     pub vm: runtime::VmOptions,
     /// Default: derived from the node id.
     pub instance_range: Option<InstanceRange>,
-    /// Default: the object-store layout under `<data_dir>/store`.
+    /// Default: with a captain, its image API (`GET
+    /// /v1/images/{digest}/download`, cached in `<data_dir>/images`);
+    /// standalone, the object-store layout under `<data_dir>/store`.
     pub images: Option<Arc<dyn ImageSource>>,
     pub poll_interval: Duration,
     pub reconcile_interval: Duration,
@@ -266,14 +269,25 @@ impl Follower {
             identity: Some(identity.clone()),
         });
 
-        let captain: Arc<dyn Captain> = match &cfg.captain_url {
-            Some(url) => Arc::new(HttpCaptain::new(url, &cfg.token)),
+        let http_captain = cfg
+            .captain_url
+            .as_deref()
+            .map(|url| Arc::new(HttpCaptain::new(url, &cfg.token)));
+        let captain: Arc<dyn Captain> = match &http_captain {
+            Some(c) => c.clone(),
             None => Arc::new(NoCaptain),
         };
-        let images: Arc<dyn ImageSource> = cfg
-            .images
-            .clone()
-            .unwrap_or_else(|| Arc::new(LocalDirImageSource::new(data.join("store"))));
+        // Images: the source given, else the captain's image API (into the
+        // cache `<data>/images`), else a local store directory.
+        let images: Arc<dyn ImageSource> = match (&cfg.images, &http_captain) {
+            (Some(images), _) => images.clone(),
+            (None, Some(c)) => {
+                let source = StoreImageSource::captain(c.base_url(), c.token_source());
+                tracing::info!(store = %source.describe(), "images come from the captain");
+                Arc::new(source)
+            }
+            (None, None) => Arc::new(LocalDirImageSource::new(data.join("store"))),
+        };
 
         let mut rcfg = ReconcilerConfig::new(&node_id, &data, range);
         rcfg.start_timeout = cfg.start_timeout;

@@ -679,7 +679,7 @@ impl Reconciler {
             .images
             .fetch(&d.release.image_digest, &cache)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::follow::error_chain(&e))?;
         let r = &d.release;
         let c = &image.config;
         let (entrypoint, cmd) = if !r.entrypoint.is_empty() {
