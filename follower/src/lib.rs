@@ -428,15 +428,21 @@ impl Follower {
             .values()
             .cloned()
             .collect();
-        for r in records {
-            let result = match &r.handle {
-                Some(h) => runtime.stop(h).await,
-                None => runtime.reclaim(&r.instance_id, &r.work_dir).await,
-            };
-            if let Err(e) = result {
-                tracing::error!(instance = %r.instance_id, error = %e, "stopping at shutdown");
+        // All at once: each stop waits for its instance to exit (a grace
+        // period), and a node with drained rollouts holds many.
+        let stops = records.iter().map(|r| {
+            let runtime = runtime.clone();
+            async move {
+                let result = match &r.handle {
+                    Some(h) => runtime.stop(h).await,
+                    None => runtime.reclaim(&r.instance_id, &r.work_dir).await,
+                };
+                if let Err(e) = result {
+                    tracing::error!(instance = %r.instance_id, error = %e, "stopping at shutdown");
+                }
             }
-        }
+        });
+        futures::future::join_all(stops).await;
     }
 }
 
