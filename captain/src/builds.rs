@@ -914,7 +914,12 @@ pub async fn download_image(
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<DownloadQuery>,
 ) -> Result<Response, ApiError> {
-    let builder = builder_of(&st)?;
+    let store = st.config.image_store().ok_or_else(|| {
+        ApiError::new(
+            Code::NotConfigured,
+            "this captain has no object store to serve images from",
+        )
+    })?;
     let img = st
         .db
         .image(&id)
@@ -931,7 +936,6 @@ pub async fn download_image(
             )));
         }
     };
-    let store = builder.store();
     let stream = match store.get_stream(&key).await {
         Ok(s) => s,
         Err(e) if e.is_not_found() => {

@@ -75,6 +75,7 @@ pub async fn builder(args: &Args) -> anyhow::Result<Option<std::sync::Arc<builde
         return Ok(None);
     }
     let store = args.store.open(&args.data_dir)?;
+
     let mut bc = builder::BuilderConfig::new(args.data_dir.join("builder"));
     bc.backend = args.build_backend;
     match builder::Builder::new(store, bc).await {
@@ -89,6 +90,7 @@ pub async fn builder(args: &Args) -> anyhow::Result<Option<std::sync::Arc<builde
 /// Run the captain until Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = args.config();
+    config.store = Some(crate::ImageStore(args.store.open(&args.data_dir)?));
     config.builder = builder(&args).await?;
     config.build_workers = args.build_workers;
     let token_path = config.admin_token_path();

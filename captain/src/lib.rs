@@ -66,9 +66,12 @@ pub struct Config {
     pub rollout_interval: Duration,
     /// How long a rollout may take to become healthy before it fails.
     pub rollout_timeout: Duration,
-    /// Runs the builds of `POST /v1/builds` and holds the object store
-    /// images are downloaded from; none = this captain does not build.
+    /// Runs the builds of `POST /v1/builds`; none = this captain does not
+    /// build.
     pub builder: Option<Arc<builder::Builder>>,
+    /// Where `GET /v1/images/{id}/download` reads images; none = the
+    /// builder's store.
+    pub store: Option<ImageStore>,
     /// Builds run at once (workers claiming the queue).
     pub build_workers: usize,
     /// Attempts of a build whose infrastructure keeps failing.
@@ -103,6 +106,7 @@ impl Config {
             rollout_interval: Duration::from_secs(2),
             rollout_timeout: rollout::DEFAULT_ROLLOUT_TIMEOUT,
             builder: None,
+            store: None,
             build_workers: 1,
             build_max_attempts: 3,
             build_retry_backoff: Duration::from_secs(10),
@@ -131,6 +135,26 @@ impl Config {
 
     pub fn admin_token_path(&self) -> PathBuf {
         self.data_dir.join("admin.token")
+    }
+}
+
+/// The object store images are served from.
+#[derive(Clone)]
+pub struct ImageStore(pub Arc<dyn builder::ObjectStore>);
+
+impl std::fmt::Debug for ImageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.describe())
+    }
+}
+
+impl Config {
+    /// The store images are downloaded from, if any.
+    pub fn image_store(&self) -> Option<Arc<dyn builder::ObjectStore>> {
+        self.store
+            .as_ref()
+            .map(|s| s.0.clone())
+            .or_else(|| self.builder.as_ref().map(|b| b.store().clone()))
     }
 }
 

@@ -294,6 +294,34 @@ async fn queue_upload_deploy_download_logs(backend: Backend) {
     );
     let (s, _) = env.get("/v1/builds/nope").await;
     assert_eq!(s, 404);
+
+    // A captain with a store but no builder still serves images, and
+    // refuses builds.
+    let mut env = env;
+    env.store = Some(captain::ImageStore(Arc::new(LocalStore::new(
+        env.data_dir().join("store"),
+    ))));
+    env.builder = None;
+    env.restart(false).await;
+    let r = env
+        .http
+        .get(format!(
+            "{}/v1/images/{digest}/download?part=config",
+            env.base
+        ))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (s, v) = env
+        .post(
+            "/v1/builds",
+            json!({"app_id": app, "source": {"upload": src}}),
+        )
+        .await;
+    assert_eq!(s, 503, "{v}");
+    assert!(v.to_string().contains("no builder"), "{v}");
     env.stop().await;
 }
 

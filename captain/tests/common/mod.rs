@@ -169,6 +169,8 @@ pub struct Env {
     pub http: reqwest::Client,
     /// Given to every captain this Env starts (builds, image downloads).
     pub builder: Option<std::sync::Arc<builder::Builder>>,
+    /// Given to every captain this Env starts (image downloads).
+    pub store: Option<captain::ImageStore>,
 }
 
 pub fn config(dir: &Path, database_url: &str) -> Config {
@@ -217,6 +219,7 @@ impl Env {
             token,
             http: reqwest::Client::new(),
             builder,
+            store: None,
         }
     }
 
@@ -239,6 +242,7 @@ impl Env {
         }
         let mut cfg = config(self.dir.path(), &self.database_url);
         cfg.builder = self.builder.clone();
+        cfg.store = self.store.clone();
         cfg.build_retry_backoff = std::time::Duration::from_millis(200);
         let c = Captain::start(cfg).await.expect("captain restarts");
         if let Some(t) = c.admin_token() {
