@@ -678,6 +678,7 @@ pub async fn queue_git_build(
 /// `POST /v1/builds`.
 pub async fn create_build(
     State(st): State<AppState>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     ApiJson(b): ApiJson<CreateBuild>,
 ) -> Result<Response, ApiError> {
     let builder = builder_of(&st)?.clone();
@@ -693,6 +694,20 @@ pub async fn create_build(
                     "source.git.url {:?} is not a git URL (https://, ssh://, git@host:path or file://)",
                     g.url
                 )));
+            }
+            // A file:// URL (or a path) reads the captain's own disk:
+            // admins only.
+            let remote = ["https://", "http://", "ssh://", "git://", "git@"]
+                .iter()
+                .any(|p| g.url.starts_with(p));
+            if !remote && caller.kind != crate::auth::TokenKind::Admin {
+                return Err(ApiError::new(
+                    Code::Forbidden,
+                    format!(
+                        "source.git.url {:?} is on the captain's own disk; only an admin token may build it",
+                        g.url
+                    ),
+                ));
             }
             let commit = g.commit.unwrap_or_default();
             check_commit(&commit)?;

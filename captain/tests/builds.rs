@@ -294,6 +294,23 @@ async fn queue_upload_deploy_download_logs(backend: Backend) {
     );
     let (s, _) = env.get("/v1/builds/nope").await;
     assert_eq!(s, 404);
+    // A user token may not make the captain read its own disk.
+    let (s, t) = env
+        .post("/v1/tokens", json!({"name": "dev", "kind": "user"}))
+        .await;
+    assert_eq!(s, 201, "{t}");
+    let user = t["secret"].as_str().unwrap().to_string();
+    for url in ["file:///etc", "file:///var/lib/zeitwork/meta.git"] {
+        let r = env
+            .http
+            .post(format!("{}/v1/builds", env.base))
+            .bearer_auth(&user)
+            .json(&json!({"app_id": app, "source": {"git": {"url": url}}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{url}");
+    }
 
     // A captain with a store but no builder still serves images, and
     // refuses builds.
