@@ -291,6 +291,22 @@ enum Attempt {
     Failed(StatusCode, String),
 }
 
+/// What [`Proxy::prepare`] decided.
+enum Prepared {
+    /// The edge answers itself.
+    Done(Response<ProxyBody>, Option<Served>),
+    /// The request goes to a backend.
+    Forward(Job),
+}
+
+/// A request ready for a backend.
+struct Job {
+    entry: Arc<crate::table::RouteEntry>,
+    req: Request<UpstreamBody>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    retryable: bool,
+}
+
 /// Who answered a request, for the access log.
 enum Served {
     Edge(&'static str),
@@ -428,16 +444,21 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
         let request_id = self.request_id();
         if !self.config.access_log {
-            let host = HostBuf::of(&req);
-            let (resp, _) = self.route(req, host.as_deref(), conn, &request_id).await;
+            let (resp, _) = match self.prepare(req, conn, &request_id, None) {
+                Prepared::Done(resp, served) => (resp, served),
+                Prepared::Forward(job) => self.forward(job, &request_id).await,
+            };
             return Ok(resp);
         }
         let start = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let version = req.version();
-        let host = HostBuf::of(&req);
-        let (resp, served) = self.route(req, host.as_deref(), conn, &request_id).await;
+        let mut host = None;
+        let (resp, served) = match self.prepare(req, conn, &request_id, Some(&mut host)) {
+            Prepared::Done(resp, served) => (resp, served),
+            Prepared::Forward(job) => self.forward(job, &request_id).await,
+        };
         tracing::info!(
             target: "edge::access",
             request_id = request_id.to_str().unwrap_or(""),
@@ -454,15 +475,23 @@ impl Proxy {
         Ok(resp)
     }
 
-    async fn route(
+    /// Everything about a request that needs no waiting: the host, the
+    /// route, the answers the edge gives itself, the upstream head. Kept out
+    /// of the `async` part so that the future every request carries (and
+    /// hyper moves around) stays small.
+    fn prepare(
         &self,
         mut req: Request<Incoming>,
-        host: Option<&str>,
         conn: ConnInfo,
         request_id: &HeaderValue,
-    ) -> (Response<ProxyBody>, Option<Served>) {
-        let Some(host) = host else {
-            return (
+        log_host: Option<&mut Option<String>>,
+    ) -> Prepared {
+        let host = HostBuf::of(&req);
+        if let Some(out) = log_host {
+            *out = host.as_deref().map(str::to_owned);
+        }
+        let Some(host) = host.as_deref() else {
+            return Prepared::Done(
                 error_page(
                     StatusCode::BAD_REQUEST,
                     "The request has no Host.",
@@ -480,19 +509,19 @@ impl Proxy {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            return (resp, Some(Served::Edge("acme-http-01")));
+            return Prepared::Done(resp, Some(Served::Edge("acme-http-01")));
         }
         let router = self.routes.load();
         let Some(entry) = router.lookup(host) else {
             let msg = format!("No app is served at {host}.");
-            return (
+            return Prepared::Done(
                 error_page(StatusCode::NOT_FOUND, &msg, Some(request_id)),
                 None,
             );
         };
         if entry.route.kind == RouteKind::Passthrough {
             let msg = format!("{host} is served by TLS passthrough only.");
-            return (
+            return Prepared::Done(
                 error_page(StatusCode::MISDIRECTED_REQUEST, &msg, Some(request_id)),
                 None,
             );
@@ -540,14 +569,35 @@ impl Proxy {
         } else {
             Either::Left(body)
         };
+        Prepared::Forward(Job {
+            entry: entry.clone(),
+            req: Request::from_parts(parts, body),
+            client_upgrade,
+            retryable,
+        })
+    }
+
+    /// Sends a prepared request to the route's backends (retrying the
+    /// idempotent ones on another after a failed connect).
+    async fn forward(
+        &self,
+        job: Job,
+        request_id: &HeaderValue,
+    ) -> (Response<ProxyBody>, Option<Served>) {
+        let Job {
+            entry,
+            req,
+            client_upgrade,
+            retryable,
+        } = job;
         // The request for the next attempt: handed back by a connect that
         // failed before sending, or kept as a copy when a node-proxy may
         // answer "could not connect" after taking it.
-        let mut next = Some(Request::from_parts(parts, body));
+        let mut next = Some(req);
 
         let mut tried: Vec<Arc<BackendState>> = Vec::new();
         let max_attempts = 1 + if retryable { self.config.retries } else { 0 };
-        let mut last_err = String::from("no backend");
+        let mut last_err = None;
         for _ in 0..max_attempts {
             let Some(mut up_req) = next.take() else {
                 break;
@@ -627,7 +677,7 @@ impl Proxy {
                         "backend connect failed; marking it down"
                     );
                     backend.mark_failed(self.config.fail_timeout);
-                    last_err = err;
+                    last_err = Some(err);
                     drop(guard);
                     tried.push(backend);
                     next = back.or(copy);
@@ -658,7 +708,11 @@ impl Proxy {
                 None,
             );
         }
-        tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %last_err, "all attempts failed");
+        tracing::warn!(
+            request_id = request_id.to_str().unwrap_or(""),
+            error = last_err.as_deref().unwrap_or("no backend"),
+            "all attempts failed"
+        );
         (
             error_page(
                 StatusCode::BAD_GATEWAY,

@@ -362,6 +362,8 @@ impl Server {
             svc_state.started.fetch_add(1, Ordering::Relaxed);
             svc_state.in_flight.fetch_add(1, Ordering::Relaxed);
             let state = svc_state.clone();
+            // Boxed once here rather than moved (kilobytes) through the
+            // wrapper and into hyper.
             let fut = proxy.clone().handle(req, info);
             async move {
                 let resp = fut.await?;
@@ -373,12 +375,18 @@ impl Server {
             inner: stream,
             state: state.clone(),
         };
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .max_buf_size(self.limits.max_header_bytes.max(8192))
+            .keep_alive(true);
+        // hyper's own limit is 100 headers, parsed into stack arrays left
+        // uninitialised; an explicit limit costs a filled array per request.
+        if self.limits.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            builder.max_headers(self.limits.max_headers);
+        }
         let mut conn = Box::new(
-            http1::Builder::new()
-                .timer(TokioTimer::new())
-                .max_headers(self.limits.max_headers)
-                .max_buf_size(self.limits.max_header_bytes.max(8192))
-                .keep_alive(true)
+            builder
                 .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades(),
         );
@@ -530,6 +538,9 @@ async fn refuse(mut stream: TcpStream, tls: bool) {
         let _ = stream.shutdown().await;
     }
 }
+
+/// The number of request headers hyper allows when not told otherwise.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
 /// How long an HTTP/1.1 connection is idle before its HTTP state is dropped.
 const PARK_AFTER: Duration = Duration::from_millis(200);

@@ -368,7 +368,10 @@ impl Pool {
         loop {
             let (mut sender, fresh) = match self.take(tls, key) {
                 Some(s) => (s, false),
-                None => match self.connect(tls, host, port).await {
+                // Boxed: the connect (and mTLS handshake) future is large,
+                // and rarely needed; inline it would be moved around with
+                // every request's future.
+                None => match Box::pin(self.connect(tls, host, port)).await {
                     Ok(s) => (s, true),
                     Err(e) => return Err((e, Some(req))),
                 },

@@ -572,3 +572,22 @@ async fn idle_keep_alive_connections_park_and_resume() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+#[tokio::test]
+async fn more_than_the_default_header_count_is_431() {
+    let a = backend("a").await;
+    let t = table(1, vec![route("a.test", "a", vec![plain("a1", a)])]);
+    let edge = start_edge(&t, EdgeOptions::default()).await;
+    let mut ok = String::from("GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n");
+    for i in 0..90 {
+        ok.push_str(&format!("x-h{i}: 1\r\n"));
+    }
+    let resp = raw(edge.http, format!("{ok}\r\n").as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:.100}");
+    let mut many = ok;
+    for i in 90..110 {
+        many.push_str(&format!("x-h{i}: 1\r\n"));
+    }
+    let resp = raw(edge.http, format!("{many}\r\n").as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp:.100}");
+}
