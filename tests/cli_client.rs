@@ -23,6 +23,12 @@ struct TestCaptain {
 
 impl TestCaptain {
     fn start() -> TestCaptain {
+        TestCaptain::start_opts(false)
+    }
+
+    /// With `builds`, the captain runs a real builder (buildah) over
+    /// `<data>/store`.
+    fn start_opts(builds: bool) -> TestCaptain {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -31,6 +37,17 @@ impl TestCaptain {
         let data = tempfile::tempdir().unwrap();
         let mut cfg = captain::Config::new(data.path());
         cfg.hook_command = Some(vec![ZW.into(), "captain-pre-receive".into()]);
+        if builds {
+            let store: std::sync::Arc<dyn builder::ObjectStore> =
+                std::sync::Arc::new(builder::LocalStore::new(data.path().join("store")));
+            let b = rt
+                .block_on(builder::Builder::new(
+                    store,
+                    builder::BuilderConfig::new(data.path().join("builder")),
+                ))
+                .expect("a build backend (buildah) is installed");
+            cfg.builder = Some(std::sync::Arc::new(b));
+        }
         let captain = rt
             .block_on(captain::Captain::start(cfg))
             .expect("captain starts");
@@ -531,12 +548,41 @@ fn deploy_follows_the_rollout_to_running_or_failed() {
     assert_eq!(rel[0]["image_digest"], digest('c').as_str());
 }
 
-/// `zw deploy` with no source argument builds the current directory with
-/// the builder crate into the data dir's object store (where `zw up` serves
-/// images from), then releases that image.
+/// `zw deploy` with no source argument uploads the current directory to
+/// the captain, which builds it into its object store; then the CLI
+/// releases that image. A captain that does not build says so before
+/// anything is uploaded.
 #[test]
-fn deploy_builds_the_current_directory_into_the_data_dir_store() {
-    let t = TestCaptain::start();
+fn deploy_builds_the_current_directory_on_the_captain() {
+    let plain = TestCaptain::start();
+    plain.ok(&[
+        "apps",
+        "create",
+        "hello",
+        "--repo",
+        "https://example.invalid/hello.git",
+    ]);
+    let o = plain.zw_in(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        &[
+            "deploy",
+            "examples/hello",
+            "--app",
+            "hello",
+            "--no-wait",
+            "--api",
+            &plain.api,
+            "--token",
+            &plain.token,
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("does not build"), "{}", stderr(&o));
+    drop(plain);
+
+    let t = TestCaptain::start_opts(true);
+    let store = t.data.path().join("store");
     t.ok(&[
         "apps",
         "create",
@@ -574,23 +620,16 @@ fn deploy_builds_the_current_directory_into_the_data_dir_store() {
     let rel = t.json(&["releases", "--app", "hello", "--json"]);
     let digest = rel[0]["image_digest"].as_str().unwrap();
     let hex = digest.strip_prefix("sha256:").unwrap();
+    // The build log streamed to the terminal, and the image is in the
+    // captain's store (not in the CLI's data dir).
     assert!(
         stderr(&o).contains(&format!("image {digest}")),
         "{}",
         stderr(&o)
     );
-    assert!(
-        data.join("store/images")
-            .join(hex)
-            .join("rootfs.ext4")
-            .is_file()
-    );
-    assert!(
-        data.join("store/images")
-            .join(hex)
-            .join("config.json")
-            .is_file()
-    );
+    assert!(store.join("images").join(hex).join("rootfs.ext4").is_file());
+    assert!(store.join("images").join(hex).join("config.json").is_file());
+    assert!(!data.join("store").exists());
 
     // --git URL: the branch is pinned to its commit, which the release records.
     let git = |args: &[&str]| {
@@ -639,10 +678,5 @@ fn deploy_builds_the_current_directory_into_the_data_dir_store() {
         .unwrap()
         .strip_prefix("sha256:")
         .unwrap();
-    assert!(
-        data.join("store/images")
-            .join(hex)
-            .join("rootfs.ext4")
-            .is_file()
-    );
+    assert!(store.join("images").join(hex).join("rootfs.ext4").is_file());
 }

@@ -318,6 +318,8 @@ pub struct Health {
     /// How apps are reached: `{app}` and `{domain}` are replaced (e.g.
     /// `http://{app}.{domain}:8080` under `zw up`).
     pub app_url: String,
+    /// Whether this captain builds (`POST /v1/builds`).
+    pub builds: bool,
 }
 
 async fn health(State(st): State<AppState>) -> Result<Response, ApiError> {
@@ -329,6 +331,7 @@ async fn health(State(st): State<AppState>) -> Result<Response, ApiError> {
             database: st.db.backend().to_string(),
             meta_head: head,
             app_url: st.config.app_url_template.clone(),
+            builds: st.config.builder.is_some(),
         },
     ))
 }

@@ -129,6 +129,16 @@ fn pack(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
     Ok(out)
 }
 
+/// A line above the spinner; plain stderr when there is no terminal (the
+/// spinner is hidden then, and so would be its lines).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 /// Prints a build's log as the captain streams it, until it ends; falls
 /// back to polling when the stream breaks.
 fn watch_build(client: &Api, id: &str, bar: &ProgressBar) -> anyhow::Result<BuildView> {
@@ -161,9 +171,9 @@ fn watch_build(client: &Api, id: &str, bar: &ProgressBar) -> anyhow::Result<Buil
                                 if let Some(stage) = text.strip_prefix("stage: ") {
                                     bar.set_message(format!("building: {stage}"));
                                 }
-                                bar.println(format!("==> {text}"));
+                                say(bar, format!("==> {text}"));
                             } else {
-                                bar.println(format!("    {text}"));
+                                say(bar, format!("    {text}"));
                             }
                         }
                     }
@@ -188,6 +198,15 @@ fn watch_build(client: &Api, id: &str, bar: &ProgressBar) -> anyhow::Result<Buil
 
 /// Builds on the captain; returns the image digest and the source commit.
 fn build(client: &Api, a: &DeployArgs, app: &AppView) -> anyhow::Result<(String, String)> {
+    // Before packing and uploading anything: does this captain build?
+    let health: serde_json::Value = client.get("/v1/health")?;
+    if health["builds"] == serde_json::Value::Bool(false) {
+        bail!(
+            "the captain at {} does not build (no build backend there, or --build-workers 0); \
+             build with `zw build` into a store the nodes read and deploy with `--image DIGEST`",
+            client.base
+        );
+    }
     let mut body = json!({"app_id": app.id, "dockerfile": a.dockerfile.display().to_string()});
     let mut args = serde_json::Map::new();
     for s in &a.build_args {
@@ -230,11 +249,10 @@ fn build(client: &Api, a: &DeployArgs, app: &AppView) -> anyhow::Result<(String,
             let src: SourceView = resp
                 .json()
                 .context("reading the answer of POST /v1/sources")?;
-            bar.println(format!(
-                "uploaded {} ({} bytes)",
-                short(&src.id),
-                src.size_bytes
-            ));
+            say(
+                &bar,
+                format!("uploaded {} ({} bytes)", short(&src.id), src.size_bytes),
+            );
             body["source"] = json!({"upload": src.id});
             if !commit.is_empty() {
                 body["source_commit"] = json!(commit);
@@ -386,7 +404,7 @@ pub fn follow(client: &Api, id: &str, f: &FollowArgs) -> anyhow::Result<()> {
     loop {
         if d.status != last {
             if !last.is_empty() {
-                bar.println(format!("  {last} -> {}", d.status));
+                say(&bar, format!("  {last} -> {}", d.status));
             }
             last = d.status.clone();
         }
