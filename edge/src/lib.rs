@@ -5,6 +5,8 @@
 //! - [`table`]: the compiled table, swapped atomically, with load-balancing
 //!   and passive-health state.
 //! - [`proxy`]: the HTTP proxy service; [`server`]: listeners and limits.
+//! - [`h1`]: the edge's own HTTP/1.1 path (most requests), handing the
+//!   rest to hyper.
 //! - [`tls`]: SNI certificate resolver; [`pki`]: the cluster CA.
 //! - [`node_proxy`]: the mTLS server the follower runs on every node.
 //! - [`passthrough`]: TLS passthrough by SNI.
@@ -16,6 +18,7 @@ pub mod acme;
 pub mod cli;
 pub mod feed;
 pub mod forward;
+pub mod h1;
 pub mod node_proxy;
 pub mod passthrough;
 pub mod pki;

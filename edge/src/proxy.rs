@@ -26,7 +26,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use crate::forward::{is_upgrade_request, splice_upgrades, strip_hop_by_hop};
 use crate::routes::{INSTANCE_HEADER, RouteKind, Transport, normalize_host};
 use crate::table::{BackendState, InflightGuard, Routes};
-use crate::upstream::{Checkin, Pool, UpstreamBody, UpstreamConnector};
+use crate::upstream::{Checkin, Pool, RawPool, UpstreamBody, UpstreamConnector};
 
 /// Header a node-proxy sets on a 502 when it could not connect to the
 /// instance; the edge treats such an answer like its own connect failure.
@@ -84,6 +84,7 @@ pub struct ConnInfo {
 pub struct Proxy {
     routes: Arc<Routes>,
     pool: Arc<Pool>,
+    raw_pool: RawPool,
     connector: UpstreamConnector,
     config: ProxyConfig,
     id_prefix: u32,
@@ -191,12 +192,7 @@ pub fn error_page(
     detail: &str,
     request_id: Option<&HeaderValue>,
 ) -> Response<ProxyBody> {
-    let reason = status.canonical_reason().unwrap_or("");
-    let body = format!(
-        "<!doctype html>\n<html><head><title>{code} {reason}</title></head>\n<body><h1>{code} {reason}</h1>\n<p>{detail}</p>\n</body></html>\n",
-        code = status.as_u16(),
-        detail = html_escape(detail),
-    );
+    let body = error_body(status, detail);
     let mut resp = Response::new(ProxyBody::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -209,6 +205,16 @@ pub fn error_page(
         h.insert(REQUEST_ID_HEADER, id.clone());
     }
     resp
+}
+
+/// The HTML of an edge page.
+pub(crate) fn error_body(status: StatusCode, detail: &str) -> String {
+    let reason = status.canonical_reason().unwrap_or("");
+    format!(
+        "<!doctype html>\n<html><head><title>{code} {reason}</title></head>\n<body><h1>{code} {reason}</h1>\n<p>{detail}</p>\n</body></html>\n",
+        code = status.as_u16(),
+        detail = html_escape(detail),
+    )
 }
 
 fn html_escape(s: &str) -> String {
@@ -246,26 +252,46 @@ pub fn request_host<B>(req: &Request<B>) -> Option<String> {
 /// normal form (lower case, no trailing dot), as it nearly always is.
 fn request_host_cow<B>(req: &Request<B>) -> Option<std::borrow::Cow<'_, str>> {
     use std::borrow::Cow;
-    let host = match req.uri().authority() {
-        Some(a) => a.host(),
-        None => {
-            let h = req.headers().get(header::HOST)?.as_bytes();
-            // The common `name[:port]` is taken as is; anything else (IPv6
-            // literals, odd characters) goes through the full parse.
-            let (name, port) = match h.iter().position(|&b| b == b':') {
-                Some(i) => (&h[..i], &h[i + 1..]),
-                None => (h, &b""[..]),
-            };
-            let plain = name
-                .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
-                && port.iter().all(u8::is_ascii_digit)
-                && (port.len() <= 5);
-            if !plain || (port.is_empty() && name.len() < h.len()) {
-                return request_host(req).map(Cow::Owned);
+    match req.uri().authority() {
+        Some(a) => {
+            let host = a.host();
+            if host.is_empty() {
+                return None;
             }
-            std::str::from_utf8(name).ok()?
+            if host.ends_with('.') || host.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Some(Cow::Owned(normalize_host(host)));
+            }
+            Some(Cow::Borrowed(host))
         }
+        None => host_from_header(req.headers().get(header::HOST)?.as_bytes()),
+    }
+}
+
+/// The host named by a `Host` header value, lower case and without port
+/// (no allocation when it is already in that form, as it nearly always is);
+/// `None` when it names none.
+pub(crate) fn host_from_header(h: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    // The common `name[:port]` is taken as is; anything else (IPv6
+    // literals, odd characters) goes through the full parse.
+    let (name, port) = match h.iter().position(|&b| b == b':') {
+        Some(i) => (&h[..i], &h[i + 1..]),
+        None => (h, &b""[..]),
+    };
+    let plain = name
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        && port.iter().all(u8::is_ascii_digit)
+        && (port.len() <= 5);
+    let host = if !plain || (port.is_empty() && name.len() < h.len()) {
+        let a: Authority = std::str::from_utf8(h).ok()?.parse().ok()?;
+        let host = a.host();
+        if host.is_empty() {
+            return None;
+        }
+        return Some(Cow::Owned(normalize_host(host)));
+    } else {
+        std::str::from_utf8(name).ok()?
     };
     if host.is_empty() {
         return None;
@@ -398,9 +424,11 @@ impl Proxy {
             config.pool_max_idle,
             config.pool_idle_timeout,
         );
+        let raw_pool = RawPool::new(config.pool_max_idle, config.pool_idle_timeout);
         Arc::new(Self {
             routes,
             pool,
+            raw_pool,
             connector,
             config,
             id_prefix: rand::random(),
@@ -424,7 +452,19 @@ impl Proxy {
         &self.connector
     }
 
-    fn request_id(&self) -> HeaderValue {
+    /// The proxy's settings.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Idle backend connections of the edge's own HTTP/1.1 path.
+    pub(crate) fn raw_pool(&self) -> &RawPool {
+        &self.raw_pool
+    }
+
+    /// A new request id: 8 hex digits of a per-process prefix and 12 of a
+    /// counter.
+    pub(crate) fn request_id(&self) -> HeaderValue {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next_id.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff_ffff;
         // 8 hex digits of the per-process prefix, 12 of the counter.

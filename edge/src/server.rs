@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::h1;
 use crate::passthrough::{Hello, Prefixed, open_tunnel, read_client_hello};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 use crate::routes::RouteKind;
@@ -195,7 +196,7 @@ impl Server {
         _permit: OwnedSemaphorePermit,
     ) {
         let info = ConnInfo { remote, tls: false };
-        self.serve_h1(stream, info).await;
+        self.serve_http1(stream, info).await;
     }
 
     async fn serve_tls(
@@ -299,7 +300,22 @@ impl Server {
         match alpn.as_deref() {
             Some(b"h2") => self.serve_h2(tls, info).await,
             Some(ACME_TLS_ALPN) => {} // challenge answered by the handshake itself
-            _ => self.serve_h1(tls, info).await,
+            _ => self.serve_http1(tls, info).await,
+        }
+    }
+
+    /// HTTP/1.1: the edge's own path ([`crate::h1`]) until a request it
+    /// does not take, then hyper for the rest of the connection.
+    async fn serve_http1<S: Parkable>(&self, stream: S, info: ConnInfo) {
+        let ctx = h1::Ctx {
+            proxy: &self.proxy,
+            limits: &self.limits,
+            shutdown: &self.shutdown,
+            release_after: PARK_AFTER,
+        };
+        if let h1::Exit::Handoff(stream, prefix) = h1::serve(&ctx, stream, info).await {
+            // Boxed: hyper's connection state is large and rarely needed.
+            Box::pin(self.serve_h1(stream, info, prefix)).await;
         }
     }
 
@@ -313,9 +329,8 @@ impl Server {
     ///
     /// A plain connection waits for its first bytes the same way; over TLS
     /// the handshake has already waited (and rustls may hold the request).
-    async fn serve_h1<S: Parkable>(&self, mut stream: S, info: ConnInfo) {
+    async fn serve_h1<S: Parkable>(&self, mut stream: S, info: ConnInfo, mut prefix: Bytes) {
         let timeout = self.limits.header_timeout;
-        let mut prefix = Bytes::new();
         // When the current wait for a request head started.
         let mut idle_since = tokio::time::Instant::now();
         let mut wait = !info.tls;
@@ -569,29 +584,36 @@ fn release_free_memory() {}
 /// A client stream the server can wait on without reading from it.
 pub trait Parkable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ready when bytes (or EOF) can be read.
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl Parkable for TcpStream {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }
 }
 
 impl<S: Parkable> Parkable for Prefixed<S> {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.has_prefix() {
             return Poll::Ready(Ok(()));
         }
-        self.get_ref().poll_readable(cx)
+        self.get_mut().poll_readable(cx)
     }
 }
 
 impl<S: Parkable> Parkable for tokio_rustls::server::TlsStream<S> {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // hyper parks only after a read came back empty, so rustls holds no
-        // plaintext: the next bytes come from the socket.
-        self.get_ref().0.poll_readable(cx)
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // rustls may hold records already read from the socket (a request
+        // sent along with the handshake's last flight, or pipelined past
+        // the last read): those are ready now.
+        let (io, tls) = self.get_mut();
+        match tls.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
+            // Plaintext, a close or an error: the next read says which.
+            _ => return Poll::Ready(Ok(())),
+        }
+        io.poll_readable(cx)
     }
 }
 

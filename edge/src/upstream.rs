@@ -407,3 +407,87 @@ impl Pool {
         }
     }
 }
+
+/// Idle backend connections for the edge's own HTTP/1.1 path
+/// ([`crate::h1`]), which writes request heads itself instead of going
+/// through hyper's client. Keyed like [`Pool`] (transport and
+/// `host:port`); most recently used first out, so a few connections stay
+/// hot and the rest age out.
+pub struct RawPool {
+    idle: std::sync::Mutex<[RawIdleMap; 2]>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+type RawIdleMap = std::collections::HashMap<Arc<str>, Vec<(UpstreamStream, std::time::Instant)>>;
+
+/// A pooled connection idle for less than this is used without first
+/// checking that the backend has not closed it (the check costs a system
+/// call per request); a request that then finds it closed before any byte of
+/// a response came is sent again on a new connection when it is idempotent.
+pub const RAW_POOL_TRUST: Duration = Duration::from_secs(1);
+
+impl RawPool {
+    /// An empty pool.
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+        Self {
+            idle: Default::default(),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    /// An idle connection to `key`, if one is usable: not older than the
+    /// idle timeout and, when `check` is set or it has been idle for a while,
+    /// not closed by the backend. Also says how long it was idle.
+    pub fn take(&self, tls: bool, key: &str, check: bool) -> Option<UpstreamStream> {
+        loop {
+            let (conn, since) = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                idle[usize::from(tls)].get_mut(key)?.pop()?
+            };
+            let age = since.elapsed();
+            if age >= self.idle_timeout {
+                // The rest of the list is older still.
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(list) = idle[usize::from(tls)].get_mut(key) {
+                    list.clear();
+                }
+                return None;
+            }
+            if (check || age >= RAW_POOL_TRUST) && !conn.is_open() {
+                continue;
+            }
+            return Some(conn);
+        }
+    }
+
+    /// Returns a connection whose last exchange ended cleanly.
+    pub fn put(&self, tls: bool, key: &Arc<str>, conn: UpstreamStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let map = &mut idle[usize::from(tls)];
+        let list = match map.get_mut(&**key) {
+            Some(list) => list,
+            None => map.entry(key.clone()).or_default(),
+        };
+        if list.len() >= self.max_idle {
+            // Drop the oldest.
+            list.remove(0);
+        }
+        list.push((conn, std::time::Instant::now()));
+    }
+}
+
+impl UpstreamStream {
+    /// False when the backend has closed the connection or sent something
+    /// unasked (either way it cannot carry another exchange). Costs a system
+    /// call only when the runtime has seen the socket become readable.
+    pub fn is_open(&self) -> bool {
+        let tcp = match self {
+            UpstreamStream::Plain(s) => s,
+            UpstreamStream::Tls(s) => s.get_ref().0,
+        };
+        let mut byte = [0u8; 1];
+        matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}

@@ -1,0 +1,1284 @@
+//! The edge's own HTTP/1.1 path: client requests are parsed with `httparse`,
+//! their heads rewritten straight into the bytes sent to the backend over a
+//! pooled connection, and the backend's response relayed back, all within
+//! the client connection's task. No hyper server or client, no `HeaderMap`,
+//! no per-request task or channel: this is what puts the edge ahead of
+//! nginx (see `scripts/bench-edge.sh`).
+//!
+//! It takes the requests proxies see nearly always: HTTP/1.1, origin-form,
+//! no body or a `Content-Length` body of at most [`MAX_BUFFERED_BODY`]. Any
+//! other request (an upgrade, `Expect`, a chunked or large body, HTTP/1.0,
+//! an absolute URI, ...) hands the connection, with every byte read so far,
+//! to the hyper path in [`crate::server`] for the rest of its life, so both
+//! paths behave the same where they overlap: the same routing, forwarded
+//! headers, retries, passive health, error pages and access log.
+//!
+//! Responses are relayed as they come: `Content-Length` bodies by count,
+//! chunked bodies as they are (the chunk framing is only scanned for its
+//! end), bodies delimited by the backend closing with the client connection
+//! closed after them.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::{
+    ConnInfo, Proxy, REQUEST_ID_HEADER, UPSTREAM_CONNECT_FAILED, UPSTREAM_STATUS_HEADER,
+    error_body, host_from_header,
+};
+use crate::routes::{INSTANCE_HEADER, RouteKind, Transport};
+use crate::server::{Limits, Parkable};
+use crate::table::{BackendState, RouteEntry};
+use crate::upstream::UpstreamStream;
+
+/// Largest request body this path takes (read whole before the request is
+/// sent, so it can be sent again to another backend); larger ones go to
+/// hyper, which streams them.
+pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
+
+/// Largest response head accepted from a backend.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Initial size of the buffers (client bytes, backend bytes).
+const BUF_SIZE: usize = 8 * 1024;
+
+/// How much of a response body is read from the backend at a time.
+const RELAY_CHUNK: usize = 16 * 1024;
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers the edge sets itself on the request to the backend.
+const SET_BY_EDGE: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    REQUEST_ID_HEADER,
+    INSTANCE_HEADER,
+];
+
+/// How a connection served here ends.
+pub enum Exit<S> {
+    /// Closed (by either side, a timeout, an error or shutdown).
+    Closed,
+    /// A request this path does not take: the stream and every byte read
+    /// from it that is not answered yet, for the hyper path.
+    Handoff(S, bytes::Bytes),
+}
+
+/// What one connection needs from the server.
+pub struct Ctx<'a> {
+    pub proxy: &'a Proxy,
+    pub limits: &'a Limits,
+    pub shutdown: &'a CancellationToken,
+    /// After this long without a request, the connection's buffers are
+    /// given back.
+    pub release_after: Duration,
+}
+
+/// The fields of the access log line, kept only when it is written.
+struct LogLine {
+    method: String,
+    path: String,
+    host: String,
+    start: std::time::Instant,
+}
+
+/// A request ready to go to a backend.
+struct Forward {
+    head_len: usize,
+    body_len: usize,
+    entry: Arc<RouteEntry>,
+    retryable: bool,
+    head_request: bool,
+    /// The client asked to close after this exchange.
+    close: bool,
+    /// Length of the upstream head in `out` before the per-backend lines.
+    base_len: usize,
+}
+
+enum Step {
+    /// The head is not complete yet.
+    More,
+    /// Not for this path.
+    Handoff,
+    /// The edge answers itself; the answer is in `out`.
+    Answer {
+        head_len: usize,
+        close: bool,
+        status: StatusCode,
+    },
+    Forward(Forward),
+}
+
+/// Framing of a response body from a backend.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// A parsed response head from a backend.
+struct Response {
+    head_len: usize,
+    status: StatusCode,
+    body: BodyKind,
+    /// The backend connection can carry another exchange afterwards.
+    reusable: bool,
+    /// The client connection must close after this response.
+    close_client: bool,
+}
+
+enum Parsed {
+    More,
+    Informational(usize),
+    ConnectFailed,
+    Response(Response),
+}
+
+/// Why an exchange with a backend failed.
+enum Failure {
+    /// The backend was not reached or said it could not reach the instance;
+    /// the request did not reach the app.
+    Connect(String),
+    /// A reused connection was closed before any byte of a response: the
+    /// request may be sent again on a new connection.
+    Stale,
+    /// No response head in time.
+    Timeout,
+    /// Anything else before the response head: the request may have
+    /// reached the app.
+    Exchange(String),
+}
+
+/// Per-connection state.
+struct Conn<'a, S> {
+    ctx: &'a Ctx<'a>,
+    info: ConnInfo,
+    stream: S,
+    /// Bytes from the client not consumed yet.
+    buf: Vec<u8>,
+    /// Bytes to write (to the backend, then to the client).
+    out: Vec<u8>,
+    /// Bytes from the backend.
+    rbuf: Vec<u8>,
+    /// The request being served, for the access log (when it is written).
+    log: Option<LogLine>,
+}
+
+/// Serves `stream` until it closes or hands off to hyper. The connection
+/// holds no buffer until its client sends something.
+pub async fn serve<S: Parkable>(ctx: &Ctx<'_>, stream: S, info: ConnInfo) -> Exit<S> {
+    let conn = Conn {
+        ctx,
+        info,
+        stream,
+        buf: Vec::new(),
+        out: Vec::new(),
+        rbuf: Vec::new(),
+        log: None,
+    };
+    conn.run().await
+}
+
+impl<'a, S: Parkable> Conn<'a, S> {
+    async fn run(mut self) -> Exit<S> {
+        let limits = self.ctx.limits;
+        // When the wait for the current head began.
+        let mut idle_since = Instant::now();
+        loop {
+            if self.buf.is_empty() && !self.wait_for_request(idle_since).await {
+                return Exit::Closed;
+            }
+            let deadline = idle_since + limits.header_timeout;
+            let request_id = self.ctx.proxy.request_id();
+            let step = loop {
+                match self.prepare(&request_id) {
+                    Step::More => {}
+                    step => break step,
+                }
+                if self.buf.len() >= limits.max_header_bytes {
+                    let _ = self
+                        .answer_now(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, &request_id)
+                        .await;
+                    return Exit::Closed;
+                }
+                match tokio::time::timeout_at(deadline, self.read_client()).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(Ok(_)) | Ok(Err(_)) => return Exit::Closed,
+                    Err(_) => {
+                        if !self.buf.is_empty() {
+                            let _ = self
+                                .answer_now(StatusCode::REQUEST_TIMEOUT, &request_id)
+                                .await;
+                        }
+                        return Exit::Closed;
+                    }
+                }
+            };
+            let keep = match step {
+                Step::More => unreachable!("looped above"),
+                Step::Handoff => {
+                    return Exit::Handoff(self.stream, bytes::Bytes::from(self.buf));
+                }
+                Step::Answer {
+                    head_len,
+                    close,
+                    status,
+                } => {
+                    self.buf.drain(..head_len);
+                    self.log_edge_answer(status, &request_id);
+                    if self.write_client().await.is_err() || close {
+                        return Exit::Closed;
+                    }
+                    true
+                }
+                Step::Forward(fwd) => {
+                    // The body, whole (its size is known and bounded).
+                    let need = fwd.head_len + fwd.body_len;
+                    while self.buf.len() < need {
+                        match tokio::time::timeout_at(deadline, self.read_client()).await {
+                            Ok(Ok(n)) if n > 0 => {}
+                            _ => return Exit::Closed,
+                        }
+                    }
+                    let keep = self.forward(&fwd, &request_id).await;
+                    self.buf.drain(..need);
+                    keep && !fwd.close
+                }
+            };
+            if !keep || self.ctx.shutdown.is_cancelled() {
+                let _ = self.stream.shutdown().await;
+                return Exit::Closed;
+            }
+            idle_since = Instant::now();
+        }
+    }
+
+    /// Waits for the client's next bytes: buffers are given back once it
+    /// has been quiet for a while; false when it closed, timed out or the
+    /// edge is shutting down.
+    async fn wait_for_request(&mut self, idle_since: Instant) -> bool {
+        let deadline = idle_since + self.ctx.limits.header_timeout;
+        let release_at = (idle_since + self.ctx.release_after).min(deadline);
+        let shutdown = self.ctx.shutdown;
+        let stream = &mut self.stream;
+        let readable = std::future::poll_fn(|cx| stream.poll_readable(cx));
+        let first = tokio::select! {
+            res = tokio::time::timeout_at(release_at, readable) => res,
+            _ = shutdown.cancelled() => return false,
+        };
+        match first {
+            Ok(Ok(())) => return true,
+            Ok(Err(_)) => return false,
+            Err(_) => {}
+        }
+        self.buf = Vec::new();
+        self.out = Vec::new();
+        self.rbuf = Vec::new();
+        let stream = &mut self.stream;
+        let readable = std::future::poll_fn(|cx| stream.poll_readable(cx));
+        tokio::select! {
+            res = tokio::time::timeout_at(deadline, readable) => matches!(res, Ok(Ok(()))),
+            _ = shutdown.cancelled() => false,
+        }
+    }
+
+    async fn read_client(&mut self) -> std::io::Result<usize> {
+        reserve(&mut self.buf, BUF_SIZE);
+        self.stream.read_buf(&mut self.buf).await
+    }
+
+    async fn write_client(&mut self) -> std::io::Result<()> {
+        self.stream.write_all(&self.out).await?;
+        self.stream.flush().await
+    }
+
+    /// Writes one of the edge's own pages now (limits, timeouts) and closes.
+    async fn answer_now(
+        &mut self,
+        status: StatusCode,
+        request_id: &HeaderValue,
+    ) -> std::io::Result<()> {
+        // No page: hyper's answers to these have no body either.
+        self.out.clear();
+        simple_response(
+            &mut self.out,
+            status,
+            "text/plain",
+            b"",
+            Some(request_id),
+            true,
+        );
+        self.log_edge_answer(status, request_id);
+        self.write_client().await?;
+        self.stream.shutdown().await
+    }
+
+    fn log_edge_answer(&self, status: StatusCode, request_id: &HeaderValue) {
+        if self.ctx.proxy.config().access_log {
+            tracing::info!(
+                target: "edge::access",
+                request_id = request_id.to_str().unwrap_or(""),
+                client = %self.info.remote,
+                tls = self.info.tls,
+                status = status.as_u16(),
+                backend = "-",
+                "edge answered"
+            );
+        }
+    }
+
+    /// Parses the head in `buf` and decides; for a forwarded request, the
+    /// head for the backend is in `out` (without its last lines).
+    fn prepare(&mut self, request_id: &HeaderValue) -> Step {
+        let limits = self.ctx.limits;
+        let mut storage = [httparse::EMPTY_HEADER; 128];
+        let headers = &mut storage[..limits.max_headers.min(128)];
+        let mut req = httparse::Request::new(headers);
+        let head_len = match req.parse(&self.buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Step::More,
+            Err(httparse::Error::TooManyHeaders) => {
+                self.out.clear();
+                page(
+                    &mut self.out,
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "",
+                    request_id,
+                    true,
+                );
+                return Step::Answer {
+                    head_len: self.buf.len(),
+                    close: true,
+                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                };
+            }
+            Err(_) => {
+                self.out.clear();
+                page(&mut self.out, StatusCode::BAD_REQUEST, "", request_id, true);
+                return Step::Answer {
+                    head_len: self.buf.len(),
+                    close: true,
+                    status: StatusCode::BAD_REQUEST,
+                };
+            }
+        };
+        if head_len > limits.max_header_bytes {
+            self.out.clear();
+            page(
+                &mut self.out,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "",
+                request_id,
+                true,
+            );
+            return Step::Answer {
+                head_len: self.buf.len(),
+                close: true,
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            };
+        }
+        let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+            return Step::Handoff;
+        };
+        if !path.starts_with('/') {
+            return Step::Handoff;
+        }
+
+        // One pass over the headers: what decides the path, and the
+        // connection options.
+        let mut host: Option<&[u8]> = None;
+        let mut content_length: Option<u64> = None;
+        let mut close = false;
+        let mut conn_tokens: [&[u8]; 8] = [b""; 8];
+        let mut n_tokens = 0;
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"host") {
+                if host.is_some() {
+                    return Step::Handoff;
+                }
+                host = Some(h.value);
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                let Some(n) = parse_u64(h.value) else {
+                    return Step::Handoff;
+                };
+                if content_length.is_some_and(|c| c != n) {
+                    return Step::Handoff;
+                }
+                content_length = Some(n);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade")
+            {
+                return Step::Handoff;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in h.value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.is_empty() {
+                        continue;
+                    }
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade")
+                        || n_tokens == conn_tokens.len()
+                    {
+                        return Step::Handoff;
+                    } else {
+                        conn_tokens[n_tokens] = token;
+                        n_tokens += 1;
+                    }
+                }
+            }
+        }
+        let body_len = content_length.unwrap_or(0);
+        if body_len > MAX_BUFFERED_BODY as u64 {
+            return Step::Handoff;
+        }
+        let body_len = body_len as usize;
+        // Anything the edge answers itself closes the connection when a
+        // body would follow (it is not read).
+        let close_if_body = close || body_len > 0;
+
+        let host_name = host.and_then(host_from_header);
+        let proxy = self.ctx.proxy;
+        let log = proxy.config().access_log;
+        let Some(host_name) = host_name else {
+            self.out.clear();
+            page(
+                &mut self.out,
+                StatusCode::BAD_REQUEST,
+                "The request has no Host.",
+                request_id,
+                close_if_body,
+            );
+            return Step::Answer {
+                head_len,
+                close: close_if_body,
+                status: StatusCode::BAD_REQUEST,
+            };
+        };
+        if !self.info.tls
+            && let Some(token) = path.strip_prefix(crate::acme::HTTP01_PREFIX)
+            && let Some(key_auth) = proxy.http01().get(token)
+        {
+            self.out.clear();
+            simple_response(
+                &mut self.out,
+                StatusCode::OK,
+                "application/octet-stream",
+                key_auth.as_bytes(),
+                None,
+                close_if_body,
+            );
+            return Step::Answer {
+                head_len,
+                close: close_if_body,
+                status: StatusCode::OK,
+            };
+        }
+        let router = proxy.routes().load();
+        let Some(entry) = router.lookup(&host_name) else {
+            let msg = format!("No app is served at {host_name}.");
+            self.out.clear();
+            page(
+                &mut self.out,
+                StatusCode::NOT_FOUND,
+                &msg,
+                request_id,
+                close_if_body,
+            );
+            return Step::Answer {
+                head_len,
+                close: close_if_body,
+                status: StatusCode::NOT_FOUND,
+            };
+        };
+        if entry.route.kind == RouteKind::Passthrough {
+            let msg = format!("{host_name} is served by TLS passthrough only.");
+            self.out.clear();
+            page(
+                &mut self.out,
+                StatusCode::MISDIRECTED_REQUEST,
+                &msg,
+                request_id,
+                close_if_body,
+            );
+            return Step::Answer {
+                head_len,
+                close: close_if_body,
+                status: StatusCode::MISDIRECTED_REQUEST,
+            };
+        }
+
+        // The head for the backend.
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let tokens = &conn_tokens[..n_tokens];
+        for h in req.headers.iter() {
+            let name = h.name;
+            if HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
+                || SET_BY_EDGE.iter().any(|n| name.eq_ignore_ascii_case(n))
+                || tokens
+                    .iter()
+                    .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
+            {
+                continue;
+            }
+            push_header(out, name.as_bytes(), h.value);
+        }
+        if let Some(h) = host {
+            push_header(out, b"x-forwarded-host", h);
+        }
+        push_header(out, b"x-forwarded-for", ip_text(&self.info).as_bytes());
+        push_header(
+            out,
+            b"x-forwarded-proto",
+            if self.info.tls { b"https" } else { b"http" },
+        );
+        push_header(out, REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
+        let base_len = out.len();
+        if log {
+            self.log = Some(LogLine {
+                method: method.to_owned(),
+                path: path.split('?').next().unwrap_or(path).to_owned(),
+                host: host_name.into_owned(),
+                start: std::time::Instant::now(),
+            });
+        }
+        let idempotent = matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        );
+        Step::Forward(Forward {
+            head_len,
+            body_len,
+            entry: entry.clone(),
+            retryable: idempotent && body_len == 0,
+            head_request: method == "HEAD",
+            close,
+            base_len,
+        })
+    }
+}
+
+impl<'a, S: Parkable> Conn<'a, S> {
+    /// Sends the request to the route's backends (another one after a
+    /// failed connect, for idempotent requests) and relays the answer.
+    /// False when the client connection must close.
+    async fn forward(&mut self, fwd: &Forward, request_id: &HeaderValue) -> bool {
+        let cfg = self.ctx.proxy.config();
+        let max_attempts = 1 + if fwd.retryable { cfg.retries } else { 0 };
+        let mut tried: Vec<Arc<BackendState>> = Vec::new();
+        let mut last_err = None;
+        for _ in 0..max_attempts {
+            let exclude: Vec<&Arc<BackendState>> = tried.iter().collect();
+            let Some(backend) = fwd.entry.pick(&exclude) else {
+                break;
+            };
+            let guard = backend.start();
+            match self.exchange(fwd, &backend, request_id).await {
+                Ok((resp, upstream)) => {
+                    backend.mark_ok();
+                    let keep = self.relay(resp, upstream, &backend, request_id).await;
+                    drop(guard);
+                    return keep;
+                }
+                Err(Failure::Connect(err)) => {
+                    tracing::warn!(
+                        request_id = request_id.to_str().unwrap_or(""),
+                        backend = %backend_label(&backend),
+                        error = %err,
+                        "backend connect failed; marking it down"
+                    );
+                    backend.mark_failed(cfg.fail_timeout);
+                    last_err = Some(err);
+                    drop(guard);
+                    tried.push(backend);
+                }
+                Err(failure) => {
+                    let (status, msg, err) = match failure {
+                        Failure::Timeout => (
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "The app did not answer in time.",
+                            format!("no response within {:?}", cfg.response_timeout),
+                        ),
+                        Failure::Exchange(err) => (
+                            StatusCode::BAD_GATEWAY,
+                            "The app could not be reached.",
+                            err,
+                        ),
+                        Failure::Stale | Failure::Connect(_) => (
+                            StatusCode::BAD_GATEWAY,
+                            "The app could not be reached.",
+                            "the backend closed the connection without answering".to_owned(),
+                        ),
+                    };
+                    tracing::warn!(
+                        request_id = request_id.to_str().unwrap_or(""),
+                        backend = %backend_label(&backend),
+                        error = %err,
+                        "backend request failed"
+                    );
+                    return self
+                        .answer(status, msg, request_id, Some(&backend), fwd.close)
+                        .await;
+                }
+            }
+        }
+        if tried.is_empty() {
+            let msg = format!("No instance of {} is available.", fwd.entry.route.app);
+            return self
+                .answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &msg,
+                    request_id,
+                    None,
+                    fwd.close,
+                )
+                .await;
+        }
+        tracing::warn!(
+            request_id = request_id.to_str().unwrap_or(""),
+            error = last_err.as_deref().unwrap_or("no backend"),
+            "all attempts failed"
+        );
+        self.answer(
+            StatusCode::BAD_GATEWAY,
+            "The app could not be reached.",
+            request_id,
+            None,
+            fwd.close,
+        )
+        .await
+    }
+
+    /// Answers a forwarded request with one of the edge's pages.
+    async fn answer(
+        &mut self,
+        status: StatusCode,
+        msg: &str,
+        request_id: &HeaderValue,
+        backend: Option<&BackendState>,
+        close: bool,
+    ) -> bool {
+        self.out.clear();
+        page(&mut self.out, status, msg, request_id, close);
+        self.log_forwarded(status, backend, request_id);
+        self.write_client().await.is_ok() && !close
+    }
+
+    /// One attempt on one backend: the request sent, the response head
+    /// read (and any informational responses passed on).
+    async fn exchange(
+        &mut self,
+        fwd: &Forward,
+        backend: &BackendState,
+        request_id: &HeaderValue,
+    ) -> Result<(Response, UpstreamStream), Failure> {
+        let Some((key, host, port)) = backend.address() else {
+            return Err(Failure::Exchange(format!(
+                "invalid backend address {}",
+                backend.backend.node_proxy
+            )));
+        };
+        let tls = backend.transport() == Transport::Mtls;
+        self.out.truncate(fwd.base_len);
+        if tls {
+            push_header(
+                &mut self.out,
+                INSTANCE_HEADER.as_bytes(),
+                backend.instance_header.as_bytes(),
+            );
+        }
+        self.out.extend_from_slice(b"\r\n");
+        self.out
+            .extend_from_slice(&self.buf[fwd.head_len..fwd.head_len + fwd.body_len]);
+
+        let proxy = self.ctx.proxy;
+        let deadline = Instant::now() + proxy.config().response_timeout;
+        let pooled = proxy.raw_pool().take(tls, key, !fwd.retryable);
+        let mut reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => connect(proxy, host, port, tls).await?,
+        };
+        loop {
+            let attempt =
+                tokio::time::timeout_at(deadline, self.send_head(&mut conn, fwd, request_id)).await;
+            match attempt {
+                Err(_) => return Err(Failure::Timeout),
+                Ok(Ok(resp)) => return Ok((resp, conn)),
+                // A reused connection the backend had closed: the request
+                // never reached the app when nothing came back, but only an
+                // idempotent request may be sent twice if it did.
+                Ok(Err(Failure::Stale)) if reused && fwd.retryable => {
+                    reused = false;
+                    conn = connect(proxy, host, port, tls).await?;
+                }
+                Ok(Err(Failure::Stale)) => {
+                    return Err(Failure::Exchange(
+                        "the backend closed the connection without answering".into(),
+                    ));
+                }
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn send_head(
+        &mut self,
+        conn: &mut UpstreamStream,
+        fwd: &Forward,
+        request_id: &HeaderValue,
+    ) -> Result<Response, Failure> {
+        if conn.write_all(&self.out).await.is_err() || conn.flush().await.is_err() {
+            return Err(Failure::Stale);
+        }
+        self.rbuf.clear();
+        loop {
+            reserve(&mut self.rbuf, BUF_SIZE);
+            match conn.read_buf(&mut self.rbuf).await {
+                Ok(0) | Err(_) if self.rbuf.is_empty() => return Err(Failure::Stale),
+                Ok(0) => {
+                    return Err(Failure::Exchange(
+                        "the backend closed the connection in the response head".into(),
+                    ));
+                }
+                Err(e) => return Err(Failure::Exchange(format!("reading the response: {e}"))),
+                Ok(_) => {}
+            }
+            loop {
+                let parsed = parse_response(
+                    &self.rbuf,
+                    &mut self.out,
+                    fwd.head_request,
+                    fwd.close,
+                    request_id,
+                );
+                match parsed {
+                    Err(e) => return Err(Failure::Exchange(e)),
+                    Ok(Parsed::More) => {
+                        if self.rbuf.len() > MAX_RESPONSE_HEAD {
+                            return Err(Failure::Exchange("the response head is too large".into()));
+                        }
+                        break;
+                    }
+                    Ok(Parsed::ConnectFailed) => {
+                        return Err(Failure::Connect(
+                            "node-proxy could not connect to the instance".into(),
+                        ));
+                    }
+                    Ok(Parsed::Informational(n)) => {
+                        // 1xx (e.g. 103 Early Hints) pass through as they are.
+                        if self.stream.write_all(&self.rbuf[..n]).await.is_err() {
+                            return Err(Failure::Exchange("the client went away".into()));
+                        }
+                        self.rbuf.drain(..n);
+                        if self.rbuf.is_empty() {
+                            break;
+                        }
+                    }
+                    Ok(Parsed::Response(resp)) => return Ok(resp),
+                }
+            }
+        }
+    }
+
+    /// Writes the response head (already in `out`) and relays the body.
+    /// False when the client connection must close.
+    async fn relay(
+        &mut self,
+        resp: Response,
+        mut conn: UpstreamStream,
+        backend: &BackendState,
+        request_id: &HeaderValue,
+    ) -> bool {
+        let status = resp.status;
+        let body_start = resp.head_len;
+        let (complete, reusable) = match self.relay_body(&resp, &mut conn, body_start).await {
+            Ok(extra) => (true, resp.reusable && !extra),
+            Err(()) => (false, false),
+        };
+        if complete
+            && reusable
+            && let Some((key, _, _)) = backend.address()
+        {
+            self.ctx
+                .proxy
+                .raw_pool()
+                .put(backend.transport() == Transport::Mtls, key, conn);
+        }
+        self.log_forwarded(status, Some(backend), request_id);
+        complete && !resp.close_client
+    }
+
+    /// Relays the body; `Ok(true)` when the backend sent bytes past its end
+    /// (its connection is then not reused); `Err` when either side failed
+    /// (the client connection is then closed: its response is cut short).
+    async fn relay_body(
+        &mut self,
+        resp: &Response,
+        conn: &mut UpstreamStream,
+        start: usize,
+    ) -> Result<bool, ()> {
+        let avail = self.rbuf.len() - start;
+        match resp.body {
+            BodyKind::None => {
+                self.write_client().await.map_err(|_| ())?;
+                Ok(avail > 0)
+            }
+            BodyKind::Length(n) => {
+                let first = (avail as u64).min(n) as usize;
+                self.out.extend_from_slice(&self.rbuf[start..start + first]);
+                self.write_client().await.map_err(|_| ())?;
+                let mut extra = avail > first;
+                let mut left = n - first as u64;
+                while left > 0 {
+                    let k = self.read_backend(conn).await?;
+                    let take = (k as u64).min(left) as usize;
+                    extra |= k > take;
+                    self.stream
+                        .write_all(&self.rbuf[..take])
+                        .await
+                        .map_err(|_| ())?;
+                    left -= take as u64;
+                }
+                self.stream.flush().await.map_err(|_| ())?;
+                Ok(extra)
+            }
+            BodyKind::Chunked => {
+                let mut scan = ChunkScan::default();
+                let end = scan.feed(&self.rbuf[start..]).map_err(|_| ())?;
+                let first = end.unwrap_or(avail);
+                self.out.extend_from_slice(&self.rbuf[start..start + first]);
+                self.write_client().await.map_err(|_| ())?;
+                if let Some(end) = end {
+                    return Ok(avail > end);
+                }
+                loop {
+                    let k = self.read_backend(conn).await?;
+                    let end = scan.feed(&self.rbuf[..k]).map_err(|_| ())?;
+                    let take = end.unwrap_or(k);
+                    self.stream
+                        .write_all(&self.rbuf[..take])
+                        .await
+                        .map_err(|_| ())?;
+                    if end.is_some() {
+                        self.stream.flush().await.map_err(|_| ())?;
+                        return Ok(k > take);
+                    }
+                }
+            }
+            BodyKind::UntilClose => {
+                self.out.extend_from_slice(&self.rbuf[start..]);
+                self.write_client().await.map_err(|_| ())?;
+                loop {
+                    self.rbuf.clear();
+                    reserve(&mut self.rbuf, RELAY_CHUNK);
+                    match conn.read_buf(&mut self.rbuf).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(_) => return Err(()),
+                    }
+                    self.stream.write_all(&self.rbuf).await.map_err(|_| ())?;
+                }
+                self.stream.flush().await.map_err(|_| ())?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Reads the next bytes of a body from the backend into `rbuf` (which it
+    /// clears); a close is an error here (the body is not complete).
+    async fn read_backend(&mut self, conn: &mut UpstreamStream) -> Result<usize, ()> {
+        self.rbuf.clear();
+        reserve(&mut self.rbuf, RELAY_CHUNK);
+        match conn.read_buf(&mut self.rbuf).await {
+            Ok(0) | Err(_) => Err(()),
+            Ok(n) => Ok(n),
+        }
+    }
+
+    fn log_forwarded(
+        &mut self,
+        status: StatusCode,
+        backend: Option<&BackendState>,
+        request_id: &HeaderValue,
+    ) {
+        let Some(line) = self.log.take() else {
+            return;
+        };
+        tracing::info!(
+            target: "edge::access",
+            request_id = request_id.to_str().unwrap_or(""),
+            client = %self.info.remote,
+            tls = self.info.tls,
+            version = "HTTP/1.1",
+            method = line.method,
+            host = line.host,
+            path = line.path,
+            status = status.as_u16(),
+            backend = %backend.map_or(Cow::Borrowed("-"), |b| Cow::Owned(backend_label(b))),
+            ms = line.start.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+fn backend_label(b: &BackendState) -> String {
+    format!("{}@{}", b.backend.instance_id, b.backend.node_proxy)
+}
+
+async fn connect(
+    proxy: &Proxy,
+    host: &str,
+    port: u16,
+    tls: bool,
+) -> Result<UpstreamStream, Failure> {
+    // Boxed: the connect (and mTLS handshake) future is large and rarely
+    // needed; inline it would make every connection's future larger.
+    Box::pin(proxy.connector().connect(host, port, tls))
+        .await
+        .map_err(|e| Failure::Connect(crate::proxy::error_chain(&e)))
+}
+
+/// Makes room for at least `min` more bytes.
+fn reserve(buf: &mut Vec<u8>, min: usize) {
+    if buf.capacity() - buf.len() < min / 4 {
+        buf.reserve(min);
+    }
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn parse_u64(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// The client's address as text, for `X-Forwarded-For`.
+fn ip_text(info: &ConnInfo) -> IpText {
+    let mut t = IpText {
+        buf: [0; 48],
+        len: 0,
+    };
+    let _ = std::io::Write::write_fmt(&mut t, format_args!("{}", info.remote.ip()));
+    t
+}
+
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::io::Write for IpText {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = b.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An edge page: the HTML of [`crate::proxy::error_page`], as bytes.
+fn page(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    detail: &str,
+    request_id: &HeaderValue,
+    close: bool,
+) {
+    let body = error_body(status, detail);
+    simple_response(
+        out,
+        status,
+        "text/html; charset=utf-8",
+        body.as_bytes(),
+        Some(request_id),
+        close,
+    );
+}
+
+fn simple_response(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    content_type: &str,
+    body: &[u8],
+    request_id: Option<&HeaderValue>,
+    close: bool,
+) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: {content_type}\r\ncache-control: no-store\r\ncontent-length: {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    if let Some(id) = request_id {
+        push_header(out, REQUEST_ID_HEADER.as_bytes(), id.as_bytes());
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+/// Parses a backend's response head in `rbuf`; for a final response, writes
+/// the head for the client into `out`.
+fn parse_response(
+    rbuf: &[u8],
+    out: &mut Vec<u8>,
+    head_request: bool,
+    client_close: bool,
+    request_id: &HeaderValue,
+) -> Result<Parsed, String> {
+    let mut storage = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut storage);
+    let head_len = match resp.parse(rbuf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::More),
+        Err(e) => return Err(format!("invalid response head from the backend: {e}")),
+    };
+    let code = resp.code.unwrap_or(0);
+    if (100..200).contains(&code) {
+        if code == 101 {
+            return Err("the backend switched protocols unasked".into());
+        }
+        return Ok(Parsed::Informational(head_len));
+    }
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| format!("invalid status {code} from the backend"))?;
+    let mut backend_close = resp.version == Some(0);
+    let mut content_length: Option<u64> = None;
+    let mut te: Option<bool> = None; // Some(last coding is chunked)
+    let mut conn_tokens: [&[u8]; 8] = [b""; 8];
+    let mut n_tokens = 0;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    backend_close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    if resp.version == Some(0) {
+                        backend_close = false;
+                    }
+                } else if !token.is_empty() && n_tokens < conn_tokens.len() {
+                    conn_tokens[n_tokens] = token;
+                    n_tokens += 1;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_u64(h.value).ok_or("invalid content-length from the backend")?;
+            if content_length.is_some_and(|c| c != n) {
+                return Err("conflicting content-length from the backend".into());
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or(b"")
+                .trim_ascii();
+            te = Some(last.eq_ignore_ascii_case(b"chunked"));
+        } else if status == StatusCode::BAD_GATEWAY
+            && name.eq_ignore_ascii_case(UPSTREAM_STATUS_HEADER.as_bytes())
+            && h.value == UPSTREAM_CONNECT_FAILED.as_bytes()
+        {
+            return Ok(Parsed::ConnectFailed);
+        }
+    }
+    let body = if head_request || code == 204 || code == 304 {
+        BodyKind::None
+    } else {
+        match (te, content_length) {
+            (Some(true), _) => BodyKind::Chunked,
+            (Some(false), _) => BodyKind::UntilClose,
+            (None, Some(n)) => BodyKind::Length(n),
+            (None, None) => BodyKind::UntilClose,
+        }
+    };
+    let close_client = client_close || body == BodyKind::UntilClose;
+    let tokens = &conn_tokens[..n_tokens];
+
+    out.clear();
+    {
+        use std::io::Write;
+        let reason = resp
+            .reason
+            .filter(|r| !r.is_empty())
+            .or(status.canonical_reason())
+            .unwrap_or("");
+        let _ = write!(out, "HTTP/1.1 {code} {reason}\r\n");
+    }
+    for h in resp.headers.iter() {
+        let name = h.name;
+        let keep_te = te.is_some() && name.eq_ignore_ascii_case("transfer-encoding");
+        if (!keep_te && HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n)))
+            || (te.is_some() && name.eq_ignore_ascii_case("content-length"))
+            || name.eq_ignore_ascii_case(UPSTREAM_STATUS_HEADER)
+            || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)
+            || tokens
+                .iter()
+                .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
+        {
+            continue;
+        }
+        push_header(out, name.as_bytes(), h.value);
+    }
+    push_header(out, REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
+    if close_client {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Parsed::Response(Response {
+        head_len,
+        status,
+        body,
+        reusable: !backend_close && body != BodyKind::UntilClose,
+        close_client,
+    }))
+}
+
+/// Finds the end of a chunked body (RFC 9112 7.1) in the bytes fed to it,
+/// without changing them.
+#[derive(Default)]
+struct ChunkScan {
+    state: ChunkState,
+}
+
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+enum ChunkState {
+    /// In the chunk size line's hex digits (`size`, `digits` so far).
+    #[default]
+    SizeStart,
+    Size {
+        size: u64,
+        digits: u8,
+    },
+    /// In a chunk extension, up to CR.
+    Ext {
+        size: u64,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or of the final CRLF).
+    TrailerStart,
+    TrailerLine,
+    EndLf,
+}
+
+impl ChunkScan {
+    /// Consumes `bytes`; `Ok(Some(n))` when the body ends after the first
+    /// `n` of them.
+    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < bytes.len() {
+            if let Data { left } = self.state {
+                let n = (left.min((bytes.len() - i) as u64)) as usize;
+                i += n;
+                let left = left - n as u64;
+                self.state = if left == 0 { DataCr } else { Data { left } };
+                continue;
+            }
+            let b = bytes[i];
+            i += 1;
+            self.state = match (self.state, b) {
+                (SizeStart, b) => match hex(b) {
+                    Some(d) => Size {
+                        size: u64::from(d),
+                        digits: 1,
+                    },
+                    None => return Err(()),
+                },
+                (Size { size, digits }, b) => match hex(b) {
+                    Some(_) if digits >= 15 => return Err(()),
+                    Some(d) => Size {
+                        size: size * 16 + u64::from(d),
+                        digits: digits + 1,
+                    },
+                    None if b == b'\r' => SizeLf { size },
+                    None if b == b';' || b == b' ' || b == b'\t' => Ext { size },
+                    None => return Err(()),
+                },
+                (Ext { size }, b'\r') => SizeLf { size },
+                (Ext { .. }, b'\n') => return Err(()),
+                (Ext { size }, _) => Ext { size },
+                (SizeLf { size: 0 }, b'\n') => TrailerStart,
+                (SizeLf { size }, b'\n') => Data { left: size },
+                (SizeLf { .. }, _) => return Err(()),
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => SizeStart,
+                (DataCr | DataLf, _) => return Err(()),
+                (TrailerStart, b'\r') => EndLf,
+                (TrailerStart, b'\n') => return Err(()),
+                (TrailerLine, b'\n') => TrailerStart,
+                (TrailerStart | TrailerLine, _) => TrailerLine,
+                (EndLf, b'\n') => return Ok(Some(i)),
+                (EndLf, _) => return Err(()),
+                (Data { .. }, _) => unreachable!("handled above"),
+            };
+        }
+        Ok(None)
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
