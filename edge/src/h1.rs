@@ -79,6 +79,10 @@ pub enum Exit<S> {
     /// A request this path does not take: the stream and every byte read
     /// from it that is not answered yet, for the hyper path.
     Handoff(S, bytes::Bytes),
+    /// Idle for [`Ctx::release_after`] (only when [`Ctx::park`]): the
+    /// stream, holding no request bytes, and when its wait for a request
+    /// began.
+    Park(S, Instant),
 }
 
 /// What one connection needs from the server.
@@ -87,8 +91,18 @@ pub struct Ctx<'a> {
     pub limits: &'a Limits,
     pub shutdown: &'a CancellationToken,
     /// After this long without a request, the connection's buffers are
-    /// given back.
+    /// given back (and it is parked, when it may be).
     pub release_after: Duration,
+    /// Whether an idle connection that can park ([`Parkable::PARKS`]) ends
+    /// with [`Exit::Park`] instead of waiting in its task.
+    pub park: bool,
+}
+
+/// What the wait for a request found.
+enum Wait {
+    Ready,
+    Closed,
+    Park,
 }
 
 /// The fields of the access log line, kept only when it is written.
@@ -183,9 +197,17 @@ struct Conn<'a, S> {
     log: Option<LogLine>,
 }
 
-/// Serves `stream` until it closes or hands off to hyper. The connection
-/// holds no buffer until its client sends something.
-pub async fn serve<S: Parkable>(ctx: &Ctx<'_>, stream: S, info: ConnInfo) -> Exit<S> {
+/// Serves `stream` until it closes, hands off to hyper or parks. The
+/// connection holds no buffer until its client sends something;
+/// `idle_since` is when its wait for a request head began; `readable` says
+/// the client has sent something (or closed) already: read at once.
+pub async fn serve<S: Parkable>(
+    ctx: &Ctx<'_>,
+    stream: S,
+    info: ConnInfo,
+    idle_since: Instant,
+    readable: bool,
+) -> Exit<S> {
     let conn = Conn {
         ctx,
         info,
@@ -195,17 +217,21 @@ pub async fn serve<S: Parkable>(ctx: &Ctx<'_>, stream: S, info: ConnInfo) -> Exi
         rbuf: Vec::new(),
         log: None,
     };
-    conn.run().await
+    conn.run(idle_since, readable).await
 }
 
 impl<'a, S: Parkable> Conn<'a, S> {
-    async fn run(mut self) -> Exit<S> {
+    async fn run(mut self, mut idle_since: Instant, mut readable: bool) -> Exit<S> {
         let limits = self.ctx.limits;
-        // When the wait for the current head began.
-        let mut idle_since = Instant::now();
         loop {
-            if self.buf.is_empty() && !self.wait_for_request(idle_since).await {
-                return Exit::Closed;
+            // (A woken connection is read at once: the runtime has not seen
+            // its readiness yet, and waiting for it could park it again.)
+            if self.buf.is_empty() && !std::mem::take(&mut readable) {
+                match self.wait_for_request(idle_since).await {
+                    Wait::Ready => {}
+                    Wait::Closed => return Exit::Closed,
+                    Wait::Park => return Exit::Park(self.stream, idle_since),
+                }
             }
             let deadline = idle_since + limits.header_timeout;
             let request_id = self.ctx.proxy.request_id();
@@ -272,10 +298,9 @@ impl<'a, S: Parkable> Conn<'a, S> {
         }
     }
 
-    /// Waits for the client's next bytes: buffers are given back once it
-    /// has been quiet for a while; false when it closed, timed out or the
-    /// edge is shutting down.
-    async fn wait_for_request(&mut self, idle_since: Instant) -> bool {
+    /// Waits for the client's next bytes; once it has been quiet for a
+    /// while, buffers are given back (or the connection parks).
+    async fn wait_for_request(&mut self, idle_since: Instant) -> Wait {
         let deadline = idle_since + self.ctx.limits.header_timeout;
         let release_at = (idle_since + self.ctx.release_after).min(deadline);
         let shutdown = self.ctx.shutdown;
@@ -283,21 +308,27 @@ impl<'a, S: Parkable> Conn<'a, S> {
         let readable = std::future::poll_fn(|cx| stream.poll_readable(cx));
         let first = tokio::select! {
             res = tokio::time::timeout_at(release_at, readable) => res,
-            _ = shutdown.cancelled() => return false,
+            _ = shutdown.cancelled() => return Wait::Closed,
         };
         match first {
-            Ok(Ok(())) => return true,
-            Ok(Err(_)) => return false,
+            Ok(Ok(())) => return Wait::Ready,
+            Ok(Err(_)) => return Wait::Closed,
             Err(_) => {}
         }
         self.buf = Vec::new();
         self.out = Vec::new();
         self.rbuf = Vec::new();
+        if self.ctx.park && S::PARKS && Instant::now() < deadline {
+            return Wait::Park;
+        }
         let stream = &mut self.stream;
         let readable = std::future::poll_fn(|cx| stream.poll_readable(cx));
         tokio::select! {
-            res = tokio::time::timeout_at(deadline, readable) => matches!(res, Ok(Ok(()))),
-            _ = shutdown.cancelled() => false,
+            res = tokio::time::timeout_at(deadline, readable) => match res {
+                Ok(Ok(())) => Wait::Ready,
+                _ => Wait::Closed,
+            },
+            _ = shutdown.cancelled() => Wait::Closed,
         }
     }
 

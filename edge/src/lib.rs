@@ -6,7 +6,8 @@
 //!   and passive-health state.
 //! - [`proxy`]: the HTTP proxy service; [`server`]: listeners and limits.
 //! - [`h1`]: the edge's own HTTP/1.1 path (most requests), handing the
-//!   rest to hyper.
+//!   rest to hyper; [`park`]: idle plain connections held outside the
+//!   runtime.
 //! - [`tls`]: SNI certificate resolver; [`pki`]: the cluster CA.
 //! - [`node_proxy`]: the mTLS server the follower runs on every node.
 //! - [`passthrough`]: TLS passthrough by SNI.
@@ -20,6 +21,7 @@ pub mod feed;
 pub mod forward;
 pub mod h1;
 pub mod node_proxy;
+pub mod park;
 pub mod passthrough;
 pub mod pki;
 pub mod proxy;

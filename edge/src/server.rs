@@ -6,8 +6,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::h1;
+use crate::park::ParkingLot;
 use crate::passthrough::{Hello, Prefixed, open_tunnel, read_client_hello};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 use crate::routes::RouteKind;
@@ -76,6 +77,10 @@ pub struct Server {
     shutdown: CancellationToken,
     /// HTTP/1.1 connections parked since the allocator was last trimmed.
     parked: Arc<AtomicUsize>,
+    /// Where idle plain connections wait (made on first use; `None` when
+    /// the system refused an epoll set: connections then wait in their
+    /// tasks).
+    lot: Arc<OnceLock<Option<Arc<ParkingLot>>>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -101,6 +106,64 @@ impl Server {
             proxy,
             shutdown,
             parked: Arc::default(),
+            lot: Arc::default(),
+        }
+    }
+
+    /// Idle plain connections parked now.
+    pub fn parked_connections(&self) -> usize {
+        match self.lot.get() {
+            Some(Some(lot)) => lot.len(),
+            _ => 0,
+        }
+    }
+
+    /// The parking lot, made (and its task started) on first use.
+    fn lot(&self) -> Option<&Arc<ParkingLot>> {
+        self.lot
+            .get_or_init(|| match ParkingLot::new() {
+                Ok(lot) => {
+                    tokio::spawn(self.clone().run_lot(lot.clone()));
+                    Some(lot)
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "no epoll set for idle connections; they wait in their tasks");
+                    None
+                }
+            })
+            .as_ref()
+    }
+
+    /// Resumes parked connections as they become readable, closes those
+    /// past their header deadline, and all of them on shutdown.
+    async fn run_lot(self, lot: Arc<ParkingLot>) {
+        let mut sweep = tokio::time::interval(ParkingLot::sweep_every());
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut woken = Vec::new();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    lot.close_all();
+                    return;
+                }
+                _ = sweep.tick() => {
+                    lot.sweep(self.limits.header_timeout);
+                }
+                res = lot.wake(&mut woken) => {
+                    if let Err(err) = res {
+                        tracing::error!(error = %err, "waiting on parked connections failed; closing them");
+                        lot.close_all();
+                        return;
+                    }
+                    for w in woken.drain(..) {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            this.serve_plain(w.stream, w.remote, w.permit, w.idle_since, true)
+                                .await
+                        });
+                    }
+                }
+            }
         }
     }
 
@@ -165,7 +228,10 @@ impl Server {
             // The TLS future (rustls and HTTP/2 state) is boxed so that a
             // plain connection's task is only as large as it needs to be.
             match tls {
-                None => tokio::spawn(async move { this.serve_plain(stream, remote, permit).await }),
+                None => tokio::spawn(async move {
+                    this.serve_plain(stream, remote, permit, tokio::time::Instant::now(), false)
+                        .await
+                }),
                 Some(acceptor) => tokio::spawn(Box::pin(async move {
                     this.serve_tls(stream, remote, acceptor, permit).await
                 })),
@@ -189,14 +255,52 @@ impl Server {
         }
     }
 
+    /// A plain HTTP/1.1 connection, new or woken from the parking lot
+    /// (`readable`).
     async fn serve_plain(
         &self,
-        stream: TcpStream,
+        mut stream: TcpStream,
         remote: SocketAddr,
-        _permit: OwnedSemaphorePermit,
+        mut permit: OwnedSemaphorePermit,
+        mut idle_since: tokio::time::Instant,
+        mut readable: bool,
     ) {
         let info = ConnInfo { remote, tls: false };
-        self.serve_http1(stream, info).await;
+        let mut park = true;
+        loop {
+            let ctx = h1::Ctx {
+                proxy: &self.proxy,
+                limits: &self.limits,
+                shutdown: &self.shutdown,
+                release_after: PARK_AFTER,
+                park,
+            };
+            match h1::serve(&ctx, stream, info, idle_since, readable).await {
+                h1::Exit::Closed => return,
+                h1::Exit::Handoff(stream, prefix) => {
+                    // Boxed: hyper's connection state is large and rarely
+                    // needed.
+                    Box::pin(self.serve_h1(stream, info, prefix)).await;
+                    return;
+                }
+                h1::Exit::Park(s, since) => {
+                    let Some(lot) = self.lot() else {
+                        (stream, idle_since, park, readable) = (s, since, false, false);
+                        continue;
+                    };
+                    match lot.park(s, remote, permit, since) {
+                        Ok(()) => {
+                            self.parked.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Err(w) => {
+                            (stream, permit, idle_since, park, readable) =
+                                (w.stream, w.permit, w.idle_since, false, false);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     async fn serve_tls(
@@ -304,16 +408,19 @@ impl Server {
         }
     }
 
-    /// HTTP/1.1: the edge's own path ([`crate::h1`]) until a request it
-    /// does not take, then hyper for the rest of the connection.
+    /// HTTP/1.1 over TLS: the edge's own path ([`crate::h1`]) until a
+    /// request it does not take, then hyper for the rest of the connection.
+    /// (An idle TLS connection keeps its task: its TLS state cannot park.)
     async fn serve_http1<S: Parkable>(&self, stream: S, info: ConnInfo) {
         let ctx = h1::Ctx {
             proxy: &self.proxy,
             limits: &self.limits,
             shutdown: &self.shutdown,
             release_after: PARK_AFTER,
+            park: false,
         };
-        if let h1::Exit::Handoff(stream, prefix) = h1::serve(&ctx, stream, info).await {
+        let now = tokio::time::Instant::now();
+        if let h1::Exit::Handoff(stream, prefix) = h1::serve(&ctx, stream, info, now, false).await {
             // Boxed: hyper's connection state is large and rarely needed.
             Box::pin(self.serve_h1(stream, info, prefix)).await;
         }
@@ -583,11 +690,17 @@ fn release_free_memory() {}
 
 /// A client stream the server can wait on without reading from it.
 pub trait Parkable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether an idle connection over this stream can be held in the
+    /// [`ParkingLot`] (a bare TCP stream; TLS state stays in its task).
+    const PARKS: bool = false;
+
     /// Ready when bytes (or EOF) can be read.
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl Parkable for TcpStream {
+    const PARKS: bool = true;
+
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }

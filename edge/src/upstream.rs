@@ -480,14 +480,26 @@ impl RawPool {
 
 impl UpstreamStream {
     /// False when the backend has closed the connection or sent something
-    /// unasked (either way it cannot carry another exchange). Costs a system
-    /// call only when the runtime has seen the socket become readable.
+    /// unasked (either way it cannot carry another exchange). One
+    /// non-blocking `recv(MSG_PEEK)`: the runtime's readiness flags may not
+    /// have seen a close that just arrived.
     pub fn is_open(&self) -> bool {
+        use std::os::fd::AsRawFd;
         let tcp = match self {
             UpstreamStream::Plain(s) => s,
             UpstreamStream::Tls(s) => s.get_ref().0,
         };
-        let mut byte = [0u8; 1];
-        matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let mut byte = 0u8;
+        // SAFETY: the descriptor is open for the lifetime of `tcp`; the
+        // buffer is one valid byte.
+        let n = unsafe {
+            libc::recv(
+                tcp.as_raw_fd(),
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
     }
 }
