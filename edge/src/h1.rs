@@ -388,44 +388,35 @@ impl<'a, S: Parkable> Conn<'a, S> {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Step::More,
             Err(httparse::Error::TooManyHeaders) => {
-                self.out.clear();
-                page(
+                return answer_step(
                     &mut self.out,
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     "",
                     request_id,
+                    self.buf.len(),
                     true,
                 );
-                return Step::Answer {
-                    head_len: self.buf.len(),
-                    close: true,
-                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                };
             }
             Err(_) => {
-                self.out.clear();
-                page(&mut self.out, StatusCode::BAD_REQUEST, "", request_id, true);
-                return Step::Answer {
-                    head_len: self.buf.len(),
-                    close: true,
-                    status: StatusCode::BAD_REQUEST,
-                };
+                return answer_step(
+                    &mut self.out,
+                    StatusCode::BAD_REQUEST,
+                    "",
+                    request_id,
+                    self.buf.len(),
+                    true,
+                );
             }
         };
         if head_len > limits.max_header_bytes {
-            self.out.clear();
-            page(
+            return answer_step(
                 &mut self.out,
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "",
                 request_id,
+                self.buf.len(),
                 true,
             );
-            return Step::Answer {
-                head_len: self.buf.len(),
-                close: true,
-                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            };
         }
         let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
             return Step::Handoff;
@@ -493,19 +484,14 @@ impl<'a, S: Parkable> Conn<'a, S> {
         let proxy = self.ctx.proxy;
         let log = proxy.config().access_log;
         let Some(host_name) = host_name else {
-            self.out.clear();
-            page(
+            return answer_step(
                 &mut self.out,
                 StatusCode::BAD_REQUEST,
                 "The request has no Host.",
                 request_id,
+                head_len,
                 close_if_body,
             );
-            return Step::Answer {
-                head_len,
-                close: close_if_body,
-                status: StatusCode::BAD_REQUEST,
-            };
         };
         if !self.info.tls
             && let Some(token) = path.strip_prefix(crate::acme::HTTP01_PREFIX)
@@ -529,35 +515,25 @@ impl<'a, S: Parkable> Conn<'a, S> {
         let router = proxy.routes().load();
         let Some(entry) = router.lookup(&host_name) else {
             let msg = format!("No app is served at {host_name}.");
-            self.out.clear();
-            page(
+            return answer_step(
                 &mut self.out,
                 StatusCode::NOT_FOUND,
                 &msg,
                 request_id,
+                head_len,
                 close_if_body,
             );
-            return Step::Answer {
-                head_len,
-                close: close_if_body,
-                status: StatusCode::NOT_FOUND,
-            };
         };
         if entry.route.kind == RouteKind::Passthrough {
             let msg = format!("{host_name} is served by TLS passthrough only.");
-            self.out.clear();
-            page(
+            return answer_step(
                 &mut self.out,
                 StatusCode::MISDIRECTED_REQUEST,
                 &msg,
                 request_id,
+                head_len,
                 close_if_body,
             );
-            return Step::Answer {
-                head_len,
-                close: close_if_body,
-                status: StatusCode::MISDIRECTED_REQUEST,
-            };
         }
 
         // The head for the backend.
@@ -1048,6 +1024,24 @@ impl std::io::Write for IpText {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// [`Step::Answer`] with one of the edge's pages in `out`.
+fn answer_step(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    detail: &str,
+    request_id: &HeaderValue,
+    head_len: usize,
+    close: bool,
+) -> Step {
+    out.clear();
+    page(out, status, detail, request_id, close);
+    Step::Answer {
+        head_len,
+        close,
+        status,
     }
 }
 
