@@ -77,6 +77,8 @@ pub struct Server {
     shutdown: CancellationToken,
     /// HTTP/1.1 connections parked since the allocator was last trimmed.
     parked: Arc<AtomicUsize>,
+    /// Times a connection served by hyper dropped hyper's state while idle.
+    hyper_idle_drops: Arc<AtomicUsize>,
     /// Where idle plain connections wait (made on first use; `None` when
     /// the system refused an epoll set: connections then wait in their
     /// tasks).
@@ -106,8 +108,16 @@ impl Server {
             proxy,
             shutdown,
             parked: Arc::default(),
+            hyper_idle_drops: Arc::default(),
             lot: Arc::default(),
         }
+    }
+
+    /// How many times an idle connection served by hyper (handed over by
+    /// [`crate::h1`], or HTTP/1.1 over TLS after a handoff) has dropped
+    /// hyper's state to wait for its next request.
+    pub fn hyper_idle_drops(&self) -> usize {
+        self.hyper_idle_drops.load(Ordering::Relaxed)
     }
 
     /// Idle plain connections parked now.
@@ -459,6 +469,7 @@ impl Server {
                     stream = s;
                     prefix = p;
                     self.parked.fetch_add(1, Ordering::Relaxed);
+                    self.hyper_idle_drops.fetch_add(1, Ordering::Relaxed);
                 }
                 None => return,
             }

@@ -341,6 +341,18 @@ async fn requests_outside_the_fast_path_are_served_by_hyper() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, b"hy 4");
 
+    // A handed-over connection drops hyper's state when idle, and serves
+    // on after.
+    let drops = edge.server.hyper_idle_drops();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        edge.server.hyper_idle_drops() > drops,
+        "hyper's idle state dropped"
+    );
+    let (head, body) = exchange(&mut s, &req("GET", "/again", ""), false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"hy 0");
+
     let mut s = TcpStream::connect(edge.http).await.unwrap();
     let (head, body) = exchange(&mut s, b"GET / HTTP/1.0\r\nHost: raw.test\r\n\r\n", false).await;
     assert!(
