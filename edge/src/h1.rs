@@ -1307,3 +1307,149 @@ fn hex(b: u8) -> Option<u8> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &[u8] = b"5\r\nhello\r\n6;name=\"v\"\r\n world\r\n10\r\n0123456789abcdef\r\n0\r\nx-a: 1\r\nx-b: 2\r\n\r\n";
+
+    #[test]
+    fn chunked_end_is_found_however_the_bytes_are_split() {
+        let mut with_next = BODY.to_vec();
+        with_next.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        for split in 0..=BODY.len() {
+            let mut scan = ChunkScan::default();
+            let first = scan.feed(&with_next[..split]).unwrap();
+            let end = match first {
+                Some(n) => n,
+                None => split + scan.feed(&with_next[split..]).unwrap().expect("the end"),
+            };
+            assert_eq!(end, BODY.len(), "split at {split}");
+        }
+        // One byte at a time.
+        let mut scan = ChunkScan::default();
+        let mut end = None;
+        for (i, b) in BODY.iter().enumerate() {
+            if let Some(n) = scan.feed(std::slice::from_ref(b)).unwrap() {
+                assert_eq!(n, 1);
+                end = Some(i + 1);
+                break;
+            }
+        }
+        assert_eq!(end, Some(BODY.len()));
+        // No trailers.
+        assert_eq!(ChunkScan::default().feed(b"0\r\n\r\n"), Ok(Some(5)));
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloXX",
+            b"5\nhello\r\n",
+            b"\r\n",
+            b"10000000000000000\r\n",
+            b"0\r\n\n",
+            b"3;ext\nabc",
+        ] {
+            assert_eq!(
+                ChunkScan::default().feed(bad),
+                Err(()),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    fn parse(head: &str, head_request: bool) -> Result<(Response, String), String> {
+        let mut out = Vec::new();
+        let id = HeaderValue::from_static("rid");
+        match parse_response(head.as_bytes(), &mut out, head_request, false, &id)? {
+            Parsed::Response(r) => Ok((r, String::from_utf8(out).unwrap())),
+            Parsed::More => Err("more".into()),
+            Parsed::Informational(_) => Err("1xx".into()),
+            Parsed::ConnectFailed => Err("connect failed".into()),
+        }
+    }
+
+    #[test]
+    fn response_heads_decide_framing_and_reuse() {
+        let (r, out) = parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", false).unwrap();
+        assert_eq!(
+            (r.body, r.reusable, r.close_client),
+            (BodyKind::Length(3), true, false)
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nx-request-id: rid\r\n\r\n"
+        );
+
+        // Transfer-Encoding wins over Content-Length, which is dropped.
+        let (r, out) = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(r.body, BodyKind::Chunked);
+        assert!(
+            !out.to_ascii_lowercase().contains("content-length"),
+            "{out}"
+        );
+        assert!(out.contains("Transfer-Encoding: chunked"), "{out}");
+
+        // A coding other than chunked last: delimited by close.
+        let (r, _) = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false).unwrap();
+        assert_eq!(
+            (r.body, r.reusable, r.close_client),
+            (BodyKind::UntilClose, false, true)
+        );
+
+        // HTTP/1.0: closes unless it says keep-alive.
+        let (r, _) = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap();
+        assert!(!r.reusable);
+        let (r, out) = parse(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert!(r.reusable);
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(!out.to_ascii_lowercase().contains("connection"), "{out}");
+
+        // No body for HEAD, 204 and 304, whatever the headers say.
+        for (head, is_head) in [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true),
+            ("HTTP/1.1 204 No Content\r\n\r\n", false),
+            (
+                "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+            ),
+        ] {
+            let (r, _) = parse(head, is_head).unwrap();
+            assert_eq!((r.body, r.reusable), (BodyKind::None, true), "{head}");
+        }
+
+        // Refused: conflicting or invalid lengths, a 101 nobody asked for.
+        for head in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1e3\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+        ] {
+            assert!(parse(head, false).is_err(), "{head}");
+        }
+        // The node-proxy's "could not connect" is a connect failure.
+        assert_eq!(
+            parse("HTTP/1.1 502 Bad Gateway\r\nx-zeitwork-upstream: connect-failed\r\ncontent-length: 0\r\n\r\n", false).err().as_deref(),
+            Some("connect failed")
+        );
+        assert_eq!(
+            parse("HTTP/1.1 200 OK\r\nContent-Le", false)
+                .err()
+                .as_deref(),
+            Some("more")
+        );
+    }
+}

@@ -520,3 +520,64 @@ async fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+#[tokio::test]
+async fn ambiguous_request_framing_never_reaches_the_app_as_two_requests() {
+    let (b, _) = raw_backend().await;
+    let t = table(1, vec![route("raw.test", "raw", vec![plain("r1", b)])]);
+    let edge = start_edge(&t, EdgeOptions::default()).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: raw.test\r\n\r\n";
+    for (name, framing) in [
+        (
+            "CL.TE",
+            format!(
+                "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+                5 + smuggled.len()
+            ),
+        ),
+        (
+            "two lengths",
+            format!(
+                "Content-Length: 5\r\nContent-Length: {}\r\n",
+                5 + smuggled.len()
+            ),
+        ),
+        (
+            "signed length",
+            format!("Content-Length: +{}\r\n", 5 + smuggled.len()),
+        ),
+        (
+            "TE not chunked last",
+            "Transfer-Encoding: chunked, identity\r\n".to_owned(),
+        ),
+    ] {
+        let mut s = TcpStream::connect(edge.http).await.unwrap();
+        let mut r = req("POST", "/front", &framing);
+        r.extend_from_slice(b"0\r\n\r\n");
+        r.extend_from_slice(smuggled.as_bytes());
+        s.write_all(&r).await.unwrap();
+        // Everything the edge sends back on this connection.
+        let mut all = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(1500), s.read(&mut chunk)).await
+        {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&chunk[..n]);
+        }
+        let all = String::from_utf8_lossy(&all).into_owned();
+        let answers = all.matches("HTTP/1.1 ").count();
+        let rejected = all.starts_with("HTTP/1.1 400");
+        // Either refused, or one request whose body the app saw as sent
+        // (the smuggled line then is that body, never a request).
+        assert!(
+            rejected || (answers == 1 && !all.contains("GET /smuggled")),
+            "{name}: {all}"
+        );
+        if answers > 1 {
+            assert!(!all.contains("GET /smuggled"), "{name}: smuggled: {all}");
+        }
+    }
+}
