@@ -6,7 +6,9 @@
 # Both proxies run one worker pinned to CPU 0 (the edge on a current-thread
 # runtime, like nginx's single-threaded worker, unless EDGE_CURRENT_THREAD=0:
 # then a one-worker multi-thread runtime); wrk and the backend (an nginx
-# answering 200 itself) share CPU 1. Prints one JSON line per figure, as
+# answering 200 itself) share CPU 1. Also the whole path to an instance on a
+# node (edge -> node-proxy over mTLS vs nginx -> nginx over TLS with a client
+# certificate, both pairs on CPU 0). Prints one JSON line per figure, as
 # BENCH.md asks: {"bench":..,"ours":..,"reference":..,"ratio":..}.
 # Needs: nginx, wrk, taskset, python3, openssl; builds the edge in release.
 set -euo pipefail
@@ -19,8 +21,9 @@ for tool in nginx wrk taskset python3 openssl; do
 done
 [ "$(nproc)" -ge 2 ] || { echo "bench-edge: needs 2 CPUs to pin proxy and load generator apart" >&2; exit 1; }
 
-(cd "$ROOT" && cargo build --release -q -p edge --example edge_server)
+(cd "$ROOT" && cargo build --release -q -p edge --example edge_server --example node_proxy_server)
 EDGE_BIN="$CARGO_TARGET_DIR/release/examples/edge_server"
+NODE_PROXY_BIN="$CARGO_TARGET_DIR/release/examples/node_proxy_server"
 
 WORK="$(mktemp -d)"
 PIDS=()
@@ -28,6 +31,7 @@ cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  [ -f "$WORK/node.pid" ] && kill "$(cat "$WORK/node.pid")" 2>/dev/null || true
   sleep 0.3
   rm -rf "$WORK"
 }
@@ -42,7 +46,11 @@ NGINX_HTTP=127.0.0.1:$(free_port)
 NGINX_HTTPS=127.0.0.1:$(free_port)
 EDGE_HTTP=127.0.0.1:$(free_port)
 EDGE_HTTPS=127.0.0.1:$(free_port)
+NODE_PROXY=127.0.0.1:$(free_port)
+NGINX_NODE=127.0.0.1:$(free_port)
+NGINX_FULL=127.0.0.1:$(free_port)
 HOST=bench.test
+FULL_HOST=full.test
 
 # One ECDSA P-256 certificate for both proxies.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
@@ -94,29 +102,88 @@ http {
       proxy_set_header X-Request-Id \$request_id;
     }
   }
+  # The whole path: front -> "node" nginx over TLS with a client
+  # certificate (the edge -> node-proxy hop), then the backend.
+  upstream node { server $NGINX_NODE; keepalive 128; }
+  server {
+    listen $NGINX_FULL backlog=4096;
+    server_name $FULL_HOST;
+    location / {
+      proxy_pass https://node;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header X-Request-Id \$request_id;
+      proxy_ssl_certificate $WORK/mtls/edge.crt;
+      proxy_ssl_certificate_key $WORK/mtls/edge.key;
+      proxy_ssl_trusted_certificate $WORK/mtls/ca.crt;
+      proxy_ssl_verify on;
+      proxy_ssl_protocols TLSv1.3;
+      proxy_ssl_name node-1.bench;
+      proxy_ssl_session_reuse on;
+    }
+  }
+}
+CONF
+
+cat >"$WORK/node.conf" <<CONF
+worker_processes 1;
+worker_rlimit_nofile 15000;
+pid $WORK/node.pid;
+error_log $WORK/node.err warn;
+events { worker_connections 14000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream app { server $BACKEND; keepalive 128; }
+  server {
+    listen $NGINX_NODE ssl backlog=4096;
+    ssl_certificate $WORK/mtls/node.crt;
+    ssl_certificate_key $WORK/mtls/node.key;
+    ssl_client_certificate $WORK/mtls/ca.crt;
+    ssl_verify_client on;
+    ssl_protocols TLSv1.3;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
 }
 CONF
 
 cat >"$WORK/routes.json" <<JSON
 {"version":1,"routes":[{"domain":"$HOST","env":"bench","app":"bench","kind":"http",
- "backends":[{"instance_id":"b1","node_id":"local","node_proxy":"$BACKEND","transport":"plain"}]}]}
+ "backends":[{"instance_id":"b1","node_id":"local","node_proxy":"$BACKEND","transport":"plain"}]},
+ {"domain":"$FULL_HOST","env":"bench","app":"full","kind":"http",
+ "backends":[{"instance_id":"b1","node_id":"local","node_proxy":"$NODE_PROXY","transport":"mtls"}]}]}
 JSON
 mkdir -p "$WORK/edge-data/certs"
 
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 taskset -c 1 nginx -c "$WORK/backend.conf" -p "$WORK"
+# The node-proxy writes the cluster CA and both certificates first.
+EDGE_CURRENT_THREAD=${EDGE_CURRENT_THREAD:-1} TOKIO_WORKER_THREADS=1 ZW_LOG=error taskset -c 0 "$NODE_PROXY_BIN" \
+  --dir "$WORK/mtls" --listen "$NODE_PROXY" --instance "b1=$BACKEND" &
+PIDS+=("$!")
+wait_port "$NODE_PROXY"
+taskset -c 0 nginx -c "$WORK/node.conf" -p "$WORK"
 taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK"
 EDGE_CURRENT_THREAD=${EDGE_CURRENT_THREAD:-1} TOKIO_WORKER_THREADS=1 ZW_LOG=error taskset -c 0 "$EDGE_BIN" \
   --routes-file "$WORK/routes.json" --data-dir "$WORK/edge-data" \
   --http "$EDGE_HTTP" --https "$EDGE_HTTPS" --no-access-log \
-  --tls-cert "$WORK/cert.crt" --tls-key "$WORK/cert.key" --no-local-ca &
+  --tls-cert "$WORK/cert.crt" --tls-key "$WORK/cert.key" --no-local-ca --mtls-dir "$WORK/mtls" &
 EDGE_PID=$!
 PIDS+=("$EDGE_PID")
 
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-for p in $BACKEND $NGINX_HTTP $EDGE_HTTP $EDGE_HTTPS $NGINX_HTTPS; do wait_port "$p"; done
-for url in "http://$NGINX_HTTP/" "http://$EDGE_HTTP/"; do
-  out="$(curl -sS -H "Host: $HOST" "$url")"
-  [ "$out" = "hello from the backend" ] || { echo "bench-edge: $url answered '$out'" >&2; exit 1; }
+for p in $BACKEND $NGINX_HTTP $EDGE_HTTP $EDGE_HTTPS $NGINX_HTTPS $NGINX_NODE $NGINX_FULL; do wait_port "$p"; done
+for pair in "$HOST http://$NGINX_HTTP/" "$HOST http://$EDGE_HTTP/" "$FULL_HOST http://$NGINX_FULL/" "$FULL_HOST http://$EDGE_HTTP/"; do
+  read -r host url <<<"$pair"
+  out="$(curl -sS -H "Host: $host" "$url")"
+  [ "$out" = "hello from the backend" ] || { echo "bench-edge: $url ($host) answered '$out'" >&2; tail -n 3 "$WORK"/*.err >&2; exit 1; }
 done
 
 # wrk prints latencies like 1.23ms / 850.00us / 1.02s; normalise to ms.
@@ -128,7 +195,7 @@ print(n/1000 if u=="us" else n*1000 if u=="s" else n)' "$1"; }
 run_wrk() {
   local url="$1"; shift
   local out
-  out="$(taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency -H "Host: $HOST" "$@" "$url")"
+  out="$(taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency -H "Host: ${WRK_HOST:-$HOST}" "$@" "$url")"
   local rps p99 errs
   rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
   p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
@@ -161,6 +228,15 @@ N_US="$(us_per_req "$N_TICKS" "$N_RPS")"
 echo "{\"bench\":\"edge_http1_keepalive_rps\",\"ours\":$E_RPS,\"reference\":$N_RPS,\"ratio\":$(ratio "$E_RPS" "$N_RPS")}"
 echo "{\"bench\":\"edge_http1_cpu_us_per_request\",\"ours\":$E_US,\"reference\":$N_US,\"ratio\":$(ratio "$E_US" "$N_US")}"
 echo "{\"bench\":\"edge_http1_keepalive_p99_ms\",\"ours\":$E_P99,\"reference\":$N_P99,\"ratio\":$(ratio "$E_P99" "$N_P99")}"
+
+# The whole path to an instance on a node: edge -> node-proxy over mTLS
+# (both on CPU 0) vs nginx -> nginx over TLS with a client certificate
+# (both on CPU 0), each in front of the same backend.
+WRK_HOST=$FULL_HOST run_wrk "http://$EDGE_HTTP/" >/dev/null
+read -r EF_RPS EF_P99 < <(WRK_HOST=$FULL_HOST run_wrk "http://$EDGE_HTTP/")
+read -r NF_RPS NF_P99 < <(WRK_HOST=$FULL_HOST run_wrk "http://$NGINX_FULL/")
+echo "{\"bench\":\"edge_node_proxy_path_rps\",\"ours\":$EF_RPS,\"reference\":$NF_RPS,\"ratio\":$(ratio "$EF_RPS" "$NF_RPS")}"
+echo "{\"bench\":\"edge_node_proxy_path_p99_ms\",\"ours\":$EF_P99,\"reference\":$NF_P99,\"ratio\":$(ratio "$EF_P99" "$NF_P99")}"
 
 [ "${BENCH_EDGE_ONLY_HTTP:-}" = 1 ] && exit 0
 
