@@ -42,13 +42,35 @@ enum Command {
     Secrets(secrets_cmd::SecretsCommand),
 }
 
-fn init_tracing() {
+/// Logs go to stderr, coloured only on a terminal. The long-running
+/// services (`up`, `captain`, `follower`, `edge`) write from a thread of
+/// their own, in batches: the edge's access log is a line per request, and a
+/// `write` per line costs as much as the rest of the request. Such a writer
+/// blocks when it falls behind (no line is dropped); the returned guard
+/// flushes it when `main` returns.
+fn init_tracing(service: bool) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("ZW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
+    if service {
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(false)
+            .thread_name("zw-log")
+            .finish(std::io::stderr());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .with_ansi(ansi)
+            .try_init();
+        return Some(guard);
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
+    None
 }
 
 fn run_async(
@@ -63,7 +85,11 @@ fn run_async(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let service = matches!(
+        cli.command,
+        Command::Up(_) | Command::Captain(_) | Command::Follower(_) | Command::Edge(_)
+    );
+    let _flush_logs = init_tracing(service);
     let result = match cli.command {
         Command::Meta(cmd) => meta_cmd::run(cmd),
         Command::Up(args) => run_async(up::run(args)),

@@ -15,9 +15,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ZW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Lines go to stderr from a writer thread, in batches: a `write` per
+    // access-log line would cost as much as the rest of the request.
+    // Blocking when the writer falls behind: no line is dropped.
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Worker threads follow TOKIO_WORKER_THREADS or the CPU affinity mask
     // (taskset), like any tokio multi-thread runtime. EDGE_CURRENT_THREAD=1
