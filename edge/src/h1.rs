@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -42,16 +42,16 @@ use crate::upstream::UpstreamStream;
 pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
 
 /// Largest response head accepted from a backend.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// Initial size of the buffers (client bytes, backend bytes).
-const BUF_SIZE: usize = 8 * 1024;
+pub(crate) const BUF_SIZE: usize = 8 * 1024;
 
 /// How much of a response body is read from the backend at a time.
 const RELAY_CHUNK: usize = 16 * 1024;
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -142,7 +142,7 @@ enum Step {
 
 /// Framing of a response body from a backend.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum BodyKind {
+pub(crate) enum BodyKind {
     None,
     Length(u64),
     Chunked,
@@ -150,14 +150,14 @@ enum BodyKind {
 }
 
 /// A parsed response head from a backend.
-struct Response {
+pub(crate) struct Response {
     head_len: usize,
     status: StatusCode,
     body: BodyKind,
     /// The backend connection can carry another exchange afterwards.
-    reusable: bool,
+    pub(crate) reusable: bool,
     /// The client connection must close after this response.
-    close_client: bool,
+    pub(crate) close_client: bool,
 }
 
 enum Parsed {
@@ -168,7 +168,7 @@ enum Parsed {
 }
 
 /// Why an exchange with a backend failed.
-enum Failure {
+pub(crate) enum Failure {
     /// The backend was not reached or said it could not reach the instance;
     /// the request did not reach the app.
     Connect(String),
@@ -761,57 +761,16 @@ impl<'a, S: Parkable> Conn<'a, S> {
         fwd: &Forward,
         request_id: &HeaderValue,
     ) -> Result<Response, Failure> {
-        if conn.write_all(&self.out).await.is_err() || conn.flush().await.is_err() {
-            return Err(Failure::Stale);
-        }
-        self.rbuf.clear();
-        loop {
-            reserve(&mut self.rbuf, BUF_SIZE);
-            match conn.read_buf(&mut self.rbuf).await {
-                Ok(0) | Err(_) if self.rbuf.is_empty() => return Err(Failure::Stale),
-                Ok(0) => {
-                    return Err(Failure::Exchange(
-                        "the backend closed the connection in the response head".into(),
-                    ));
-                }
-                Err(e) => return Err(Failure::Exchange(format!("reading the response: {e}"))),
-                Ok(_) => {}
-            }
-            loop {
-                let parsed = parse_response(
-                    &self.rbuf,
-                    &mut self.out,
-                    fwd.head_request,
-                    fwd.close,
-                    request_id,
-                );
-                match parsed {
-                    Err(e) => return Err(Failure::Exchange(e)),
-                    Ok(Parsed::More) => {
-                        if self.rbuf.len() > MAX_RESPONSE_HEAD {
-                            return Err(Failure::Exchange("the response head is too large".into()));
-                        }
-                        break;
-                    }
-                    Ok(Parsed::ConnectFailed) => {
-                        return Err(Failure::Connect(
-                            "node-proxy could not connect to the instance".into(),
-                        ));
-                    }
-                    Ok(Parsed::Informational(n)) => {
-                        // 1xx (e.g. 103 Early Hints) pass through as they are.
-                        if self.stream.write_all(&self.rbuf[..n]).await.is_err() {
-                            return Err(Failure::Exchange("the client went away".into()));
-                        }
-                        self.rbuf.drain(..n);
-                        if self.rbuf.is_empty() {
-                            break;
-                        }
-                    }
-                    Ok(Parsed::Response(resp)) => return Ok(resp),
-                }
-            }
-        }
+        send_and_read_head(
+            &mut self.stream,
+            conn,
+            &mut self.out,
+            &mut self.rbuf,
+            fwd.head_request,
+            fwd.close,
+            Some(request_id),
+        )
+        .await
     }
 
     /// Writes the response head (already in `out`) and relays the body.
@@ -824,8 +783,15 @@ impl<'a, S: Parkable> Conn<'a, S> {
         request_id: &HeaderValue,
     ) -> bool {
         let status = resp.status;
-        let body_start = resp.head_len;
-        let (complete, reusable) = match self.relay_body(&resp, &mut conn, body_start).await {
+        let relayed = relay_body(
+            &mut self.stream,
+            &mut conn,
+            &mut self.out,
+            &mut self.rbuf,
+            &resp,
+        )
+        .await;
+        let (complete, reusable) = match relayed {
             Ok(extra) => (true, resp.reusable && !extra),
             Err(()) => (false, false),
         };
@@ -840,93 +806,6 @@ impl<'a, S: Parkable> Conn<'a, S> {
         }
         self.log_forwarded(status, Some(backend), request_id);
         complete && !resp.close_client
-    }
-
-    /// Relays the body; `Ok(true)` when the backend sent bytes past its end
-    /// (its connection is then not reused); `Err` when either side failed
-    /// (the client connection is then closed: its response is cut short).
-    async fn relay_body(
-        &mut self,
-        resp: &Response,
-        conn: &mut UpstreamStream,
-        start: usize,
-    ) -> Result<bool, ()> {
-        let avail = self.rbuf.len() - start;
-        match resp.body {
-            BodyKind::None => {
-                self.write_client().await.map_err(|_| ())?;
-                Ok(avail > 0)
-            }
-            BodyKind::Length(n) => {
-                let first = (avail as u64).min(n) as usize;
-                self.out.extend_from_slice(&self.rbuf[start..start + first]);
-                self.write_client().await.map_err(|_| ())?;
-                let mut extra = avail > first;
-                let mut left = n - first as u64;
-                while left > 0 {
-                    let k = self.read_backend(conn).await?;
-                    let take = (k as u64).min(left) as usize;
-                    extra |= k > take;
-                    self.stream
-                        .write_all(&self.rbuf[..take])
-                        .await
-                        .map_err(|_| ())?;
-                    left -= take as u64;
-                }
-                self.stream.flush().await.map_err(|_| ())?;
-                Ok(extra)
-            }
-            BodyKind::Chunked => {
-                let mut scan = ChunkScan::default();
-                let end = scan.feed(&self.rbuf[start..]).map_err(|_| ())?;
-                let first = end.unwrap_or(avail);
-                self.out.extend_from_slice(&self.rbuf[start..start + first]);
-                self.write_client().await.map_err(|_| ())?;
-                if let Some(end) = end {
-                    return Ok(avail > end);
-                }
-                loop {
-                    let k = self.read_backend(conn).await?;
-                    let end = scan.feed(&self.rbuf[..k]).map_err(|_| ())?;
-                    let take = end.unwrap_or(k);
-                    self.stream
-                        .write_all(&self.rbuf[..take])
-                        .await
-                        .map_err(|_| ())?;
-                    if end.is_some() {
-                        self.stream.flush().await.map_err(|_| ())?;
-                        return Ok(k > take);
-                    }
-                }
-            }
-            BodyKind::UntilClose => {
-                self.out.extend_from_slice(&self.rbuf[start..]);
-                self.write_client().await.map_err(|_| ())?;
-                loop {
-                    self.rbuf.clear();
-                    reserve(&mut self.rbuf, RELAY_CHUNK);
-                    match conn.read_buf(&mut self.rbuf).await {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(_) => return Err(()),
-                    }
-                    self.stream.write_all(&self.rbuf).await.map_err(|_| ())?;
-                }
-                self.stream.flush().await.map_err(|_| ())?;
-                Ok(false)
-            }
-        }
-    }
-
-    /// Reads the next bytes of a body from the backend into `rbuf` (which it
-    /// clears); a close is an error here (the body is not complete).
-    async fn read_backend(&mut self, conn: &mut UpstreamStream) -> Result<usize, ()> {
-        self.rbuf.clear();
-        reserve(&mut self.rbuf, RELAY_CHUNK);
-        match conn.read_buf(&mut self.rbuf).await {
-            Ok(0) | Err(_) => Err(()),
-            Ok(n) => Ok(n),
-        }
     }
 
     fn log_forwarded(
@@ -954,6 +833,162 @@ impl<'a, S: Parkable> Conn<'a, S> {
     }
 }
 
+/// Writes `out` (a request) to the backend `conn` and reads the response
+/// head into `rbuf`, passing 1xx answers to `client` as they come; the head
+/// for the client is then in `out` (see [`parse_response`]).
+pub(crate) async fn send_and_read_head<C, U>(
+    client: &mut C,
+    conn: &mut U,
+    out: &mut Vec<u8>,
+    rbuf: &mut Vec<u8>,
+    head_request: bool,
+    client_close: bool,
+    request_id: Option<&HeaderValue>,
+) -> Result<Response, Failure>
+where
+    C: AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    if conn.write_all(out).await.is_err() || conn.flush().await.is_err() {
+        return Err(Failure::Stale);
+    }
+    rbuf.clear();
+    loop {
+        reserve(rbuf, BUF_SIZE);
+        match conn.read_buf(rbuf).await {
+            Ok(0) | Err(_) if rbuf.is_empty() => return Err(Failure::Stale),
+            Ok(0) => {
+                return Err(Failure::Exchange(
+                    "the backend closed the connection in the response head".into(),
+                ));
+            }
+            Err(e) => return Err(Failure::Exchange(format!("reading the response: {e}"))),
+            Ok(_) => {}
+        }
+        loop {
+            match parse_response(rbuf, out, head_request, client_close, request_id) {
+                Err(e) => return Err(Failure::Exchange(e)),
+                Ok(Parsed::More) => {
+                    if rbuf.len() > MAX_RESPONSE_HEAD {
+                        return Err(Failure::Exchange("the response head is too large".into()));
+                    }
+                    break;
+                }
+                Ok(Parsed::ConnectFailed) => {
+                    return Err(Failure::Connect(
+                        "node-proxy could not connect to the instance".into(),
+                    ));
+                }
+                Ok(Parsed::Informational(n)) => {
+                    // 1xx (e.g. 103 Early Hints) pass through as they are.
+                    if client.write_all(&rbuf[..n]).await.is_err() {
+                        return Err(Failure::Exchange("the client went away".into()));
+                    }
+                    rbuf.drain(..n);
+                    if rbuf.is_empty() {
+                        break;
+                    }
+                }
+                Ok(Parsed::Response(resp)) => return Ok(resp),
+            }
+        }
+    }
+}
+
+/// Writes the response head (in `out`) to `client` and relays the body from
+/// `conn` (its first bytes are in `rbuf` after the head). `Ok(true)` when
+/// the backend sent bytes past the body's end (its connection is then not
+/// reused); `Err` when either side failed (the client connection must then
+/// close: its response is cut short).
+pub(crate) async fn relay_body<C, U>(
+    client: &mut C,
+    conn: &mut U,
+    out: &mut Vec<u8>,
+    rbuf: &mut Vec<u8>,
+    resp: &Response,
+) -> Result<bool, ()>
+where
+    C: AsyncWrite + Unpin,
+    U: AsyncRead + Unpin,
+{
+    let start = resp.head_len;
+    let avail = rbuf.len() - start;
+    match resp.body {
+        BodyKind::None => {
+            write_flush(client, out).await?;
+            Ok(avail > 0)
+        }
+        BodyKind::Length(n) => {
+            let first = (avail as u64).min(n) as usize;
+            out.extend_from_slice(&rbuf[start..start + first]);
+            write_flush(client, out).await?;
+            let mut extra = avail > first;
+            let mut left = n - first as u64;
+            while left > 0 {
+                let k = read_body(conn, rbuf).await?;
+                let take = (k as u64).min(left) as usize;
+                extra |= k > take;
+                client.write_all(&rbuf[..take]).await.map_err(|_| ())?;
+                left -= take as u64;
+            }
+            client.flush().await.map_err(|_| ())?;
+            Ok(extra)
+        }
+        BodyKind::Chunked => {
+            let mut scan = ChunkScan::default();
+            let end = scan.feed(&rbuf[start..])?;
+            let first = end.unwrap_or(avail);
+            out.extend_from_slice(&rbuf[start..start + first]);
+            write_flush(client, out).await?;
+            if let Some(end) = end {
+                return Ok(avail > end);
+            }
+            loop {
+                let k = read_body(conn, rbuf).await?;
+                let end = scan.feed(&rbuf[..k])?;
+                let take = end.unwrap_or(k);
+                client.write_all(&rbuf[..take]).await.map_err(|_| ())?;
+                if end.is_some() {
+                    client.flush().await.map_err(|_| ())?;
+                    return Ok(k > take);
+                }
+            }
+        }
+        BodyKind::UntilClose => {
+            out.extend_from_slice(&rbuf[start..]);
+            write_flush(client, out).await?;
+            loop {
+                rbuf.clear();
+                reserve(rbuf, RELAY_CHUNK);
+                match conn.read_buf(rbuf).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return Err(()),
+                }
+                client.write_all(rbuf).await.map_err(|_| ())?;
+            }
+            client.flush().await.map_err(|_| ())?;
+            Ok(false)
+        }
+    }
+}
+
+async fn write_flush<C: AsyncWrite + Unpin>(client: &mut C, bytes: &[u8]) -> Result<(), ()> {
+    client.write_all(bytes).await.map_err(|_| ())?;
+    client.flush().await.map_err(|_| ())
+}
+
+/// Reads the next bytes of a body from the backend into `rbuf` (which it
+/// clears); a close is an error here (the body is not complete).
+async fn read_body<U: AsyncRead + Unpin>(conn: &mut U, rbuf: &mut Vec<u8>) -> Result<usize, ()> {
+    rbuf.clear();
+    reserve(rbuf, RELAY_CHUNK);
+    match conn.read_buf(rbuf).await {
+        Ok(0) | Err(_) => Err(()),
+        Ok(n) => Ok(n),
+    }
+}
+
 fn backend_label(b: &BackendState) -> String {
     format!("{}@{}", b.backend.instance_id, b.backend.node_proxy)
 }
@@ -972,20 +1007,20 @@ async fn connect(
 }
 
 /// Makes room for at least `min` more bytes.
-fn reserve(buf: &mut Vec<u8>, min: usize) {
+pub(crate) fn reserve(buf: &mut Vec<u8>, min: usize) {
     if buf.capacity() - buf.len() < min / 4 {
         buf.reserve(min);
     }
 }
 
-fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
-fn parse_u64(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_u64(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
@@ -1064,7 +1099,7 @@ fn page(
     );
 }
 
-fn simple_response(
+pub(crate) fn simple_response(
     out: &mut Vec<u8>,
     status: StatusCode,
     content_type: &str,
@@ -1091,13 +1126,15 @@ fn simple_response(
 }
 
 /// Parses a backend's response head in `rbuf`; for a final response, writes
-/// the head for the client into `out`.
+/// the head for the client into `out`: hop-by-hop headers dropped, and with
+/// a `request_id` (the edge) the app's own request id and the node-proxy's
+/// status header replaced by it (a node-proxy passes them on).
 fn parse_response(
     rbuf: &[u8],
     out: &mut Vec<u8>,
     head_request: bool,
     client_close: bool,
-    request_id: &HeaderValue,
+    request_id: Option<&HeaderValue>,
 ) -> Result<Parsed, String> {
     let mut storage = [httparse::EMPTY_HEADER; 128];
     let mut resp = httparse::Response::new(&mut storage);
@@ -1185,8 +1222,9 @@ fn parse_response(
         let keep_te = te.is_some() && name.eq_ignore_ascii_case("transfer-encoding");
         if (!keep_te && HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n)))
             || (te.is_some() && name.eq_ignore_ascii_case("content-length"))
-            || name.eq_ignore_ascii_case(UPSTREAM_STATUS_HEADER)
-            || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)
+            || (request_id.is_some()
+                && (name.eq_ignore_ascii_case(UPSTREAM_STATUS_HEADER)
+                    || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)))
             || tokens
                 .iter()
                 .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
@@ -1195,7 +1233,9 @@ fn parse_response(
         }
         push_header(out, name.as_bytes(), h.value);
     }
-    push_header(out, REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
+    if let Some(id) = request_id {
+        push_header(out, REQUEST_ID_HEADER.as_bytes(), id.as_bytes());
+    }
     if close_client {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -1365,7 +1405,7 @@ mod tests {
     fn parse(head: &str, head_request: bool) -> Result<(Response, String), String> {
         let mut out = Vec::new();
         let id = HeaderValue::from_static("rid");
-        match parse_response(head.as_bytes(), &mut out, head_request, false, &id)? {
+        match parse_response(head.as_bytes(), &mut out, head_request, false, Some(&id))? {
             Parsed::Response(r) => Ok((r, String::from_utf8(out).unwrap())),
             Parsed::More => Err("more".into()),
             Parsed::Informational(_) => Err("1xx".into()),

@@ -8,6 +8,10 @@
 //!   supplies the [`InstanceResolver`] that maps it to the instance's address.
 //! - Plain requests and upgrades (websockets) are forwarded over HTTP/1.1;
 //!   `CONNECT` opens a raw tunnel to the instance (TLS passthrough routes).
+//!   Most requests take the edge's own HTTP/1.1 code ([`crate::h1`]:
+//!   `httparse`, heads written straight to pooled connections to the
+//!   instance); upgrades, `CONNECT`, chunked or large bodies, `Expect` and
+//!   HTTP/1.0 go to hyper, which takes the connection over.
 //! - When the instance refuses the connection, the answer is a 502 with
 //!   `x-zeitwork-upstream: connect-failed`, so the edge can try another one.
 
@@ -25,15 +29,18 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::{is_upgrade_request, splice_upgrades, strip_hop_by_hop};
+use crate::h1;
 use crate::pki::IssuedCert;
 use crate::proxy::{UPSTREAM_CONNECT_FAILED, UPSTREAM_STATUS_HEADER, error_chain};
 use crate::routes::INSTANCE_HEADER;
 use crate::tls::{TlsError, provider};
+use crate::upstream::{RawPool, UpstreamStream};
 
 /// Maps an instance id to the address its app listens on.
 pub trait InstanceResolver: Send + Sync + 'static {
@@ -79,6 +86,8 @@ pub struct NodeProxy {
     tls: tokio_rustls::TlsAcceptor,
     resolver: Arc<dyn InstanceResolver>,
     client: Client<HttpConnector, Incoming>,
+    /// Idle connections to instances of the own HTTP/1.1 path.
+    pool: RawPool<SocketAddr>,
     config: NodeProxyConfig,
     conns: Arc<Semaphore>,
 }
@@ -156,6 +165,7 @@ impl NodeProxy {
             tls: tokio_rustls::TlsAcceptor::from(tls),
             resolver,
             client,
+            pool: RawPool::new(512, Duration::from_secs(60)),
             conns: Arc::new(Semaphore::new(config.max_connections)),
             config,
         }))
@@ -208,12 +218,17 @@ impl NodeProxy {
                 return;
             }
         };
+        // The own HTTP/1.1 path first; hyper for what it hands over.
+        let Some((tls, prefix)) = self.serve_fast(tls, &shutdown).await else {
+            return;
+        };
+        let stream = crate::passthrough::Prefixed::new(prefix, tls);
         let this = self.clone();
         let svc = service_fn(move |req| this.clone().handle(req));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.header_timeout)
-            .serve_connection(TokioIo::new(tls), svc)
+            .serve_connection(TokioIo::new(stream), svc)
             .with_upgrades();
         let mut conn = std::pin::pin!(conn);
         let res = tokio::select! {
@@ -331,4 +346,408 @@ impl NodeProxy {
         });
         Response::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed())
     }
+}
+
+/// What the node-proxy's own HTTP/1.1 path decided for a request head.
+enum NpStep {
+    /// The head is not complete yet.
+    More,
+    /// Not for this path (upgrade, CONNECT, chunked or large body, ...).
+    Handoff,
+    /// The node-proxy answers itself; the answer is in `out`.
+    Answer { head_len: usize, close: bool },
+    /// To the instance at `addr`; the head for it is in `out`.
+    Forward {
+        head_len: usize,
+        body_len: usize,
+        addr: SocketAddr,
+        close: bool,
+        head_request: bool,
+        idempotent: bool,
+    },
+}
+
+impl NodeProxy {
+    /// Serves an edge's connection with the edge's own HTTP/1.1 code
+    /// ([`crate::h1`]): heads parsed with `httparse`, the instance header
+    /// resolved and dropped, the head written straight to a pooled
+    /// connection to the instance, the response relayed as it comes. A
+    /// request it does not take hands back the stream and every byte not
+    /// answered yet (`Some`), for hyper; `None` when the connection is over.
+    /// On shutdown, a request in flight is finished, then the connection
+    /// closed.
+    async fn serve_fast<S>(&self, mut stream: S, shutdown: &CancellationToken) -> Option<(S, Bytes)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut out: Vec<u8> = Vec::new();
+        let mut rbuf: Vec<u8> = Vec::new();
+        // The request for the instance (kept for a second try).
+        let mut request: Vec<u8> = Vec::new();
+        loop {
+            let deadline = tokio::time::Instant::now() + self.config.header_timeout;
+            let step = loop {
+                match self.plan(&buf, &mut out) {
+                    NpStep::More => {}
+                    step => break step,
+                }
+                if buf.len() > MAX_HEAD {
+                    out.clear();
+                    h1::simple_response(
+                        &mut out,
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "text/plain",
+                        b"",
+                        None,
+                        true,
+                    );
+                    let _ = stream.write_all(&out).await;
+                    return None;
+                }
+                h1::reserve(&mut buf, h1::BUF_SIZE);
+                let idle = buf.is_empty();
+                let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf));
+                let res = tokio::select! {
+                    res = read => res,
+                    // Between requests only: a head being read is finished.
+                    _ = shutdown.cancelled(), if idle => return None,
+                };
+                match res {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return None,
+                }
+            };
+            let keep = match step {
+                NpStep::More => unreachable!("looped above"),
+                NpStep::Handoff => return Some((stream, Bytes::from(buf))),
+                NpStep::Answer { head_len, close } => {
+                    buf.drain(..head_len);
+                    stream.write_all(&out).await.is_ok() && stream.flush().await.is_ok() && !close
+                }
+                NpStep::Forward {
+                    head_len,
+                    body_len,
+                    addr,
+                    close,
+                    head_request,
+                    idempotent,
+                } => {
+                    let need = head_len + body_len;
+                    while buf.len() < need {
+                        h1::reserve(&mut buf, h1::BUF_SIZE);
+                        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                            Ok(Ok(n)) if n > 0 => {}
+                            _ => return None,
+                        }
+                    }
+                    out.extend_from_slice(&buf[head_len..need]);
+                    std::mem::swap(&mut out, &mut request);
+                    let keep = self
+                        .forward_fast(
+                            &mut stream,
+                            &request,
+                            &mut out,
+                            &mut rbuf,
+                            addr,
+                            head_request,
+                            idempotent && body_len == 0,
+                            close,
+                        )
+                        .await;
+                    buf.drain(..need);
+                    keep && !close
+                }
+            };
+            if !keep || shutdown.is_cancelled() {
+                let _ = stream.shutdown().await;
+                return None;
+            }
+        }
+    }
+
+    /// One request (`request`) to the instance at `addr` and its answer
+    /// relayed; false when the edge's connection must close.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_fast<S>(
+        &self,
+        stream: &mut S,
+        request: &[u8],
+        out: &mut Vec<u8>,
+        rbuf: &mut Vec<u8>,
+        addr: SocketAddr,
+        head_request: bool,
+        retryable: bool,
+        close: bool,
+    ) -> bool
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let pooled = self.pool.take(false, &addr, !retryable);
+        let mut reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => match self.connect(addr).await {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::warn!(%addr, error = %err, "node-proxy could not reach the instance");
+                    return answer(
+                        stream,
+                        out,
+                        StatusCode::BAD_GATEWAY,
+                        "instance unreachable\n",
+                        true,
+                        close,
+                    )
+                    .await;
+                }
+            },
+        };
+        let resp = loop {
+            out.clear();
+            out.extend_from_slice(request);
+            let sent =
+                h1::send_and_read_head(stream, &mut conn, out, rbuf, head_request, close, None);
+            match tokio::time::timeout(RESPONSE_TIMEOUT, sent).await {
+                Ok(Ok(resp)) => break resp,
+                // A reused connection the instance had closed: sent again
+                // only when the request is idempotent.
+                Ok(Err(h1::Failure::Stale)) if reused && retryable => {
+                    reused = false;
+                    conn = match self.connect(addr).await {
+                        Ok(c) => c,
+                        Err(err) => {
+                            tracing::warn!(%addr, error = %err, "node-proxy could not reach the instance");
+                            return answer(
+                                stream,
+                                out,
+                                StatusCode::BAD_GATEWAY,
+                                "instance unreachable\n",
+                                true,
+                                close,
+                            )
+                            .await;
+                        }
+                    };
+                }
+                Ok(Err(err)) => {
+                    let why = match err {
+                        h1::Failure::Stale => "closed the connection without answering".to_owned(),
+                        h1::Failure::Connect(e) | h1::Failure::Exchange(e) => e,
+                        h1::Failure::Timeout => "timed out".to_owned(),
+                    };
+                    tracing::warn!(%addr, error = %why, "node-proxy request to the instance failed");
+                    return answer(
+                        stream,
+                        out,
+                        StatusCode::BAD_GATEWAY,
+                        "instance unreachable\n",
+                        false,
+                        close,
+                    )
+                    .await;
+                }
+                Err(_) => {
+                    tracing::warn!(%addr, "the instance did not answer in time");
+                    return answer(
+                        stream,
+                        out,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "instance did not answer in time\n",
+                        false,
+                        close,
+                    )
+                    .await;
+                }
+            }
+        };
+        match h1::relay_body(stream, &mut conn, out, rbuf, &resp).await {
+            Ok(extra) => {
+                if resp.reusable && !extra {
+                    self.pool.put(false, &addr, conn);
+                }
+                !resp.close_client
+            }
+            Err(()) => false,
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<UpstreamStream, String> {
+        match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(UpstreamStream::Plain(s))
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "connect timed out after {:?}",
+                self.config.connect_timeout
+            )),
+        }
+    }
+
+    /// Decides what to do with the head in `buf`; writes the answer or the
+    /// head for the instance into `out`.
+    fn plan(&self, buf: &[u8], out: &mut Vec<u8>) -> NpStep {
+        let mut storage = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut storage);
+        let head_len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return NpStep::More,
+            // hyper gives the answers to these (400, 431).
+            Err(_) => return NpStep::Handoff,
+        };
+        let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+            return NpStep::Handoff;
+        };
+        if !path.starts_with('/') || method == "CONNECT" {
+            return NpStep::Handoff;
+        }
+        let mut instance: Option<&[u8]> = None;
+        let mut content_length: Option<u64> = None;
+        let mut close = false;
+        let mut conn_tokens: [&[u8]; 8] = [b""; 8];
+        let mut n_tokens = 0;
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(INSTANCE_HEADER.as_bytes()) {
+                if instance.is_some() {
+                    return NpStep::Handoff;
+                }
+                instance = Some(h.value);
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                let Some(n) = h1::parse_u64(h.value) else {
+                    return NpStep::Handoff;
+                };
+                if content_length.is_some_and(|c| c != n) {
+                    return NpStep::Handoff;
+                }
+                content_length = Some(n);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade")
+            {
+                return NpStep::Handoff;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in h.value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.is_empty() {
+                        continue;
+                    }
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade")
+                        || n_tokens == conn_tokens.len()
+                    {
+                        return NpStep::Handoff;
+                    } else {
+                        conn_tokens[n_tokens] = token;
+                        n_tokens += 1;
+                    }
+                }
+            }
+        }
+        let body_len = content_length.unwrap_or(0);
+        if body_len > h1::MAX_BUFFERED_BODY as u64 {
+            return NpStep::Handoff;
+        }
+        let body_len = body_len as usize;
+        // An answer of its own closes the connection when a body would
+        // follow (it is not read).
+        let close_if_body = close || body_len > 0;
+        out.clear();
+        let Some(instance) = instance.and_then(|v| std::str::from_utf8(v).ok()) else {
+            h1::simple_response(
+                out,
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                b"missing x-zeitwork-instance\n",
+                None,
+                close_if_body,
+            );
+            return NpStep::Answer {
+                head_len,
+                close: close_if_body,
+            };
+        };
+        let Some(addr) = self.resolver.resolve(instance) else {
+            connect_failed_page(out, "instance not on this node\n", close_if_body);
+            return NpStep::Answer {
+                head_len,
+                close: close_if_body,
+            };
+        };
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let tokens = &conn_tokens[..n_tokens];
+        for h in req.headers.iter() {
+            let name = h.name;
+            if h1::HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
+                || name.eq_ignore_ascii_case(INSTANCE_HEADER)
+                || tokens
+                    .iter()
+                    .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
+            {
+                continue;
+            }
+            h1::push_header(out, name.as_bytes(), h.value);
+        }
+        out.extend_from_slice(b"\r\n");
+        NpStep::Forward {
+            head_len,
+            body_len,
+            addr,
+            close,
+            head_request: method == "HEAD",
+            idempotent: matches!(
+                method,
+                "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+            ),
+        }
+    }
+}
+
+/// Most bytes of a request head the node-proxy reads.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Time an instance has to answer with a response head (the edge has its
+/// own, shorter or not, in front).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A 502 that tells the edge the instance was not reached (so it may try
+/// another).
+fn connect_failed_page(out: &mut Vec<u8>, msg: &str, close: bool) {
+    use std::io::Write;
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{UPSTREAM_STATUS_HEADER}: {UPSTREAM_CONNECT_FAILED}\r\n",
+        msg.len()
+    );
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(msg.as_bytes());
+}
+
+/// Writes the node-proxy's own answer to a forwarded request; false when the
+/// edge's connection must close.
+async fn answer<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    msg: &str,
+    connect_failed: bool,
+    close: bool,
+) -> bool {
+    if connect_failed {
+        connect_failed_page(out, msg, close);
+    } else {
+        out.clear();
+        h1::simple_response(out, status, "text/plain", msg.as_bytes(), None, close);
+    }
+    stream.write_all(out).await.is_ok() && stream.flush().await.is_ok() && !close
 }

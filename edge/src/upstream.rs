@@ -413,13 +413,14 @@ impl Pool {
 /// through hyper's client. Keyed like [`Pool`] (transport and
 /// `host:port`); most recently used first out, so a few connections stay
 /// hot and the rest age out.
-pub struct RawPool {
-    idle: std::sync::Mutex<[RawIdleMap; 2]>,
+/// (The node-proxy keeps one too, keyed by instance address.)
+pub struct RawPool<K = Arc<str>> {
+    idle: std::sync::Mutex<[RawIdleMap<K>; 2]>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
-type RawIdleMap = std::collections::HashMap<Arc<str>, Vec<(UpstreamStream, std::time::Instant)>>;
+type RawIdleMap<K> = std::collections::HashMap<K, Vec<(UpstreamStream, std::time::Instant)>>;
 
 /// A pooled connection idle for less than this is used without first
 /// checking that the backend has not closed it (the check costs a system
@@ -427,7 +428,7 @@ type RawIdleMap = std::collections::HashMap<Arc<str>, Vec<(UpstreamStream, std::
 /// a response came is sent again on a new connection when it is idempotent.
 pub const RAW_POOL_TRUST: Duration = Duration::from_secs(1);
 
-impl RawPool {
+impl<K: std::hash::Hash + Eq + Clone> RawPool<K> {
     /// An empty pool.
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Self {
@@ -440,7 +441,11 @@ impl RawPool {
     /// An idle connection to `key`, if one is usable: not older than the
     /// idle timeout and, when `check` is set or it has been idle for a while,
     /// not closed by the backend. Also says how long it was idle.
-    pub fn take(&self, tls: bool, key: &str, check: bool) -> Option<UpstreamStream> {
+    pub fn take<Q>(&self, tls: bool, key: &Q, check: bool) -> Option<UpstreamStream>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         loop {
             let (conn, since) = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -463,10 +468,10 @@ impl RawPool {
     }
 
     /// Returns a connection whose last exchange ended cleanly.
-    pub fn put(&self, tls: bool, key: &Arc<str>, conn: UpstreamStream) {
+    pub fn put(&self, tls: bool, key: &K, conn: UpstreamStream) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let map = &mut idle[usize::from(tls)];
-        let list = match map.get_mut(&**key) {
+        let list = match map.get_mut(key) {
             Some(list) => list,
             None => map.entry(key.clone()).or_default(),
         };

@@ -488,3 +488,99 @@ async fn tls_connect_no_verify(
         .await
         .unwrap()
 }
+
+/// Sends raw bytes over `s` and reads one response (head, body by
+/// Content-Length).
+async fn raw_exchange<S>(s: &mut S, req: &[u8]) -> (String, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(req).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed inside a body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+            return (head, body);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before an answer: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn node_proxy_answers_what_the_edge_needs_on_one_connection() {
+    let inst = backend("inst-1").await;
+    let gone = dead_addr().await;
+    let c = cluster(vec![("inst-1", inst), ("gone", gone)]).await;
+    let cfg = client_config(c.ca.root_store(), &[b"http/1.1"], Some(&c.edge_cert));
+    let mut s = tls_connect(c.node_proxy, "127.0.0.1", cfg).await.unwrap();
+    let get = |inst: &str, path: &str| {
+        format!("GET {path} HTTP/1.1\r\nhost: a.test\r\nx-zeitwork-instance: {inst}\r\n\r\n")
+            .into_bytes()
+    };
+
+    let (head, body) = raw_exchange(&mut s, &get("inst-1", "/")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "inst-1 0");
+    // A small body, then one too large for the own path (hyper takes the
+    // connection over), then a GET again on the same connection.
+    let (_, body) = raw_exchange(
+        &mut s,
+        b"POST / HTTP/1.1\r\nhost: a.test\r\nx-zeitwork-instance: inst-1\r\ncontent-length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(body, "inst-1 5");
+    let mut big = b"POST / HTTP/1.1\r\nhost: a.test\r\nx-zeitwork-instance: inst-1\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    big.extend_from_slice(b"4\r\nabcd\r\n0\r\n\r\n");
+    let (head, body) = raw_exchange(&mut s, &big).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "inst-1 4");
+    let (_, body) = raw_exchange(&mut s, &get("inst-1", "/again")).await;
+    assert_eq!(body, "inst-1 0");
+
+    // Each answer the edge acts on, on a fresh connection.
+    let cfg = client_config(c.ca.root_store(), &[b"http/1.1"], Some(&c.edge_cert));
+    let mut s = tls_connect(c.node_proxy, "127.0.0.1", cfg).await.unwrap();
+    // No instance named: 400.
+    let (head, _) = raw_exchange(&mut s, b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    // Not on this node, or not reachable: 502 saying the connect failed
+    // (the edge then tries another instance).
+    for inst in ["elsewhere", "gone"] {
+        let (head, _) = raw_exchange(&mut s, &get(inst, "/")).await;
+        assert!(head.starts_with("HTTP/1.1 502"), "{inst}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("x-zeitwork-upstream: connect-failed"),
+            "{inst}: {head}"
+        );
+    }
+    // And the connection still serves.
+    let (head, body) = raw_exchange(&mut s, &get("inst-1", "/")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "inst-1 0");
+}
