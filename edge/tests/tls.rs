@@ -584,3 +584,39 @@ async fn node_proxy_answers_what_the_edge_needs_on_one_connection() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, "inst-1 0");
 }
+
+#[tokio::test]
+async fn node_proxy_loses_no_request_to_instance_connections_closed_while_pooled() {
+    let (inst, served) = closing_backend().await;
+    let c = cluster(vec![("inst-1", inst)]).await;
+    let cfg = client_config(c.ca.root_store(), &[b"http/1.1"], Some(&c.edge_cert));
+    let mut s = tls_connect(c.node_proxy, "127.0.0.1", cfg).await.unwrap();
+    // The instance answers as if keeping each connection, then closes it:
+    // GETs back to back are sent again on a new connection when the pooled
+    // one turns out closed before any byte of an answer.
+    for i in 0..20 {
+        let (head, body) = raw_exchange(
+            &mut s,
+            b"GET / HTTP/1.1\r\nhost: a.test\r\nx-zeitwork-instance: inst-1\r\n\r\n",
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "GET {i}: {head}");
+        assert_eq!(body, "once");
+    }
+    // A POST is never sent twice: the pooled connection is checked first.
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (head, body) = raw_exchange(
+            &mut s,
+            b"POST / HTTP/1.1\r\nhost: a.test\r\nx-zeitwork-instance: inst-1\r\ncontent-length: 1\r\n\r\nx",
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "POST {i}: {head}");
+        assert_eq!(body, "once");
+    }
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::SeqCst),
+        25,
+        "each request reached the instance once"
+    );
+}
