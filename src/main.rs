@@ -56,6 +56,8 @@ fn init_tracing(service: bool) -> Option<tracing_appender::non_blocking::WorkerG
     if service {
         let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
             .lossy(false)
+            // The default (128k lines) is allocated and touched up front: MBs.
+            .buffered_lines_limit(8192)
             .thread_name("zw-log")
             .finish(std::io::stderr());
         let _ = tracing_subscriber::fmt()

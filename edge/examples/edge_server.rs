@@ -20,6 +20,8 @@ fn main() -> anyhow::Result<()> {
     // Blocking when the writer falls behind: no line is dropped.
     let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The default (128k lines) is allocated and touched up front: MBs.
+        .buffered_lines_limit(8192)
         .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
