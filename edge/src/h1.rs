@@ -1127,8 +1127,9 @@ pub(crate) fn simple_response(
 
 /// Parses a backend's response head in `rbuf`; for a final response, writes
 /// the head for the client into `out`: hop-by-hop headers dropped, and with
-/// a `request_id` (the edge) the app's own request id and the node-proxy's
-/// status header replaced by it (a node-proxy passes them on).
+/// a `request_id` (the edge) the app's own request id replaced by it and a
+/// node-proxy's "could not connect" 502 reported as such (a node-proxy,
+/// without one, passes the app's answer on as it is).
 fn parse_response(
     rbuf: &[u8],
     out: &mut Vec<u8>,
@@ -1187,7 +1188,8 @@ fn parse_response(
                 .unwrap_or(b"")
                 .trim_ascii();
             te = Some(last.eq_ignore_ascii_case(b"chunked"));
-        } else if status == StatusCode::BAD_GATEWAY
+        } else if request_id.is_some()
+            && status == StatusCode::BAD_GATEWAY
             && name.eq_ignore_ascii_case(UPSTREAM_STATUS_HEADER.as_bytes())
             && h.value == UPSTREAM_CONNECT_FAILED.as_bytes()
         {
@@ -1485,6 +1487,20 @@ mod tests {
             parse("HTTP/1.1 502 Bad Gateway\r\nx-zeitwork-upstream: connect-failed\r\ncontent-length: 0\r\n\r\n", false).err().as_deref(),
             Some("connect failed")
         );
+        // A node-proxy (no request id of its own) passes the app's answer
+        // on as it is, that header and the app's request id included.
+        let mut out = Vec::new();
+        let head = "HTTP/1.1 502 Bad Gateway\r\nx-zeitwork-upstream: connect-failed\r\nx-request-id: app\r\ncontent-length: 0\r\n\r\n";
+        match parse_response(head.as_bytes(), &mut out, false, false, None) {
+            Ok(Parsed::Response(r)) => assert_eq!(r.status, StatusCode::BAD_GATEWAY),
+            _ => panic!("passed on"),
+        }
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains("x-zeitwork-upstream: connect-failed\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("x-request-id: app\r\n"), "{out}");
         assert_eq!(
             parse("HTTP/1.1 200 OK\r\nContent-Le", false)
                 .err()
