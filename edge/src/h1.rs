@@ -51,7 +51,7 @@ pub(crate) const BUF_SIZE: usize = 8 * 1024;
 const RELAY_CHUNK: usize = 16 * 1024;
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-pub(crate) const HOP_BY_HOP: [&str; 9] = [
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -425,57 +425,10 @@ impl<'a, S: Parkable> Conn<'a, S> {
             return Step::Handoff;
         }
 
-        // One pass over the headers: what decides the path, and the
-        // connection options.
-        let mut host: Option<&[u8]> = None;
-        let mut content_length: Option<u64> = None;
-        let mut close = false;
-        let mut conn_tokens: [&[u8]; 8] = [b""; 8];
-        let mut n_tokens = 0;
-        for h in req.headers.iter() {
-            let name = h.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"host") {
-                if host.is_some() {
-                    return Step::Handoff;
-                }
-                host = Some(h.value);
-            } else if name.eq_ignore_ascii_case(b"content-length") {
-                let Some(n) = parse_u64(h.value) else {
-                    return Step::Handoff;
-                };
-                if content_length.is_some_and(|c| c != n) {
-                    return Step::Handoff;
-                }
-                content_length = Some(n);
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(b"expect")
-                || name.eq_ignore_ascii_case(b"upgrade")
-            {
-                return Step::Handoff;
-            } else if name.eq_ignore_ascii_case(b"connection") {
-                for token in h.value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    if token.is_empty() {
-                        continue;
-                    }
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if token.eq_ignore_ascii_case(b"upgrade")
-                        || n_tokens == conn_tokens.len()
-                    {
-                        return Step::Handoff;
-                    } else {
-                        conn_tokens[n_tokens] = token;
-                        n_tokens += 1;
-                    }
-                }
-            }
-        }
-        let body_len = content_length.unwrap_or(0);
-        if body_len > MAX_BUFFERED_BODY as u64 {
+        let Some(scan) = scan_request(req.headers, "host") else {
             return Step::Handoff;
-        }
-        let body_len = body_len as usize;
+        };
+        let (host, body_len, close) = (scan.key, scan.body_len, scan.close);
         // Anything the edge answers itself closes the connection when a
         // body would follow (it is not read).
         let close_if_body = close || body_len > 0;
@@ -539,23 +492,7 @@ impl<'a, S: Parkable> Conn<'a, S> {
         // The head for the backend.
         let out = &mut self.out;
         out.clear();
-        out.extend_from_slice(method.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(path.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        let tokens = &conn_tokens[..n_tokens];
-        for h in req.headers.iter() {
-            let name = h.name;
-            if HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
-                || SET_BY_EDGE.iter().any(|n| name.eq_ignore_ascii_case(n))
-                || tokens
-                    .iter()
-                    .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
-            {
-                continue;
-            }
-            push_header(out, name.as_bytes(), h.value);
-        }
+        write_request_head(out, method, path, req.headers, &scan, &SET_BY_EDGE);
         if let Some(h) = host {
             push_header(out, b"x-forwarded-host", h);
         }
@@ -833,6 +770,112 @@ impl<'a, S: Parkable> Conn<'a, S> {
     }
 }
 
+/// What one pass over a request's headers found, for a request the own
+/// path takes.
+pub(crate) struct RequestScan<'h> {
+    /// The value of the header the caller routes by (`Host`, or the
+    /// node-proxy's instance header); `None` when absent.
+    pub(crate) key: Option<&'h [u8]>,
+    /// `Content-Length` (0 without one), at most [`MAX_BUFFERED_BODY`].
+    pub(crate) body_len: usize,
+    /// The client asked to close after this exchange.
+    pub(crate) close: bool,
+    /// Header names listed in `Connection` (hop-by-hop too).
+    tokens: [&'h [u8]; 8],
+    n_tokens: usize,
+}
+
+/// Scans a request's headers; `None` when the own path does not take the
+/// request and hyper should: a second `key` header, a bad or conflicting
+/// `Content-Length`, a body over [`MAX_BUFFERED_BODY`], `Transfer-Encoding`,
+/// `Expect`, an upgrade, or more than 8 names in `Connection`.
+pub(crate) fn scan_request<'h>(
+    headers: &[httparse::Header<'h>],
+    key: &str,
+) -> Option<RequestScan<'h>> {
+    let mut scan = RequestScan {
+        key: None,
+        body_len: 0,
+        close: false,
+        tokens: [b""; 8],
+        n_tokens: 0,
+    };
+    let mut content_length: Option<u64> = None;
+    for h in headers {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(key.as_bytes()) {
+            if scan.key.is_some() {
+                return None;
+            }
+            scan.key = Some(h.value);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_u64(h.value)?;
+            if content_length.is_some_and(|c| c != n) {
+                return None;
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return None;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty() {
+                    continue;
+                }
+                if token.eq_ignore_ascii_case(b"close") {
+                    scan.close = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade")
+                    || scan.n_tokens == scan.tokens.len()
+                {
+                    return None;
+                } else {
+                    scan.tokens[scan.n_tokens] = token;
+                    scan.n_tokens += 1;
+                }
+            }
+        }
+    }
+    let body_len = content_length.unwrap_or(0);
+    if body_len > MAX_BUFFERED_BODY as u64 {
+        return None;
+    }
+    scan.body_len = body_len as usize;
+    Some(scan)
+}
+
+/// Appends the request line and the headers worth forwarding: not
+/// hop-by-hop, not named in `Connection`, not in `skip`. The caller adds its
+/// own headers and the final CRLF.
+pub(crate) fn write_request_head(
+    out: &mut Vec<u8>,
+    method: &str,
+    path: &str,
+    headers: &[httparse::Header<'_>],
+    scan: &RequestScan<'_>,
+    skip: &[&str],
+) {
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let tokens = &scan.tokens[..scan.n_tokens];
+    for h in headers {
+        let name = h.name;
+        if HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
+            || skip.iter().any(|n| name.eq_ignore_ascii_case(n))
+            || tokens
+                .iter()
+                .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
+        {
+            continue;
+        }
+        push_header(out, name.as_bytes(), h.value);
+    }
+}
+
 /// Writes `out` (a request) to the backend `conn` and reads the response
 /// head into `rbuf`, passing 1xx answers to `client` as they come; the head
 /// for the client is then in `out` (see [`parse_response`]).
@@ -1020,7 +1063,7 @@ pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-pub(crate) fn parse_u64(v: &[u8]) -> Option<u64> {
+fn parse_u64(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;

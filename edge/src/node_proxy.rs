@@ -483,53 +483,36 @@ impl NodeProxy {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let pooled = self.pool.take(false, &addr, !retryable);
+        let mut pooled = self.pool.take(false, &addr, !retryable);
         let mut reused = pooled.is_some();
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => match self.connect(addr).await {
-                Ok(c) => c,
-                Err(err) => {
-                    tracing::warn!(%addr, error = %err, "node-proxy could not reach the instance");
-                    return answer(
-                        stream,
-                        out,
-                        StatusCode::BAD_GATEWAY,
-                        "instance unreachable\n",
-                        true,
-                        close,
-                    )
-                    .await;
-                }
-            },
-        };
-        let resp = loop {
+        let (resp, mut conn) = loop {
+            let mut conn = match pooled.take() {
+                Some(c) => c,
+                None => match self.connect(addr).await {
+                    Ok(c) => c,
+                    Err(err) => {
+                        tracing::warn!(%addr, error = %err, "node-proxy could not reach the instance");
+                        return answer(
+                            stream,
+                            out,
+                            StatusCode::BAD_GATEWAY,
+                            "instance unreachable\n",
+                            true,
+                            close,
+                        )
+                        .await;
+                    }
+                },
+            };
             out.clear();
             out.extend_from_slice(request);
             let sent =
                 h1::send_and_read_head(stream, &mut conn, out, rbuf, head_request, close, None);
             match tokio::time::timeout(RESPONSE_TIMEOUT, sent).await {
-                Ok(Ok(resp)) => break resp,
-                // A reused connection the instance had closed: sent again
-                // only when the request is idempotent.
-                Ok(Err(h1::Failure::Stale)) if reused && retryable => {
-                    reused = false;
-                    conn = match self.connect(addr).await {
-                        Ok(c) => c,
-                        Err(err) => {
-                            tracing::warn!(%addr, error = %err, "node-proxy could not reach the instance");
-                            return answer(
-                                stream,
-                                out,
-                                StatusCode::BAD_GATEWAY,
-                                "instance unreachable\n",
-                                true,
-                                close,
-                            )
-                            .await;
-                        }
-                    };
-                }
+                Ok(Ok(resp)) => break (resp, conn),
+                // A reused connection the instance had closed: sent again,
+                // on a new one, only when the request is idempotent.
+                Ok(Err(h1::Failure::Stale)) if reused && retryable => reused = false,
                 Ok(Err(err)) => {
                     let why = match err {
                         h1::Failure::Stale => "closed the connection without answering".to_owned(),
@@ -603,55 +586,10 @@ impl NodeProxy {
         if !path.starts_with('/') || method == "CONNECT" {
             return NpStep::Handoff;
         }
-        let mut instance: Option<&[u8]> = None;
-        let mut content_length: Option<u64> = None;
-        let mut close = false;
-        let mut conn_tokens: [&[u8]; 8] = [b""; 8];
-        let mut n_tokens = 0;
-        for h in req.headers.iter() {
-            let name = h.name.as_bytes();
-            if name.eq_ignore_ascii_case(INSTANCE_HEADER.as_bytes()) {
-                if instance.is_some() {
-                    return NpStep::Handoff;
-                }
-                instance = Some(h.value);
-            } else if name.eq_ignore_ascii_case(b"content-length") {
-                let Some(n) = h1::parse_u64(h.value) else {
-                    return NpStep::Handoff;
-                };
-                if content_length.is_some_and(|c| c != n) {
-                    return NpStep::Handoff;
-                }
-                content_length = Some(n);
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(b"expect")
-                || name.eq_ignore_ascii_case(b"upgrade")
-            {
-                return NpStep::Handoff;
-            } else if name.eq_ignore_ascii_case(b"connection") {
-                for token in h.value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    if token.is_empty() {
-                        continue;
-                    }
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if token.eq_ignore_ascii_case(b"upgrade")
-                        || n_tokens == conn_tokens.len()
-                    {
-                        return NpStep::Handoff;
-                    } else {
-                        conn_tokens[n_tokens] = token;
-                        n_tokens += 1;
-                    }
-                }
-            }
-        }
-        let body_len = content_length.unwrap_or(0);
-        if body_len > h1::MAX_BUFFERED_BODY as u64 {
+        let Some(scan) = h1::scan_request(req.headers, INSTANCE_HEADER) else {
             return NpStep::Handoff;
-        }
-        let body_len = body_len as usize;
+        };
+        let (instance, body_len, close) = (scan.key, scan.body_len, scan.close);
         // An answer of its own closes the connection when a body would
         // follow (it is not read).
         let close_if_body = close || body_len > 0;
@@ -677,23 +615,7 @@ impl NodeProxy {
                 close: close_if_body,
             };
         };
-        out.extend_from_slice(method.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(path.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        let tokens = &conn_tokens[..n_tokens];
-        for h in req.headers.iter() {
-            let name = h.name;
-            if h1::HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
-                || name.eq_ignore_ascii_case(INSTANCE_HEADER)
-                || tokens
-                    .iter()
-                    .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
-            {
-                continue;
-            }
-            h1::push_header(out, name.as_bytes(), h.value);
-        }
+        h1::write_request_head(out, method, path, req.headers, &scan, &[INSTANCE_HEADER]);
         out.extend_from_slice(b"\r\n");
         NpStep::Forward {
             head_len,
