@@ -81,6 +81,14 @@ events { worker_connections 14000; }
 http {
   access_log off;
   keepalive_requests 1000000;
+  # What the edge sends on, for both servers (inherited by their locations).
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_set_header Host \$host;
+  proxy_set_header X-Forwarded-For \$remote_addr;
+  proxy_set_header X-Forwarded-Proto \$scheme;
+  proxy_set_header X-Forwarded-Host \$host;
+  proxy_set_header X-Request-Id \$request_id;
   upstream app { server $BACKEND; keepalive 128; }
   server {
     listen $NGINX_HTTP backlog=4096;
@@ -93,13 +101,6 @@ http {
     ssl_session_tickets off;
     location / {
       proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-      proxy_set_header X-Request-Id \$request_id;
     }
   }
   # The whole path: front -> "node" nginx over TLS with a client
@@ -110,13 +111,6 @@ http {
     server_name $FULL_HOST;
     location / {
       proxy_pass https://node;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$host;
-      proxy_set_header X-Request-Id \$request_id;
       proxy_ssl_certificate $WORK/mtls/edge.crt;
       proxy_ssl_certificate_key $WORK/mtls/edge.key;
       proxy_ssl_trusted_certificate $WORK/mtls/ca.crt;
