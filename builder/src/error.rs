@@ -82,6 +82,14 @@ pub enum InputError {
     InvalidBuildArg(String),
     #[error("unsafe path {path:?} in {what}")]
     UnsafePath { what: String, path: String },
+    #[error(
+        "link {entry:?} in {what} points to {target:?}, outside the build context (or at no file extracted before it); the archive is refused"
+    )]
+    UnsafeLink {
+        what: String,
+        entry: String,
+        target: String,
+    },
 }
 
 /// A failed build.

@@ -2,7 +2,7 @@
 //! fetch, shallow), or a GitHub repository tarball (octocrab, with a token).
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::num::NonZeroU32;
 use std::path::{Component, Path, PathBuf};
 
@@ -323,6 +323,7 @@ fn fetch_git(
         }
     }
     let _ = fs::remove_dir_all(&repo_dir);
+    check_symlinks_inside(&ctx, &format!("git tree of {url}"))?;
     Ok((ctx, commit_id, total))
 }
 
@@ -337,6 +338,101 @@ fn safe_relative(p: &str) -> Option<PathBuf> {
         }
     }
     (!out.as_os_str().is_empty()).then_some(out)
+}
+
+/// Every symlink under `root` must resolve inside it. Each one is followed
+/// as the kernel would (through the symlinks on its way, `..` of a symlinked
+/// directory included), but with `root` as the top: an absolute target, a
+/// `..` above `root` or a loop refuses the tree, naming the link. A target
+/// that does not exist is judged on the names it would take.
+pub fn check_symlinks_inside(root: &Path, what: &str) -> Result<(), BuildError> {
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let entries = fs::read_dir(&dir).map_err(|e| {
+            BuildError::infra(Stage::Source, format!("reading {}", dir.display()), e)
+        })?;
+        for e in entries {
+            let e = e.map_err(|e| {
+                BuildError::infra(Stage::Source, format!("reading {}", dir.display()), e)
+            })?;
+            let ft = e.file_type().map_err(|e| {
+                BuildError::infra(Stage::Source, format!("reading {}", dir.display()), e)
+            })?;
+            let path = rel.join(e.file_name());
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_symlink() {
+                let target = fs::read_link(root.join(&path)).unwrap_or_default();
+                if resolves_inside(root, &rel, &target).is_none() {
+                    return Err(InputError::UnsafeLink {
+                        what: what.to_string(),
+                        entry: path.display().to_string(),
+                        target: target.display().to_string(),
+                    }
+                    .into());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One step of a symlink's text.
+enum Step {
+    Up,
+    Name(std::ffi::OsString),
+}
+
+/// The steps of a symlink's text, or `None` when it is absolute or empty.
+fn steps(target: &Path) -> Option<Vec<Step>> {
+    if target.as_os_str().is_empty() {
+        return None;
+    }
+    target
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(Some(Step::Name(n.to_os_string()))),
+            Component::ParentDir => Some(Some(Step::Up)),
+            Component::CurDir => None,
+            Component::RootDir | Component::Prefix(_) => Some(None),
+        })
+        .collect()
+}
+
+/// Where `target`, a symlink's text in directory `dir` (relative to `root`),
+/// leads below `root`, or `None` when it leaves it.
+fn resolves_inside(root: &Path, dir: &Path, target: &Path) -> Option<PathBuf> {
+    const MAX_HOPS: usize = 40;
+    let mut resolved: Vec<std::ffi::OsString> = dir.iter().map(|c| c.to_os_string()).collect();
+    let mut pending: std::collections::VecDeque<Step> = steps(target)?.into();
+    let mut hops = 0;
+    while let Some(step) = pending.pop_front() {
+        let name = match step {
+            Step::Up => {
+                resolved.pop()?;
+                continue;
+            }
+            Step::Name(n) => n,
+        };
+        let mut candidate = root.to_path_buf();
+        candidate.extend(&resolved);
+        candidate.push(&name);
+        match fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > MAX_HOPS {
+                    return None;
+                }
+                let next = steps(&fs::read_link(&candidate).ok()?)?;
+                for st in next.into_iter().rev() {
+                    pending.push_front(st);
+                }
+            }
+            _ => resolved.push(name),
+        }
+    }
+    Some(resolved.iter().collect())
 }
 
 /// The octocrab client for `gh` (sync: its builder is not `Send`).
@@ -514,19 +610,42 @@ pub fn extract_tarball(
         }
         let dir = resolve_in_root(dest, parent, true).map_err(ioe)?;
         if kind.is_hard_link() {
-            // Rare in source tarballs: copy the link target's content.
+            // A hard link names another entry of the archive by its path
+            // from the archive's root: that entry must be a regular file
+            // already extracted inside the context, reached by plain names
+            // (no `..`, no root), never through a symlink.
             let link = entry
                 .link_name()
                 .map_err(bad)?
                 .map(|l| l.into_owned())
                 .unwrap_or_default();
-            let rel: Vec<_> = link.components().skip(1).collect();
-            let src = rel.iter().fold(dest.to_path_buf(), |p, c| p.join(c));
-            let mut content = Vec::new();
-            fs::File::open(&src)
-                .and_then(|mut f| f.read_to_end(&mut content))
-                .map_err(ioe)?;
-            fs::write(dir.join(name), content).map_err(ioe)?;
+            let unsafe_link = || InputError::UnsafeLink {
+                what: what.to_string(),
+                entry: shown.clone(),
+                target: link.display().to_string(),
+            };
+            let mut target = link.components();
+            target.next(); // the same top-level directory
+            let target: Vec<std::ffi::OsString> = target
+                .map(|c| match c {
+                    Component::Normal(n) => Some(n.to_os_string()),
+                    _ => None,
+                })
+                .collect::<Option<_>>()
+                .ok_or_else(unsafe_link)?;
+            let Some((tname, tparent)) = target.split_last() else {
+                return Err(unsafe_link().into());
+            };
+            let src = resolve_in_root(dest, tparent, false)
+                .map_err(|_| unsafe_link())?
+                .join(tname);
+            match fs::symlink_metadata(&src) {
+                Ok(m) if m.file_type().is_file() => {}
+                _ => return Err(unsafe_link().into()),
+            }
+            let to = dir.join(name);
+            let _ = fs::remove_file(&to);
+            fs::hard_link(&src, &to).map_err(ioe)?;
             continue;
         }
         if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
@@ -534,6 +653,7 @@ pub fn extract_tarball(
         }
         entry.unpack(dir.join(name)).map_err(ioe)?;
     }
+    check_symlinks_inside(dest, what)?;
     Ok(total)
 }
 
@@ -555,6 +675,119 @@ mod tests {
         assert_eq!(safe_relative("a/b"), Some(PathBuf::from("a/b")));
         assert_eq!(safe_relative("../a"), None);
         assert_eq!(safe_relative("/etc/passwd"), None);
+    }
+
+    /// A gzip'd tarball of `entries` under `top/`: (path, kind, content or link target).
+    fn tarball(dir: &Path, entries: &[(&str, tar::EntryType, &str)]) -> PathBuf {
+        let path = dir.join("src.tar.gz");
+        let gz = flate2::write::GzEncoder::new(
+            fs::File::create(&path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut b = tar::Builder::new(gz);
+        for (name, kind, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+            // Paths and link names are written as an attacker would, `..`
+            // included (the checked setters would refuse them).
+            let full = format!("top/{name}");
+            h.as_old_mut().name[..full.len()].copy_from_slice(full.as_bytes());
+            if kind.is_file() {
+                h.set_size(data.len() as u64);
+            } else {
+                h.set_size(0);
+                h.as_old_mut().linkname[..data.len()].copy_from_slice(data.as_bytes());
+            }
+            h.set_cksum();
+            let body: &[u8] = if kind.is_file() { data.as_bytes() } else { &[] };
+            b.append(&h, body).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+        path
+    }
+
+    fn refused(r: Result<u64, BuildError>, entry: &str) {
+        match r {
+            Err(BuildError::Input(InputError::UnsafeLink { entry: e, .. })) => {
+                assert!(e.contains(entry), "names the entry {entry}: {e}")
+            }
+            other => panic!("expected the archive refused at {entry}, got {other:?}"),
+        }
+    }
+
+    /// The attack of a hostile upload: a hard link to a file of the host
+    /// (the captain's admin token, say) that `COPY` would put in the image.
+    #[test]
+    fn hard_link_out_of_the_context_is_refused() {
+        use tar::EntryType::{Link, Regular};
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("admin.token"), "zwa_secret").unwrap();
+        let dest = tmp.path().join("a/b/ctx");
+        let ar = tarball(
+            tmp.path(),
+            &[
+                ("Dockerfile", Regular, "FROM scratch\nCOPY leak /leak\n"),
+                ("leak", Link, "top/../../../admin.token"),
+            ],
+        );
+        refused(extract_tarball(&ar, &dest, 1 << 20, "the upload"), "leak");
+        assert!(!dest.join("leak").exists(), "nothing was linked");
+
+        // Absolute, and through a symlink that leads out.
+        let ar = tarball(tmp.path(), &[("leak", Link, "/etc/hostname")]);
+        refused(extract_tarball(&ar, &dest, 1 << 20, "the upload"), "leak");
+        let ar = tarball(
+            tmp.path(),
+            &[
+                ("out", tar::EntryType::Symlink, "../../../admin.token"),
+                ("leak", Link, "top/out"),
+            ],
+        );
+        refused(extract_tarball(&ar, &dest, 1 << 20, "the upload"), "leak");
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("admin.token")).unwrap(),
+            "zwa_secret"
+        );
+    }
+
+    #[test]
+    fn symlinks_that_leave_the_context_are_refused() {
+        use tar::EntryType::{Directory, Regular, Symlink};
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("ctx");
+        for (entries, bad) in [
+            (vec![("s", Symlink, "/etc/passwd")], "s"),
+            (
+                vec![("d", Directory, ""), ("d/s", Symlink, "../../x")],
+                "d/s",
+            ),
+            // Each link alone stays inside; followed as the kernel does,
+            // `r/..` is the parent of the context.
+            (vec![("r", Symlink, "."), ("e", Symlink, "r/..")], "e"),
+            (vec![("l1", Symlink, "l2"), ("l2", Symlink, "l1")], "l"),
+        ] {
+            refused(
+                extract_tarball(&tarball(tmp.path(), &entries), &dest, 1 << 20, "the upload"),
+                bad,
+            );
+        }
+        // What real repositories hold is kept: links inside, hard links to
+        // files before them, links to files not there.
+        let ar = tarball(
+            tmp.path(),
+            &[
+                ("d", Directory, ""),
+                ("d/f", Regular, "hello"),
+                ("readme", Symlink, "d/f"),
+                ("d/up", Symlink, "../readme"),
+                ("d/dangling", Symlink, "../nothing/here"),
+                ("copy", tar::EntryType::Link, "top/d/f"),
+            ],
+        );
+        extract_tarball(&ar, &dest, 1 << 20, "the upload").unwrap();
+        assert_eq!(std::fs::read_to_string(dest.join("d/up")).unwrap(), "hello");
+        assert_eq!(std::fs::read_to_string(dest.join("copy")).unwrap(), "hello");
     }
 
     #[test]

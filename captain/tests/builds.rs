@@ -396,6 +396,77 @@ async fn user_fault_fails_once_infra_fault_is_retried(backend: Backend) {
     env.stop().await;
 }
 
+/// A gzip'd tar whose `src/leak` is a hard link to `target`, written as a
+/// hostile client would (the tar crate's checked setters refuse `..`).
+fn tarball_with_hard_link(dockerfile: &str, target: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    let mut h = tar::Header::new_gnu();
+    h.set_path("src/Dockerfile").unwrap();
+    h.set_size(dockerfile.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, dockerfile.as_bytes()).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_path("src/leak").unwrap();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+/// The attack: an uploaded source hard-links the captain's admin token
+/// (`<data>/admin.token`, seen from `<data>/build-work/<id>/src`) and
+/// `COPY`s it into an image the user could download. The archive is
+/// refused before anything is built, naming the entry; a user fault, so
+/// not retried.
+async fn uploaded_hard_link_to_the_admin_token_is_refused(backend: Backend) {
+    let env = Env::start_with(backend, |d| {
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(d.join("store")));
+        Some(make_builder(d, store))
+    })
+    .await;
+    assert!(env.data_dir().join("admin.token").is_file());
+    let (_, app) = env.project_and_app("shop", "web").await;
+    let src = upload(
+        &env,
+        tarball_with_hard_link(
+            "FROM scratch\nCOPY leak /leak\n",
+            "src/../../../admin.token",
+        ),
+    )
+    .await;
+    let (s, b) = env
+        .post(
+            "/v1/builds",
+            json!({"app_id": app, "source": {"upload": src}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let b = wait_build(&env, b["id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(b["status"], "failed", "{b}");
+    assert_eq!(b["attempts"], 1, "bad input is not retried: {b}");
+    assert_eq!(b["image_digest"], "", "no image: {b}");
+    let err = b["error"].as_str().unwrap();
+    assert!(
+        err.contains("\"src/leak\"") && err.contains("outside the build context"),
+        "the error names the entry: {err}"
+    );
+    let (_, images) = env.get("/v1/images").await;
+    assert_eq!(images, json!([]), "no image was made");
+    env.stop().await;
+}
+
+both!(
+    uploaded_hard_link,
+    uploaded_hard_link_to_the_admin_token_is_refused
+);
+
 async fn a_build_cut_short_by_a_stop_runs_again(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let mut env = Env::start_with(backend, |d| {
