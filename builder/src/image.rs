@@ -103,12 +103,8 @@ impl StoredConfig {
 
 /// The hex part of a `sha256:<64 hex>` digest, or `None` if malformed.
 pub fn digest_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
+    digest.parse::<zw_util::Sha256Digest>().ok()?;
+    digest.strip_prefix("sha256:")
 }
 
 /// A built image.

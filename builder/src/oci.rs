@@ -137,12 +137,9 @@ pub struct OciImage {
 }
 
 fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, ExportError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-    match hex {
-        Some(hex) => Ok(dir.join("blobs").join("sha256").join(hex)),
-        None => Err(ExportError::Layout {
+    match digest.parse::<zw_util::Sha256Digest>() {
+        Ok(d) => Ok(dir.join("blobs").join("sha256").join(d.hex())),
+        Err(_) => Err(ExportError::Layout {
             dir: dir.to_path_buf(),
             message: format!("unsupported digest {digest:?}"),
         }),

@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use crate::error::{BuildError, InputError, Stage};
 use crate::log::LogSink;
 use crate::oci::resolve_in_root;
+use zw_util::error_chain;
 
 /// Which revision of a git repository to build.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -89,25 +90,6 @@ pub fn looks_like_git_url(s: &str) -> bool {
     .iter()
     .any(|p| s.starts_with(p))
         || (s.contains('@') && s.contains(':') && !s.starts_with('/') && !s.starts_with('.'))
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    let mut depth = 0;
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-        depth += 1;
-        if depth > 16 {
-            break;
-        }
-    }
-    s
 }
 
 /// Count the bytes of regular files under `dir` (symlinks not followed),

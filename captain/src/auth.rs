@@ -9,9 +9,11 @@ use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::AppState;
+pub use api_types::tokens::TokenKind;
+
 use crate::db::TokenRow;
 use crate::error::{ApiError, Code};
+use crate::state::AppState;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,35 +30,6 @@ pub enum Access {
     /// Bearer, with a challenge git understands); node tokens may fetch,
     /// only user and admin tokens may push.
     Git,
-}
-
-/// Kinds of token.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenKind {
-    Admin,
-    User,
-    Node,
-}
-
-impl TokenKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenKind::Admin => "admin",
-            TokenKind::User => "user",
-            TokenKind::Node => "node",
-        }
-    }
-    pub fn parse(s: &str) -> Option<TokenKind> {
-        match s {
-            "admin" => Some(TokenKind::Admin),
-            "user" => Some(TokenKind::User),
-            "node" => Some(TokenKind::Node),
-            _ => None,
-        }
-    }
 }
 
 /// The authenticated caller of a request (a request extension).
@@ -213,4 +186,12 @@ pub fn unauthorized(e: ApiError, scheme: &'static str) -> Response {
     };
     r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     r
+}
+
+/// Headers-only authentication for handlers that do their own (git): a
+/// refusal carries a Basic challenge git understands.
+pub async fn authenticate_git(st: &AppState, headers: &HeaderMap) -> Result<Caller, Response> {
+    authenticate(st, headers)
+        .await
+        .map_err(|e| unauthorized(e, "Basic"))
 }

@@ -10,7 +10,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use api_types::error::{ErrorBody, ErrorDetail};
+
+use crate::app::AppError;
 use crate::db::DbError;
+use crate::meta::MetaError;
 
 /// Stable error codes of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -85,19 +89,6 @@ pub struct ApiError {
     pub message: String,
 }
 
-/// The body of every error answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, machine-readable code (bad_request, invalid_json, ...).
-    pub code: String,
-    pub message: String,
-}
-
 impl ApiError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
         ApiError {
@@ -112,12 +103,7 @@ impl ApiError {
         Self::new(Code::BadRequest, message)
     }
     pub fn internal(context: &str, err: &dyn std::error::Error) -> Self {
-        let mut msg = format!("{context}: {err}");
-        let mut src = err.source();
-        while let Some(e) = src {
-            msg.push_str(&format!(": {e}"));
-            src = e.source();
-        }
+        let msg = format!("{context}: {}", zw_util::ErrorChain(err));
         tracing::error!(error = %msg, "internal error");
         Self::new(Code::Internal, msg)
     }
@@ -138,6 +124,51 @@ impl IntoResponse for ApiError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         ApiError::internal("database", &e)
+    }
+}
+
+/// The one mapping of the meta repository's errors: a change that would
+/// make the repository invalid is the caller's (422), one that exists
+/// already a conflict, the rest the captain's.
+impl From<MetaError> for ApiError {
+    fn from(e: MetaError) -> Self {
+        use meta_schema::repo::RepoError;
+        match e.repo_error() {
+            Some(RepoError::Invalid(v)) => ApiError::new(Code::InvalidRelease, v.to_string()),
+            Some(RepoError::AlreadyExists { path }) => ApiError::new(
+                Code::Conflict,
+                format!("{path} exists in the meta repository"),
+            ),
+            _ => ApiError::internal("meta repository", &e),
+        }
+    }
+}
+
+/// The one mapping of the operations' errors to the API's.
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        let code = match &e {
+            AppError::NotFound { .. } | AppError::NoSuch(_) => Code::NotFound,
+            AppError::BadRequest(_) => Code::BadRequest,
+            AppError::InvalidName(_) => Code::InvalidName,
+            AppError::InvalidRelease(_) => Code::InvalidRelease,
+            AppError::Conflict(_) => Code::Conflict,
+            AppError::IllegalTransition(_) => Code::IllegalTransition,
+            AppError::Forbidden(_) => Code::Forbidden,
+            AppError::NotConfigured(_) => Code::NotConfigured,
+            AppError::TooLarge(_) => Code::PayloadTooLarge,
+            AppError::UnsupportedMediaType(_) => Code::UnsupportedMediaType,
+            AppError::Meta(_) => {
+                let AppError::Meta(m) = e else { unreachable!() };
+                return m.into();
+            }
+            AppError::Db(_) | AppError::Internal { .. } => {
+                let msg = zw_util::error_chain(&e);
+                tracing::error!(error = %msg, "internal error");
+                return ApiError::new(Code::Internal, msg);
+            }
+        };
+        ApiError::new(code, e.to_string())
     }
 }
 

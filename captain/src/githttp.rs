@@ -14,9 +14,9 @@ use futures::TryStreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use crate::AppState;
 use crate::auth::TokenKind;
 use crate::error::{ApiError, Code};
+use crate::state::AppState;
 
 pub async fn serve(State(st): State<AppState>, req: Request) -> Response<Body> {
     match serve_inner(st, req).await {
@@ -27,7 +27,7 @@ pub async fn serve(State(st): State<AppState>, req: Request) -> Response<Body> {
 
 async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Response<Body>> {
     let req_headers = req.headers().clone();
-    let caller = crate::api::authenticate_git(&st, &req_headers).await?;
+    let caller = crate::auth::authenticate_git(&st, &req_headers).await?;
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let rest = path.strip_prefix("/meta.git").unwrap_or("");

@@ -23,11 +23,10 @@ use std::sync::Mutex;
 use meta_schema::MetaTree;
 use meta_schema::pb;
 use meta_schema::repo::{ChangeSet, DEFAULT_BRANCH, MetaRepo, RepoError};
-use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::db::{AppRow, CommitRow, Db, DbError, DeploymentRow, ProjectRow};
-use crate::status::Status;
+use api_types::Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -301,51 +300,16 @@ impl MetaStore {
         Ok(c)
     }
 
-    /// Make sure `envs/<env>/env.pb` exists, committing it when absent with
-    /// the age recipients of every registered node (see [`crate::secrets`]).
-    pub async fn ensure_env(
-        self: &std::sync::Arc<Self>,
-        env: &str,
-        domains: &[String],
-        db: &Db,
-    ) -> Result<(), MetaError> {
-        if self.envs.lock().map(|s| s.contains(env)).unwrap_or(false) {
-            return Ok(());
-        }
-        // Held while reading the nodes and committing, so a node registering
-        // meanwhile is either read here or finds this env.pb to update.
-        let _g = crate::secrets::env_lock().lock().await;
-        let path = meta_schema::layout::env_path(env);
-        let exists = match self.head().await? {
-            Some(h) => self.tree(h).await?.contains(&path),
-            None => false,
-        };
-        if !exists {
-            let doc = pb::Env {
-                name: env.to_string(),
-                domains: domains.to_vec(),
-                regions: vec![],
-                age_recipients: crate::secrets::node_recipients(db).await?,
-            };
-            match self
-                .commit(
-                    ChangeSet::new().add(path, doc.encode_to_vec()),
-                    format!("Create env {env}"),
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(MetaError::Repo {
-                    source: RepoError::AlreadyExists { .. },
-                    ..
-                }) => {}
-                Err(e) => return Err(e),
-            }
-        }
+    /// An env whose `env.pb` is known to exist (cached by
+    /// `app::projects::ensure_env`).
+    pub fn env_known(&self, env: &str) -> bool {
+        self.envs.lock().map(|s| s.contains(env)).unwrap_or(false)
+    }
+
+    pub fn mark_env_known(&self, env: &str) {
         if let Ok(mut s) = self.envs.lock() {
             s.insert(env.to_string());
         }
-        Ok(())
     }
 
     /// Release files of one app at the head.

@@ -14,9 +14,10 @@
 //!
 //! Calls go to the node's registered `api_url` with short timeouts (connect
 //! 2 s, whole request 5 s): a node that does not answer costs a caller at
-//! most that, never a hang. [`notify_loop`] tells every online node at once
-//! when the meta head moves, so remote followers converge without waiting
-//! for their poll.
+//! most that, never a hang. The `notify-nodes` background task
+//! ([`crate::background::notify`]) tells every online node at once when the
+//! meta head moves, so remote followers converge without waiting for their
+//! poll.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,11 +27,9 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
-use sqlx::Row;
-use tokio::sync::watch;
 
-use crate::AppState;
-use crate::db::{Db, DbError, NodeRow};
+use crate::db::{DbError, NodeRow};
+use crate::state::AppState;
 
 /// File of the link secret in the captain's data dir.
 pub const LINK_SECRET_FILE: &str = "node-link.secret";
@@ -143,58 +142,6 @@ pub fn derive_key(secret: &[u8; 32], node_id: &str, registration: &str) -> Strin
 /// `POST /v1/nodes` returns as `api_key`).
 pub fn issue_key(data_dir: &Path, node_id: &str, token_id: &str) -> Result<String, LinkError> {
     Ok(derive_key(&link_secret(data_dir)?, node_id, token_id))
-}
-
-impl Db {
-    /// The live registration of every node: node id -> id of its newest
-    /// unrevoked node token. Node tokens are issued only by registration,
-    /// which revokes the previous ones.
-    pub async fn node_registrations(&self) -> Result<BTreeMap<String, String>, DbError> {
-        let op = "reading node registrations";
-        let rows = sqlx::query(
-            "SELECT node_id, id FROM tokens WHERE kind = 'node' AND revoked_at IS NULL AND node_id IS NOT NULL ORDER BY id",
-        )
-        .fetch_all(self.pool())
-        .await
-        .map_err(|source| DbError::Query { op, source })?;
-        let mut out = BTreeMap::new();
-        for r in rows {
-            let node: String = r
-                .try_get("node_id")
-                .map_err(|source| DbError::Query { op, source })?;
-            let id: String = r
-                .try_get("id")
-                .map_err(|source| DbError::Query { op, source })?;
-            // Ordered by id (ULIDs): the newest wins.
-            out.insert(node, id);
-        }
-        Ok(out)
-    }
-
-    /// (instance id, node id) of the reported instances of an app that its
-    /// node still has (a follower deletes a stopped instance's directory,
-    /// logs included), or of the one instance `only`, whatever its state.
-    pub async fn instances_of_app(
-        &self,
-        env: &str,
-        app: &str,
-        only: Option<&str>,
-    ) -> Result<Vec<(String, String)>, DbError> {
-        let op = "listing the instances of an app";
-        let rows = sqlx::query(
-            "SELECT id, node_id FROM instances WHERE env = $1 AND app = $2 AND (id = $3 OR ($3 = '' AND state <> 'stopped')) ORDER BY id",
-        )
-        .bind(env)
-        .bind(app)
-        .bind(only.unwrap_or(""))
-        .fetch_all(self.pool())
-        .await
-        .map_err(|source| DbError::Query { op, source })?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("id")?, r.try_get("node_id")?)))
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(|source| DbError::Query { op, source })
-    }
 }
 
 fn http() -> &'static reqwest::Client {
@@ -338,78 +285,6 @@ fn url_segment(s: &str) -> String {
         }
     }
     out
-}
-
-/// After every new meta head (the mirror's `commits` watch fires after
-/// every pass, with or without a new commit), tells every online node with
-/// an API URL to fetch now. Fire and forget: failures are logged at debug,
-/// the node's own poll is the fallback.
-pub async fn notify_loop(state: AppState, mut stop: watch::Receiver<bool>) {
-    let mut commits = state.commits.subscribe();
-    let mut notified: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            r = commits.changed() => if r.is_err() { return },
-        }
-        let head = match state.meta.head().await {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::debug!(error = %e, "node notify: reading the meta head");
-                continue;
-            }
-        };
-        if head.is_none() || head == notified {
-            continue;
-        }
-        let nodes = match state.db.nodes().await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::debug!(error = %e, "node notify: listing nodes");
-                continue;
-            }
-        };
-        let online: Vec<NodeRow> = nodes
-            .into_iter()
-            .filter(|n| n.state == "online" && !n.api_url.is_empty())
-            .collect();
-        if online.is_empty() {
-            notified = head;
-            continue;
-        }
-        let links = match NodeLink::to_nodes(&state, online).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(error = %e, "node notify: node links");
-                continue;
-            }
-        };
-        notified = head;
-        for (node, link) in links {
-            match link {
-                Ok(link) => {
-                    tokio::spawn(async move {
-                        if let Err(e) = link.notify().await {
-                            tracing::debug!(node = %link.node_id, error = %error_chain(&e), "node notify failed");
-                        }
-                    });
-                }
-                Err(e) => tracing::debug!(%node, error = %e, "node notify: no link"),
-            }
-        }
-    }
-}
-
-/// An error and its sources, `: `-separated.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -14,24 +14,19 @@
 //!   or not healthy within the timeout, is FAILED; the serving rollout is
 //!   untouched.
 //!
-//! [`run`] is the loop around it: activated by a timer and by every instance
-//! report or commit, it re-reads everything and acts (no input is trusted,
-//! every pass can be the first, so a captain killed mid-rollout continues
-//! where the repo and the reports say it is). Only this module writes
-//! deployment files.
+//! The `rollout` background task ([`crate::background::rollout`]) runs it:
+//! activated by a timer and by every instance report or commit, it re-reads
+//! everything and acts (no input is trusted, every pass can be the first, so
+//! a captain killed mid-rollout continues where the repo and the reports say
+//! it is). Only that task writes deployment files.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use meta_schema::desired::{AppState, DesiredState, RolloutView, desired_state};
-use meta_schema::layout::deployment_path;
+use meta_schema::desired::{AppState, DesiredState, RolloutView};
+use meta_schema::new_id;
 use meta_schema::pb::{self, DeploymentState};
-use meta_schema::repo::ChangeSet;
-use meta_schema::{new_id, now_millis};
-use prost::Message;
-use tokio::sync::watch;
 
-use crate::AppState as Captain;
 use crate::db::{InstanceRow, NodeRow};
 
 /// How long a rollout may take to become healthy before it is failed.
@@ -227,119 +222,13 @@ pub fn plan(
         .collect()
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RolloutError {
-    #[error(transparent)]
-    Meta(#[from] crate::meta::MetaError),
-    #[error(transparent)]
-    Db(#[from] crate::db::DbError),
-    #[error("the meta repository head is invalid; no rollout acts on it")]
-    Desired(#[from] meta_schema::desired::MetaError),
-}
-
-/// What the captain's reconcilers read on every activation: desired state
-/// at the meta repo's head and the observed instances and nodes.
-pub struct Observed {
-    pub state: DesiredState,
-    pub instances: Vec<InstanceRow>,
-    pub nodes: Vec<NodeRow>,
-}
-
-impl Observed {
-    /// `None` while the meta repository has no commit.
-    pub async fn read(captain: &Captain, now: i64) -> Result<Option<Observed>, RolloutError> {
-        let Some(head) = captain.meta.head().await? else {
-            return Ok(None);
-        };
-        let tree = captain.meta.tree(head).await?;
-        Ok(Some(Observed {
-            state: desired_state(&tree, now)?,
-            instances: captain.db.instances(None).await?,
-            nodes: captain.db.nodes().await?,
-        }))
-    }
-}
-
-/// One pass: read, plan, write. Returns the actions taken.
-pub async fn pass(captain: &Captain, timeout: Duration) -> Result<Vec<Action>, RolloutError> {
-    let now = now_millis();
-    let Some(Observed {
-        state,
-        instances,
-        nodes,
-    }) = Observed::read(captain, now).await?
-    else {
-        return Ok(Vec::new());
-    };
-    let actions = plan(&state, &instances, &nodes, now, timeout);
-    for action in &actions {
-        let d = action.deployment();
-        let changes =
-            ChangeSet::new().add(deployment_path(&d.env, &d.app, &d.id), d.encode_to_vec());
-        captain
-            .meta
-            .commit(changes, action.commit_message())
-            .await?;
-        tracing::info!(env = %d.env, app = %d.app, rollout = %d.rollout_id, "{}", action.commit_message());
-        if let Some(rel) = &d.release {
-            let (from, to) = match action {
-                Action::Start(_) => ("building", "starting"),
-                Action::Promote(_) => ("starting", "running"),
-                Action::Fail(_) => ("starting", "failed"),
-            };
-            // Best effort: the release's row may already have moved on
-            // (e.g. a rollback of a release that once ran).
-            let _ = captain
-                .db
-                .set_deployment_status(&rel.id, from, to, &d.reason, now)
-                .await;
-            if matches!(action, Action::Start(_)) {
-                let _ = captain
-                    .db
-                    .set_deployment_status(&rel.id, "pending", to, "", now)
-                    .await;
-            }
-        }
-    }
-    if !actions.is_empty() {
-        captain.mirror_wake.notify_one();
-        captain.routes_wake.notify_one();
-    }
-    Ok(actions)
-}
-
-/// The rollout loop: a pass every `interval`, and at once when woken
-/// (instance report, commit).
-pub async fn run(
-    captain: Captain,
-    interval: Duration,
-    timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            // Each arm only waits; cancelling a wait loses nothing, and the
-            // pass itself runs outside the select.
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-            _ = captain.rollout_wake.notified() => {}
-        }
-        match pass(&captain, timeout).await {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "rollout pass failed; retrying on the next activation")
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use meta_schema::MetaTree;
-    use meta_schema::layout::{env_path, release_path};
+    use meta_schema::desired::desired_state;
+    use meta_schema::layout::{deployment_path, env_path, release_path};
+    use prost::Message;
 
     fn node(id: &str, state: &str) -> NodeRow {
         NodeRow {

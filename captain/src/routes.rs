@@ -1,26 +1,21 @@
 //! The edge's route table: computed from the desired state at the meta
 //! repo's head (which rollout of each app serves) and the instances
-//! followers report healthy, and streamed to edges as server-sent events in
-//! the format of [`edge::routes`].
+//! followers report healthy (recomputed by the `routes` background task),
+//! and streamed to edges as server-sent events in the format of
+//! [`edge::routes`] (`crate::api::routes_stream`).
 //!
 //! A domain routes to the healthy instances of its app's *serving* rollout
 //! only: a rollout still being checked gets no traffic, and a draining one
 //! gets none either (requests already in flight finish on it).
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use edge::routes::{Backend, Route, RouteKind, RouteTable, STREAM_EVENT, Transport};
-use futures::Stream;
+use edge::routes::{Backend, Route, RouteKind, RouteTable, Transport};
 use meta_schema::desired::DesiredState;
 use meta_schema::now_millis;
 use tokio::sync::watch;
 
-use crate::AppState;
 use crate::db::{InstanceRow, NodeRow};
 
 /// The routes of a desired state, given what followers report. Pure.
@@ -117,56 +112,6 @@ impl RouteFeed {
             true
         })
     }
-}
-
-async fn refresh(captain: &AppState) -> Result<(), crate::rollout::RolloutError> {
-    if let Some(o) = crate::rollout::Observed::read(captain, now_millis()).await? {
-        captain
-            .routes
-            .publish(compute(&o.state, &o.instances, &o.nodes));
-    }
-    Ok(())
-}
-
-/// Recompute the table every `interval` and whenever a rollout or an
-/// instance report changes something.
-pub async fn run(captain: AppState, interval: Duration, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-            _ = captain.routes_wake.notified() => {}
-        }
-        if let Err(e) = refresh(&captain).await {
-            tracing::warn!(error = %e, "route table not refreshed; the edge keeps the last one");
-        }
-    }
-}
-
-/// `GET /v1/routes/stream`: the whole table now, then on every change.
-pub async fn stream(
-    State(captain): State<AppState>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let rx = captain.routes.subscribe();
-    let s = futures::stream::unfold((rx, true), |(mut rx, first)| async move {
-        if !first && rx.changed().await.is_err() {
-            return None;
-        }
-        let table = rx.borrow_and_update().clone();
-        let data = serde_json::to_string(&*table).unwrap_or_else(|_| "{}".into());
-        let ev = Event::default()
-            .event(STREAM_EVENT)
-            .id(table.version.to_string())
-            .data(data);
-        Some((Ok(ev), (rx, false)))
-    });
-    Sse::new(s).keep_alive(
-        KeepAlive::new()
-            .interval(Duration::from_secs(15))
-            .text("keepalive"),
-    )
 }
 
 #[cfg(test)]

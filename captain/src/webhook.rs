@@ -12,9 +12,40 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::AppState;
-use crate::api::{CreateDeployment, GithubPush, WebhookResult};
+use api_types::builds::{BuildView, DeploySpec};
+use api_types::deployments::DeploymentView;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::app::deploy::NewRelease;
 use crate::error::{ApiError, Code, bytes_rejection, parse_json};
+use crate::state::AppState;
+
+/// The fields of a GitHub push event the captain reads.
+#[derive(Deserialize, ToSchema)]
+pub struct GithubPush {
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    pub after: String,
+    pub repository: GithubRepository,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct GithubRepository {
+    pub clone_url: Option<String>,
+    pub html_url: Option<String>,
+    pub ssh_url: Option<String>,
+    pub git_url: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WebhookResult {
+    pub event: String,
+    /// Deployments recorded (a captain without a builder).
+    pub deployments: Vec<DeploymentView>,
+    /// Builds queued, each deploying its image.
+    pub builds: Vec<BuildView>,
+}
 
 /// Does `signature` ("sha256=<hex>") sign `body` with `secret`?
 pub fn verify_signature(secret: &[u8], body: &[u8], signature: &str) -> bool {
@@ -115,32 +146,27 @@ pub async fn github(
         for project in st.db.projects_by_repo(url, branch).await? {
             for app in st.db.apps_of_project(&project.id).await? {
                 if st.config.builder.is_some() {
-                    let b = crate::builds::queue_git_build(
+                    let b = crate::app::builds::queue_git_build(
                         &st,
                         &app,
                         &project.repo,
                         &push.after,
-                        Some(crate::builds::DeploySpec::default()),
+                        Some(DeploySpec::default()),
                     )
                     .await?;
-                    builds.push(b);
+                    builds.push(b.into());
                     continue;
                 }
-                let d = crate::api::deploy(
+                let d = crate::app::deploy::create_release(
                     &st,
                     &app,
-                    CreateDeployment {
-                        app_id: app.id.clone(),
-                        image_digest: None,
+                    NewRelease {
                         commit: Some(push.after.clone()),
-                        port: None,
-                        env_vars: None,
-                        min_instances: None,
-                        health_check_path: None,
+                        ..Default::default()
                     },
                 )
                 .await?;
-                deployments.push(d);
+                deployments.push(d.into());
             }
         }
     }

@@ -86,6 +86,14 @@ fn gix_err<E: std::error::Error + Send + Sync + 'static>(
 
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
 
+/// Git's id of a blob holding `bytes` (what `git hash-object` prints): a
+/// release names its secrets file by it (`secrets_blob`).
+pub fn blob_id(bytes: &[u8]) -> String {
+    gix::objs::compute_hash(gix::hash::Kind::Sha1, gix::objs::Kind::Blob, bytes)
+        .expect("sha1 of an in-memory buffer cannot fail")
+        .to_string()
+}
+
 /// A set of file changes applied atomically in one commit.
 #[derive(Debug, Clone, Default)]
 pub struct ChangeSet {

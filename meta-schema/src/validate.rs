@@ -88,11 +88,7 @@ fn decode<M: Message + Default>(path: &str, bytes: &[u8], errs: &mut Errs) -> Op
 }
 
 fn is_digest(s: &str) -> bool {
-    s.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+    s.parse::<zw_util::Sha256Digest>().is_ok()
 }
 
 fn is_env_var_name(s: &str) -> bool {

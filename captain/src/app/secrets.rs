@@ -3,7 +3,7 @@
 //! - Every registered node's age recipient is listed in every env's
 //!   `env.pb` (`age_recipients`, name = node id): registering a node adds it
 //!   to all envs, removing a node removes it, and a new env starts with all
-//!   of them ([`crate::meta::MetaStore::ensure_env`]). `env.pb` is replaced
+//!   of them ([`super::projects::ensure_env`]). `env.pb` is replaced
 //!   whole in one commit; these writes are serialised by [`env_lock`].
 //! - `PUT /v1/apps/{id}/secrets` takes the **complete** desired set of an
 //!   app's secrets. The captain holds no age identity, so it can read
@@ -21,7 +21,7 @@
 //! Plaintext values exist in the captain only between the request body and
 //! the encryption, inside [`Secrets`] (zeroized on drop, `Debug` redacted):
 //! no log line, database row, response or error message carries one. The
-//! request body is parsed here, not by [`crate::error::ApiJson`], because
+//! request body is parsed by `crate::api::secrets`, not by `crate::error::ApiJson`, because
 //! serde's messages quote offending values (`invalid type: integer 42`).
 //!
 //! - `PUT /v1/apps/{id}/secrets/file`: a node that joins after a secrets
@@ -36,26 +36,20 @@
 //!   recipients (another node was first) it answers 200 without a commit.
 //!   Until then the `GET` answer says `stale`.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::collections::BTreeSet;
 
-use axum::extract::{FromRequest, Request, State};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use meta_schema::MetaTree;
 use meta_schema::layout::{MetaPath, app_dir, env_path, release_path, secrets_path};
 use meta_schema::pb;
-use meta_schema::repo::ChangeSet;
+use meta_schema::repo::{ChangeSet, blob_id};
 use meta_schema::sops::{Secrets, SopsFile};
 use prost::Message;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-use crate::AppState;
+use super::validate::is_env_var_name;
+use super::{AppError, Result};
 use crate::db::{AppRow, Db, DbError};
-use crate::error::{ApiError, ApiPath, ApiQuery, Code};
 use crate::meta::{MetaError, MetaStore};
+use crate::state::AppState;
 
 /// Serialises the captain's read-modify-write of `env.pb` files (node
 /// recipients, env creation), so no update is lost between two of them.
@@ -202,25 +196,9 @@ pub async fn remove_node_recipient(st: &AppState, node: &str) -> Result<(), Meta
     Ok(())
 }
 
-// ---------------------------------------------------------------- API
-
-/// The complete desired set of an app's secrets.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SetSecrets {
-    /// NAME -> value, every secret the app should have (names are
-    /// environment variable names). The captain cannot decrypt the current
-    /// file, so this replaces it whole.
-    pub secrets: BTreeMap<String, String>,
-    /// Names of the current file deliberately left out of `secrets`; any
-    /// other current name missing from `secrets` is refused (409).
-    #[serde(default)]
-    pub unset: Vec<String>,
-}
-
-/// An app's secrets, without values.
-#[derive(Serialize, ToSchema)]
-pub struct SecretsView {
+/// An app's secrets as the captain can see them: names and recipients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretsInfo {
     pub app_id: String,
     pub env: String,
     pub app: String,
@@ -232,100 +210,55 @@ pub struct SecretsView {
     pub recipients: Vec<String>,
     /// Recipients listed in the env's env.pb.
     pub env_recipients: Vec<String>,
-    /// The file is not encrypted to exactly the env's recipients (a node
-    /// joined or left since it was written). A node that can decrypt it
-    /// re-encrypts it shortly (`PUT /v1/apps/{id}/secrets/file`); when no
-    /// remaining node can, write the set again.
+    /// Not encrypted to exactly the env's recipients.
     pub stale: bool,
-    /// Release made by this write (PUT only; none when the app has no
-    /// release yet: its next deployment uses the secrets).
+    /// Release made by a write (none when the app has no release yet).
     pub release: Option<String>,
-    /// Commit of this write (PUT only).
+    /// Commit of a write.
     pub commit: Option<String>,
 }
 
-/// The request body of `PUT /v1/apps/{id}/secrets`, parsed without ever
-/// quoting a value in an error.
-pub struct SecretsBody(SetSecrets);
+/// The complete desired set of an app's secrets.
+pub struct SetSecrets {
+    /// Every secret the app should have; replaces the file whole.
+    pub secrets: Secrets,
+    /// Names of the current file deliberately left out of `secrets`.
+    pub unset: Vec<String>,
+}
 
-impl<S: Send + Sync> FromRequest<S> for SecretsBody {
-    type Rejection = ApiError;
+async fn app_of(st: &AppState, id: &str) -> Result<AppRow> {
+    st.db
+        .app(id)
+        .await?
+        .ok_or_else(|| AppError::not_found("app", id))
+}
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or("");
-            let mime = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            if mime != "application/json" && !mime.ends_with("+json") {
-                return Err(ApiError::new(
-                    Code::UnsupportedMediaType,
-                    format!("expected Content-Type: application/json, got {ct:?}"),
-                ));
-            }
-        }
-        let bytes = bytes::Bytes::from_request(req, state)
-            .await
-            .map_err(crate::error::bytes_rejection)?;
-        if bytes.is_empty() {
-            return Err(ApiError::new(
-                Code::InvalidJson,
-                "request body is empty; expected {\"secrets\": {\"NAME\": \"value\", ...}}",
-            ));
-        }
-        serde_json::from_slice(&bytes).map(SecretsBody).map_err(|e| {
-            use serde_json::error::Category;
-            let at = format!("line {} column {}", e.line(), e.column());
-            match e.classify() {
-                Category::Syntax | Category::Eof | Category::Io => {
-                    ApiError::new(Code::InvalidJson, format!("malformed JSON at {at}"))
-                }
-                // Top-level keys only (`secrets` is a map): no value.
-                Category::Data if e.to_string().starts_with("unknown field") => {
-                    ApiError::new(Code::UnknownField, e.to_string())
-                }
-                Category::Data => ApiError::bad_request(format!(
-                    "invalid request body at {at}: expected {{\"secrets\": {{\"NAME\": \"string value\", ...}}, \"unset\": [\"NAME\", ...]}} (values are not quoted back)"
-                )),
-            }
+async fn head_tree(st: &AppState) -> Result<MetaTree, MetaError> {
+    match st.meta.head().await? {
+        Some(h) => st.meta.tree(h).await,
+        None => Ok(MetaTree::new()),
+    }
+}
+
+fn env_of(tree: &MetaTree, env: &str) -> Result<Option<pb::Env>> {
+    tree.get(&env_path(env))
+        .map(|b| {
+            pb::Env::decode(b)
+                .map_err(|e| AppError::internal(format!("env.pb of {env:?} does not decode"), e))
         })
-    }
+        .transpose()
 }
 
-fn is_env_var_name(s: &str) -> bool {
-    let mut b = s.bytes();
-    b.next()
-        .is_some_and(|c| c == b'_' || c.is_ascii_alphabetic())
-        && b.all(|c| c == b'_' || c.is_ascii_alphanumeric())
-}
-
-/// Git's blob id of `bytes` (`git hash-object`), as `secrets_blob`.
-fn git_blob_id(bytes: &[u8]) -> Result<String, ApiError> {
-    let fail = |e: &dyn std::fmt::Display| {
-        ApiError::new(
-            Code::Internal,
-            format!("git hash-object of the secrets file: {e}"),
-        )
+fn secrets_file(tree: &MetaTree, env: &str, app: &str) -> Result<Option<SopsFile>> {
+    let path = secrets_path(env, app);
+    let Some(bytes) = tree.get(&path) else {
+        return Ok(None);
     };
-    let mut child = Command::new("git")
-        .args(["hash-object", "-t", "blob", "--stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(&e))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(bytes).map_err(|e| fail(&e))?;
-    }
-    let out = child.wait_with_output().map_err(|e| fail(&e))?;
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() || id.len() < 40 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
-        return Err(fail(&String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(id)
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| AppError::internal(format!("{path} is not UTF-8"), e))?;
+    SopsFile::parse(text)
+        .map(Some)
+        .map_err(|e| AppError::internal(path, e))
 }
 
 /// The newest release of `app` in `tree`, copied as a new release with
@@ -336,7 +269,7 @@ fn release_copy(
     app: &AppRow,
     names: &[String],
     blob: &str,
-) -> Result<Option<pb::Release>, ApiError> {
+) -> Result<Option<pb::Release>> {
     let prefix = format!("{}/releases/", app_dir(&app.env, &app.name));
     let newest = tree
         .iter()
@@ -344,7 +277,7 @@ fn release_copy(
         .max_by(|a, b| a.0.cmp(b.0))
         .map(|(p, b)| {
             pb::Release::decode(b)
-                .map_err(|e| ApiError::new(Code::Internal, format!("{p} does not decode: {e}")))
+                .map_err(|e| AppError::internal(format!("{p} does not decode"), e))
         })
         .transpose()?;
     Ok(newest.map(|old| pb::Release {
@@ -357,51 +290,8 @@ fn release_copy(
     }))
 }
 
-fn meta_err(e: MetaError) -> ApiError {
-    ApiError::internal("meta repository", &e)
-}
-
-async fn app_of(st: &AppState, id: &str) -> Result<AppRow, ApiError> {
-    st.db
-        .app(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("app", id))
-}
-
-async fn head_tree(st: &AppState) -> Result<MetaTree, ApiError> {
-    match st.meta.head().await.map_err(meta_err)? {
-        Some(h) => st.meta.tree(h).await.map_err(meta_err),
-        None => Ok(MetaTree::new()),
-    }
-}
-
-fn env_of(tree: &MetaTree, env: &str) -> Result<Option<pb::Env>, ApiError> {
-    tree.get(&env_path(env))
-        .map(|b| {
-            pb::Env::decode(b).map_err(|e| {
-                ApiError::new(
-                    Code::Internal,
-                    format!("env.pb of {env:?} does not decode: {e}"),
-                )
-            })
-        })
-        .transpose()
-}
-
-fn secrets_file(tree: &MetaTree, env: &str, app: &str) -> Result<Option<SopsFile>, ApiError> {
-    let path = secrets_path(env, app);
-    let Some(bytes) = tree.get(&path) else {
-        return Ok(None);
-    };
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| ApiError::new(Code::Internal, format!("{path} is not UTF-8")))?;
-    SopsFile::parse(text)
-        .map(Some)
-        .map_err(|e| ApiError::new(Code::Internal, format!("{path}: {e}")))
-}
-
 /// Names of the recipients of `file`, by the env's names where known.
-fn view(app: &AppRow, env: Option<&pb::Env>, file: Option<&SopsFile>) -> SecretsView {
+fn info(app: &AppRow, env: Option<&pb::Env>, file: Option<&SopsFile>) -> SecretsInfo {
     let env_recipients: Vec<&pb::AgeRecipient> = env
         .map(|e| e.age_recipients.iter().collect())
         .unwrap_or_default();
@@ -423,7 +313,7 @@ fn view(app: &AppRow, env: Option<&pb::Env>, file: Option<&SopsFile>) -> Secrets
                 .unwrap_or_else(|| k.clone())
         })
         .collect();
-    SecretsView {
+    SecretsInfo {
         app_id: app.id.clone(),
         env: app.env.clone(),
         app: app.name.clone(),
@@ -437,32 +327,20 @@ fn view(app: &AppRow, env: Option<&pb::Env>, file: Option<&SopsFile>) -> Secrets
     }
 }
 
-/// `GET /v1/apps/{id}/secrets`: names and recipients, never values.
-pub async fn get_secrets(
-    State(st): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    let app = app_of(&st, &id).await?;
-    let tree = head_tree(&st).await?;
+/// Names and recipients of app `id`'s secrets, never values.
+pub async fn get(st: &AppState, id: &str) -> Result<SecretsInfo> {
+    let app = app_of(st, id).await?;
+    let tree = head_tree(st).await?;
     let env = env_of(&tree, &app.env)?;
     let file = secrets_file(&tree, &app.env, &app.name)?;
-    Ok((
-        StatusCode::OK,
-        axum::Json(view(&app, env.as_ref(), file.as_ref())),
-    )
-        .into_response())
+    Ok(info(&app, env.as_ref(), file.as_ref()))
 }
 
-/// `PUT /v1/apps/{id}/secrets`: encrypt the complete set to the env's
-/// recipients; one commit replaces the file and adds a release using it.
-pub async fn put_secrets(
-    State(st): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-    SecretsBody(body): SecretsBody,
-) -> Result<Response, ApiError> {
-    let SetSecrets { secrets, unset } = body;
-    let secrets = Secrets::from(secrets);
-    let app = app_of(&st, &id).await?;
+/// Encrypt the complete set to the env's recipients; one commit replaces
+/// the file and adds a release using it.
+pub async fn put(st: &AppState, id: &str, req: SetSecrets) -> Result<SecretsInfo> {
+    let SetSecrets { secrets, unset } = req;
+    let app = app_of(st, id).await?;
     let bad: Vec<&str> = secrets
         .names()
         .chain(unset.iter().map(String::as_str))
@@ -471,37 +349,28 @@ pub async fn put_secrets(
         })
         .collect();
     if !bad.is_empty() {
-        return Err(ApiError::new(
-            Code::InvalidName,
-            format!(
-                "not secret names (environment variable names [A-Za-z_][A-Za-z0-9_]*, not ending in {}): {}",
-                meta_schema::sops::DEFAULT_UNENCRYPTED_SUFFIX,
-                bad.join(", ")
-            ),
-        ));
+        return Err(AppError::InvalidName(format!(
+            "not secret names (environment variable names [A-Za-z_][A-Za-z0-9_]*, not ending in {}): {}",
+            meta_schema::sops::DEFAULT_UNENCRYPTED_SUFFIX,
+            bad.join(", ")
+        )));
     }
     if let Some(both) = unset.iter().find(|n| secrets.contains(n)) {
-        return Err(ApiError::bad_request(format!(
+        return Err(AppError::BadRequest(format!(
             "{both} is both set and unset"
         )));
     }
-    st.meta
-        .ensure_env(&app.env, &st.config.platform_domains, &st.db)
-        .await
-        .map_err(meta_err)?;
+    super::projects::ensure_env(st, &app.env).await?;
     // A re-encryption sent by a node checks the file at the head against
     // what it re-encrypted, then commits: not in between.
     let _g = file_lock().lock().await;
-    let tree = head_tree(&st).await?;
+    let tree = head_tree(st).await?;
     let env = env_of(&tree, &app.env)?.unwrap_or_default();
     if env.age_recipients.is_empty() {
-        return Err(ApiError::new(
-            Code::Conflict,
-            format!(
-                "env {:?} has no age recipients yet: register a node (its follower does at start) before setting secrets",
-                app.env
-            ),
-        ));
+        return Err(AppError::Conflict(format!(
+            "env {:?} has no age recipients yet: register a node (its follower does at start) before setting secrets",
+            app.env
+        )));
     }
     let path = secrets_path(&app.env, &app.name);
     if let Some(current) = secrets_file(&tree, &app.env, &app.name)? {
@@ -511,13 +380,10 @@ pub async fn put_secrets(
             .filter(|n| !secrets.contains(n) && !unset.iter().any(|u| u == n))
             .collect();
         if !dropped.is_empty() {
-            return Err(ApiError::new(
-                Code::Conflict,
-                format!(
-                    "the captain cannot decrypt the current secrets to keep them: send every secret again, or list the ones to remove in `unset`; missing: {}",
-                    dropped.join(", ")
-                ),
-            ));
+            return Err(AppError::Conflict(format!(
+                "the captain cannot decrypt the current secrets to keep them: send every secret again, or list the ones to remove in `unset`; missing: {}",
+                dropped.join(", ")
+            )));
         }
     }
     let recipients: Vec<(&str, &str)> = env
@@ -526,18 +392,13 @@ pub async fn put_secrets(
         .map(|r| (r.name.as_str(), r.recipient.as_str()))
         .collect();
     let yaml = seal(&secrets, &recipients, meta_schema::now_millis()).map_err(|e| match e {
-        SealError::Recipient(_) => ApiError::new(Code::Conflict, format!("env {:?}: {e}", app.env)),
-        SealError::Sops(e) => ApiError::bad_request(format!("cannot encrypt the secrets: {e}")),
+        SealError::Recipient(_) => AppError::Conflict(format!("env {:?}: {e}", app.env)),
+        SealError::Sops(e) => AppError::BadRequest(format!("cannot encrypt the secrets: {e}")),
     })?;
     let names: Vec<String> = secrets.names().map(str::to_string).collect();
     drop(secrets);
     let bytes = yaml.into_bytes();
-    let blob = {
-        let b = bytes.clone();
-        tokio::task::spawn_blocking(move || git_blob_id(&b))
-            .await
-            .map_err(|e| ApiError::internal("hashing the secrets file", &e))??
-    };
+    let blob = blob_id(&bytes);
     let mut cs = ChangeSet::new().replace(path.clone(), bytes);
     let release = release_copy(&tree, &app, &names, &blob)?;
     if let Some(r) = &release {
@@ -558,53 +419,17 @@ pub async fn put_secrets(
             names.join(", ")
         ),
     };
-    let commit = st
-        .meta
-        .commit(cs, message)
-        .await
-        .map_err(|e| match e.repo_error() {
-            Some(meta_schema::repo::RepoError::Invalid(v)) => {
-                ApiError::new(Code::InvalidRelease, v.to_string())
-            }
-            _ => meta_err(e),
-        })?;
+    let commit = st.meta.commit(cs, message).await?;
     tracing::info!(app = %app.id, env = %app.env, names = ?names, %commit, "secrets written");
     st.mirror_wake.notify_one();
     st.rollout_wake.notify_one();
-    let tree = head_tree(&st).await?;
+    let tree = head_tree(st).await?;
     let env = env_of(&tree, &app.env)?;
     let file = secrets_file(&tree, &app.env, &app.name)?;
-    let mut v = view(&app, env.as_ref(), file.as_ref());
+    let mut v = info(&app, env.as_ref(), file.as_ref());
     v.release = release.map(|r| r.id);
     v.commit = Some(commit);
-    Ok((StatusCode::OK, axum::Json(v)).into_response())
-}
-
-/// The query of `PUT /v1/apps/{id}/secrets/file`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileQuery {
-    /// The meta commit whose secrets file was re-encrypted: refused (409)
-    /// when the file at the head is no longer that one (a set written
-    /// meanwhile must not be replaced by older values).
-    #[serde(default)]
-    pub base: Option<String>,
-}
-
-/// The body of `PUT /v1/apps/{id}/secrets/file`: a sops YAML file.
-pub struct SopsBody(String);
-
-impl<S: Send + Sync> FromRequest<S> for SopsBody {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = bytes::Bytes::from_request(req, state)
-            .await
-            .map_err(crate::error::bytes_rejection)?;
-        String::from_utf8(bytes.to_vec())
-            .map(SopsBody)
-            .map_err(|_| ApiError::bad_request("the body is not UTF-8: expected a sops YAML file"))
-    }
+    Ok(v)
 }
 
 /// `name` of the env recipient `key`, or the key itself.
@@ -615,34 +440,34 @@ fn recipient_name<'a>(env: &'a pb::Env, key: &'a str) -> &'a str {
         .map_or(key, |r| r.name.as_str())
 }
 
-/// `PUT /v1/apps/{id}/secrets/file`: a node that can decrypt the app's
-/// secrets file sends it re-encrypted to exactly the env's recipients (the
-/// same data key when nodes were only added, a fresh one when one was
-/// removed). The captain checks what it can without decrypting: same names
-/// as the current file, recipients = the env's. Idempotent: when the file at
-/// the head already has those recipients (another node was first), 200
-/// without a commit. Else one commit replaces the file and adds a release
-/// copying the newest one with the new `secrets_blob`.
-pub async fn put_secrets_file(
-    State(st): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-    ApiQuery(q): ApiQuery<FileQuery>,
-    SopsBody(yaml): SopsBody,
-) -> Result<Response, ApiError> {
-    let app = app_of(&st, &id).await?;
+/// A node that can decrypt the app's secrets file sends it re-encrypted to
+/// exactly the env's recipients (the same data key when nodes were only
+/// added, a fresh one when one was removed). The captain checks what it
+/// can without decrypting: same names as the current file, recipients =
+/// the env's, and (with `base`) the file unchanged since that commit.
+/// Idempotent: when the file at the head already has those recipients
+/// (another node was first), no commit. Else one commit replaces the file
+/// and adds a release copying the newest one with the new `secrets_blob`.
+pub async fn put_file(
+    st: &AppState,
+    id: &str,
+    base: Option<String>,
+    yaml: String,
+) -> Result<SecretsInfo> {
+    let app = app_of(st, id).await?;
     let new = SopsFile::parse(&yaml)
-        .map_err(|e| ApiError::bad_request(format!("not a sops secrets file: {e}")))?;
-    if let Some(base) = &q.base
+        .map_err(|e| AppError::BadRequest(format!("not a sops secrets file: {e}")))?;
+    if let Some(base) = &base
         && (base.len() < 40 || !base.bytes().all(|c| c.is_ascii_hexdigit()))
     {
-        return Err(ApiError::bad_request(
-            "base must be a commit id (hexadecimal)",
+        return Err(AppError::BadRequest(
+            "base must be a commit id (hexadecimal)".into(),
         ));
     }
     // Neither env.pb (the recipients) nor the file changes until the commit.
     let _e = env_lock().lock().await;
     let _g = file_lock().lock().await;
-    let tree = head_tree(&st).await?;
+    let tree = head_tree(st).await?;
     let env = env_of(&tree, &app.env)?.unwrap_or_default();
     let wanted: BTreeSet<&str> = env
         .age_recipients
@@ -650,17 +475,16 @@ pub async fn put_secrets_file(
         .map(|r| r.recipient.as_str())
         .collect();
     if wanted.is_empty() {
-        return Err(ApiError::new(
-            Code::Conflict,
-            format!("env {:?} has no age recipients", app.env),
-        ));
+        return Err(AppError::Conflict(format!(
+            "env {:?} has no age recipients",
+            app.env
+        )));
     }
     let path = secrets_path(&app.env, &app.name);
     let Some(current) = secrets_file(&tree, &app.env, &app.name)? else {
-        return Err(ApiError::new(
-            Code::Conflict,
-            format!("{path} does not exist: there is nothing to re-encrypt"),
-        ));
+        return Err(AppError::Conflict(format!(
+            "{path} does not exist: there is nothing to re-encrypt"
+        )));
     };
     let new_names: BTreeSet<&str> = new.names().into_iter().collect();
     let cur_names: BTreeSet<&str> = current.names().into_iter().collect();
@@ -668,14 +492,11 @@ pub async fn put_secrets_file(
         let diff = |a: &BTreeSet<&str>, b: &BTreeSet<&str>| {
             a.difference(b).copied().collect::<Vec<_>>().join(", ")
         };
-        return Err(ApiError::new(
-            Code::Conflict,
-            format!(
-                "a re-encrypted file must hold the names of {path}; added: [{}], missing: [{}]",
-                diff(&new_names, &cur_names),
-                diff(&cur_names, &new_names)
-            ),
-        ));
+        return Err(AppError::Conflict(format!(
+            "a re-encrypted file must hold the names of {path}; added: [{}], missing: [{}]",
+            diff(&new_names, &cur_names),
+            diff(&cur_names, &new_names)
+        )));
     }
     let got: BTreeSet<&str> = new.recipients().into_iter().collect();
     if got != wanted || got.len() != new.recipients().len() {
@@ -685,44 +506,33 @@ pub async fn put_secrets_file(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        return Err(ApiError::new(
-            Code::Conflict,
-            format!(
-                "the file must be encrypted to exactly the recipients of env {:?} ([{}]), once each; it is encrypted to [{}]",
-                app.env,
-                names(&wanted),
-                names(&got)
-            ),
-        ));
+        return Err(AppError::Conflict(format!(
+            "the file must be encrypted to exactly the recipients of env {:?} ([{}]), once each; it is encrypted to [{}]",
+            app.env,
+            names(&wanted),
+            names(&got)
+        )));
     }
     let have: BTreeSet<&str> = current.recipients().into_iter().collect();
     if have == wanted {
         // Another node re-encrypted it first (or it never was stale).
-        let v = view(&app, Some(&env), Some(&current));
-        return Ok((StatusCode::OK, axum::Json(v)).into_response());
+        return Ok(info(&app, Some(&env), Some(&current)));
     }
-    if let Some(base) = &q.base {
+    if let Some(base) = &base {
         let at_base = st.meta.tree(base.clone()).await.map_err(|_| {
-            ApiError::new(
-                Code::Conflict,
-                format!("base {base} is not a commit of the meta repository"),
-            )
+            AppError::Conflict(format!(
+                "base {base} is not a commit of the meta repository"
+            ))
         })?;
         if at_base.get(&path) != tree.get(&path) {
-            return Err(ApiError::new(
-                Code::Conflict,
-                format!("{path} changed since {base}: re-encrypt the file at the head"),
-            ));
+            return Err(AppError::Conflict(format!(
+                "{path} changed since {base}: re-encrypt the file at the head"
+            )));
         }
     }
     let names: Vec<String> = current.names().into_iter().map(str::to_string).collect();
     let bytes = yaml.into_bytes();
-    let blob = {
-        let b = bytes.clone();
-        tokio::task::spawn_blocking(move || git_blob_id(&b))
-            .await
-            .map_err(|e| ApiError::internal("hashing the secrets file", &e))??
-    };
+    let blob = blob_id(&bytes);
     let release = release_copy(&tree, &app, &names, &blob)?;
     let mut cs = ChangeSet::new().replace(path.clone(), bytes);
     if let Some(r) = &release {
@@ -750,23 +560,19 @@ pub async fn put_secrets_file(
             .map(|r| format!(" (release {})", r.id))
             .unwrap_or_default()
     );
-    let commit = st.meta.commit(cs, message).await.map_err(meta_err)?;
+    let commit = st.meta.commit(cs, message).await?;
     tracing::info!(app = %app.id, env = %app.env, removed, %commit, "secrets file re-encrypted by a node");
     st.mirror_wake.notify_one();
     st.rollout_wake.notify_one();
-    let mut v = view(&app, Some(&env), Some(&new));
+    let mut v = info(&app, Some(&env), Some(&new));
     v.release = release.map(|r| r.id);
     v.commit = Some(commit);
-    Ok((StatusCode::OK, axum::Json(v)).into_response())
+    Ok(v)
 }
 
 /// `secret_refs` and `secrets_blob` for a new release of `env/app`: the
 /// names and blob id of its secrets file at the head (empty without one).
-pub async fn current_refs(
-    st: &AppState,
-    env: &str,
-    app: &str,
-) -> Result<(Vec<String>, String), ApiError> {
+pub async fn current_refs(st: &AppState, env: &str, app: &str) -> Result<(Vec<String>, String)> {
     let tree = head_tree(st).await?;
     let path = secrets_path(env, app);
     let Some(bytes) = tree.get(&path) else {
@@ -775,11 +581,7 @@ pub async fn current_refs(
     let names = secrets_file(&tree, env, app)?
         .map(|f| f.names().into_iter().map(str::to_string).collect())
         .unwrap_or_default();
-    let b = bytes.to_vec();
-    let blob = tokio::task::spawn_blocking(move || git_blob_id(&b))
-        .await
-        .map_err(|e| ApiError::internal("hashing the secrets file", &e))??;
-    Ok((names, blob))
+    Ok((names, blob_id(bytes)))
 }
 
 #[cfg(test)]
@@ -790,7 +592,7 @@ mod tests {
     fn blob_id_is_gits() {
         // `printf 'hello\n' | git hash-object --stdin`
         assert_eq!(
-            git_blob_id(b"hello\n").unwrap(),
+            blob_id(b"hello\n"),
             "ce013625030ba8dba906f756967f9e9ca394464a"
         );
     }

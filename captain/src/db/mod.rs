@@ -14,11 +14,16 @@
 //!    two implementations disagree silently.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, Row};
+
+pub mod builds;
+
+pub use builds::BuildRow;
 
 /// Which database a URL points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,24 +100,24 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "captain",
-        include_str!("../../migrations/sqlite/0001_captain.sql"),
+        include_str!("../../../migrations/sqlite/0001_captain.sql"),
     ),
     (
         2,
         "builds",
-        include_str!("../../migrations/sqlite/0002_builds.sql"),
+        include_str!("../../../migrations/sqlite/0002_builds.sql"),
     ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "captain",
-        include_str!("../../migrations/postgres/0001_captain.sql"),
+        include_str!("../../../migrations/postgres/0001_captain.sql"),
     ),
     (
         2,
         "builds",
-        include_str!("../../migrations/postgres/0002_builds.sql"),
+        include_str!("../../../migrations/postgres/0002_builds.sql"),
     ),
 ];
 
@@ -1114,5 +1119,58 @@ impl Db {
             .await
             .map_err(q("counting commits"))?;
         i(&r, "n").map_err(q("counting commits"))
+    }
+}
+
+/// Queries of the node link (`crate::nodelink`).
+impl Db {
+    /// The live registration of every node: node id -> id of its newest
+    /// unrevoked node token. Node tokens are issued only by registration,
+    /// which revokes the previous ones.
+    pub async fn node_registrations(&self) -> Result<BTreeMap<String, String>, DbError> {
+        let op = "reading node registrations";
+        let rows = sqlx::query(
+            "SELECT node_id, id FROM tokens WHERE kind = 'node' AND revoked_at IS NULL AND node_id IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(|source| DbError::Query { op, source })?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let node: String = r
+                .try_get("node_id")
+                .map_err(|source| DbError::Query { op, source })?;
+            let id: String = r
+                .try_get("id")
+                .map_err(|source| DbError::Query { op, source })?;
+            // Ordered by id (ULIDs): the newest wins.
+            out.insert(node, id);
+        }
+        Ok(out)
+    }
+
+    /// (instance id, node id) of the reported instances of an app that its
+    /// node still has (a follower deletes a stopped instance's directory,
+    /// logs included), or of the one instance `only`, whatever its state.
+    pub async fn instances_of_app(
+        &self,
+        env: &str,
+        app: &str,
+        only: Option<&str>,
+    ) -> Result<Vec<(String, String)>, DbError> {
+        let op = "listing the instances of an app";
+        let rows = sqlx::query(
+            "SELECT id, node_id FROM instances WHERE env = $1 AND app = $2 AND (id = $3 OR ($3 = '' AND state <> 'stopped')) ORDER BY id",
+        )
+        .bind(env)
+        .bind(app)
+        .bind(only.unwrap_or(""))
+        .fetch_all(self.pool())
+        .await
+        .map_err(|source| DbError::Query { op, source })?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("node_id")?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(|source| DbError::Query { op, source })
     }
 }

@@ -36,63 +36,52 @@
 
 use std::collections::BTreeSet;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use api_types::logs::AppLogLine;
 
-use crate::AppState;
-use crate::error::{ApiError, ApiPath, ApiQuery, Code};
-use crate::nodelink::{NodeLink, error_chain};
+use super::{AppError, Result};
+use crate::nodelink::NodeLink;
+use crate::state::AppState;
 
 /// Lines per page when the query does not say.
 pub const DEFAULT_LIMIT: usize = 1000;
 /// Most lines of one page.
 pub const MAX_LIMIT: usize = 10_000;
 
-#[derive(Deserialize)]
-pub struct LogQuery {
-    #[serde(default)]
-    pub from: u64,
-    pub limit: Option<usize>,
-    /// Only this instance of the app.
-    pub instance: Option<String>,
+/// One page of an app's logs.
+pub struct LogPage {
+    pub lines: Vec<AppLogLine>,
+    /// The next `from`.
+    pub last: u64,
+    /// Nodes that did not answer.
+    pub unreachable: BTreeSet<String>,
 }
 
-/// One line of an app's logs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct AppLogLine {
-    /// Unix nanoseconds, stamped by the instance's node.
-    pub t: u64,
-    pub line: String,
-    /// The instance that wrote it.
-    pub instance: String,
-}
-
-pub async fn app_logs(
-    State(st): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-    ApiQuery(q): ApiQuery<LogQuery>,
-) -> Result<Response, ApiError> {
+/// App `id`'s log lines stamped after `from` (unix nanoseconds), at most
+/// `limit` (default [`DEFAULT_LIMIT`], at most [`MAX_LIMIT`]), of one
+/// `instance` or all of them.
+pub async fn read(
+    st: &AppState,
+    id: &str,
+    from: u64,
+    limit: Option<usize>,
+    instance: Option<&str>,
+) -> Result<LogPage> {
     let app = st
         .db
-        .app(&id)
+        .app(id)
         .await?
-        .ok_or_else(|| ApiError::not_found("app", &id))?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    let from = q.from;
+        .ok_or_else(|| AppError::not_found("app", id))?;
+    let limit = limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let instances = st
         .db
-        .instances_of_app(&app.env, &app.name, q.instance.as_deref())
+        .instances_of_app(&app.env, &app.name, instance)
         .await?;
-    if let Some(only) = &q.instance
+    if let Some(only) = instance
         && instances.is_empty()
     {
-        return Err(ApiError::new(
-            Code::NotFound,
-            format!("app {id:?} has no instance {only:?}"),
-        ));
+        return Err(AppError::NoSuch(format!(
+            "app {id:?} has no instance {only:?}"
+        )));
     }
 
     let wanted: BTreeSet<&str> = instances.iter().map(|(_, n)| n.as_str()).collect();
@@ -110,9 +99,9 @@ pub async fn app_logs(
         }
     }
     // Instances of nodes no longer registered went with their node.
-    let links = NodeLink::to_nodes(&st, asked)
+    let links = NodeLink::to_nodes(st, asked)
         .await
-        .map_err(|e| ApiError::internal("linking to the app's nodes", &e))?;
+        .map_err(|e| AppError::internal("linking to the app's nodes", e))?;
     let mut calls = Vec::new();
     for (instance, node) in &instances {
         match links.get(node) {
@@ -154,7 +143,7 @@ pub async fn app_logs(
             Err(e) if e.is_not_found() => {}
             Err(e) => {
                 if unreachable.insert(node.to_string()) {
-                    tracing::warn!(app = %id, %node, error = %error_chain(&e), "app logs: node did not answer; its lines are left out");
+                    tracing::warn!(app = %id, %node, error = %zw_util::ErrorChain(&e), "app logs: node did not answer; its lines are left out");
                 }
             }
         }
@@ -162,16 +151,11 @@ pub async fn app_logs(
     let lines = merge(lines, complete_to, limit);
     let last = lines.last().map_or(from, |l| l.t);
 
-    let mut headers = HeaderMap::new();
-    headers.insert("x-last-log-nano", HeaderValue::from(last));
-    if !unreachable.is_empty() {
-        let list = unreachable.into_iter().collect::<Vec<_>>().join(",");
-        // Node ids are DNS labels: always a valid header value.
-        if let Ok(v) = HeaderValue::from_str(&list) {
-            headers.insert("x-log-unreachable", v);
-        }
-    }
-    Ok((StatusCode::OK, headers, axum::Json(lines)).into_response())
+    Ok(LogPage {
+        lines,
+        last,
+        unreachable,
+    })
 }
 
 /// The lines stamped up to `complete_to`, oldest first, at most `limit`. A

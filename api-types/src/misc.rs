@@ -1,0 +1,36 @@
+//! Health, sign-in and the waitlist.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub database: String,
+    pub meta_head: Option<String>,
+    /// How apps are reached: `{app}` and `{domain}` are replaced (e.g.
+    /// `http://{app}.{domain}:8080` under `zw up`).
+    pub app_url: String,
+    /// Whether this captain builds (`POST /v1/builds`).
+    pub builds: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GithubLogin {
+    pub login: String,
+    /// A user API token for this GitHub user (shown once).
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinWaitlist {
+    pub email: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WaitlistResult {
+    pub email: String,
+    /// False when the address was on the list already.
+    pub joined: bool,
+}

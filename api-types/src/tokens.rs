@@ -1,0 +1,56 @@
+//! API tokens.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Kinds of token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    Admin,
+    User,
+    Node,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Admin => "admin",
+            TokenKind::User => "user",
+            TokenKind::Node => "node",
+        }
+    }
+    pub fn parse(s: &str) -> Option<TokenKind> {
+        match s {
+            "admin" => Some(TokenKind::Admin),
+            "user" => Some(TokenKind::User),
+            "node" => Some(TokenKind::Node),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: String,
+    pub kind: String,
+    pub name: String,
+    pub node_id: Option<String>,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub name: String,
+    /// admin or user (node tokens are issued by node registration).
+    pub kind: TokenKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub token: TokenView,
+    /// The secret; shown once, only its hash is stored.
+    pub secret: String,
+}

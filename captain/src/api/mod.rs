@@ -1,0 +1,441 @@
+//! The REST API: one table of routes ([`routes`]) from which both the axum
+//! router and the OpenAPI document are built, so neither can miss a route.
+//! Each handler parses, authorizes and calls an operation of [`crate::app`];
+//! the bodies are the wire types of the `api-types` crate.
+
+pub mod builds;
+pub mod deployments;
+pub mod github;
+pub mod health;
+pub mod images;
+pub mod logs;
+pub mod nodes;
+pub mod projects;
+pub mod routes_stream;
+pub mod secrets;
+pub mod tasks;
+pub mod tokens;
+pub mod waitlist;
+
+use api_types::builds::{BuildLogLine, BuildView, CreateBuild, SourceView};
+use api_types::deployments::{CreateDeployment, DeploymentView, SetStatus};
+use api_types::error::ErrorBody;
+use api_types::images::{CreateImage, ImageView};
+use api_types::logs::AppLogLine;
+use api_types::misc::{GithubLogin, Health, JoinWaitlist, WaitlistResult};
+use api_types::nodes::{
+    InstanceReport, InstanceStateUpdate, InstanceView, NodeHeartbeat, NodeView, RegisterNode,
+    RegisteredNode,
+};
+use api_types::projects::{AppView, CreateApp, CreateProject, ProjectView};
+use api_types::secrets::{SecretsView, SetSecrets};
+use api_types::tasks::TaskStatus;
+use api_types::tokens::{CreateToken, CreatedToken, TokenView};
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, MethodRouter};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa::openapi::{RefOr, Schema};
+
+use crate::auth::{self, Access};
+use crate::state::AppState;
+use crate::webhook::{GithubPush, WebhookResult};
+
+/// Largest JSON body the API accepts.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+type Schemas = Vec<(String, RefOr<Schema>)>;
+/// Registers a schema (and the schemas it refers to); returns its name.
+pub type SchemaFn = fn(&mut Schemas) -> String;
+
+fn sch<T: ToSchema>(v: &mut Schemas) -> String {
+    v.push((T::name().into_owned(), T::schema()));
+    T::schemas(v);
+    T::name().into_owned()
+}
+
+/// A body in the OpenAPI document.
+#[derive(Clone, Copy)]
+pub enum Body {
+    None,
+    One(SchemaFn),
+    List(SchemaFn),
+}
+
+/// One route of the API.
+pub struct RouteSpec {
+    pub methods: &'static [Method],
+    pub path: &'static str,
+    pub access: Access,
+    pub summary: &'static str,
+    pub request: Body,
+    pub status: u16,
+    pub response: Body,
+    pub handler: MethodRouter<AppState>,
+}
+
+impl RouteSpec {
+    fn new(
+        method: &'static Method,
+        path: &'static str,
+        access: Access,
+        handler: MethodRouter<AppState>,
+    ) -> RouteSpec {
+        RouteSpec {
+            methods: std::slice::from_ref(method),
+            path,
+            access,
+            summary: "",
+            request: Body::None,
+            status: 200,
+            response: Body::None,
+            handler,
+        }
+    }
+
+    fn summary(mut self, s: &'static str) -> RouteSpec {
+        self.summary = s;
+        self
+    }
+
+    fn takes(mut self, body: Body) -> RouteSpec {
+        self.request = body;
+        self
+    }
+
+    fn answers(mut self, status: u16, body: Body) -> RouteSpec {
+        self.status = status;
+        self.response = body;
+        self
+    }
+}
+
+macro_rules! route {
+    ($m:ident $path:literal, $access:ident, $h:expr) => {
+        RouteSpec::new(
+            &Method::$m,
+            $path,
+            Access::$access,
+            axum::routing::on(MethodFilter::$m, $h),
+        )
+    };
+}
+
+/// Every route of the captain.
+pub fn routes() -> Vec<RouteSpec> {
+    use Body::{List, None as No, One};
+    vec![
+        route!(GET "/v1/health", Public, health::health)
+            .summary("Liveness and the indexed meta head")
+            .answers(200, One(sch::<Health>)),
+        RouteSpec {
+            methods: &[Method::GET, Method::POST],
+            ..RouteSpec::new(
+                &Method::GET,
+                "/v1/auth/github",
+                Access::Public,
+                axum::routing::get(github::auth_github).post(github::auth_github),
+            )
+        }
+        .summary("GitHub OAuth: redirect to GitHub, or exchange the callback code for a user token")
+        .answers(200, One(sch::<GithubLogin>)),
+        route!(POST "/v1/webhook/github", Public, crate::webhook::github)
+            .summary("GitHub push webhook (HMAC X-Hub-Signature-256)")
+            .takes(One(sch::<GithubPush>))
+            .answers(202, One(sch::<WebhookResult>)),
+        route!(POST "/v1/waitlist", Public, waitlist::join_waitlist)
+            .summary("Join the waitlist")
+            .takes(One(sch::<JoinWaitlist>))
+            .answers(201, One(sch::<WaitlistResult>)),
+        route!(GET "/v1/openapi.json", Public, openapi_json).summary("This OpenAPI document"),
+        route!(GET "/metrics", Node, crate::metrics::render)
+            .summary("Prometheus metrics (scrape with any token)"),
+        route!(GET "/v1/admin/tasks", Admin, tasks::list_tasks)
+            .summary("The captain's background tasks: last activation, outcome, next activation")
+            .answers(200, List(sch::<TaskStatus>)),
+        route!(GET "/v1/tokens", Admin, tokens::list_tokens)
+            .summary("List API tokens")
+            .answers(200, List(sch::<TokenView>)),
+        route!(POST "/v1/tokens", Admin, tokens::create_token)
+            .summary("Create an API token")
+            .takes(One(sch::<CreateToken>))
+            .answers(201, One(sch::<CreatedToken>)),
+        route!(DELETE "/v1/tokens/{id}", Admin, tokens::revoke_token)
+            .summary("Revoke an API token")
+            .answers(204, No),
+        route!(GET "/v1/projects", User, projects::list_projects)
+            .summary("List projects")
+            .answers(200, List(sch::<ProjectView>)),
+        route!(POST "/v1/projects", User, projects::create_project)
+            .summary("Create a project (a git source)")
+            .takes(One(sch::<CreateProject>))
+            .answers(201, One(sch::<ProjectView>)),
+        route!(GET "/v1/projects/{id}", User, projects::get_project)
+            .summary("Get a project and its apps")
+            .answers(200, One(sch::<ProjectView>)),
+        route!(GET "/v1/projects/{id}/apps", User, projects::list_apps)
+            .summary("List the apps of a project")
+            .answers(200, List(sch::<AppView>)),
+        route!(POST "/v1/projects/{id}/apps", User, projects::create_app)
+            .summary("Create an app in a project")
+            .takes(One(sch::<CreateApp>))
+            .answers(201, One(sch::<AppView>)),
+        route!(GET "/v1/apps/{id}", User, projects::get_app)
+            .summary("Get an app and its active release")
+            .answers(200, One(sch::<AppView>)),
+        route!(DELETE "/v1/apps/{id}", User, projects::delete_app)
+            .summary("Delete an app (removes its releases from the meta repo)")
+            .answers(204, No),
+        route!(GET "/v1/apps/{id}/secrets", User, secrets::get_secrets)
+            .summary("Names and recipients of an app's secrets (never values)")
+            .answers(200, One(sch::<SecretsView>)),
+        route!(PUT "/v1/apps/{id}/secrets", User, secrets::put_secrets)
+            .summary("Replace an app's secrets with the complete set given: encrypted to the env's nodes, committed with a new release")
+            .takes(One(sch::<SetSecrets>))
+            .answers(200, One(sch::<SecretsView>)),
+        route!(GET "/v1/apps/{id}/logs", User, logs::app_logs)
+            .summary("An app's log lines stamped after ?from=<unix-nanos>, from its instances on their nodes, merged by time (?limit=, default 1000, max 10000; ?instance=); X-Last-Log-Nano is the next from; X-Log-Unreachable lists nodes that did not answer")
+            .answers(200, List(sch::<AppLogLine>)),
+        route!(PUT "/v1/apps/{id}/secrets/file", Node, secrets::put_secrets_file)
+            .summary("A node re-encrypts the app's secrets file (sops YAML body) to exactly the env's recipients; idempotent; committed with a new release")
+            .answers(200, One(sch::<SecretsView>)),
+        route!(GET "/v1/deployments", User, deployments::list_deployments)
+            .summary("List deployments, newest first")
+            .answers(200, List(sch::<DeploymentView>)),
+        route!(POST "/v1/deployments", User, deployments::create_deployment)
+            .summary("Create a deployment: commits a new Release to the meta repo")
+            .takes(One(sch::<CreateDeployment>))
+            .answers(201, One(sch::<DeploymentView>)),
+        route!(GET "/v1/deployments/{id}", User, deployments::get_deployment)
+            .summary("Get a deployment")
+            .answers(200, One(sch::<DeploymentView>)),
+        route!(PUT "/v1/deployments/{id}/status", User, deployments::set_deployment_status)
+            .summary("Move a deployment along the status machine")
+            .takes(One(sch::<SetStatus>))
+            .answers(200, One(sch::<DeploymentView>)),
+        route!(GET "/v1/nodes", User, nodes::list_nodes)
+            .summary("List nodes")
+            .answers(200, List(sch::<NodeView>)),
+        route!(POST "/v1/nodes", Admin, nodes::register_node)
+            .summary("Register a node; returns its node token")
+            .takes(One(sch::<RegisterNode>))
+            .answers(201, One(sch::<RegisteredNode>)),
+        route!(GET "/v1/nodes/{id}", User, nodes::get_node)
+            .summary("Get a node")
+            .answers(200, One(sch::<NodeView>)),
+        route!(DELETE "/v1/nodes/{id}", Admin, nodes::delete_node)
+            .summary("Remove a node and revoke its tokens")
+            .answers(204, No),
+        route!(PUT "/v1/nodes/{id}/state", Node, nodes::node_heartbeat)
+            .summary("Node heartbeat: state and resources")
+            .takes(One(sch::<NodeHeartbeat>))
+            .answers(200, One(sch::<NodeView>)),
+        route!(GET "/v1/instances", Node, nodes::list_instances)
+            .summary("List instances as reported by followers")
+            .answers(200, List(sch::<InstanceView>)),
+        route!(POST "/v1/instances", Node, nodes::report_instance)
+            .summary("Report an instance (upsert by id)")
+            .takes(One(sch::<InstanceReport>))
+            .answers(200, One(sch::<InstanceView>)),
+        route!(GET "/v1/instances/{id}", Node, nodes::get_instance)
+            .summary("Get an instance")
+            .answers(200, One(sch::<InstanceView>)),
+        route!(DELETE "/v1/instances/{id}", Node, nodes::delete_instance)
+            .summary("Forget an instance")
+            .answers(204, No),
+        route!(PUT "/v1/instances/{id}/state", Node, nodes::set_instance_state)
+            .summary("Update an instance's state")
+            .takes(One(sch::<InstanceStateUpdate>))
+            .answers(200, One(sch::<InstanceView>)),
+        route!(GET "/v1/images", User, images::list_images)
+            .summary("List image metadata")
+            .answers(200, List(sch::<ImageView>)),
+        route!(POST "/v1/images", Node, images::create_image)
+            .summary("Record an image's metadata")
+            .takes(One(sch::<CreateImage>))
+            .answers(201, One(sch::<ImageView>)),
+        route!(GET "/v1/images/{id}", User, images::get_image)
+            .summary("Get an image by id or digest")
+            .answers(200, One(sch::<ImageView>)),
+        route!(DELETE "/v1/images/{id}", Admin, images::delete_image)
+            .summary("Forget an image")
+            .answers(204, No),
+        route!(GET "/v1/images/{id}/download", Node, images::download_image)
+            .summary("Stream an image's ext4 root filesystem (?part=config: its config.json) from the object store"),
+        route!(POST "/v1/sources", User, builds::upload_source)
+            .summary("Upload a build source: a gzip'd tar with every entry under one top-level directory (Content-Type: application/gzip)")
+            .answers(201, One(sch::<SourceView>)),
+        route!(GET "/v1/builds", User, builds::list_builds)
+            .summary("List builds, newest first (?app_id=, ?limit=)")
+            .answers(200, List(sch::<BuildView>)),
+        route!(POST "/v1/builds", User, builds::create_build)
+            .summary("Queue a build of a git source or an uploaded source; optionally deploy its image")
+            .takes(One(sch::<CreateBuild>))
+            .answers(201, One(sch::<BuildView>)),
+        route!(GET "/v1/builds/{id}", User, builds::get_build)
+            .summary("Get a build")
+            .answers(200, One(sch::<BuildView>)),
+        route!(GET "/v1/builds/{id}/logs", User, builds::build_logs)
+            .summary("A build's log lines after ?from=<seq> (X-Last-Log-Seq), or as server-sent events with Accept: text/event-stream")
+            .answers(200, List(sch::<BuildLogLine>)),
+        route!(GET "/v1/routes/stream", User, routes_stream::stream)
+            .summary("The edge's route table as server-sent events (edge::routes format)"),
+        route!(GET "/meta.git/info/refs", Git, crate::githttp::serve)
+            .summary("git smart HTTP: ref advertisement (Basic or Bearer token)"),
+        route!(POST "/meta.git/git-upload-pack", Git, crate::githttp::serve)
+            .summary("git smart HTTP: fetch"),
+        route!(POST "/meta.git/git-receive-pack", Git, crate::githttp::serve)
+            .summary("git smart HTTP: push (validated by the pre-receive hook)"),
+    ]
+}
+
+/// The axum router of the captain.
+pub fn router(state: AppState) -> Router {
+    let mut r: Router<AppState> = Router::new();
+    for spec in routes() {
+        // git pushes and source uploads are streamed and bounded by their
+        // handlers; everything else is JSON.
+        let limit = if spec.access == Access::Git || spec.path == "/v1/sources" {
+            DefaultBodyLimit::disable()
+        } else {
+            DefaultBodyLimit::max(BODY_LIMIT)
+        };
+        let handler = spec
+            .handler
+            .route_layer(axum::middleware::from_fn_with_state(
+                (state.clone(), spec.access),
+                auth::require,
+            ))
+            .layer(limit);
+        r = r.route(spec.path, handler);
+    }
+    r.fallback(crate::error::not_found_fallback)
+        .method_not_allowed_fallback(crate::error::method_not_allowed_fallback)
+        .layer(axum::middleware::from_fn(crate::metrics::track))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The OpenAPI document, generated from [`routes`].
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::path::{
+        HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem,
+    };
+    use utoipa::openapi::request_body::RequestBodyBuilder;
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    use utoipa::openapi::{
+        ArrayBuilder, ComponentsBuilder, ContentBuilder, InfoBuilder, OpenApiBuilder, PathsBuilder,
+        Ref, ResponseBuilder,
+    };
+
+    let mut schemas: Schemas = Vec::new();
+    let err = sch::<ErrorBody>(&mut schemas);
+    let mut paths = PathsBuilder::new();
+    let content = |b: Body, schemas: &mut Schemas| -> Option<utoipa::openapi::Content> {
+        match b {
+            Body::None => None,
+            Body::One(f) => Some(
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name(f(schemas))))
+                    .build(),
+            ),
+            Body::List(f) => Some(
+                ContentBuilder::new()
+                    .schema(Some(
+                        ArrayBuilder::new()
+                            .items(Ref::from_schema_name(f(schemas)))
+                            .build(),
+                    ))
+                    .build(),
+            ),
+        }
+    };
+    for spec in routes() {
+        for m in spec.methods {
+            let method = match *m {
+                Method::GET => HttpMethod::Get,
+                Method::POST => HttpMethod::Post,
+                Method::PUT => HttpMethod::Put,
+                Method::DELETE => HttpMethod::Delete,
+                _ => HttpMethod::Patch,
+            };
+            let mut op = OperationBuilder::new()
+                .summary(Some(spec.summary))
+                .operation_id(Some(format!(
+                    "{}_{}",
+                    m.as_str().to_lowercase(),
+                    spec.path
+                        .trim_start_matches('/')
+                        .replace(['/', '{', '}', '.'], "_")
+                )));
+            for seg in spec.path.split('/') {
+                if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    op = op.parameter(
+                        ParameterBuilder::new()
+                            .name(name)
+                            .parameter_in(ParameterIn::Path)
+                            .required(utoipa::openapi::Required::True),
+                    );
+                }
+            }
+            if let Some(c) = content(spec.request, &mut schemas) {
+                op = op.request_body(Some(
+                    RequestBodyBuilder::new()
+                        .content("application/json", c)
+                        .build(),
+                ));
+            }
+            let mut ok = ResponseBuilder::new().description("success");
+            if let Some(c) = content(spec.response, &mut schemas) {
+                ok = ok.content("application/json", c);
+            }
+            op = op.response(spec.status.to_string(), ok.build()).response(
+                "default",
+                ResponseBuilder::new()
+                    .description("error: {\"error\": {\"code\", \"message\"}}")
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name(err.clone())))
+                            .build(),
+                    )
+                    .build(),
+            );
+            if !matches!(spec.access, Access::Public) {
+                op = op.security(SecurityRequirement::new("token", Vec::<String>::new()));
+            }
+            paths = paths.path(spec.path, PathItem::new(method, op.build()));
+        }
+    }
+    OpenApiBuilder::new()
+        .info(
+            InfoBuilder::new()
+                .title("zeitwork captain")
+                .version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        )
+        .paths(paths.build())
+        .components(Some(
+            ComponentsBuilder::new()
+                .schemas_from_iter(schemas)
+                .security_scheme(
+                    "token",
+                    SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+                )
+                .build(),
+        ))
+        .build()
+}
+
+async fn openapi_json() -> Response {
+    axum::Json(openapi()).into_response()
+}
+
+pub(crate) fn json<T: Serialize>(status: StatusCode, v: T) -> Response {
+    (status, axum::Json(v)).into_response()
+}

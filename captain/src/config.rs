@@ -1,0 +1,132 @@
+//! What a captain is started with ([`Config`]): embedded defaults, set from
+//! `zw captain`'s flags or by an embedding program (`zw up`, tests).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default largest uploaded source (gzip'd tar), in bytes.
+pub const DEFAULT_MAX_SOURCE_BYTES: u64 = 1 << 30;
+
+/// Everything the captain is started with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds the SQLite database, the meta repository and `admin.token`.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// `sqlite:...` or `postgres://...`; none = SQLite file in `data_dir`.
+    pub database_url: Option<String>,
+    /// A path (bare repository) or a URL to follow as origin; none =
+    /// `data_dir/meta.git`.
+    pub meta_repo: Option<String>,
+    /// How often the mirror re-reads the repository (and fetches origin).
+    pub poll_interval: Duration,
+    /// Expected node heartbeat interval; 3 missed = offline.
+    pub heartbeat_interval: Duration,
+    /// Domains written into a new env's `env.pb`.
+    pub platform_domains: Vec<String>,
+    pub github_webhook_secret: Option<String>,
+    pub github_client_id: Option<String>,
+    pub github_client_secret: Option<String>,
+    pub github_url: String,
+    pub github_api_url: String,
+    /// Command the pre-receive hook runs (see [`hooks`]); none = this
+    /// executable with `captain-pre-receive`.
+    pub hook_command: Option<Vec<String>>,
+    pub max_db_connections: u32,
+    /// How often the rollout reconciler runs without being woken.
+    pub rollout_interval: Duration,
+    /// How long a rollout may take to become healthy before it fails.
+    pub rollout_timeout: Duration,
+    /// Runs the builds of `POST /v1/builds`; none = this captain does not
+    /// build.
+    pub builder: Option<Arc<builder::Builder>>,
+    /// Where `GET /v1/images/{id}/download` reads images; none = the
+    /// builder's store.
+    pub store: Option<ImageStore>,
+    /// Builds run at once (workers claiming the queue).
+    pub build_workers: usize,
+    /// Attempts of a build whose infrastructure keeps failing.
+    pub build_max_attempts: u32,
+    /// Delay before the second attempt; doubles for each further one.
+    pub build_retry_backoff: Duration,
+    /// Largest source tarball `POST /v1/sources` accepts.
+    pub max_source_bytes: u64,
+    /// How apps are reached, for clients to print: `{app}` and `{domain}`
+    /// are replaced.
+    pub app_url_template: String,
+}
+
+impl Config {
+    /// Defaults for a data directory: loopback, embedded SQLite and repo.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database_url: None,
+            meta_repo: None,
+            poll_interval: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(5),
+            platform_domains: vec!["localhost".into()],
+            github_webhook_secret: None,
+            github_client_id: None,
+            github_client_secret: None,
+            github_url: "https://github.com".into(),
+            github_api_url: "https://api.github.com".into(),
+            hook_command: None,
+            max_db_connections: 8,
+            rollout_interval: Duration::from_secs(2),
+            rollout_timeout: crate::rollout::DEFAULT_ROLLOUT_TIMEOUT,
+            builder: None,
+            store: None,
+            build_workers: 1,
+            build_max_attempts: 3,
+            build_retry_backoff: Duration::from_secs(10),
+            max_source_bytes: DEFAULT_MAX_SOURCE_BYTES,
+            app_url_template: "https://{app}.{domain}".into(),
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("captain.db").display()
+            )
+        })
+    }
+
+    pub fn hook_command(&self) -> Vec<String> {
+        self.hook_command.clone().unwrap_or_else(|| {
+            let exe = std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "zw".into());
+            vec![exe, "captain-pre-receive".into()]
+        })
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+}
+
+/// The object store images are served from.
+#[derive(Clone)]
+pub struct ImageStore(pub Arc<dyn builder::ObjectStore>);
+
+impl std::fmt::Debug for ImageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.describe())
+    }
+}
+
+impl Config {
+    /// The store images are downloaded from, if any.
+    pub fn image_store(&self) -> Option<Arc<dyn builder::ObjectStore>> {
+        self.store
+            .as_ref()
+            .map(|s| s.0.clone())
+            .or_else(|| self.builder.as_ref().map(|b| b.store().clone()))
+    }
+}

@@ -1,0 +1,18 @@
+//! Small helpers every zeitwork crate uses, written once:
+//!
+//! - [`Sha256Digest`]: the one spelling of a content digest
+//!   (`sha256:<64 lowercase hex>`), parsed with [`std::str::FromStr`].
+//! - [`atomic_write`]: state on disk is written to a temporary file,
+//!   fsynced, renamed over the old one and the directory fsynced, so a crash
+//!   leaves either the old or the new content, never a mix.
+//! - [`ErrorChain`]: an error with all its causes on one line, for logs and
+//!   messages (a `Display` of ours never repeats its `#[source]`, so the
+//!   chain is where the causes are printed).
+
+mod digest;
+mod error;
+mod fs;
+
+pub use digest::{DigestError, Sha256Digest};
+pub use error::{ErrorChain, error_chain};
+pub use fs::atomic_write;
