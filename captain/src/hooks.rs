@@ -3,16 +3,14 @@
 //! The captain writes `scripts/pre-receive.sh` into the bare repository's
 //! `hooks/`; the script execs the command in `ZW_PRE_RECEIVE_HOOK`, which
 //! in production is `zw captain-pre-receive` (a hidden subcommand calling
-//! [`main_entry`]). Objects are read with the `git` binary, which honours
-//! the quarantine environment of a push in progress.
+//! [`main_entry`]). Objects are read with `meta_schema::pushed`, which
+//! honours the quarantine environment of a push in progress.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use meta_schema::MetaTree;
 use meta_schema::layout::MetaPath;
+use meta_schema::pushed;
 use meta_schema::repo::DEFAULT_BRANCH;
 
 /// The hook script, installed into every meta repository the captain serves.
@@ -38,8 +36,8 @@ pub enum HookError {
         commit: String,
         errors: meta_schema::validate::ValidationErrors,
     },
-    #[error("git {op} failed: {detail}")]
-    Git { op: String, detail: String },
+    #[error("reading the pushed commits")]
+    Repo(#[source] meta_schema::repo::RepoError),
     #[error("installing the pre-receive hook at {path}")]
     Install {
         path: PathBuf,
@@ -50,103 +48,6 @@ pub enum HookError {
 
 fn is_zero(id: &str) -> bool {
     id.bytes().all(|b| b == b'0')
-}
-
-fn git_out(git_dir: &Path, args: &[&str]) -> Result<Vec<u8>, HookError> {
-    let out = Command::new("git")
-        .arg("--git-dir")
-        .arg(git_dir)
-        .args(args)
-        .output()
-        .map_err(|e| HookError::Git {
-            op: args.join(" "),
-            detail: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(HookError::Git {
-            op: args.join(" "),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(out.stdout)
-}
-
-/// path -> blob id of every file of `commit`.
-fn list_tree(git_dir: &Path, commit: &str) -> Result<BTreeMap<String, String>, HookError> {
-    let out = git_out(git_dir, &["ls-tree", "-r", "-z", "--full-tree", commit])?;
-    let mut files = BTreeMap::new();
-    for entry in out.split(|b| *b == 0).filter(|e| !e.is_empty()) {
-        let entry = String::from_utf8_lossy(entry);
-        let Some((meta, path)) = entry.split_once('\t') else {
-            return Err(HookError::Git {
-                op: "ls-tree".into(),
-                detail: format!("unexpected line {entry:?}"),
-            });
-        };
-        let mut parts = meta.split(' ');
-        let (_mode, kind, oid) = (parts.next(), parts.next(), parts.next());
-        if kind == Some("blob")
-            && let Some(oid) = oid
-        {
-            files.insert(path.to_string(), oid.to_string());
-        }
-    }
-    Ok(files)
-}
-
-/// Read the blobs of `files` with one `git cat-file --batch`.
-fn read_blobs(git_dir: &Path, files: &BTreeMap<String, String>) -> Result<MetaTree, HookError> {
-    let git_err = |e: std::io::Error| HookError::Git {
-        op: "cat-file --batch".into(),
-        detail: e.to_string(),
-    };
-    let mut child = Command::new("git")
-        .arg("--git-dir")
-        .arg(git_dir)
-        .args(["cat-file", "--batch"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(git_err)?;
-    let mut stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| git_err(std::io::Error::other("no stdin")))?;
-    let ids: Vec<String> = files.values().cloned().collect();
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        for id in ids {
-            writeln!(stdin, "{id}")?;
-        }
-        Ok(())
-    });
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| git_err(std::io::Error::other("no stdout")))?;
-    let mut r = std::io::BufReader::new(stdout);
-    let mut tree = MetaTree::new();
-    for path in files.keys() {
-        let mut header = String::new();
-        r.read_line(&mut header).map_err(git_err)?;
-        let size: usize = header
-            .split_whitespace()
-            .nth(2)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| HookError::Git {
-                op: "cat-file --batch".into(),
-                detail: format!("unexpected header {header:?} for {path}"),
-            })?;
-        let mut buf = vec![0u8; size + 1];
-        std::io::Read::read_exact(&mut r, &mut buf).map_err(git_err)?;
-        buf.truncate(size);
-        tree.insert(path.clone(), buf);
-    }
-    writer
-        .join()
-        .map_err(|_| git_err(std::io::Error::other("writer thread panicked")))?
-        .map_err(git_err)?;
-    child.wait().map_err(git_err)?;
-    Ok(tree)
 }
 
 /// Validate the refs of a push (the `pre-receive` lines on `stdin`) in the
@@ -168,9 +69,9 @@ pub fn pre_receive(stdin: impl BufRead, git_dir: &Path) -> Result<(), HookError>
         if is_zero(new) {
             return Err(HookError::Delete);
         }
-        let new_files = list_tree(git_dir, new)?;
+        let new_files = pushed::list_tree(git_dir, new).map_err(HookError::Repo)?;
         if !is_zero(old) {
-            let old_files = list_tree(git_dir, old)?;
+            let old_files = pushed::list_tree(git_dir, old).map_err(HookError::Repo)?;
             for (path, oid) in &old_files {
                 let immutable = MetaPath::parse(path).is_some_and(|p| p.is_immutable());
                 if immutable && new_files.get(path).is_some_and(|n| n != oid) {
@@ -178,7 +79,7 @@ pub fn pre_receive(stdin: impl BufRead, git_dir: &Path) -> Result<(), HookError>
                 }
             }
         }
-        let tree = read_blobs(git_dir, &new_files)?;
+        let tree = pushed::read_blobs(git_dir, &new_files).map_err(HookError::Repo)?;
         meta_schema::validate::validate_tree(&tree).map_err(|errors| HookError::Invalid {
             commit: new.to_string(),
             errors,
@@ -198,7 +99,7 @@ pub fn main_entry() -> i32 {
     match pre_receive(std::io::stdin().lock(), &git_dir) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("zeitwork: push refused: {e}");
+            eprintln!("zeitwork: push refused: {}", zw_util::ErrorChain(&e));
             1
         }
     }

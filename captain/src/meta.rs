@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 
 use meta_schema::MetaTree;
@@ -104,25 +103,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await?
 }
 
-fn git(git_dir: &Path, args: &[&str]) -> Result<String, MetaError> {
-    let out = Command::new("git")
-        .arg("--git-dir")
-        .arg(git_dir)
-        .args(args)
-        .output()
-        .map_err(|e| MetaError::Git {
-            op: args.first().copied().unwrap_or("").to_string(),
-            detail: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(MetaError::Git {
-            op: args.join(" "),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 impl MetaStore {
     /// Open (or create) the repository of `location`. Blocking.
     pub fn open(location: &MetaLocation) -> Result<MetaStore, MetaError> {
@@ -133,24 +113,12 @@ impl MetaStore {
                 None,
             ),
             MetaLocation::Remote { url, clone } => {
-                if !clone.join("HEAD").exists() {
-                    std::fs::create_dir_all(clone).map_err(|e| MetaError::Git {
-                        op: format!("creating {}", clone.display()),
-                        detail: e.to_string(),
-                    })?;
-                    git(
-                        clone,
-                        &[
-                            "init",
-                            "--bare",
-                            "--quiet",
-                            "--initial-branch",
-                            DEFAULT_BRANCH,
-                        ],
-                    )?;
+                let repo = if clone.join("HEAD").exists() {
+                    MetaRepo::open(clone)
+                } else {
+                    MetaRepo::init_empty_bare(clone)
                 }
-                let repo = MetaRepo::open(clone)
-                    .map_err(repo_err(format!("opening {}", clone.display())))?;
+                .map_err(repo_err(format!("opening {}", clone.display())))?;
                 (repo, Some(url.clone()))
             }
         };
@@ -199,23 +167,18 @@ impl MetaStore {
                     .is_ancestor(&l, &fetched)
                     .map_err(repo_err("comparing heads"))?
                 {
-                    git(
-                        &self.repo.git_dir(),
-                        &["update-ref", "refs/heads/main", &fetched, &l],
-                    )?;
-                    Ok(true)
+                    self.repo
+                        .set_branch(DEFAULT_BRANCH, &fetched, Some(&l))
+                        .map_err(repo_err("fast-forwarding to the origin"))
                 } else {
                     tracing::warn!(local = %l, origin = %fetched, "origin of the meta repository does not descend from the local head; not following");
                     Ok(false)
                 }
             }
-            None => {
-                git(
-                    &self.repo.git_dir(),
-                    &["update-ref", "refs/heads/main", &fetched],
-                )?;
-                Ok(true)
-            }
+            None => self
+                .repo
+                .set_branch(DEFAULT_BRANCH, &fetched, None)
+                .map_err(repo_err("following the origin")),
         }
     }
 
@@ -281,12 +244,10 @@ impl MetaStore {
             let url = me.origin.clone().unwrap_or_default();
             if let Err(e) = me.repo.push(&url, DEFAULT_BRANCH) {
                 // Undo the local commit so the clone keeps following origin.
-                let mut args = vec!["update-ref", "refs/heads/main"];
-                let b = before.clone().unwrap_or_default();
-                if before.is_some() {
-                    args.push(&b);
-                    args.push(&c);
-                    git(&me.repo.git_dir(), &args)?;
+                if let Some(b) = &before {
+                    me.repo
+                        .set_branch(DEFAULT_BRANCH, b, Some(&c))
+                        .map_err(repo_err("undoing a commit the origin refused"))?;
                 }
                 return Err(MetaError::Repo {
                     op: format!("pushing to {url}"),
@@ -300,8 +261,15 @@ impl MetaStore {
         Ok(c)
     }
 
+    /// Holds off the mirror: a change to the database rows the mirror also
+    /// writes (deleting an app) is made under it, so a sync of an older
+    /// head cannot bring the rows back.
+    pub async fn mirror_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.sync_lock.lock().await
+    }
+
     /// An env whose `env.pb` is known to exist (cached by
-    /// `app::projects::ensure_env`).
+    /// `app::envs::ensure_env`).
     pub fn env_known(&self, env: &str) -> bool {
         self.envs.lock().map(|s| s.contains(env)).unwrap_or(false)
     }
@@ -411,42 +379,22 @@ const COMMIT_BATCH: usize = 256;
 
 /// Up to `n` commits reachable from `head`, newest first, after `skip`.
 fn commits_batch(
-    git_dir: &Path,
+    repo: &MetaRepo,
     head: &str,
     skip: usize,
     n: usize,
 ) -> Result<Vec<CommitRow>, MetaError> {
-    let out = git(
-        git_dir,
-        &[
-            "log",
-            "--format=%H%x1f%an <%ae>%x1f%ct%x1f%s%x1e",
-            &format!("--max-count={n}"),
-            &format!("--skip={skip}"),
-            head,
-        ],
-    )?;
-    let mut v = Vec::new();
-    for rec in out.split('\x1e') {
-        let rec = rec.trim_matches(['\n', '\r']);
-        if rec.is_empty() {
-            continue;
-        }
-        let f: Vec<&str> = rec.split('\x1f').collect();
-        let [id, author, time, subject] = f.as_slice() else {
-            return Err(MetaError::Git {
-                op: "log".into(),
-                detail: format!("unexpected record {rec:?}"),
-            });
-        };
-        v.push(CommitRow {
-            id: id.to_string(),
-            author: author.to_string(),
-            time: time.parse().unwrap_or(0),
-            message: subject.to_string(),
-        });
-    }
-    Ok(v)
+    Ok(repo
+        .history(head, skip, n)
+        .map_err(repo_err("reading history"))?
+        .into_iter()
+        .map(|c| CommitRow {
+            id: c.id,
+            author: c.author,
+            time: c.time,
+            message: c.subject,
+        })
+        .collect())
 }
 
 /// Index the head of the meta repository into the database.
@@ -556,7 +504,7 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
         let batch = {
             let me = store.clone();
             let h = head.clone();
-            blocking(move || commits_batch(&me.repo.git_dir(), &h, skip, COMMIT_BATCH)).await?
+            blocking(move || commits_batch(&me.repo, &h, skip, COMMIT_BATCH)).await?
         };
         if batch.is_empty() {
             break;

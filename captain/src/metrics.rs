@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -118,18 +118,9 @@ pub async fn track(req: Request, next: Next) -> Response {
     res
 }
 
-/// `GET /metrics`: Prometheus text format.
-pub async fn render() -> Response {
+/// Every metric in the OpenMetrics text format (`GET /metrics`).
+pub fn encode() -> Result<String, std::fmt::Error> {
     let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &METRICS.registry) {
-        Ok(()) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        )
-            .into_response(),
-        Err(e) => crate::error::ApiError::internal("encoding metrics", &e).into_response(),
-    }
+    prometheus_client::encoding::text::encode(&mut out, &METRICS.registry)?;
+    Ok(out)
 }

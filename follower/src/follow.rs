@@ -84,18 +84,7 @@ impl MetaFollower {
         let repo = if local.join("HEAD").exists() {
             MetaRepo::open(local)
         } else {
-            std::fs::create_dir_all(local)
-                .map_err(|e| FollowError::Open {
-                    path: local.into(),
-                    reason: e.to_string(),
-                })
-                .and_then(|_| {
-                    init_empty_bare(local).map_err(|reason| FollowError::Open {
-                        path: local.into(),
-                        reason,
-                    })
-                })?;
-            MetaRepo::open(local)
+            MetaRepo::init_empty_bare(local)
         }
         .map_err(|e| FollowError::Open {
             path: local.into(),
@@ -179,20 +168,6 @@ impl MetaFollower {
             from: applied,
             to: head,
         })
-    }
-}
-
-/// A bare repository with no commit, to fetch into.
-fn init_empty_bare(path: &Path) -> Result<(), String> {
-    let out = std::process::Command::new("git")
-        .args(["init", "--quiet", "--bare"])
-        .arg(path)
-        .output()
-        .map_err(|e| format!("running git init: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
 

@@ -2,12 +2,13 @@
 //! validation, the pure function [`desired::desired_state`], and access to
 //! the git repository itself ([`repo`]).
 //!
-//! Everything here except [`repo`] is pure: no network, no clock (time comes
+//! Everything here except [`repo`] and [`pushed`] is pure: no network, no clock (time comes
 //! in as an explicit `now` argument), no filesystem beyond
 //! [`MetaTree::from_dir`].
 
 pub mod desired;
 pub mod layout;
+pub mod pushed;
 pub mod repo;
 pub mod sops;
 pub mod text;

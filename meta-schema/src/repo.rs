@@ -59,6 +59,13 @@ pub enum RepoError {
     Contended { branch: String, attempts: u32 },
     #[error("git {op} failed: {detail}")]
     GitCommand { op: String, detail: String },
+    /// The remote refused the push because it does not descend from its
+    /// branch (someone else pushed first): fetch, re-apply, push again.
+    #[error("the push was refused: the remote moved on ({detail})")]
+    Rejected { detail: String },
+    /// The remote (its pre-receive hook) refused what was pushed.
+    #[error("the remote refused the push: {detail}")]
+    Refused { detail: String },
     #[error("{op} at {path}")]
     Io {
         op: &'static str,
@@ -162,6 +169,82 @@ pub struct LogEntry {
     pub paths: Vec<String>,
 }
 
+/// One commit of a branch's history ([`MetaRepo::history`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub id: String,
+    /// `name <email>`.
+    pub author: String,
+    /// Commit time, unix seconds.
+    pub time: i64,
+    /// The first line of the message.
+    pub subject: String,
+}
+
+/// How to reach a remote: its URL and, for smart HTTP, a header to send
+/// (`Authorization: Bearer ...`). The header goes to git through its
+/// environment, never its arguments (which other users can read).
+#[derive(Clone, Default)]
+pub struct Remote {
+    pub url: String,
+    pub header: Option<String>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("url", &redact_url(&self.url))
+            .field("header", &self.header.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Remote {
+    pub fn new(url: impl Into<String>) -> Remote {
+        Remote {
+            url: url.into(),
+            header: None,
+        }
+    }
+
+    /// A remote reached with `Authorization: Bearer <token>`.
+    pub fn with_bearer(url: impl Into<String>, token: &str) -> Remote {
+        Remote {
+            url: url.into(),
+            header: Some(format!("Authorization: Bearer {token}")),
+        }
+    }
+
+    /// `git` with this remote's header in its environment.
+    fn git(&self) -> Command {
+        let mut c = Command::new("git");
+        c.env("GIT_TERMINAL_PROMPT", "0");
+        if let Some(h) = &self.header {
+            c.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env("GIT_CONFIG_VALUE_0", h);
+        }
+        c
+    }
+}
+
+/// A URL with any password (`https://user:secret@host/...`) replaced, for
+/// logs and messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let slash = if rest.contains('/') { "/" } else { "" };
+            format!("{scheme}://{user}:<redacted>@{host}{slash}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
 /// A meta repository on disk (bare or not).
 #[derive(Clone)]
 pub struct MetaRepo {
@@ -230,6 +313,28 @@ impl MetaRepo {
             path: path.to_path_buf(),
             repo: repo.into_sync(),
         })
+    }
+
+    /// Create an empty bare repository (no commit, no settings of a meta
+    /// repository): a clone to fetch into.
+    pub fn init_empty_bare(path: &Path) -> Result<MetaRepo> {
+        std::fs::create_dir_all(path).map_err(|source| RepoError::Io {
+            op: "creating a repository directory",
+            path: path.into(),
+            source,
+        })?;
+        let repo =
+            gix::init_bare(path).map_err(gix_err(format!("initialising {}", path.display())))?;
+        std::fs::write(
+            repo.path().join("HEAD"),
+            format!("ref: refs/heads/{DEFAULT_BRANCH}\n"),
+        )
+        .map_err(|source| RepoError::Io {
+            op: "writing HEAD",
+            path: repo.path().join("HEAD"),
+            source,
+        })?;
+        MetaRepo::open(path)
     }
 
     /// Open the repository at `path`, creating it (bare) if absent.
@@ -476,6 +581,260 @@ impl MetaRepo {
         Ok(base.is_some_and(|b| b.detach() == a))
     }
 
+    /// Move `branch` to `new` if it is at `expected` now (`None`: the branch
+    /// must not exist). Compare-and-swap: false when it was elsewhere.
+    pub fn set_branch(&self, branch: &str, new: &str, expected: Option<&str>) -> Result<bool> {
+        use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
+        let repo = self.local();
+        let new = resolve(&repo, new)?;
+        let expected = match expected {
+            Some(e) => {
+                PreviousValue::MustExistAndMatch(gix::refs::Target::Object(resolve(&repo, e)?))
+            }
+            None => PreviousValue::MustNotExist,
+        };
+        let name = format!("refs/heads/{branch}");
+        let edit = RefEdit {
+            change: Change::Update {
+                log: LogChange {
+                    mode: RefLog::AndReference,
+                    force_create_reflog: false,
+                    message: "zeitwork: move branch".into(),
+                },
+                expected,
+                new: gix::refs::Target::Object(new),
+            },
+            name: name
+                .as_str()
+                .try_into()
+                .map_err(gix_err(format!("ref name {name}")))?,
+            deref: false,
+        };
+        match repo.edit_reference(edit) {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let now = ref_target(&repo, &name)?;
+                if now == Some(new) {
+                    return Ok(true);
+                }
+                tracing::debug!(branch, error = %e, "branch moved meanwhile");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Up to `n` commits reachable from `head`, newest first (by commit
+    /// time), after skipping `skip`.
+    pub fn history(&self, head: &str, skip: usize, n: usize) -> Result<Vec<CommitInfo>> {
+        let repo = self.local();
+        let head = resolve(&repo, head)?;
+        let walk = repo
+            .rev_walk([head])
+            .sorting(gix::revision::walk::Sorting::ByCommitTime(
+                Default::default(),
+            ))
+            .all()
+            .map_err(gix_err("walking history"))?;
+        let mut out = Vec::new();
+        for info in walk.skip(skip).take(n) {
+            let info = info.map_err(gix_err("walking history"))?;
+            let commit = repo
+                .find_commit(info.id)
+                .map_err(gix_err("reading commit"))?;
+            let decoded = commit.decode().map_err(gix_err("decoding commit"))?;
+            let author = decoded.author().map_err(gix_err("decoding commit"))?;
+            let message = decoded.message.to_str_lossy();
+            out.push(CommitInfo {
+                id: info.id.to_string(),
+                author: format!("{} <{}>", author.name, author.email),
+                time: decoded
+                    .committer()
+                    .ok()
+                    .and_then(|c| c.time().ok())
+                    .map(|t| t.seconds)
+                    .unwrap_or(0),
+                subject: message.lines().next().unwrap_or("").to_string(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The bytes of `path` at `commit` (hex id or ref name), if present.
+    pub fn blob_at(&self, commit: &str, path: &str) -> Result<Option<Vec<u8>>> {
+        let repo = self.local();
+        let id = resolve(&repo, commit)?;
+        let tree = repo
+            .find_tree(commit_tree(&repo, id)?)
+            .map_err(gix_err("reading tree"))?;
+        let Some(entry) = tree
+            .lookup_entry_by_path(path)
+            .map_err(gix_err(format!("looking up {path}")))?
+        else {
+            return Ok(None);
+        };
+        if !entry.mode().is_blob() {
+            return Ok(None);
+        }
+        let blob = repo
+            .find_blob(entry.oid())
+            .map_err(gix_err(format!("reading {path}")))?;
+        Ok(Some(blob.data.clone()))
+    }
+
+    /// Apply `changes` on top of `branch` of `remote` and push, without
+    /// force: fetch, commit on the fetched head, push; when the push is
+    /// rejected because someone else pushed first, fetch again and re-apply
+    /// on the new head (the compare-and-swap of [`MetaRepo::commit_by`],
+    /// across machines). Returns the pushed commit.
+    pub fn commit_and_push(
+        &self,
+        remote: &Remote,
+        branch: &str,
+        changes: &ChangeSet,
+        message: &str,
+        who: &Identity,
+    ) -> Result<String> {
+        const ATTEMPTS: u32 = 20;
+        for attempt in 0..ATTEMPTS {
+            let fetched = self.fetch_remote(remote, branch)?;
+            let local = self.head(branch)?;
+            if local != fetched {
+                match &fetched {
+                    Some(f) => {
+                        // Start over from the remote: a commit of ours that
+                        // was not pushed is rebuilt on top of it.
+                        self.force_branch(branch, f)?;
+                    }
+                    None => {
+                        return Err(RepoError::NoBranch {
+                            branch: format!("{branch} on {}", redact_url(&remote.url)),
+                        });
+                    }
+                }
+            }
+            let c = self.commit_by(branch, changes, message, who)?;
+            match self.push_remote(remote, branch) {
+                Ok(()) => return Ok(c),
+                Err(RepoError::Rejected { detail }) => {
+                    tracing::debug!(attempt, %detail, "push lost a race; re-applying on the new head");
+                    if let Some(f) = &fetched {
+                        self.force_branch(branch, f)?;
+                    }
+                    std::thread::sleep(Duration::from_millis(
+                        10 + rand_u64() % (50 * u64::from(attempt + 1)),
+                    ));
+                }
+                Err(e) => {
+                    // Leave the branch where the remote is.
+                    if let Some(f) = &fetched {
+                        let _ = self.force_branch(branch, f);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Err(RepoError::Contended {
+            branch: branch.to_string(),
+            attempts: ATTEMPTS,
+        })
+    }
+
+    /// Point `branch` at `commit`, wherever it was.
+    pub fn force_branch(&self, branch: &str, commit: &str) -> Result<()> {
+        let now = self.head(branch)?;
+        if self.set_branch(branch, commit, now.as_deref())? {
+            Ok(())
+        } else {
+            Err(RepoError::Contended {
+                branch: branch.to_string(),
+                attempts: 1,
+            })
+        }
+    }
+
+    /// Fetch `branch` of `remote` (its header, if any, sent with every
+    /// request) into `refs/remotes/origin/<branch>`; the fetched head.
+    pub fn fetch_remote(&self, remote: &Remote, branch: &str) -> Result<Option<String>> {
+        if remote.header.is_none() {
+            return self.fetch(&remote.url, branch);
+        }
+        let out = remote
+            .git()
+            .arg("--git-dir")
+            .arg(self.git_dir())
+            .args([
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--",
+                &remote.url,
+                &format!("+refs/heads/{branch}:refs/remotes/origin/{branch}"),
+            ])
+            .output()
+            .map_err(|source| RepoError::Io {
+                op: "running git fetch",
+                path: self.path.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(RepoError::GitCommand {
+                op: format!("fetch from {}", redact_url(&remote.url)),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        self.resolve_ref(&format!("refs/remotes/origin/{branch}"))
+    }
+
+    /// Push `branch` to `remote` without force.
+    pub fn push_remote(&self, remote: &Remote, branch: &str) -> Result<()> {
+        let out = remote
+            .git()
+            .arg("--git-dir")
+            .arg(self.git_dir())
+            .args([
+                "push",
+                "--quiet",
+                "--porcelain",
+                "--",
+                &remote.url,
+                &format!("refs/heads/{branch}:refs/heads/{branch}"),
+            ])
+            .output()
+            .map_err(|source| RepoError::Io {
+                op: "running git push",
+                path: self.path.clone(),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let both = format!("{stdout}\n{stderr}");
+        if both.contains("non-fast-forward")
+            || both.contains("fetch first")
+            || both.contains("[rejected]") && both.contains("(stale info)")
+        {
+            return Err(RepoError::Rejected {
+                detail: stderr.trim().to_string(),
+            });
+        }
+        let detail: Vec<&str> = both
+            .lines()
+            .map(|l| l.trim_start_matches("remote:").trim())
+            .filter(|l| {
+                !l.is_empty()
+                    && !l.starts_with("To ")
+                    && !l.starts_with("error: failed to push")
+                    && !l.starts_with("Done")
+                    && !l.starts_with('!')
+            })
+            .collect();
+        Err(RepoError::Refused {
+            detail: detail.join("; "),
+        })
+    }
+
     /// Fetch `branch` of `url` (file://, http(s)://, or a path) into
     /// `refs/remotes/origin/<branch>` and return the fetched head. Forced:
     /// the caller decides with [`MetaRepo::is_ancestor`] whether to follow.
@@ -499,28 +858,7 @@ impl MetaRepo {
 
     /// Push `branch` to `url` with the git binary (gix cannot push).
     pub fn push(&self, url: &str, branch: &str) -> Result<()> {
-        let out = Command::new("git")
-            .arg("--git-dir")
-            .arg(self.git_dir())
-            .args([
-                "push",
-                "--quiet",
-                url,
-                &format!("refs/heads/{branch}:refs/heads/{branch}"),
-            ])
-            .output()
-            .map_err(|source| RepoError::Io {
-                op: "running git push",
-                path: self.path.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(RepoError::GitCommand {
-                op: "push".into(),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(())
+        self.push_remote(&Remote::new(url), branch)
     }
 
     /// Undo `commit` on top of `branch` with a new commit.
@@ -684,6 +1022,51 @@ fn read_tree(repo: &gix::Repository, tree: ObjectId) -> Result<MetaTree> {
         out.insert(path, blob.data.clone());
     }
     Ok(out)
+}
+
+/// The commit `branch` (or HEAD when none) of the repository at `url`
+/// points at now (`git ls-remote`); `None` when it has no such branch.
+pub fn remote_commit(url: &str, branch: Option<&str>) -> Result<Option<String>> {
+    let refname = branch.map_or_else(|| "HEAD".to_string(), |b| format!("refs/heads/{b}"));
+    let out = Remote::new(url)
+        .git()
+        .args(["ls-remote", "--", url, &refname])
+        .output()
+        .map_err(|source| RepoError::Io {
+            op: "running git ls-remote",
+            path: PathBuf::from(url),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(RepoError::GitCommand {
+            op: format!("ls-remote {}", redact_url(url)),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().find_map(|l| {
+        let (sha, name) = l.split_once('\t')?;
+        (name == refname).then(|| sha.to_string())
+    }))
+}
+
+/// The HEAD commit of the git work tree at `dir` when it has no change
+/// (tracked or untracked), else `None` (not a repository, no commit, or
+/// dirty): what a build of that directory can honestly record.
+pub fn clean_head(dir: &Path) -> Option<String> {
+    let run = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match (run(&["rev-parse", "HEAD"]), run(&["status", "--porcelain"])) {
+        (Some(head), Some(dirty)) if dirty.is_empty() => Some(head),
+        _ => None,
+    }
 }
 
 /// The paths of a tree that are meta files (for listing).

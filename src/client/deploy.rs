@@ -274,46 +274,19 @@ fn build(client: &Api, a: &DeployArgs, app: &AppView) -> anyhow::Result<(String,
 
 /// The commit a remote's branch (or HEAD) points at now.
 fn remote_commit(url: &str, branch: Option<&str>) -> anyhow::Result<String> {
-    let refname = branch.map_or_else(|| "HEAD".to_string(), |b| format!("refs/heads/{b}"));
-    let out = std::process::Command::new("git")
-        .args(["ls-remote", "--", url, &refname])
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .output()
-        .context("running git ls-remote (is git installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "git ls-remote {url}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let Some(sha) = text.lines().find_map(|l| {
-        let (sha, name) = l.split_once('\t')?;
-        (name == refname).then(|| sha.to_string())
-    }) else {
-        bail!(
-            "{url} has no {}",
-            branch.map_or("HEAD".to_string(), |b| format!("branch {b}"))
-        );
-    };
-    Ok(sha)
+    meta_schema::repo::remote_commit(url, branch)
+        .with_context(|| format!("asking {url} for its head"))?
+        .with_context(|| {
+            format!(
+                "{url} has no {}",
+                branch.map_or("HEAD".to_string(), |b| format!("branch {b}"))
+            )
+        })
 }
 
 /// HEAD of a clean git work tree, else empty (the release records no commit).
 fn local_commit(dir: &std::path::Path) -> String {
-    let run = |args: &[&str]| {
-        std::process::Command::new("git")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    match (run(&["rev-parse", "HEAD"]), run(&["status", "--porcelain"])) {
-        (Some(head), Some(dirty)) if dirty.is_empty() => head,
-        _ => String::new(),
-    }
+    meta_schema::repo::clean_head(dir).unwrap_or_default()
 }
 
 pub fn run(a: DeployArgs) -> anyhow::Result<()> {

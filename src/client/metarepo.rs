@@ -5,76 +5,55 @@
 //! committed and pushed here; the captain's pre-receive hook validates it
 //! and its mirror indexes it before the push returns.
 
-use std::path::Path;
-use std::process::{Command, Output};
-
 use anyhow::{Context as _, bail};
 use meta_schema::pb;
+use meta_schema::repo::{ChangeSet, DEFAULT_BRANCH, Identity, MetaRepo, Remote, RepoError};
 use prost::Message as _;
 
 use super::api::{Api, enc};
 use super::{AppView, DeploymentView};
 
 pub struct MetaClone {
-    dir: tempfile::TempDir,
-    token: String,
-    url: String,
+    _dir: tempfile::TempDir,
+    repo: MetaRepo,
+    remote: Remote,
+    /// The captain's head when cloned.
+    head: String,
 }
 
 impl MetaClone {
     /// Clone the captain's meta repository into a temporary directory.
     pub fn open(client: &Api) -> anyhow::Result<MetaClone> {
         let dir = tempfile::Builder::new().prefix("zw-meta-").tempdir()?;
-        let m = MetaClone {
-            dir,
-            token: client.token().to_string(),
-            url: format!("{}/meta.git", client.base),
-        };
-        let dest = m.dir.path().join("repo");
-        let out = m.git_in(
-            m.dir.path(),
-            &["clone", "--quiet", "--no-tags", &m.url, "repo"],
-        )?;
-        if !out.status.success() {
-            bail!(
-                "cloning the meta repository {} (from {}): {}",
-                m.url,
-                client.base_origin,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        debug_assert!(dest.is_dir());
-        Ok(m)
+        let remote = Remote::with_bearer(format!("{}/meta.git", client.base), client.token());
+        let repo = MetaRepo::init_empty_bare(&dir.path().join("repo"))?;
+        let head = repo
+            .fetch_remote(&remote, DEFAULT_BRANCH)
+            .with_context(|| {
+                format!(
+                    "cloning the meta repository {} (from {})",
+                    remote.url, client.base_origin
+                )
+            })?
+            .with_context(|| format!("the meta repository {} has no commit", remote.url))?;
+        repo.force_branch(DEFAULT_BRANCH, &head)?;
+        Ok(MetaClone {
+            _dir: dir,
+            repo,
+            remote,
+            head,
+        })
     }
 
-    fn repo(&self) -> std::path::PathBuf {
-        self.dir.path().join("repo")
-    }
-
-    fn git_in(&self, cwd: &Path, args: &[&str]) -> anyhow::Result<Output> {
-        Command::new("git")
-            .current_dir(cwd)
-            .args(args)
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env(
-                "GIT_CONFIG_VALUE_0",
-                format!("Authorization: Bearer {}", self.token),
-            )
-            .output()
-            .context("running git (is it installed?)")
-    }
-
-    fn git(&self, args: &[&str]) -> anyhow::Result<Output> {
-        self.git_in(&self.repo(), args)
-    }
-
-    /// A file's bytes at a commit; `None` when it is not there.
+    /// A file's bytes at a commit (`HEAD`: the head cloned); `None` when it
+    /// is not there.
     pub fn read_at(&self, commit: &str, path: &str) -> anyhow::Result<Option<Vec<u8>>> {
-        let spec = format!("{commit}:{path}");
-        let out = self.git(&["cat-file", "blob", &spec])?;
-        Ok(out.status.success().then_some(out.stdout))
+        let commit = if commit == "HEAD" { &self.head } else { commit };
+        match self.repo.blob_at(commit, path) {
+            Ok(b) => Ok(b),
+            Err(RepoError::NoCommit { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The release a deployment is made of, read from the commit that added
@@ -118,101 +97,37 @@ impl MetaClone {
         let file =
             meta_schema::sops::SopsFile::parse(text).with_context(|| format!("parsing {path}"))?;
         let names = file.names().into_iter().map(str::to_string).collect();
-        let out = self.git(&["rev-parse", &format!("HEAD:{path}")])?;
-        if !out.status.success() {
-            bail!(
-                "git rev-parse HEAD:{path}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok((
-            names,
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        ))
+        Ok((names, meta_schema::repo::blob_id(&bytes)))
     }
 
     /// Commit `release` (with the app's current secrets) as a new file and
-    /// push it; returns its id.
+    /// push it; returns its id. The captain commits too (rollouts write
+    /// deployment files): when the push loses that race, the one new file
+    /// is committed again on the new head.
     pub fn push_release(&self, release: &pb::Release, message: &str) -> anyhow::Result<String> {
         let mut release = release.clone();
         let (refs, blob) = self.current_secrets(&release.env, &release.app)?;
         release.secret_refs = refs;
         release.secrets_blob = blob;
-        let release = &release;
         let path = meta_schema::layout::release_path(&release.env, &release.app, &release.id);
-        let full = self.repo().join(&path);
-        std::fs::create_dir_all(full.parent().context("release path has a parent")?)?;
-        std::fs::write(&full, release.encode_to_vec())?;
-        let run = |args: &[&str]| -> anyhow::Result<()> {
-            let out = self.git(args)?;
-            if !out.status.success() {
-                bail!(
-                    "git {}: {}{}",
-                    args.first().copied().unwrap_or(""),
-                    String::from_utf8_lossy(&out.stdout).trim(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            Ok(())
+        let changes = ChangeSet::new().add(path, release.encode_to_vec());
+        let who = Identity {
+            name: "zw".into(),
+            email: "zw@localhost".into(),
         };
-        run(&["add", "--", &path])?;
-        let has_name = self
-            .git(&["config", "--get", "user.name"])?
-            .status
-            .success();
-        let has_email = self
-            .git(&["config", "--get", "user.email"])?
-            .status
-            .success();
-        let mut args: Vec<&str> = Vec::new();
-        if !has_name {
-            args.extend(["-c", "user.name=zw"]);
-        }
-        if !has_email {
-            args.extend(["-c", "user.email=zw@localhost"]);
-        }
-        args.extend(["commit", "--quiet", "--no-verify", "-m", message]);
-        run(&args)?;
-        // The captain commits too (rollouts write deployment files): when
-        // the push loses that race, replay our one new file on the new head.
-        let branch =
-            String::from_utf8_lossy(&self.git(&["rev-parse", "--abbrev-ref", "HEAD"])?.stdout)
-                .trim()
-                .to_string();
-        let mut out = self.git(&["push", "--quiet", "origin", "HEAD"])?;
-        for _ in 0..5 {
-            let err = String::from_utf8_lossy(&out.stderr);
-            if out.status.success()
-                || !(err.contains("non-fast-forward") || err.contains("fetch first"))
-            {
-                break;
+        match self
+            .repo
+            .commit_and_push(&self.remote, DEFAULT_BRANCH, &changes, message, &who)
+        {
+            Ok(_) => Ok(release.id),
+            Err(RepoError::Refused { detail }) => {
+                bail!("the captain refused the new release: {detail}")
             }
-            run(&["fetch", "--quiet", "origin"])?;
-            run(&[
-                "-c",
-                "user.name=zw",
-                "-c",
-                "user.email=zw@localhost",
-                "rebase",
-                "--quiet",
-                &format!("origin/{branch}"),
-            ])?;
-            out = self.git(&["push", "--quiet", "origin", "HEAD"])?;
+            Err(RepoError::Invalid(errors)) => {
+                bail!("the new release would make the meta repository invalid: {errors}")
+            }
+            Err(e) => Err(e).context("pushing the new release to the meta repository"),
         }
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let lines: Vec<&str> = err
-                .lines()
-                .map(|l| l.trim_start_matches("remote:").trim())
-                .filter(|l| {
-                    !l.is_empty()
-                        && !l.starts_with("To ")
-                        && !l.starts_with("error: failed to push")
-                })
-                .collect();
-            bail!("the captain refused the new release: {}", lines.join("; "));
-        }
-        Ok(release.id.clone())
     }
 }
 
@@ -256,6 +171,9 @@ pub fn active(client: &Api, app: &AppView) -> anyhow::Result<Option<DeploymentVi
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::process::Command;
+
     use super::*;
 
     fn git(cwd: &Path, args: &[&str]) -> String {
@@ -294,19 +212,32 @@ mod tests {
             ],
         );
         std::fs::write(other.join("README"), "meta\n").unwrap();
-        git(&other, &["add", "README"]);
+        let env = other.join(meta_schema::layout::env_path("production"));
+        std::fs::create_dir_all(env.parent().unwrap()).unwrap();
+        std::fs::write(
+            &env,
+            pb::Env {
+                name: "production".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+        .unwrap();
+        git(&other, &["add", "README", "envs"]);
         git(&other, &["commit", "-q", "-m", "init"]);
         git(&other, &["push", "-q", "origin", "HEAD:main"]);
 
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Remote::with_bearer(bare.display().to_string(), "unused-by-file-urls");
+        let repo = MetaRepo::init_empty_bare(&dir.path().join("repo")).unwrap();
+        let head = repo.fetch_remote(&remote, "main").unwrap().unwrap();
+        repo.force_branch("main", &head).unwrap();
         let m = MetaClone {
-            dir: tempfile::tempdir().unwrap(),
-            token: "unused-by-file-urls".into(),
-            url: bare.display().to_string(),
+            _dir: dir,
+            repo,
+            remote,
+            head,
         };
-        let out = m
-            .git_in(m.dir.path(), &["clone", "--quiet", &m.url, "repo"])
-            .unwrap();
-        assert!(out.status.success());
 
         // Someone else commits after our clone.
         std::fs::write(other.join("deployment"), "by the captain\n").unwrap();
@@ -318,6 +249,8 @@ mod tests {
             id: meta_schema::new_id(),
             app: "hello".into(),
             env: "production".into(),
+            image_digest: format!("sha256:{}", "a".repeat(64)),
+            created_at: meta_schema::now_millis(),
             ..Default::default()
         };
         let id = m.push_release(&r, "Release").unwrap();

@@ -9,6 +9,7 @@ pub mod github;
 pub mod health;
 pub mod images;
 pub mod logs;
+pub mod metrics;
 pub mod nodes;
 pub mod projects;
 pub mod routes_stream;
@@ -151,7 +152,7 @@ pub fn routes() -> Vec<RouteSpec> {
             .takes(One(sch::<JoinWaitlist>))
             .answers(201, One(sch::<WaitlistResult>)),
         route!(GET "/v1/openapi.json", Public, openapi_json).summary("This OpenAPI document"),
-        route!(GET "/metrics", Node, crate::metrics::render)
+        route!(GET "/metrics", Node, metrics::render)
             .summary("Prometheus metrics (scrape with any token)"),
         route!(GET "/v1/admin/tasks", Admin, tasks::list_tasks)
             .summary("The captain's background tasks: last activation, outcome, next activation")

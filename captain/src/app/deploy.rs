@@ -87,7 +87,7 @@ pub async fn create_release(st: &AppState, app: &AppRow, req: NewRelease) -> Res
     if let Err(e) = meta_schema::validate::validate_tree(&check) {
         return Err(AppError::InvalidRelease(e.to_string()));
     }
-    super::projects::ensure_env(st, &app.env).await?;
+    super::envs::ensure_env(st, &app.env).await?;
     let commit_id = st
         .meta
         .commit(

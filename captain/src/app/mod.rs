@@ -7,10 +7,12 @@
 
 pub mod builds;
 pub mod deploy;
+pub mod envs;
 pub mod images;
 pub mod logs;
 pub mod nodes;
 pub mod projects;
+pub mod seal;
 pub mod secrets;
 pub mod validate;
 

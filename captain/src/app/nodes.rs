@@ -83,7 +83,7 @@ pub async fn register(st: &AppState, b: RegisterNode) -> Result<Registration> {
         Err(e) => return Err(e.into()),
     }
     if !row.age_recipient.is_empty() {
-        super::secrets::add_node_recipient(st, &row.id, &row.age_recipient).await?;
+        super::envs::add_node_recipient(st, &row.id, &row.age_recipient).await?;
     }
     let (issued, token) = auth::issue(
         &st.db,
@@ -108,7 +108,7 @@ pub async fn register(st: &AppState, b: RegisterNode) -> Result<Registration> {
 pub async fn remove(st: &AppState, id: &str) -> Result<()> {
     // Recipient first: if that commit fails the node is still listed and
     // the removal can be retried (a no-op commit-wise when already removed).
-    super::secrets::remove_node_recipient(st, id).await?;
+    super::envs::remove_node_recipient(st, id).await?;
     if !st.db.delete_node(id).await? {
         return Err(AppError::not_found("node", id));
     }

@@ -1,13 +1,10 @@
 //! Projects, apps and envs.
 
-use meta_schema::pb;
-use meta_schema::repo::{ChangeSet, RepoError};
-use prost::Message;
+use meta_schema::repo::ChangeSet;
 
 use super::validate::{check_name, valid_branch, valid_repo};
 use super::{AppError, Result};
 use crate::db::{AppRow, ProjectRow};
-use crate::meta::MetaError;
 use crate::state::AppState;
 
 /// A project: a git source with a name.
@@ -82,7 +79,7 @@ pub async fn create_app(st: &AppState, project_id: &str, req: NewApp) -> Result<
         Err(e) if e.is_unique_violation() => return Err(exists()),
         Err(e) => return Err(e.into()),
     }
-    ensure_env(st, &env).await?;
+    super::envs::ensure_env(st, &env).await?;
     Ok(row)
 }
 
@@ -94,6 +91,7 @@ pub async fn delete_app(st: &AppState, id: &str) -> Result<()> {
         .app(id)
         .await?
         .ok_or_else(|| AppError::not_found("app", id))?;
+    let _mirror = st.meta.mirror_guard().await;
     let paths = st.meta.release_paths(&a.env, &a.name).await?;
     if !paths.is_empty() {
         let mut cs = ChangeSet::new();
@@ -106,47 +104,5 @@ pub async fn delete_app(st: &AppState, id: &str) -> Result<()> {
     }
     st.db.delete_app(&a.id, meta_schema::now_millis()).await?;
     st.mirror_wake.notify_one();
-    Ok(())
-}
-
-/// Make sure `envs/<env>/env.pb` exists, committing it when absent with
-/// the platform domains and the age recipients of every registered node
-/// (see [`super::secrets`]).
-pub async fn ensure_env(st: &AppState, env: &str) -> Result<(), MetaError> {
-    if st.meta.env_known(env) {
-        return Ok(());
-    }
-    // Held while reading the nodes and committing, so a node registering
-    // meanwhile is either read here or finds this env.pb to update.
-    let _g = super::secrets::env_lock().lock().await;
-    let path = meta_schema::layout::env_path(env);
-    let exists = match st.meta.head().await? {
-        Some(h) => st.meta.tree(h).await?.contains(&path),
-        None => false,
-    };
-    if !exists {
-        let doc = pb::Env {
-            name: env.to_string(),
-            domains: st.config.platform_domains.clone(),
-            regions: vec![],
-            age_recipients: super::secrets::node_recipients(&st.db).await?,
-        };
-        match st
-            .meta
-            .commit(
-                ChangeSet::new().add(path, doc.encode_to_vec()),
-                format!("Create env {env}"),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(MetaError::Repo {
-                source: RepoError::AlreadyExists { .. },
-                ..
-            }) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    st.meta.mark_env_known(env);
     Ok(())
 }

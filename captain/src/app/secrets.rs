@@ -3,7 +3,7 @@
 //! - Every registered node's age recipient is listed in every env's
 //!   `env.pb` (`age_recipients`, name = node id): registering a node adds it
 //!   to all envs, removing a node removes it, and a new env starts with all
-//!   of them ([`super::projects::ensure_env`]). `env.pb` is replaced
+//!   of them ([`super::envs::ensure_env`]). `env.pb` is replaced
 //!   whole in one commit; these writes are serialised by [`env_lock`].
 //! - `PUT /v1/apps/{id}/secrets` takes the **complete** desired set of an
 //!   app's secrets. The captain holds no age identity, so it can read
@@ -39,24 +39,19 @@
 use std::collections::BTreeSet;
 
 use meta_schema::MetaTree;
-use meta_schema::layout::{MetaPath, app_dir, env_path, release_path, secrets_path};
+use meta_schema::layout::{app_dir, env_path, release_path, secrets_path};
 use meta_schema::pb;
 use meta_schema::repo::{ChangeSet, blob_id};
 use meta_schema::sops::{Secrets, SopsFile};
 use prost::Message;
 
+use super::envs::env_lock;
+use super::seal::{SealError, seal};
 use super::validate::is_env_var_name;
 use super::{AppError, Result};
-use crate::db::{AppRow, Db, DbError};
-use crate::meta::{MetaError, MetaStore};
+use crate::db::AppRow;
+use crate::meta::MetaError;
 use crate::state::AppState;
-
-/// Serialises the captain's read-modify-write of `env.pb` files (node
-/// recipients, env creation), so no update is lost between two of them.
-pub fn env_lock() -> &'static tokio::sync::Mutex<()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    &LOCK
-}
 
 /// Serialises the captain's writes of secrets files (a read of the file at
 /// the head, checks, and the commit), so a node's re-encryption never
@@ -64,136 +59,6 @@ pub fn env_lock() -> &'static tokio::sync::Mutex<()> {
 fn file_lock() -> &'static tokio::sync::Mutex<()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     &LOCK
-}
-
-/// The age recipients of the registered nodes, by node id (those that are
-/// not X25519 recipients left out, as [`add_node_recipient`] does).
-pub async fn node_recipients(db: &Db) -> Result<Vec<pb::AgeRecipient>, DbError> {
-    Ok(db
-        .nodes()
-        .await?
-        .into_iter()
-        .filter(|n| is_age_recipient(&n.age_recipient))
-        .map(|n| pb::AgeRecipient {
-            name: n.id,
-            recipient: n.age_recipient,
-        })
-        .collect())
-}
-
-/// Is `s` an age X25519 recipient (`age1…`) that files can be encrypted to?
-pub fn is_age_recipient(s: &str) -> bool {
-    seal(&Secrets::new(), &[("", s)], 0).is_ok()
-}
-
-#[derive(Debug, thiserror::Error)]
-enum SealError {
-    #[error("the age recipient of {0:?} is not an age X25519 recipient")]
-    Recipient(String),
-    #[error(transparent)]
-    Sops(#[from] meta_schema::sops::SopsError),
-}
-
-/// Encrypts `secrets` to `(name, age1…)` recipients. The recipient type is
-/// the one [`meta_schema::sops::encrypt`] takes, inferred, so the captain
-/// needs no direct dependency on `age`.
-fn seal(
-    secrets: &Secrets,
-    recipients: &[(&str, &str)],
-    now_millis: i64,
-) -> Result<String, SealError> {
-    let mut keys = Vec::with_capacity(recipients.len());
-    for (name, r) in recipients {
-        keys.push(
-            r.parse()
-                .map_err(|_| SealError::Recipient((*name).to_string()))?,
-        );
-    }
-    Ok(meta_schema::sops::encrypt(secrets, &keys, now_millis)?)
-}
-
-/// Applies `change` to the recipients of every env at the head, committing
-/// the changed `env.pb` files in one commit (none when nothing changes).
-async fn update_envs(
-    meta: &std::sync::Arc<MetaStore>,
-    message: &str,
-    change: impl Fn(&mut Vec<pb::AgeRecipient>),
-) -> Result<Option<String>, MetaError> {
-    let _g = env_lock().lock().await;
-    let Some(head) = meta.head().await? else {
-        return Ok(None);
-    };
-    let tree = meta.tree(head).await?;
-    let mut cs = ChangeSet::new();
-    let mut envs = Vec::new();
-    for (path, bytes) in tree.iter() {
-        if !matches!(MetaPath::parse(path), Some(MetaPath::Env { .. })) {
-            continue;
-        }
-        // An undecodable env.pb cannot be at a valid head; skip rather
-        // than guess.
-        let Ok(mut env) = pb::Env::decode(bytes) else {
-            continue;
-        };
-        let before = env.age_recipients.clone();
-        change(&mut env.age_recipients);
-        if env.age_recipients != before {
-            envs.push(env.name.clone());
-            cs = cs.replace(path, env.encode_to_vec());
-        }
-    }
-    if cs.is_empty() {
-        return Ok(None);
-    }
-    let msg = format!("{message} (envs: {})", envs.join(", "));
-    meta.commit(cs, msg).await.map(Some)
-}
-
-/// Lists `node`'s recipient in every env (replacing an older key of the
-/// same node).
-pub async fn add_node_recipient(
-    st: &AppState,
-    node: &str,
-    recipient: &str,
-) -> Result<(), MetaError> {
-    if !is_age_recipient(recipient) {
-        // Listing it would make every later secrets write of every env fail.
-        tracing::warn!(%node, "the node's age recipient is not an age X25519 recipient; it is not added to the envs and the node cannot read secrets");
-        return Ok(());
-    }
-    let commit = update_envs(&st.meta, &format!("Node {node} can read secrets"), |list| {
-        if let Some(r) = list.iter_mut().find(|r| r.name == node) {
-            r.recipient = recipient.to_string();
-        } else {
-            list.push(pb::AgeRecipient {
-                name: node.to_string(),
-                recipient: recipient.to_string(),
-            });
-        }
-    })
-    .await?;
-    if commit.is_some() {
-        tracing::info!(%node, "node's age recipient added to every env");
-        st.mirror_wake.notify_one();
-    }
-    Ok(())
-}
-
-/// Removes `node`'s recipient from every env. Files already encrypted to
-/// it stay readable with its key until they are rewritten (`zw secrets
-/// rotate`).
-pub async fn remove_node_recipient(st: &AppState, node: &str) -> Result<(), MetaError> {
-    let commit = update_envs(
-        &st.meta,
-        &format!("Node {node} removed from the secrets recipients"),
-        |list| list.retain(|r| r.name != node),
-    )
-    .await?;
-    if commit.is_some() {
-        tracing::info!(%node, "node's age recipient removed from every env");
-        st.mirror_wake.notify_one();
-    }
-    Ok(())
 }
 
 /// An app's secrets as the captain can see them: names and recipients.
@@ -360,7 +225,7 @@ pub async fn put(st: &AppState, id: &str, req: SetSecrets) -> Result<SecretsInfo
             "{both} is both set and unset"
         )));
     }
-    super::projects::ensure_env(st, &app.env).await?;
+    super::envs::ensure_env(st, &app.env).await?;
     // A re-encryption sent by a node checks the file at the head against
     // what it re-encrypted, then commits: not in between.
     let _g = file_lock().lock().await;
@@ -595,23 +460,5 @@ mod tests {
             blob_id(b"hello\n"),
             "ce013625030ba8dba906f756967f9e9ca394464a"
         );
-    }
-
-    #[test]
-    fn recipients_are_checked_by_encrypting_to_them() {
-        assert!(!is_age_recipient("age1notarecipient"));
-        assert!(!is_age_recipient(""));
-        assert!(is_age_recipient(
-            "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
-        ));
-    }
-
-    #[test]
-    fn env_var_names() {
-        assert!(is_env_var_name("API_KEY"));
-        assert!(is_env_var_name("_x1"));
-        assert!(!is_env_var_name("1A"));
-        assert!(!is_env_var_name("A-B"));
-        assert!(!is_env_var_name(""));
     }
 }

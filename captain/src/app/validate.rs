@@ -76,3 +76,17 @@ pub fn is_env_var_name(s: &str) -> bool {
 pub fn to_i64(what: &str, v: u64) -> Result<i64, AppError> {
     i64::try_from(v).map_err(|_| AppError::BadRequest(format!("{what} {v} is too large")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_var_names() {
+        assert!(is_env_var_name("API_KEY"));
+        assert!(is_env_var_name("_x1"));
+        assert!(!is_env_var_name("1A"));
+        assert!(!is_env_var_name("A-B"));
+        assert!(!is_env_var_name(""));
+    }
+}
