@@ -258,7 +258,7 @@ async fn logs(
         }
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            crate::follow::error_chain(&e),
+            crate::error::error_chain(&e),
         ),
     }
 }

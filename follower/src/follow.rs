@@ -15,6 +15,7 @@ use meta_schema::repo::MetaRepo;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
+use crate::error::error_chain;
 use crate::ledger::{Ledger, LedgerError};
 use crate::reconciler::{Desired, DesiredError, DesiredSource};
 
@@ -194,17 +195,6 @@ fn init_empty_bare(path: &Path) -> Result<(), String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Fetches on `poll_interval` and whenever `notify` fires; activates the

@@ -35,6 +35,7 @@
 pub mod api;
 pub mod captain;
 pub mod cli;
+mod error;
 pub mod follow;
 pub mod health;
 pub mod image;
@@ -503,7 +504,7 @@ async fn heartbeats(
                     delay = Duration::from_millis(500);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %follow::error_chain(&e), "registration failed; retrying in {delay:?}")
+                    tracing::warn!(error = %error::error_chain(&e), "registration failed; retrying in {delay:?}")
                 }
             }
         }
@@ -531,13 +532,13 @@ async fn heartbeats(
                 Ok(()) => {}
                 Err(e) if e.is_unauthorized() => {
                     // The node token was revoked (node deleted): register anew.
-                    tracing::warn!(error = %follow::error_chain(&e), "node token refused; registering again");
+                    tracing::warn!(error = %error::error_chain(&e), "node token refused; registering again");
                     let _ = std::fs::remove_file(&token_path);
                     captain.set_node_token(None);
                     registered = false;
                     continue;
                 }
-                Err(e) => tracing::warn!(error = %follow::error_chain(&e), "heartbeat failed"),
+                Err(e) => tracing::warn!(error = %error::error_chain(&e), "heartbeat failed"),
             }
         }
         let wait = if registered { interval } else { delay };

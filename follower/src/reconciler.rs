@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::captain::{Captain, InstanceReport, InstanceState};
+use crate::error::error_chain;
 use crate::health::Probe;
 use crate::image::ImageSource;
 use crate::ledger::{Ledger, LedgerError};
@@ -679,7 +680,7 @@ impl Reconciler {
             .images
             .fetch(&d.release.image_digest, &cache)
             .await
-            .map_err(|e| crate::follow::error_chain(&e))?;
+            .map_err(|e| error_chain(&e))?;
         let r = &d.release;
         let c = &image.config;
         let (entrypoint, cmd) = if !r.entrypoint.is_empty() {
