@@ -11,6 +11,8 @@
 //! - [`net`]: per-instance netns, IPv6 addresses, nftables isolation
 //!   (`scripts/instance-net.sh`).
 //! - [`rekey`]: re-encrypt secrets files to their env's recipients.
+//! - [`plan`]: the reconciler's decisions, a pure function of desired
+//!   state, ledger, observations and the clock.
 //! - [`image`], [`health`], [`logs`], [`captain`], [`api`], [`ledger`].
 //!
 //! **Architecture invariant.** The follower is the only component that
@@ -42,6 +44,7 @@ pub mod image;
 pub mod ledger;
 pub mod logs;
 pub mod net;
+pub mod plan;
 pub mod reconciler;
 pub mod rekey;
 pub mod runtime;
