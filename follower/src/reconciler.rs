@@ -14,7 +14,8 @@
 //! [`crate::plan::plan_health`]. All decisions are in `plan.rs`; this file
 //! only observes and acts. Every side effect is behind a trait
 //! ([`DesiredSource`], [`Runtime`], [`ImageSource`], [`Captain`],
-//! [`HealthChecker`]).
+//! [`HealthChecker`]). Log collection is not part of a pass: it is its own
+//! task ([`crate::logs::spawn_collector`]).
 //!
 //! Crash safety: the [`Ledger`] records an instance *before* the runtime is
 //! asked to start it, and its [`crate::runtime::RuntimeHandle`] as soon as the start
@@ -42,7 +43,6 @@ use crate::image::ImageSource;
 use crate::ledger::{Ledger, LedgerError};
 use crate::net::InstanceRange;
 use crate::plan::{Action, Observed, Policy, Process, failed_start};
-use crate::runtime::process::log_tail;
 use crate::runtime::{InstanceSpec, Liveness, Runtime};
 
 pub use crate::plan::{Desired, InstanceRecord, NodeLedger, Phase, START_RETRIES, secrets_key};
@@ -301,7 +301,7 @@ impl Reconciler {
                     Liveness::Running => Process::Running,
                     Liveness::Exited(code) => Process::Exited {
                         code,
-                        tail: log_tail(&h.work_dir.join("stdout.log"), 2),
+                        tail: crate::logs::raw_tail(&h.work_dir.join("stdout.log"), 2),
                     },
                 };
                 Some((r.instance_id.clone(), p))
@@ -436,7 +436,9 @@ impl Reconciler {
             data.unreported_stops
                 .insert(rec.instance_id.clone(), report);
             self.commit(status);
-            let _ = std::fs::remove_dir_all(&rec.work_dir);
+            if let Err(e) = crate::logs::remove_work_dir(&rec.work_dir) {
+                tracing::warn!(instance = %rec.instance_id, error = %e, "removing the work dir");
+            }
             status.stopped.push(rec.instance_id);
         }
 
@@ -740,22 +742,6 @@ pub fn spawn(
             }
             let _ = inst_tx.send(rec.ledger().instances.clone());
             let _ = status_tx.send(st);
-            // Stamp new log lines close to when they were written.
-            let dirs: Vec<PathBuf> = rec
-                .ledger()
-                .instances
-                .values()
-                .filter(|r| r.handle.is_some())
-                .map(|r| r.work_dir.clone())
-                .collect();
-            let _ = tokio::task::spawn_blocking(move || {
-                for d in dirs {
-                    if let Err(e) = crate::logs::collect(&d) {
-                        tracing::debug!(error = %e, "collecting logs");
-                    }
-                }
-            })
-            .await;
             let wait = rec.next_wait(period);
             tokio::select! {
                 // Notify::notified is cancel-safe: a permit stored while we
