@@ -47,6 +47,8 @@ pub struct ApiState {
     /// Wakes the meta follower for a fetch now.
     pub notify: Arc<Notify>,
     pub data_dir: std::path::PathBuf,
+    /// Limits the collector works with (reads collect too).
+    pub log_limits: crate::logs::LogLimits,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -212,6 +214,9 @@ struct LogQuery {
 struct LogEntry {
     t: u64,
     line: String,
+    /// The line goes on in the next entry (it was longer than a record).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    partial: bool,
 }
 
 async fn logs(
@@ -233,8 +238,9 @@ async fn logs(
     };
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let from = q.from;
+    let log_limits = st.log_limits;
     let r = tokio::task::spawn_blocking(move || {
-        let mark = crate::logs::collect_with_mark(&work_dir)?;
+        let mark = crate::logs::collect_with_mark(&work_dir, log_limits)?;
         Ok::<_, crate::logs::LogError>((mark, crate::logs::read(&work_dir, from, limit)?))
     })
     .await
@@ -252,13 +258,14 @@ async fn logs(
                 .map(|l| LogEntry {
                     t: l.t,
                     line: l.line,
+                    partial: l.partial,
                 })
                 .collect();
             (headers, Json(body)).into_response()
         }
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            crate::follow::error_chain(&e),
+            zw_util::error_chain(&e),
         ),
     }
 }

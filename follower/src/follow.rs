@@ -15,8 +15,10 @@ use meta_schema::repo::MetaRepo;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
+use zw_util::error_chain;
 use crate::ledger::{Ledger, LedgerError};
-use crate::reconciler::{Desired, DesiredError, DesiredSource};
+use crate::plan::{Desired, secrets_key};
+use crate::reconciler::{DesiredError, DesiredSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -171,17 +173,6 @@ impl MetaFollower {
     }
 }
 
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Fetches on `poll_interval` and whenever `notify` fires; activates the
 /// reconciler when the applied commit moved.
 pub fn spawn(
@@ -257,12 +248,26 @@ impl DesiredSource for MetaDesiredSource {
                     .filter(|i| !i.release.secret_refs.is_empty())
                 {
                     secrets
-                        .entry(crate::reconciler::secrets_key(&i.env, &i.app))
+                        .entry(secrets_key(&i.env, &i.app))
                         .or_insert_with(|| read_secrets(&tree, &i.env, &i.app, identity.as_ref()));
                 }
+                // Instances of draining rollouts stop at their deadline.
+                let drain_deadlines = state
+                    .apps()
+                    .flat_map(|app| app.draining.iter())
+                    .filter_map(|r| Some((r, r.drain_deadline?)))
+                    .flat_map(|(r, t)| {
+                        r.latest
+                            .instances
+                            .iter()
+                            .filter(|p| p.node == node)
+                            .map(move |p| (p.instance_id.clone(), t))
+                    })
+                    .collect();
                 Ok::<_, String>(Desired {
                     commit: Some(c),
                     instances,
+                    drain_deadlines,
                     secrets,
                 })
             })

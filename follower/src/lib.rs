@@ -11,7 +11,10 @@
 //! - [`net`]: per-instance netns, IPv6 addresses, nftables isolation
 //!   (`scripts/instance-net.sh`).
 //! - [`rekey`]: re-encrypt secrets files to their env's recipients.
-//! - [`image`], [`health`], [`logs`], [`captain`], [`api`], [`ledger`].
+//! - [`plan`]: the reconciler's decisions, a pure function of desired
+//!   state, ledger, observations and the clock.
+//! - [`logs`]: instance logs, collected by a task of their own, capped.
+//! - [`image`], [`health`], [`captain`], [`api`], [`ledger`].
 //!
 //! **Architecture invariant.** The follower is the only component that
 //! talks to a VMM or starts instances, and it only ever acts on the desired
@@ -28,7 +31,7 @@
 //! Outbound: the captain's REST API ([`captain::HttpCaptain`]) and a git
 //! fetch of the meta repository. State on disk under the data dir:
 //! `ledger/` (instances, follow state), `meta.git`, `instances/<id>/`
-//! (driver state, `stdout.log`, `log.jsonl`), `node-id`, `node-token`,
+//! (driver state, `stdout.log`, `log.jsonl` and its segments), `node-id`, `node-token`,
 //! `age-identity`, `captain-node-token`, `images/<hex>/` (images fetched
 //! from the captain, verified).
 
@@ -41,6 +44,7 @@ pub mod image;
 pub mod ledger;
 pub mod logs;
 pub mod net;
+pub mod plan;
 pub mod reconciler;
 pub mod rekey;
 pub mod runtime;
@@ -94,6 +98,10 @@ pub struct FollowerConfig {
     /// `host:port` of this node's mTLS node-proxy, as registered with the
     /// captain (the edge reaches instances through it).
     pub proxy_addr: Option<String>,
+    /// How often instance logs are collected (stamped, capped, the raw
+    /// output freed), besides every read of the node API.
+    pub log_interval: Duration,
+    pub log_limits: logs::LogLimits,
 }
 
 impl FollowerConfig {
@@ -117,6 +125,8 @@ impl FollowerConfig {
             heartbeat_interval: Duration::from_secs(10),
             start_timeout: Duration::from_secs(30),
             proxy_addr: None,
+            log_interval: Duration::from_secs(1),
+            log_limits: logs::LogLimits::default(),
         }
     }
 }
@@ -310,6 +320,23 @@ impl Follower {
             cfg.poll_interval,
             shutdown_rx.clone(),
         );
+        // Logs are collected by a task of their own, of every instance the
+        // ledger knows (an exited one's last lines too).
+        let log_task = logs::spawn_collector(
+            {
+                let instances = reconciler.instances.clone();
+                move || {
+                    instances
+                        .borrow()
+                        .values()
+                        .map(|r| r.work_dir.clone())
+                        .collect()
+                }
+            },
+            cfg.log_limits,
+            cfg.log_interval,
+            shutdown_rx.clone(),
+        );
         let follow_task = follow::spawn(
             follower,
             cfg.poll_interval,
@@ -349,6 +376,7 @@ impl Follower {
             follow: follow.clone(),
             notify: notify.clone(),
             data_dir: data.clone(),
+            log_limits: cfg.log_limits,
         });
         let mut api_shutdown = shutdown_rx.clone();
         let api_task = tokio::spawn({
@@ -398,7 +426,14 @@ impl Follower {
             notify,
             runtime,
             shutdown,
-            tasks: vec![rec_task, follow_task, rekey_task, api_task, hb_task],
+            tasks: vec![
+                rec_task,
+                log_task,
+                follow_task,
+                rekey_task,
+                api_task,
+                hb_task,
+            ],
         })
     }
 
@@ -503,7 +538,7 @@ async fn heartbeats(
                     delay = Duration::from_millis(500);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %follow::error_chain(&e), "registration failed; retrying in {delay:?}")
+                    tracing::warn!(error = %zw_util::error_chain(&e), "registration failed; retrying in {delay:?}")
                 }
             }
         }
@@ -531,13 +566,13 @@ async fn heartbeats(
                 Ok(()) => {}
                 Err(e) if e.is_unauthorized() => {
                     // The node token was revoked (node deleted): register anew.
-                    tracing::warn!(error = %follow::error_chain(&e), "node token refused; registering again");
+                    tracing::warn!(error = %zw_util::error_chain(&e), "node token refused; registering again");
                     let _ = std::fs::remove_file(&token_path);
                     captain.set_node_token(None);
                     registered = false;
                     continue;
                 }
-                Err(e) => tracing::warn!(error = %follow::error_chain(&e), "heartbeat failed"),
+                Err(e) => tracing::warn!(error = %zw_util::error_chain(&e), "heartbeat failed"),
             }
         }
         let wait = if registered { interval } else { delay };

@@ -3,14 +3,22 @@
 //!
 //! Shaped after omicron's background tasks and sled-agent config
 //! reconciler: an activation (timer, new commit, instance exit, operator
-//! command) takes no input; every pass re-reads the desired state and the
-//! actual state and acts on the difference, so every pass can be the first.
-//! There is no retry loop inside a pass: the next activation is the retry.
-//! Every side effect is behind a trait ([`DesiredSource`], [`Runtime`],
-//! [`ImageSource`], [`Captain`]), so the loop is testable without hardware.
+//! command, a drain deadline) takes no input; every pass re-reads the
+//! desired state and the actual state and acts on the difference, so every
+//! pass can be the first. There is no retry loop inside a pass: the next
+//! activation is the retry.
+//!
+//! A pass observes (the desired state, the liveness of every recorded
+//! process), asks the pure [`crate::plan::plan`] what to do, and carries the
+//! actions out; then it health-checks what runs and does the same with
+//! [`crate::plan::plan_health`]. All decisions are in `plan.rs`; this file
+//! only observes and acts. Every side effect is behind a trait
+//! ([`DesiredSource`], [`Runtime`], [`ImageSource`], [`Captain`],
+//! [`HealthChecker`]). Log collection is not part of a pass: it is its own
+//! task ([`crate::logs::spawn_collector`]).
 //!
 //! Crash safety: the [`Ledger`] records an instance *before* the runtime is
-//! asked to start it, and its [`RuntimeHandle`] as soon as the start
+//! asked to start it, and its [`crate::runtime::RuntimeHandle`] as soon as the start
 //! returns. After a `kill -9` and restart, a record with a handle whose
 //! process still lives is adopted; a record without a handle is an
 //! interrupted start, whose leftovers the runtime reclaims before starting
@@ -18,45 +26,29 @@
 //! duplicated or leaked.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use meta_schema::desired::DesiredInstance;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::captain::{Captain, InstanceReport, InstanceState};
+use zw_util::error_chain;
 use crate::health::Probe;
 use crate::image::ImageSource;
 use crate::ledger::{Ledger, LedgerError};
 use crate::net::InstanceRange;
-use crate::runtime::process::log_tail;
-use crate::runtime::{InstanceSpec, Liveness, Runtime, RuntimeHandle};
+use crate::plan::{Action, Observed, Policy, Process, failed_start};
+use crate::runtime::{InstanceSpec, Liveness, Runtime};
 
-/// A failed start is retried this many times, then the instance is failed.
-pub const START_RETRIES: u32 = 3;
+pub use crate::plan::{Desired, InstanceRecord, NodeLedger, Phase, START_RETRIES, secrets_key};
+
 /// Port an app gets when neither the release nor the image names one.
 pub const DEFAULT_PORT: u16 = 8080;
-
-/// The desired instances of this node at the applied commit.
-#[derive(Debug, Clone, Default)]
-pub struct Desired {
-    /// The meta commit this was read at.
-    pub commit: Option<String>,
-    pub instances: Vec<DesiredInstance>,
-    /// Decrypted secrets of the apps whose releases name some, by
-    /// `<env>/<app>`, or why they could not be read. Memory only: never
-    /// written to the ledger, logs or API (`Secrets`' Debug shows names).
-    pub secrets: BTreeMap<String, Result<meta_schema::sops::Secrets, String>>,
-}
-
-/// Key of [`Desired::secrets`].
-pub fn secrets_key(env: &str, app: &str) -> String {
-    format!("{env}/{app}")
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DesiredError {
@@ -85,73 +77,6 @@ impl HealthChecker for NetworkChecker {
     fn check(&self, addr: SocketAddr, probe: Probe) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async move { probe.check(addr).await })
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// To be started, or started and not yet healthy.
-    Starting,
-    Healthy,
-    /// Was healthy: failing checks, or crashed and waiting to restart.
-    Unhealthy,
-    /// Out of start attempts; stays failed until no longer desired.
-    Failed,
-}
-
-impl Phase {
-    pub fn report_state(self) -> InstanceState {
-        match self {
-            Phase::Starting => InstanceState::Starting,
-            Phase::Healthy => InstanceState::Healthy,
-            Phase::Unhealthy => InstanceState::Unhealthy,
-            Phase::Failed => InstanceState::Failed,
-        }
-    }
-}
-
-/// What the node knows about one instance; the unit of the ledger.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub instance_id: String,
-    pub env: String,
-    pub app: String,
-    pub rollout_id: String,
-    pub release_id: String,
-    pub image_digest: String,
-    pub ip: Ipv6Addr,
-    pub port: u16,
-    pub work_dir: PathBuf,
-    pub phase: Phase,
-    pub reason: String,
-    /// The running instance, once a start returned.
-    pub handle: Option<RuntimeHandle>,
-    /// Starts asked for so far (the first and its retries).
-    pub attempts: u32,
-    /// Exits after having been healthy (drives the restart backoff).
-    pub crashes: u32,
-    /// The current handle has passed a health check.
-    pub healthy_once: bool,
-    /// Unix ms of the current start.
-    pub started_at_ms: i64,
-    /// No start before this (unix ms): the backoff.
-    pub not_before_ms: i64,
-    /// Operator hold: stopped and not restarted until released.
-    #[serde(default)]
-    pub held: bool,
-    /// Unix ms since the checks of a once-healthy instance fail; 0 = not
-    /// failing.
-    #[serde(default)]
-    pub unhealthy_since_ms: i64,
-}
-
-/// Everything the reconciler keeps on disk.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct NodeLedger {
-    pub instances: BTreeMap<String, InstanceRecord>,
-    /// Instances stopped whose "stopped" report has not reached the captain.
-    #[serde(default)]
-    pub unreported_stops: BTreeMap<String, InstanceReport>,
 }
 
 /// Outcome of one pass, for the node API, logs and tests.
@@ -213,10 +138,23 @@ impl ReconcilerConfig {
     pub fn ledger_path(&self) -> PathBuf {
         self.data_dir.join("ledger").join("instances.json")
     }
+
+    /// The parameters of the plan's rules.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            range: self.range,
+            instances_dir: self.data_dir.join("instances"),
+            start_timeout: self.start_timeout,
+            start_backoff: self.start_backoff,
+            crash_backoff: self.crash_backoff,
+            max_backoff: self.max_backoff,
+        }
+    }
 }
 
 pub struct Reconciler {
     cfg: ReconcilerConfig,
+    policy: Policy,
     desired: Arc<dyn DesiredSource>,
     runtime: Arc<dyn Runtime>,
     images: Arc<dyn ImageSource>,
@@ -227,8 +165,11 @@ pub struct Reconciler {
     /// restart everything is reported once more).
     reported: BTreeMap<String, InstanceReport>,
     pass: u64,
-    /// Adoption is logged once per process.
-    adopted_checked: BTreeSet<String>,
+    /// A pass of this process has planned (instances found running after
+    /// that are not adopted, they were started by this process).
+    planned: bool,
+    /// The nearest drain deadline ahead (unix ms), when one is known.
+    next_deadline: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,11 +182,6 @@ fn now_ms() -> i64 {
     meta_schema::now_millis()
 }
 
-fn backoff(base: Duration, n: u32, max: Duration) -> i64 {
-    let d = base.saturating_mul(1u32 << n.saturating_sub(1).min(16));
-    d.min(max).as_millis() as i64
-}
-
 impl Reconciler {
     pub fn new(
         cfg: ReconcilerConfig,
@@ -256,6 +192,7 @@ impl Reconciler {
     ) -> Result<Self, ReconcilerError> {
         let ledger = Ledger::load(&cfg.ledger_path())?;
         Ok(Reconciler {
+            policy: cfg.policy(),
             cfg,
             desired,
             runtime,
@@ -265,7 +202,8 @@ impl Reconciler {
             ledger,
             reported: BTreeMap::new(),
             pass: 0,
-            adopted_checked: BTreeSet::new(),
+            planned: false,
+            next_deadline: None,
         })
     }
 
@@ -279,11 +217,29 @@ impl Reconciler {
         self.ledger.data()
     }
 
+    /// How long to wait for the next pass: `period`, or less when a drain
+    /// deadline falls before.
+    pub fn next_wait(&self, period: Duration) -> Duration {
+        match self.next_deadline {
+            // One ms past the deadline: a pass then reads it as passed.
+            Some(t) => period.min(Duration::from_millis((t - now_ms()).max(0) as u64 + 1)),
+            None => period,
+        }
+    }
+
     fn commit(&mut self, status: &mut PassStatus) {
         if let Err(e) = self.ledger.commit() {
-            tracing::error!(error = %e, "committing the ledger");
-            status.errors.push(format!("{e}"));
+            tracing::error!(error = %error_chain(&e), "committing the ledger");
+            status.errors.push(error_chain(&e));
         }
+    }
+
+    fn put(&mut self, rec: InstanceRecord, status: &mut PassStatus) {
+        self.ledger
+            .data_mut()
+            .instances
+            .insert(rec.instance_id.clone(), rec);
+        self.commit(status);
     }
 
     /// Applies an operator command.
@@ -332,6 +288,31 @@ impl Reconciler {
         Ok(())
     }
 
+    /// What became of every recorded process.
+    fn observe(&self) -> Observed {
+        let processes = self
+            .ledger
+            .data()
+            .instances
+            .values()
+            .filter_map(|r| {
+                let h = r.handle.as_ref()?;
+                let p = match self.runtime.liveness(h) {
+                    Liveness::Running => Process::Running,
+                    Liveness::Exited(code) => Process::Exited {
+                        code,
+                        tail: crate::logs::raw_tail(&h.work_dir.join("stdout.log"), 2),
+                    },
+                };
+                Some((r.instance_id.clone(), p))
+            })
+            .collect();
+        Observed {
+            processes,
+            first_pass: !self.planned,
+        }
+    }
+
     /// One pass. Never panics on a bad instance: its failure is recorded and
     /// the others proceed.
     pub async fn activate(&mut self) -> PassStatus {
@@ -351,27 +332,84 @@ impl Reconciler {
         status.desired_read = true;
         status.commit = desired.commit.clone();
         status.desired = desired.instances.len();
+
+        let observed = self.observe();
+        let actions = crate::plan::plan(
+            &desired,
+            self.ledger.data(),
+            &observed,
+            now_ms(),
+            &self.policy,
+        );
+        self.planned = true;
+        let mut blocked = BTreeSet::new();
+        self.execute(&desired, actions, &mut blocked, &mut status)
+            .await;
+
+        // Health checks of what runs now, concurrently.
         let want: BTreeMap<&str, &DesiredInstance> = desired
             .instances
             .iter()
             .map(|d| (d.instance_id.as_str(), d))
             .collect();
-
-        // 1. Stop what is no longer desired, or desired with another release
-        //    (concurrently: stopping may wait out a grace period).
-        let doomed: Vec<InstanceRecord> = self
+        let probes: Vec<(String, SocketAddr, Probe)> = self
             .ledger
             .data()
             .instances
             .values()
-            .filter(|rec| {
-                want.get(rec.instance_id.as_str())
-                    .is_none_or(|d| d.release.id != rec.release_id)
+            .filter(|r| r.handle.is_some() && !blocked.contains(&r.instance_id))
+            .filter_map(|r| {
+                let d = want.get(r.instance_id.as_str())?;
+                Some((
+                    r.instance_id.clone(),
+                    SocketAddr::new(r.ip.into(), r.port),
+                    Probe::from_release(d.release.health_check.as_ref()),
+                ))
             })
-            .cloned()
             .collect();
+        status.running = probes.len();
+        let health: BTreeMap<String, Result<(), String>> =
+            futures::future::join_all(probes.into_iter().map(|(id, addr, p)| {
+                let check = self.checker.check(addr, p);
+                async move { (id, check.await) }
+            }))
+            .await
+            .into_iter()
+            .collect();
+        let actions = crate::plan::plan_health(
+            &self.ledger.data().instances,
+            &health,
+            now_ms(),
+            &self.policy,
+        );
+        self.execute(&desired, actions, &mut blocked, &mut status)
+            .await;
+
+        self.next_deadline = crate::plan::next_deadline(&desired, now_ms());
+        self.finish(&mut status).await;
+        status
+    }
+
+    /// Carries out `actions` in order; retirements first and concurrently
+    /// (stopping may wait out a grace period). An instance whose step
+    /// failed goes into `blocked`, and its later steps are skipped.
+    async fn execute(
+        &mut self,
+        desired: &Desired,
+        actions: Vec<Action>,
+        blocked: &mut BTreeSet<String>,
+        status: &mut PassStatus,
+    ) {
+        let mut retire = Vec::new();
+        let mut rest = Vec::new();
+        for a in actions {
+            match a {
+                Action::Retire { record, reason } => retire.push((record, reason)),
+                a => rest.push(a),
+            }
+        }
         let runtime = self.runtime.clone();
-        let results = futures::future::join_all(doomed.iter().map(|rec| {
+        let results = futures::future::join_all(retire.iter().map(|(rec, _)| {
             let runtime = runtime.clone();
             async move {
                 match &rec.handle {
@@ -381,252 +419,127 @@ impl Reconciler {
             }
         }))
         .await;
-        for (rec, r) in doomed.into_iter().zip(results) {
+        for ((rec, reason), r) in retire.into_iter().zip(results) {
             if let Err(e) = r {
                 status
                     .errors
                     .push(format!("stopping {}: {e}", rec.instance_id));
+                blocked.insert(rec.instance_id);
                 continue;
             }
-            tracing::info!(instance = %rec.instance_id, app = %rec.app, "stopped: no longer desired");
+            tracing::info!(instance = %rec.instance_id, app = %rec.app, "stopped: {reason}");
             let mut report = self.report_of(&rec);
             report.state = InstanceState::Stopped;
-            report.reason = "no longer desired".into();
+            report.reason = reason;
             let data = self.ledger.data_mut();
             data.instances.remove(&rec.instance_id);
             data.unreported_stops
                 .insert(rec.instance_id.clone(), report);
-            self.commit(&mut status);
-            let _ = std::fs::remove_dir_all(&rec.work_dir);
-            status.stopped.push(rec.instance_id.clone());
-        }
-
-        // 2. Make every desired instance exist and run.
-        let mut checks = Vec::new();
-        for d in &desired.instances {
-            let secrets = desired.secrets.get(&secrets_key(&d.env, &d.app));
-            if let Some(id) = self.ensure(d, secrets, &mut status).await {
-                checks.push(id);
+            self.commit(status);
+            if let Err(e) = crate::logs::remove_work_dir(&rec.work_dir) {
+                tracing::warn!(instance = %rec.instance_id, error = %e, "removing the work dir");
             }
+            status.stopped.push(rec.instance_id);
         }
 
-        // 3. Health checks of the running ones, concurrently.
-        let probes: Vec<(String, SocketAddr, Probe)> = checks
-            .into_iter()
-            .filter_map(|id| {
-                let rec = self.ledger.data().instances.get(&id)?;
-                let d = want.get(id.as_str())?;
-                let addr = SocketAddr::new(rec.ip.into(), rec.port);
-                Some((
-                    id,
-                    addr,
-                    Probe::from_release(d.release.health_check.as_ref()),
-                ))
-            })
-            .collect();
-        let results = futures::future::join_all(probes.into_iter().map(|(id, addr, p)| {
-            let check = self.checker.check(addr, p);
-            async move { (id, check.await) }
-        }))
-        .await;
-        let now = now_ms();
-        let mut changed = false;
-        for (id, result) in results {
-            let Some(rec) = self.ledger.data().instances.get(&id).cloned() else {
+        let mut dirty = false;
+        for a in rest {
+            let id = a.instance_id().to_string();
+            if blocked.contains(&id) {
                 continue;
-            };
-            let mut rec2 = rec.clone();
-            match result {
-                Ok(()) => {
-                    rec2.phase = Phase::Healthy;
-                    rec2.healthy_once = true;
-                    rec2.unhealthy_since_ms = 0;
-                    rec2.reason.clear();
-                }
-                Err(why)
-                    if rec.healthy_once
-                        && rec.unhealthy_since_ms > 0
-                        && now - rec.unhealthy_since_ms
-                            > self.cfg.start_timeout.as_millis() as i64 =>
-                {
-                    // Failing for longer than a start may take: restart it,
-                    // as after a crash.
-                    if let Some(h) = &rec.handle
-                        && let Err(e) = self.runtime.stop(h).await
-                    {
-                        status.errors.push(format!("stopping {id}: {e}"));
-                        continue;
-                    }
-                    tracing::warn!(instance = %id, "unhealthy for {:?}, restarting: {why}", self.cfg.start_timeout);
-                    rec2.handle = None;
-                    rec2.healthy_once = false;
-                    rec2.unhealthy_since_ms = 0;
-                    rec2.crashes += 1;
-                    rec2.reason = format!("unhealthy for too long, restarting: {why}");
-                    rec2.not_before_ms =
-                        now + backoff(self.cfg.crash_backoff, rec2.crashes, self.cfg.max_backoff);
-                }
-                Err(why) if rec.healthy_once => {
-                    rec2.phase = Phase::Unhealthy;
-                    if rec.unhealthy_since_ms == 0 {
-                        rec2.unhealthy_since_ms = now;
-                    }
-                    rec2.reason = why;
-                }
-                Err(why) if now - rec.started_at_ms > self.cfg.start_timeout.as_millis() as i64 => {
-                    // Never became healthy: a failed start.
-                    if let Some(h) = &rec.handle
-                        && let Err(e) = self.runtime.stop(h).await
-                    {
-                        status.errors.push(format!("stopping {id}: {e}"));
-                        continue;
-                    }
-                    rec2.handle = None;
-                    self.failed_attempt(
-                        &mut rec2,
-                        format!("not healthy within {:?}: {why}", self.cfg.start_timeout),
-                    );
-                }
-                Err(why) => rec2.reason = why,
             }
-            if rec2 != rec {
-                self.ledger.data_mut().instances.insert(id, rec2);
-                changed = true;
+            if !self.carry_out(a, desired, &mut dirty, status).await {
+                blocked.insert(id);
             }
         }
-        if changed {
-            self.commit(&mut status);
-        }
-        self.finish(&mut status).await;
-        status
-    }
-
-    /// Brings one desired instance forward; returns its id if it is running
-    /// and should be health-checked.
-    async fn ensure(
-        &mut self,
-        d: &DesiredInstance,
-        secrets: Option<&Result<meta_schema::sops::Secrets, String>>,
-        status: &mut PassStatus,
-    ) -> Option<String> {
-        let id = d.instance_id.clone();
-        if !self.ledger.data().instances.contains_key(&id) {
-            let used = self
-                .ledger
-                .data()
-                .instances
-                .values()
-                .filter_map(|r| self.cfg.range.slot_of(r.ip));
-            let slot = match self.cfg.range.free_slot(used) {
-                Ok(s) => s,
-                Err(e) => {
-                    status.errors.push(format!("{id}: {e}"));
-                    return None;
-                }
-            };
-            let rec = InstanceRecord {
-                instance_id: id.clone(),
-                env: d.env.clone(),
-                app: d.app.clone(),
-                rollout_id: d.rollout_id.clone(),
-                release_id: d.release.id.clone(),
-                image_digest: d.release.image_digest.clone(),
-                ip: self.cfg.range.instance_addr(slot),
-                port: 0,
-                work_dir: self.cfg.data_dir.join("instances").join(&id),
-                phase: Phase::Starting,
-                reason: String::new(),
-                handle: None,
-                attempts: 0,
-                crashes: 0,
-                healthy_once: false,
-                started_at_ms: 0,
-                not_before_ms: 0,
-                held: false,
-                unhealthy_since_ms: 0,
-            };
-            self.ledger.data_mut().instances.insert(id.clone(), rec);
+        if dirty {
             self.commit(status);
         }
-        let mut rec = self
-            .ledger
-            .data()
-            .instances
-            .get(&id)
-            .cloned()
-            .expect("inserted above");
-        if rec.phase == Phase::Failed || rec.held {
-            return None;
-        }
-        if let Some(h) = rec.handle.clone() {
-            match self.runtime.liveness(&h) {
-                Liveness::Running => {
-                    if self.adopted_checked.insert(id.clone()) && self.pass == 1 {
-                        tracing::info!(instance = %id, pid = h.pid, "adopted a running instance");
-                        status.adopted.push(id.clone());
-                    }
-                    status.running += 1;
-                    return Some(id);
+    }
+
+    /// One action; false when it failed.
+    async fn carry_out(
+        &mut self,
+        action: Action,
+        desired: &Desired,
+        dirty: &mut bool,
+        status: &mut PassStatus,
+    ) -> bool {
+        match action {
+            Action::Admit(rec) => {
+                self.put(rec, status);
+                true
+            }
+            Action::Refuse {
+                instance_id,
+                reason,
+            } => {
+                status.errors.push(format!("{instance_id}: {reason}"));
+                false
+            }
+            Action::Retire { .. } => unreachable!("retirements are carried out first"),
+            Action::Adopt(id) => {
+                let pid = self.ledger.data().instances[&id]
+                    .handle
+                    .as_ref()
+                    .map_or(0, |h| h.pid);
+                tracing::info!(instance = %id, pid, "adopted a running instance");
+                status.adopted.push(id);
+                true
+            }
+            Action::StopProcess { handle, next } => {
+                let id = next.instance_id.clone();
+                if let Err(e) = self.runtime.stop(&handle).await {
+                    status.errors.push(format!("stopping {id}: {e}"));
+                    return false;
                 }
-                Liveness::Exited(code) => {
-                    let log = log_tail(&h.work_dir.join("stdout.log"), 2);
-                    let why = format!(
-                        "exited with {}{}",
-                        code.map_or("a signal".to_string(), |c| format!("status {c}")),
-                        if log.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {log}")
-                        }
-                    );
-                    if let Err(e) = self.runtime.stop(&h).await {
-                        status.errors.push(format!("cleaning up {id}: {e}"));
-                        return None;
-                    }
-                    rec.handle = None;
-                    if rec.healthy_once {
-                        rec.crashes += 1;
-                        rec.phase = Phase::Unhealthy;
-                        rec.reason = format!("crashed, restarting: {why}");
-                        rec.not_before_ms = now_ms()
-                            + backoff(self.cfg.crash_backoff, rec.crashes, self.cfg.max_backoff);
-                        rec.healthy_once = false;
-                        tracing::warn!(instance = %id, crashes = rec.crashes, "{why}");
-                    } else {
-                        self.failed_attempt(&mut rec, why);
-                    }
-                    self.ledger
-                        .data_mut()
-                        .instances
-                        .insert(id.clone(), rec.clone());
-                    self.commit(status);
+                log_setback(&next);
+                self.put(next, status);
+                true
+            }
+            Action::Start(rec) => self.start(rec, desired, status).await,
+            Action::Record(rec) => {
+                if rec.phase == Phase::Failed {
+                    log_setback(&rec);
                 }
+                self.ledger
+                    .data_mut()
+                    .instances
+                    .insert(rec.instance_id.clone(), rec);
+                *dirty = true;
+                true
             }
         }
-        if rec.phase == Phase::Failed || now_ms() < rec.not_before_ms {
-            return None;
-        }
+    }
 
-        // Start (again). The attempt is on disk before the runtime acts, so
-        // a crash here leaves a record without handle: reclaimed next time.
+    /// Starts (again). The attempt is on disk before the runtime acts, so a
+    /// crash here leaves a record without handle: reclaimed next time.
+    async fn start(
+        &mut self,
+        mut rec: InstanceRecord,
+        desired: &Desired,
+        status: &mut PassStatus,
+    ) -> bool {
+        let id = rec.instance_id.clone();
+        let Some(d) = desired.instances.iter().find(|d| d.instance_id == id) else {
+            status
+                .errors
+                .push(format!("{id}: not desired, not started"));
+            return false;
+        };
         if let Err(e) = self.runtime.reclaim(&id, &rec.work_dir).await {
             status.errors.push(format!("reclaiming {id}: {e}"));
-            return None;
+            return false;
         }
-        rec.attempts += 1;
-        self.ledger
-            .data_mut()
-            .instances
-            .insert(id.clone(), rec.clone());
-        self.commit(status);
-
+        self.put(rec.clone(), status);
+        let secrets = desired.secrets.get(&secrets_key(&d.env, &d.app));
         let spec = match self.spec_for(d, &rec, secrets).await {
             Ok(s) => s,
             Err(why) => {
-                self.failed_attempt(&mut rec, why);
-                self.ledger.data_mut().instances.insert(id.clone(), rec);
-                self.commit(status);
-                return None;
+                let next = failed_start(&rec, why, now_ms(), &self.policy);
+                log_setback(&next);
+                self.put(next, status);
+                return false;
             }
         };
         rec.port = spec.port;
@@ -635,37 +548,17 @@ impl Reconciler {
                 tracing::info!(instance = %id, app = %d.app, ip = %h.ip, attempt = rec.attempts, "started");
                 rec.handle = Some(h);
                 rec.started_at_ms = now_ms();
-                rec.healthy_once = false;
-                if rec.phase != Phase::Unhealthy {
-                    rec.phase = Phase::Starting;
-                }
-                status.started.push(id.clone());
-                status.running += 1;
-                self.ledger.data_mut().instances.insert(id.clone(), rec);
-                self.commit(status);
-                Some(id)
+                status.started.push(id);
+                self.put(rec, status);
+                true
             }
             Err(e) => {
-                self.failed_attempt(&mut rec, e.to_string());
-                self.ledger.data_mut().instances.insert(id, rec);
-                self.commit(status);
-                None
+                let next = failed_start(&rec, error_chain(&e), now_ms(), &self.policy);
+                log_setback(&next);
+                self.put(next, status);
+                false
             }
         }
-    }
-
-    fn failed_attempt(&self, rec: &mut InstanceRecord, why: String) {
-        if rec.attempts > START_RETRIES {
-            tracing::error!(instance = %rec.instance_id, attempts = rec.attempts, "failed: {why}");
-            rec.phase = Phase::Failed;
-        } else {
-            tracing::warn!(instance = %rec.instance_id, attempts = rec.attempts, "start failed, will retry: {why}");
-            rec.phase = Phase::Starting;
-            rec.not_before_ms =
-                now_ms() + backoff(self.cfg.start_backoff, rec.attempts, self.cfg.max_backoff);
-        }
-        rec.reason = why;
-        rec.healthy_once = false;
     }
 
     async fn spec_for(
@@ -679,7 +572,7 @@ impl Reconciler {
             .images
             .fetch(&d.release.image_digest, &cache)
             .await
-            .map_err(|e| crate::follow::error_chain(&e))?;
+            .map_err(|e| error_chain(&e))?;
         let r = &d.release;
         let c = &image.config;
         let (entrypoint, cmd) = if !r.entrypoint.is_empty() {
@@ -820,7 +713,8 @@ pub struct ReconcilerHandle {
     pub commands: mpsc::Sender<(Command, tokio::sync::oneshot::Sender<Result<(), String>>)>,
 }
 
-/// Runs passes on `activate`, on `period`, and on commands, until
+/// Runs passes on `activate`, on `period` (sooner when a drain deadline
+/// falls before), and on commands, until
 /// `shutdown` turns true. The task owns the reconciler (one writer of the
 /// ledger). Cancel-safety: each `select!` arm only wakes the loop; the work
 /// is done outside `select!`, so no pass is ever cut in half by another arm.
@@ -848,27 +742,12 @@ pub fn spawn(
             }
             let _ = inst_tx.send(rec.ledger().instances.clone());
             let _ = status_tx.send(st);
-            // Stamp new log lines close to when they were written.
-            let dirs: Vec<PathBuf> = rec
-                .ledger()
-                .instances
-                .values()
-                .filter(|r| r.handle.is_some())
-                .map(|r| r.work_dir.clone())
-                .collect();
-            let _ = tokio::task::spawn_blocking(move || {
-                for d in dirs {
-                    if let Err(e) = crate::logs::collect(&d) {
-                        tracing::debug!(error = %e, "collecting logs");
-                    }
-                }
-            })
-            .await;
+            let wait = rec.next_wait(period);
             tokio::select! {
                 // Notify::notified is cancel-safe: a permit stored while we
                 // were busy is kept and fires here at once.
                 _ = activate.notified() => {}
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(wait) => {}
                 Some((cmd, reply)) = cmd_rx.recv() => {
                     let r = rec.command(cmd).await;
                     let _ = inst_tx.send(rec.ledger().instances.clone());
@@ -884,9 +763,26 @@ pub fn spawn(
     (handle, task)
 }
 
+/// Logs an instance that failed, will be retried, or is restarted.
+fn log_setback(next: &InstanceRecord) {
+    let id = &next.instance_id;
+    match next.phase {
+        Phase::Failed => {
+            tracing::error!(instance = %id, attempts = next.attempts, "failed: {}", next.reason)
+        }
+        Phase::Unhealthy => {
+            tracing::warn!(instance = %id, crashes = next.crashes, "{}", next.reason)
+        }
+        _ => {
+            tracing::warn!(instance = %id, attempts = next.attempts, "start failed, will retry: {}", next.reason)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::net::Ipv6Addr;
     use std::path::Path;
     use std::sync::Mutex;
 
@@ -895,7 +791,7 @@ mod tests {
     use super::*;
     use crate::captain::{CaptainError, Heartbeat, NodeRegistration, Registered};
     use crate::image::{FetchedImage, ImageConfig, ImageError};
-    use crate::runtime::RuntimeError;
+    use crate::runtime::{RuntimeError, RuntimeHandle};
 
     /// A runtime in memory. `start` checks that the ledger on disk already
     /// holds the attempt (the intent is durable before the side effect).
@@ -1008,15 +904,17 @@ mod tests {
         }
     }
 
+    /// Desired instances, and the drain deadlines of some.
     #[derive(Default)]
-    struct FakeDesired(Mutex<Vec<DesiredInstance>>);
+    struct FakeDesired(Mutex<Vec<DesiredInstance>>, Mutex<BTreeMap<String, i64>>);
     impl DesiredSource for FakeDesired {
         fn desired(&self) -> BoxFuture<'_, Result<Desired, DesiredError>> {
             Box::pin(async move {
                 Ok(Desired {
                     commit: Some("c".into()),
                     instances: self.0.lock().unwrap().clone(),
-                    secrets: BTreeMap::new(),
+                    drain_deadlines: self.1.lock().unwrap().clone(),
+                    ..Default::default()
                 })
             })
         }
@@ -1281,5 +1179,39 @@ mod tests {
         let st = r.activate().await;
         assert_eq!(st.started, ["ok"]);
         assert_eq!(r.ledger().instances["ok"].phase, Phase::Healthy);
+    }
+
+    #[tokio::test]
+    async fn a_drain_deadline_wakes_a_pass_that_retires_on_time() {
+        let w = World::new();
+        *w.want.0.lock().unwrap() = vec![desired("i1", "r1", 'b'), desired("i2", "r1", 'b')];
+        let mut r = w.reconciler();
+        let period = Duration::from_secs(60);
+        r.activate().await;
+        assert_eq!(r.next_wait(period), period, "nothing drains");
+        let deadline = now_ms() + 300;
+        w.want.1.lock().unwrap().insert("i1".into(), deadline);
+        let st = r.activate().await;
+        assert!(st.stopped.is_empty(), "before its deadline it runs");
+        let wait = r.next_wait(period);
+        assert!(
+            wait <= Duration::from_millis(301) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+        tokio::time::sleep(wait).await;
+        let st = r.activate().await;
+        assert!(now_ms() > deadline);
+        assert_eq!(st.stopped, ["i1"]);
+        let report = w.captain.0.lock().unwrap().last().unwrap().clone();
+        assert_eq!(
+            (report.id.as_str(), report.state, report.reason.as_str()),
+            (
+                "i1",
+                InstanceState::Stopped,
+                "drained: the drain deadline passed"
+            )
+        );
+        assert_eq!(r.next_wait(period), period);
+        assert_eq!(r.ledger().instances.len(), 1);
     }
 }

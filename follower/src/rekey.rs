@@ -37,7 +37,8 @@ use meta_schema::sops::SopsFile;
 use tokio::sync::watch;
 
 use crate::captain::{Captain, CaptainError};
-use crate::follow::{FollowState, error_chain};
+use zw_util::error_chain;
+use crate::follow::FollowState;
 
 /// Longest wait between retries of a failed pass.
 const MAX_RETRY: Duration = Duration::from_secs(300);
