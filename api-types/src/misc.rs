@@ -18,8 +18,22 @@ pub struct Health {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct GithubLogin {
     pub login: String,
+    /// The user (`usr-...`).
+    pub user_id: String,
     /// A user API token for this GitHub user (shown once).
     pub token: String,
+}
+
+/// One entry of the waitlist (admins).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WaitlistEntry {
+    pub id: String,
+    pub email: String,
+    /// Set for people who tried to sign in with GitHub.
+    pub github_login: String,
+    pub created_at: i64,
+    /// When an admin admitted them (they can sign in from then on).
+    pub admitted_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

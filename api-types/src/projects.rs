@@ -1,5 +1,7 @@
 //! Projects and their apps.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -10,6 +12,12 @@ pub struct ProjectView {
     /// Git URL (or a local path in development).
     pub repo: String,
     pub branch: String,
+    /// Dockerfile path in the source (empty: `Dockerfile`).
+    #[serde(default)]
+    pub dockerfile: String,
+    /// Build arguments every build of the project gets.
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
     pub created_at: i64,
     pub apps: Vec<AppView>,
 }
@@ -21,6 +29,9 @@ pub struct AppView {
     pub env: String,
     pub name: String,
     pub created_at: i64,
+    /// Custom domains routed to the app (besides `<app>.<env domain>`).
+    #[serde(default)]
+    pub domains: Vec<String>,
     /// Newest release present at the meta repo head.
     pub active_release: Option<String>,
 }
@@ -32,6 +43,11 @@ pub struct CreateProject {
     pub repo: String,
     /// Defaults to "main".
     pub branch: Option<String>,
+    /// Dockerfile path in the source (default `Dockerfile`).
+    pub dockerfile: Option<String>,
+    /// Build arguments every build of the project gets.
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -40,4 +56,28 @@ pub struct CreateApp {
     pub name: String,
     /// Defaults to "production".
     pub env: Option<String>,
+    /// Custom domains: DNS names of at least two labels, no wildcard, not
+    /// used by another app.
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+/// A member of a project.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MemberView {
+    pub user_id: String,
+    pub login: String,
+    /// `owner` (may manage members) or `member`.
+    pub role: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    /// The user's id (`usr-...`; `GET /v1/users` lists them for admins, a
+    /// token's answer names its user).
+    pub user_id: String,
+    /// `member` (default) or `owner`.
+    pub role: Option<String>,
 }

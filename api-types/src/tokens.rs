@@ -36,6 +36,9 @@ pub struct TokenView {
     pub kind: String,
     pub name: String,
     pub node_id: Option<String>,
+    /// For user tokens: the user (`usr-...`).
+    #[serde(default)]
+    pub user_id: Option<String>,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
 }
@@ -46,6 +49,19 @@ pub struct CreateToken {
     pub name: String,
     /// admin or user (node tokens are issued by node registration).
     pub kind: TokenKind,
+    /// For a user token: the user it acts as (`usr-...`); none makes a
+    /// new user named after the token.
+    pub user_id: Option<String>,
+}
+
+/// A user.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub id: String,
+    pub login: String,
+    /// GitHub's user id, for users who signed in with GitHub.
+    pub github_id: String,
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

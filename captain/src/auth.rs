@@ -32,6 +32,36 @@ pub enum Access {
     Git,
 }
 
+impl Access {
+    /// The role a route needs, as the OpenAPI document's `x-zeitwork-role`.
+    pub fn role(self) -> &'static str {
+        match self {
+            Access::Public => "public",
+            Access::Node => "node",
+            Access::User => "user",
+            Access::Admin => "admin",
+            Access::Git => "git",
+        }
+    }
+
+    /// Who may call a route, in words (the operation's description).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Access::Public => "Role: public (no token; webhooks check their own signature).",
+            Access::Node => {
+                "Role: node. A node token acts for its own node and the instances placed on it; admin tokens may too; user tokens only where the route says (reads of their own projects' instances and images)."
+            }
+            Access::User => {
+                "Role: user. A user token acts inside the projects its user is a member of (anything else is not found); admin tokens see every project."
+            }
+            Access::Admin => "Role: admin (admin tokens only).",
+            Access::Git => {
+                "Role: git (HTTP Basic or Bearer token): node tokens may fetch; user tokens may push release files of their own apps; admins anything valid."
+            }
+        }
+    }
+}
+
 /// The authenticated caller of a request (a request extension).
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -39,13 +69,23 @@ pub struct Caller {
     pub kind: TokenKind,
     /// For node tokens: the node the token was issued to.
     pub node_id: Option<String>,
+    /// For user tokens: the user.
+    pub user_id: Option<String>,
 }
 
 impl Caller {
-    /// May this caller act for `node`? Users and admins may; a node token
-    /// only for its own node.
+    pub fn is_admin(&self) -> bool {
+        self.kind == TokenKind::Admin
+    }
+
+    /// May this caller act for `node` (report its instances, send its
+    /// heartbeat)? Only that node's own token, and admins.
     pub fn may_act_for_node(&self, node: &str) -> bool {
-        self.kind != TokenKind::Node || self.node_id.as_deref() == Some(node)
+        match self.kind {
+            TokenKind::Admin => true,
+            TokenKind::Node => self.node_id.as_deref() == Some(node),
+            TokenKind::User => false,
+        }
     }
 }
 
@@ -72,6 +112,7 @@ pub async fn issue(
     kind: TokenKind,
     name: &str,
     node_id: Option<&str>,
+    user_id: Option<&str>,
 ) -> Result<(TokenRow, String), crate::db::DbError> {
     let secret = new_secret(kind);
     let row = TokenRow {
@@ -79,6 +120,7 @@ pub async fn issue(
         kind: kind.as_str().to_string(),
         name: name.to_string(),
         node_id: node_id.map(str::to_string),
+        user_id: user_id.map(str::to_string),
         created_at: meta_schema::now_millis(),
         revoked_at: None,
     };
@@ -131,6 +173,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
         token_id: row.id,
         kind,
         node_id: row.node_id,
+        user_id: row.user_id,
     })
 }
 

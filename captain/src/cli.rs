@@ -37,6 +37,13 @@ pub struct Args {
     pub github_client_id: Option<String>,
     #[arg(long, env = "ZW_GITHUB_CLIENT_SECRET", hide_env_values = true)]
     pub github_client_secret: Option<String>,
+    /// A GitHub login that may sign in (repeatable); sign-up is closed to
+    /// everyone else, who lands on the waitlist.
+    #[arg(long = "github-allow-user")]
+    pub github_allow_users: Vec<String>,
+    /// A GitHub organization whose members may sign in (repeatable).
+    #[arg(long = "github-allow-org")]
+    pub github_allow_orgs: Vec<String>,
     /// Where built images are stored (and downloaded from by followers).
     #[command(flatten)]
     pub store: builder::cli::StoreArgs,
@@ -63,6 +70,8 @@ impl Args {
         c.github_webhook_secret = self.github_webhook_secret.clone();
         c.github_client_id = self.github_client_id.clone();
         c.github_client_secret = self.github_client_secret.clone();
+        c.github_allow_users = self.github_allow_users.clone();
+        c.github_allow_orgs = self.github_allow_orgs.clone();
         c.app_url_template = self.app_url_template.clone();
         c
     }

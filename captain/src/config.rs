@@ -31,6 +31,10 @@ pub struct Config {
     pub github_client_secret: Option<String>,
     pub github_url: String,
     pub github_api_url: String,
+    /// GitHub logins that may sign in (sign-up is closed otherwise).
+    pub github_allow_users: Vec<String>,
+    /// GitHub organizations whose members may sign in.
+    pub github_allow_orgs: Vec<String>,
     /// Command the pre-receive hook runs (see [`hooks`]); none = this
     /// executable with `captain-pre-receive`.
     pub hook_command: Option<Vec<String>>,
@@ -74,6 +78,8 @@ impl Config {
             github_client_secret: None,
             github_url: "https://github.com".into(),
             github_api_url: "https://api.github.com".into(),
+            github_allow_users: Vec::new(),
+            github_allow_orgs: Vec::new(),
             hook_command: None,
             max_db_connections: 8,
             rollout_interval: Duration::from_secs(2),

@@ -36,6 +36,8 @@ pub enum Code {
     InvalidSignature,
     NotConfigured,
     GithubOauthNotConfigured,
+    Waitlisted,
+    RateLimited,
     Internal,
 }
 
@@ -47,7 +49,8 @@ impl Code {
             }
             Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Code::Unauthorized | Code::InvalidSignature => StatusCode::UNAUTHORIZED,
-            Code::Forbidden => StatusCode::FORBIDDEN,
+            Code::Forbidden | Code::Waitlisted => StatusCode::FORBIDDEN,
+            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::Conflict | Code::IllegalTransition => StatusCode::CONFLICT,
@@ -76,6 +79,8 @@ impl Code {
             Code::InvalidSignature => "invalid_signature",
             Code::NotConfigured => "not_configured",
             Code::GithubOauthNotConfigured => "github_oauth_not_configured",
+            Code::Waitlisted => "waitlisted",
+            Code::RateLimited => "rate_limited",
             Code::Internal => "internal",
         }
     }

@@ -46,6 +46,38 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
         )
         .into_response());
     }
+    // Who pushes, for the pre-receive hook's authorization of each path.
+    let mut pusher_env: Vec<(&str, String)> = Vec::new();
+    if push {
+        match (caller.kind, &caller.user_id) {
+            (TokenKind::Admin, _) => {
+                pusher_env.push((crate::hooks::PUSHER_ROLE_ENV, "admin".into()))
+            }
+            (TokenKind::User, Some(user)) => {
+                let mut apps = Vec::new();
+                let projects = st.db.projects_of_user(user).await.map_err(|e| {
+                    ApiError::internal("reading the pusher's projects", &e).into_response()
+                })?;
+                for p in &projects {
+                    for a in st.db.apps_of_project(p).await.map_err(|e| {
+                        ApiError::internal("reading the pusher's apps", &e).into_response()
+                    })? {
+                        apps.push(format!("{}/{}", a.env, a.name));
+                    }
+                }
+                pusher_env.push((crate::hooks::PUSHER_ROLE_ENV, "user".into()));
+                pusher_env.push((crate::hooks::PUSHER_APPS_ENV, apps.join(",")));
+                pusher_env.push((crate::hooks::PUSHER_PROJECTS_ENV, projects.join(",")));
+            }
+            _ => {
+                return Err(ApiError::new(
+                    Code::Forbidden,
+                    "this token may not push to the meta repository",
+                )
+                .into_response());
+            }
+        }
+    }
     let git_dir = st.meta.git_dir();
     let (Some(root), Some(name)) = (git_dir.parent(), git_dir.file_name()) else {
         return Err(ApiError::internal(
@@ -82,6 +114,7 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
         .env("GIT_CONFIG_KEY_0", "http.receivepack")
         .env("GIT_CONFIG_VALUE_0", "true")
         .env(crate::hooks::HOOK_ENV, st.config.hook_command().join("\n"))
+        .envs(pusher_env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

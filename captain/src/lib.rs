@@ -27,6 +27,7 @@ pub mod hooks;
 pub mod meta;
 pub mod metrics;
 pub mod nodelink;
+pub mod ratelimit;
 pub mod rollout;
 pub mod routes;
 pub mod state;
@@ -63,6 +64,8 @@ pub enum StartError {
     Meta(#[from] meta::MetaError),
     #[error(transparent)]
     Hook(#[from] hooks::HookError),
+    #[error("writing the documents of projects and apps declared before")]
+    Adopt(#[from] app::AppError),
     #[error("writing the admin token to {path}")]
     AdminToken {
         path: PathBuf,
@@ -98,8 +101,14 @@ impl Captain {
         let db = Db::connect(&config.database_url(), config.max_db_connections).await?;
         let mut admin_token = None;
         if db.count_tokens("admin").await? == 0 {
-            let (_, secret) =
-                auth::issue(&db, auth::TokenKind::Admin, "admin (first start)", None).await?;
+            let (_, secret) = auth::issue(
+                &db,
+                auth::TokenKind::Admin,
+                "admin (first start)",
+                None,
+                None,
+            )
+            .await?;
             let path = config.admin_token_path();
             write_secret(&path, &secret).map_err(|source| StartError::AdminToken {
                 path: path.clone(),
@@ -114,9 +123,10 @@ impl Captain {
             .map_err(meta::MetaError::from)??;
         hooks::install(&store.git_dir())?;
         let store = Arc::new(store);
-        meta::sync(&store, &db).await?;
-
         let state = AppState::new(db, store, config.clone());
+        app::projects::adopt_rows(&state).await?;
+        meta::sync(&state.meta, &state.db).await?;
+
         let (requeued, failed) = state
             .db
             .recover_interrupted_builds(
@@ -146,11 +156,14 @@ impl Captain {
         let app = api::router(state.clone());
         let mut srx = rx;
         let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = srx.changed().await;
-                })
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = srx.changed().await;
+            })
+            .await
         });
         tracing::info!(%addr, database = %state.db.backend(), "captain listening");
         Ok(Captain {

@@ -300,7 +300,28 @@ impl MetaStore {
     }
 }
 
-/// The id of the project of a git source.
+/// The row of a project document.
+pub fn project_row(p: &pb::Project) -> ProjectRow {
+    let src = p.source.clone().unwrap_or_default();
+    let build = p.build.clone().unwrap_or_default();
+    ProjectRow {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        repo: src.repo,
+        branch: src.branch,
+        created_at: p.created_at,
+        dockerfile: build.dockerfile,
+        build_args: serde_json::to_string(&build.build_args).expect("a map serializes"),
+    }
+}
+
+/// A new project id: `prj-` and a lower-case ULID.
+pub fn new_project_id() -> String {
+    format!("prj-{}", meta_schema::new_id().to_ascii_lowercase())
+}
+
+/// The id of the project derived from a git source, for apps declared only
+/// by their releases (before projects were documents).
 pub fn project_id(repo: &str, branch: &str) -> String {
     let h = Sha256::digest(format!("{repo}\n{branch}").as_bytes());
     format!("prj-{}", &hex::encode(h)[..20])
@@ -405,6 +426,8 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
     // this point is not in this set, so an older head can never mark it
     // absent.
     let present_before: BTreeSet<String> = db.present_deployment_ids().await?.into_iter().collect();
+    let apps_before: Vec<String> = db.apps().await?.into_iter().map(|a| a.id).collect();
+    let projects_before: Vec<String> = db.projects().await?.into_iter().map(|p| p.id).collect();
     let Some(head) = store.head().await? else {
         return Ok(SyncReport::default());
     };
@@ -427,39 +450,71 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
         changed: true,
         ..Default::default()
     };
-    let empty = BTreeMap::new();
+    // Projects: their documents, and (for apps declared only by their
+    // releases, before projects were documents) one derived from the
+    // newest release's source.
+    let mut projects_seen = BTreeSet::new();
+    for (id, p) in &loaded.projects {
+        db.upsert_project(&project_row(p)).await?;
+        projects_seen.insert(id.clone());
+    }
+    let mut app_keys: BTreeSet<&(String, String)> = loaded.apps.keys().collect();
+    app_keys.extend(loaded.releases.keys());
+    let empty_r = BTreeMap::new();
+    let empty_d = BTreeMap::new();
     let mut present = BTreeSet::new();
-    for ((env, app), releases) in &loaded.releases {
-        let Some((_, newest)) = releases.last_key_value() else {
-            continue;
-        };
-        let src = newest.source.clone().unwrap_or_default();
-        let pid = project_id(&src.repo, &src.branch);
-        db.insert_project(&ProjectRow {
-            id: pid.clone(),
-            name: derived_project_name(&src.repo),
-            repo: src.repo.clone(),
-            branch: src.branch.clone(),
-            created_at: newest.created_at,
-        })
-        .await?;
+    let mut apps_seen = BTreeSet::new();
+    for key in app_keys {
+        let (env, app) = key;
+        let releases = loaded.releases.get(key).unwrap_or(&empty_r);
         let aid = app_id(env, app);
-        let first = releases
-            .first_key_value()
-            .map(|(_, r)| r.created_at)
-            .unwrap_or(now);
-        db.ensure_app(&AppRow {
-            id: aid.clone(),
-            project_id: pid.clone(),
-            env: env.clone(),
-            name: app.clone(),
-            created_at: first,
-        })
-        .await?;
+        let row = match loaded.apps.get(key) {
+            Some(doc) => AppRow {
+                id: aid.clone(),
+                project_id: doc.project.clone(),
+                env: env.clone(),
+                name: app.clone(),
+                created_at: doc.created_at,
+                domains: serde_json::to_string(&doc.domains).expect("a list serializes"),
+            },
+            None => {
+                let Some((_, newest)) = releases.last_key_value() else {
+                    continue;
+                };
+                let src = newest.source.clone().unwrap_or_default();
+                let pid = project_id(&src.repo, &src.branch);
+                if !projects_seen.contains(&pid) {
+                    db.upsert_project(&ProjectRow {
+                        id: pid.clone(),
+                        name: derived_project_name(&src.repo),
+                        repo: src.repo.clone(),
+                        branch: src.branch.clone(),
+                        created_at: newest.created_at,
+                        dockerfile: String::new(),
+                        build_args: "{}".into(),
+                    })
+                    .await?;
+                    projects_seen.insert(pid.clone());
+                }
+                AppRow {
+                    id: aid.clone(),
+                    project_id: pid,
+                    env: env.clone(),
+                    name: app.clone(),
+                    created_at: releases
+                        .first_key_value()
+                        .map(|(_, r)| r.created_at)
+                        .unwrap_or(now),
+                    domains: "[]".into(),
+                }
+            }
+        };
+        db.upsert_app(&row).await?;
+        apps_seen.insert(aid.clone());
         let rollouts: Vec<&pb::Deployment> = loaded
             .deployments
-            .get(&(env.clone(), app.clone()))
-            .unwrap_or(&empty)
+            .get(key)
+            .unwrap_or(&empty_d)
             .values()
             .collect();
         for (id, rel) in releases {
@@ -472,7 +527,7 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
             db.upsert_deployment(&DeploymentRow {
                 id: id.clone(),
                 app_id: aid.clone(),
-                project_id: project_id(&rsrc.repo, &rsrc.branch),
+                project_id: row.project_id.clone(),
                 env: env.clone(),
                 app: app.clone(),
                 image_digest: rel.image_digest.clone(),
@@ -488,6 +543,19 @@ pub async fn sync(store: &std::sync::Arc<MetaStore>, db: &Db) -> Result<SyncRepo
             .await?;
             present.insert(id.clone());
             report.releases += 1;
+        }
+    }
+    // Projects and apps whose documents (and releases) are gone. Only rows
+    // that existed before the head was read: a project the API commits and
+    // records meanwhile is at a newer head.
+    for a in apps_before {
+        if !apps_seen.contains(&a) {
+            db.delete_app(&a, now).await?;
+        }
+    }
+    for p in projects_before {
+        if !projects_seen.contains(&p) {
+            db.delete_project(&p).await?;
         }
     }
     for id in present_before {

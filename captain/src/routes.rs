@@ -34,6 +34,7 @@ pub fn compute(state: &DesiredState, instances: &[InstanceRow], nodes: &[NodeRow
                 .map(|d| format!("{}.{d}", app.name))
                 .collect();
             let release = app.serving.as_ref().map(|s| &s.release).unwrap_or(active);
+            domains.extend(app.domains.iter().map(|d| d.to_ascii_lowercase()));
             domains.extend(release.domains.iter().map(|d| d.to_ascii_lowercase()));
             let backends: Vec<Backend> = app
                 .serving

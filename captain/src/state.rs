@@ -10,6 +10,7 @@ use crate::background::status::Registry;
 use crate::config::Config;
 use crate::db::Db;
 use crate::meta::MetaStore;
+use crate::ratelimit::RateLimit;
 use crate::routes::RouteFeed;
 
 /// Shared state of a running captain (cheap to clone).
@@ -40,6 +41,8 @@ pub struct Inner {
     pub build_events: watch::Sender<u64>,
     /// What each background task did last.
     pub tasks: Registry,
+    /// Waitlist sign-ups per client address.
+    pub waitlist_limit: RateLimit,
 }
 
 impl AppState {
@@ -57,6 +60,7 @@ impl AppState {
             commits: watch::channel(0).0,
             build_events: watch::channel(0).0,
             tasks: Registry::default(),
+            waitlist_limit: RateLimit::new(10, std::time::Duration::from_secs(60)),
         }))
     }
 }

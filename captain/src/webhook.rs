@@ -149,7 +149,7 @@ pub async fn github(
                     let b = crate::app::builds::queue_git_build(
                         &st,
                         &app,
-                        &project.repo,
+                        &project,
                         &push.after,
                         Some(DeploySpec::default()),
                     )

@@ -293,6 +293,23 @@ async fn wipe_and_rebuild(backend: Backend) {
         .await;
     assert_eq!(s, 201);
     let api = api["id"].as_str().unwrap().to_string();
+    // Declared, with nothing deployed yet: an app without a release and a
+    // project whose name is not its repository's.
+    let (s, cron) = env
+        .post(
+            &format!("/v1/projects/{pid}/apps"),
+            json!({"name": "cron", "env": "staging", "domains": ["cron.example.com"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{cron}");
+    let cron = cron["id"].as_str().unwrap().to_string();
+    let (s, bar) = env
+        .post(
+            "/v1/projects",
+            json!({"name": "barproj", "repo": "https://git.example.com/acme/bar.git", "dockerfile": "docker/Dockerfile.prod", "build_args": {"MODE": "prod"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{bar}");
     let mut ids = Vec::new();
     for (app, n) in [(&web, 1), (&web, 2), (&api, 3)] {
         let (s, d) = env
@@ -321,7 +338,27 @@ async fn wipe_and_rebuild(backend: Backend) {
     env.restart(true).await;
     assert_ne!(env.token, "", "a new admin token after the wipe");
     let projects = env.get("/v1/projects").await.1;
-    assert_eq!(projects.as_array().unwrap().len(), 1);
+    assert_eq!(projects.as_array().unwrap().len(), 2, "{projects}");
+    let bar_after = projects
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == bar["id"])
+        .expect("the project without apps comes back");
+    assert_eq!(
+        bar_after["name"], "barproj",
+        "its own name, not one guessed from the URL"
+    );
+    assert_eq!(bar_after["dockerfile"], "docker/Dockerfile.prod");
+    assert_eq!(bar_after["build_args"], json!({"MODE": "prod"}));
+    let projects = json!(
+        projects
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["id"] != bar["id"])
+            .collect::<Vec<_>>()
+    );
     assert_eq!(
         projects[0]["id"],
         pid.as_str(),
@@ -344,8 +381,14 @@ async fn wipe_and_rebuild(backend: Backend) {
     apps.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
         apps,
-        vec![(api.clone(), json!(ids[2])), (web.clone(), json!(ids[1]))]
+        vec![
+            (api.clone(), json!(ids[2])),
+            (cron.clone(), json!(null)),
+            (web.clone(), json!(ids[1]))
+        ]
     );
+    let (_, c) = env.get(&format!("/v1/apps/{cron}")).await;
+    assert_eq!(c["domains"], json!(["cron.example.com"]), "{c}");
     let after: Vec<Value> = env
         .get("/v1/deployments")
         .await
@@ -1122,114 +1165,3 @@ both!(
     follows_commits_of_an_external_meta_repo_origin,
     follows_an_external_origin
 );
-
-/// A stand-in for github.com on loopback: the two OAuth endpoints the
-/// captain calls, checking what it sends.
-async fn fake_github() -> (String, tokio::task::JoinHandle<()>) {
-    use axum::routing::{get, post};
-    let app = axum::Router::new()
-        .route(
-            "/login/oauth/access_token",
-            post(|body: String| async move {
-                let ok = body.contains("client_id=cid")
-                    && body.contains("client_secret=csecret")
-                    && body.contains("code=good");
-                if ok {
-                    axum::Json(json!({"access_token": "gho_test", "token_type": "bearer"}))
-                } else {
-                    axum::Json(json!({"error": "bad_verification_code"}))
-                }
-            }),
-        )
-        .route(
-            "/user",
-            get(|h: axum::http::HeaderMap| async move {
-                let auth = h
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                if auth == "Bearer gho_test" {
-                    (
-                        axum::http::StatusCode::OK,
-                        axum::Json(json!({"login": "octocat", "id": 1})),
-                    )
-                } else {
-                    (
-                        axum::http::StatusCode::UNAUTHORIZED,
-                        axum::Json(json!({"message": "Bad credentials"})),
-                    )
-                }
-            }),
-        );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", l.local_addr().unwrap());
-    (
-        base,
-        tokio::spawn(async move { axum::serve(l, app).await.unwrap() }),
-    )
-}
-
-async fn github_oauth(backend: Backend) {
-    let (gh, server) = fake_github().await;
-    let dir = tempfile::tempdir().unwrap();
-    let url = common::fresh_database(backend, dir.path()).await;
-    let mut config = common::config(dir.path(), &url);
-    config.github_client_id = Some("cid".into());
-    config.github_client_secret = Some("csecret".into());
-    config.github_url = gh.clone();
-    config.github_api_url = gh.clone();
-    let c = captain::Captain::start(config).await.unwrap();
-    let base = format!("http://{}", c.local_addr());
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let r = http
-        .get(format!("{base}/v1/auth/github"))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_redirection());
-    let loc = r.headers()["location"].to_str().unwrap().to_string();
-    assert!(
-        loc.starts_with(&format!("{gh}/login/oauth/authorize?client_id=cid")),
-        "{loc}"
-    );
-    let r = http
-        .get(format!("{base}/v1/auth/github?code=bad"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 401);
-    let r = http
-        .get(format!("{base}/v1/auth/github?code=good"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["login"], "octocat");
-    let token = v["token"].as_str().unwrap();
-    let r = http
-        .get(format!("{base}/v1/projects"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200, "the GitHub user's token works");
-    let r = http
-        .get(format!("{base}/v1/tokens"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        403,
-        "but it is a user token, not admin"
-    );
-    c.shutdown().await;
-    server.abort();
-}
-both!(github_oauth_code_exchange_issues_a_user_token, github_oauth);

@@ -139,10 +139,11 @@ async fn queue_upload_deploy_download_logs(backend: Backend) {
         Some(make_builder(d, store))
     })
     .await;
-    let (_, app) = env.project_and_app("shop", "web").await;
-    let src = upload(&env, source_tarball(tmp.path(), GOOD)).await;
+    let (project, app) = env.project_and_app("shop", "web").await;
+    let tarball = source_tarball(tmp.path(), GOOD);
+    let src = upload(&env, tarball.clone()).await;
     // The same bytes again: the same id, stored once.
-    assert_eq!(upload(&env, source_tarball(tmp.path(), GOOD)).await, src);
+    assert_eq!(upload(&env, tarball).await, src);
 
     let (s, b) = env
         .post(
@@ -300,6 +301,13 @@ async fn queue_upload_deploy_download_logs(backend: Backend) {
         .await;
     assert_eq!(s, 201, "{t}");
     let user = t["secret"].as_str().unwrap().to_string();
+    let (s, m) = env
+        .post(
+            &format!("/v1/projects/{project}/members"),
+            json!({"user_id": t["token"]["user_id"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "a member of the project: {m}");
     for url in ["file:///etc", "file:///var/lib/zeitwork/meta.git"] {
         let r = env
             .http

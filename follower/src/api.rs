@@ -263,9 +263,6 @@ async fn logs(
                 .collect();
             (headers, Json(body)).into_response()
         }
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            zw_util::error_chain(&e),
-        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, zw_util::error_chain(&e)),
     }
 }

@@ -15,10 +15,10 @@ use meta_schema::repo::MetaRepo;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
-use zw_util::error_chain;
 use crate::ledger::{Ledger, LedgerError};
 use crate::plan::{Desired, secrets_key};
 use crate::reconciler::{DesiredError, DesiredSource};
+use zw_util::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {

@@ -37,13 +37,13 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::captain::{Captain, InstanceReport, InstanceState};
-use zw_util::error_chain;
 use crate::health::Probe;
 use crate::image::ImageSource;
 use crate::ledger::{Ledger, LedgerError};
 use crate::net::InstanceRange;
 use crate::plan::{Action, Observed, Policy, Process, failed_start};
 use crate::runtime::{InstanceSpec, Liveness, Runtime};
+use zw_util::error_chain;
 
 pub use crate::plan::{Desired, InstanceRecord, NodeLedger, Phase, START_RETRIES, secrets_key};
 

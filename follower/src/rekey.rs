@@ -37,8 +37,8 @@ use meta_schema::sops::SopsFile;
 use tokio::sync::watch;
 
 use crate::captain::{Captain, CaptainError};
-use zw_util::error_chain;
 use crate::follow::FollowState;
+use zw_util::error_chain;
 
 /// Longest wait between retries of a failed pass.
 const MAX_RETRY: Duration = Duration::from_secs(300);

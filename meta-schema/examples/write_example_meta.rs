@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use meta_schema::layout::{channel_path, deployment_path, env_path, node_path, release_path};
+use meta_schema::layout::{
+    app_path, channel_path, deployment_path, env_path, node_path, project_path, release_path,
+};
 use meta_schema::pb::{self, health_check::Kind};
 use prost::Message;
 
@@ -88,6 +90,55 @@ fn main() {
                     recipient: "age1se5ghfycr4n8kcwc3qwf234ymvmr2lex2a99wh8gpfx97glwt9hqch4569"
                         .into(),
                 }],
+            }
+            .encode_to_vec(),
+        );
+    }
+    for app in ["web", "api", "worker"] {
+        let id = format!("prj-{app}");
+        write(
+            root,
+            &project_path(&id),
+            pb::Project {
+                id: id.clone(),
+                name: app.into(),
+                source: Some(pb::Source {
+                    repo: format!("https://github.com/example/{app}.git"),
+                    branch: "main".into(),
+                    commit: String::new(),
+                }),
+                build: Some(pb::BuildSettings {
+                    dockerfile: if app == "worker" {
+                        "worker/Dockerfile".into()
+                    } else {
+                        String::new()
+                    },
+                    build_args: Default::default(),
+                }),
+                created_at: T,
+            }
+            .encode_to_vec(),
+        );
+    }
+    for (env, app) in [
+        ("production", "web"),
+        ("production", "api"),
+        ("staging", "web"),
+        ("staging", "worker"),
+    ] {
+        write(
+            root,
+            &app_path(env, app),
+            pb::App {
+                name: app.into(),
+                env: env.into(),
+                project: format!("prj-{app}"),
+                domains: if (env, app) == ("production", "api") {
+                    vec!["api.example.com".into()]
+                } else {
+                    vec![]
+                },
+                created_at: T,
             }
             .encode_to_vec(),
         );

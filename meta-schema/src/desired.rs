@@ -12,7 +12,8 @@
 //!   than the serving one. Older unfinished rollouts are abandoned.
 //! - **draining**: earlier promoted rollouts, until the promotion that
 //!   superseded them is `drain_seconds` old.
-//! - an app with no release file wants nothing running at all.
+//! - an app with no release file wants nothing running at all (an app
+//!   declared by its `app.pb` alone is listed, with nothing to run).
 //!
 //! Any invalid file makes the whole result an error: a follower never acts
 //! on a silently partial state.
@@ -53,6 +54,11 @@ pub struct AppState {
     pub draining: Vec<RolloutView>,
     pub failed: Vec<RolloutView>,
     pub secrets_present: bool,
+    /// The project the app is built from (its `app.pb`); none for an app
+    /// declared only by its releases.
+    pub project: Option<String>,
+    /// Custom domains of its `app.pb` (a release may add its own).
+    pub domains: Vec<String>,
 }
 
 /// One rollout, seen through its newest deployment file.
@@ -175,6 +181,7 @@ pub fn desired_state(tree: &MetaTree, now_millis: i64) -> Result<DesiredState, M
         .releases
         .keys()
         .chain(loaded.deployments.keys())
+        .chain(loaded.apps.keys())
         .collect();
     keys.sort();
     keys.dedup();
@@ -182,7 +189,7 @@ pub fn desired_state(tree: &MetaTree, now_millis: i64) -> Result<DesiredState, M
         let (env, app) = key;
         let releases = loaded.releases.get(key).unwrap_or(&empty_r);
         let deployments = loaded.deployments.get(key).unwrap_or(&empty_d);
-        let app_state = plan_app(
+        let mut app_state = plan_app(
             env,
             app,
             releases,
@@ -190,6 +197,10 @@ pub fn desired_state(tree: &MetaTree, now_millis: i64) -> Result<DesiredState, M
             loaded.secrets.contains_key(key),
             now_millis,
         );
+        if let Some(doc) = loaded.apps.get(key) {
+            app_state.project = Some(doc.project.clone());
+            app_state.domains = doc.domains.clone();
+        }
         // `load` guarantees the env exists.
         if let Some(e) = state.envs.get_mut(env) {
             e.apps.insert(app.clone(), app_state);
@@ -216,6 +227,8 @@ fn plan_app(
         draining: Vec::new(),
         failed: Vec::new(),
         secrets_present,
+        project: None,
+        domains: Vec::new(),
     };
 
     // Group files into rollouts; files iterate in id (time) order.

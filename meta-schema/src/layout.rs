@@ -1,7 +1,9 @@
 //! Where each kind of file lives in the meta repository.
 //!
 //! ```text
+//! projects/<id>.pb
 //! envs/<env>/env.pb
+//! envs/<env>/apps/<app>/app.pb
 //! envs/<env>/apps/<app>/releases/<id>.pb
 //! envs/<env>/apps/<app>/deployments/<id>.pb
 //! envs/<env>/apps/<app>/secrets.sops.yaml
@@ -10,15 +12,22 @@
 //! ```
 //!
 //! Releases and deployments are immutable: once committed, a file at such a
-//! path is never changed or replaced. `env.pb`, nodes, channels and the
-//! secrets file are documents that a later commit may replace whole; their
-//! history is the git history.
+//! path is never changed or replaced. Projects, `env.pb`, `app.pb`, nodes,
+//! channels and the secrets file are documents that a later commit may
+//! replace whole; their history is the git history.
 
 /// A path of the meta repository, parsed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum MetaPath {
+    Project {
+        id: String,
+    },
     Env {
         env: String,
+    },
+    App {
+        env: String,
+        app: String,
     },
     Release {
         env: String,
@@ -48,8 +57,15 @@ impl MetaPath {
     pub fn parse(path: &str) -> Option<MetaPath> {
         let parts: Vec<&str> = path.split('/').collect();
         match parts.as_slice() {
+            ["projects", file] => file
+                .strip_suffix(".pb")
+                .map(|id| MetaPath::Project { id: id.to_string() }),
             ["envs", env, "env.pb"] => Some(MetaPath::Env {
                 env: env.to_string(),
+            }),
+            ["envs", env, "apps", app, "app.pb"] => Some(MetaPath::App {
+                env: env.to_string(),
+                app: app.to_string(),
             }),
             ["envs", env, "apps", app, "releases", file] => {
                 file.strip_suffix(".pb").map(|id| MetaPath::Release {
@@ -86,7 +102,9 @@ impl MetaPath {
 
     pub fn to_path(&self) -> String {
         match self {
+            MetaPath::Project { id } => project_path(id),
             MetaPath::Env { env } => env_path(env),
+            MetaPath::App { env, app } => app_path(env, app),
             MetaPath::Release { env, app, id } => release_path(env, app, id),
             MetaPath::Deployment { env, app, id } => deployment_path(env, app, id),
             MetaPath::Secrets { env, app } => secrets_path(env, app),
@@ -96,11 +114,39 @@ impl MetaPath {
     }
 }
 
-/// Does this path belong to the meta layout at all (a `.pb` anywhere under
-/// `envs/`, `channels/` or `nodes/`, or a secrets file)? Such files must
-/// parse as a [`MetaPath`]; others (README.md, .gitattributes) are ignored.
+/// Does this path belong to the meta layout at all (anything under
+/// `projects/`, `envs/`, `channels/` or `nodes/`)? Such files must parse as
+/// a [`MetaPath`]; others (README.md, .gitattributes) are ignored here.
 pub fn is_meta_area(path: &str) -> bool {
-    path.starts_with("envs/") || path.starts_with("channels/") || path.starts_with("nodes/")
+    ["projects/", "envs/", "channels/", "nodes/"]
+        .iter()
+        .any(|p| path.starts_with(p))
+}
+
+/// Files outside the meta areas a meta repository may hold.
+pub const OTHER_FILES: [&str; 2] = ["README.md", ".gitattributes"];
+
+pub fn project_path(id: &str) -> String {
+    format!("projects/{id}.pb")
+}
+pub fn app_path(env: &str, app: &str) -> String {
+    format!("envs/{env}/apps/{app}/app.pb")
+}
+
+/// A project id: `prj-` and 1-60 of `a-z0-9`.
+pub fn is_project_id(s: &str) -> bool {
+    s.strip_prefix("prj-").is_some_and(|r| {
+        !r.is_empty()
+            && r.len() <= 60
+            && r.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    })
+}
+
+/// A custom domain of an app: a DNS name of at least two labels, lower
+/// case, no wildcard (a wildcard would take every name under it).
+pub fn is_custom_domain(s: &str) -> bool {
+    !s.starts_with("*.") && is_domain(s) && s.contains('.')
 }
 
 pub fn env_path(env: &str) -> String {
@@ -155,7 +201,9 @@ mod tests {
     #[test]
     fn paths_round_trip() {
         for p in [
+            "projects/prj-01jaaaaaaaaaaaaaaaaaaaaaaa.pb",
             "envs/prod/env.pb",
+            "envs/prod/apps/web/app.pb",
             "envs/prod/apps/web/releases/01JAAAAAAAAAAAAAAAAAAAAAAA.pb",
             "envs/prod/apps/web/deployments/01JAAAAAAAAAAAAAAAAAAAAAAA.pb",
             "envs/prod/apps/web/secrets.sops.yaml",
@@ -176,5 +224,13 @@ mod tests {
         }
         assert!(is_domain("*.example.com"));
         assert!(!is_domain("exa mple.com"));
+        assert!(is_custom_domain("shop.example.com"));
+        for bad in ["*.example.com", "localhost", "Shop.example.com", "a..b", ""] {
+            assert!(!is_custom_domain(bad), "{bad}");
+        }
+        assert!(is_project_id("prj-01jaaaaaaaaaaaaaaaaaaaaaaa"));
+        for bad in ["prj-", "prj-A", "web", "prj-a/b"] {
+            assert!(!is_project_id(bad), "{bad}");
+        }
     }
 }

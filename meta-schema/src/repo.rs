@@ -499,6 +499,7 @@ impl MetaRepo {
             match MetaPath::parse(p) {
                 Some(MetaPath::Release { env, app, .. })
                 | Some(MetaPath::Deployment { env, app, .. })
+                | Some(MetaPath::App { env, app })
                 | Some(MetaPath::Secrets { env, app }) => {
                     filter.env.as_ref().is_none_or(|e| *e == env)
                         && filter.app.as_ref().is_none_or(|a| *a == app)

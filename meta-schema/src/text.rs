@@ -9,7 +9,9 @@ use crate::pb;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    Project,
     Env,
+    App,
     Release,
     Deployment,
     Channel,
@@ -20,14 +22,16 @@ impl std::str::FromStr for Kind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
+            "project" => Kind::Project,
             "env" => Kind::Env,
+            "app" => Kind::App,
             "release" => Kind::Release,
             "deployment" => Kind::Deployment,
             "channel" => Kind::Channel,
             "node" => Kind::Node,
             _ => {
                 return Err(format!(
-                    "unknown kind {s:?} (env, release, deployment, channel, node)"
+                    "unknown kind {s:?} (project, env, app, release, deployment, channel, node)"
                 ));
             }
         })
@@ -43,7 +47,7 @@ pub enum DecodeError {
         source: prost::DecodeError,
     },
     #[error(
-        "not a zeitwork meta file (it decodes as none of env, release, deployment, channel, node)"
+        "not a zeitwork meta file (it decodes as none of project, env, app, release, deployment, channel, node)"
     )]
     Unrecognised,
 }
@@ -61,7 +65,9 @@ pub fn kind_of_path(path: &str) -> Option<Kind> {
     for start in 0..tail.len() {
         if let Some(mp) = MetaPath::parse(&tail[start..].join("/")) {
             return Some(match mp {
+                MetaPath::Project { .. } => Kind::Project,
                 MetaPath::Env { .. } => Kind::Env,
+                MetaPath::App { .. } => Kind::App,
                 MetaPath::Release { .. } => Kind::Release,
                 MetaPath::Deployment { .. } => Kind::Deployment,
                 MetaPath::Channel { .. } => Kind::Channel,
@@ -106,6 +112,18 @@ pub fn sniff(bytes: &[u8]) -> Option<Kind> {
     {
         return Some(Kind::Channel);
     }
+    if let Some(p) = strict::<pb::Project>(bytes)
+        && crate::layout::is_project_id(&p.id)
+    {
+        return Some(Kind::Project);
+    }
+    if let Some(a) = strict::<pb::App>(bytes)
+        && !a.name.is_empty()
+        && !a.env.is_empty()
+        && crate::layout::is_project_id(&a.project)
+    {
+        return Some(Kind::App);
+    }
     if let Some(e) = strict::<pb::Env>(bytes)
         && !e.name.is_empty()
     {
@@ -121,7 +139,9 @@ pub fn decode(kind: Option<Kind>, bytes: &[u8]) -> Result<String, DecodeError> {
         .ok_or(DecodeError::Unrecognised)?;
     let inv = |source| DecodeError::Invalid { kind, source };
     Ok(match kind {
+        Kind::Project => format!("{:#?}\n", pb::Project::decode(bytes).map_err(inv)?),
         Kind::Env => format!("{:#?}\n", pb::Env::decode(bytes).map_err(inv)?),
+        Kind::App => format!("{:#?}\n", pb::App::decode(bytes).map_err(inv)?),
         Kind::Release => format!("{:#?}\n", pb::Release::decode(bytes).map_err(inv)?),
         Kind::Deployment => format!("{:#?}\n", pb::Deployment::decode(bytes).map_err(inv)?),
         Kind::Channel => format!("{:#?}\n", pb::Channel::decode(bytes).map_err(inv)?),

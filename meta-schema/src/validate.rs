@@ -8,7 +8,9 @@ use std::fmt;
 use prost::Message;
 
 use crate::MetaTree;
-use crate::layout::{self, MetaPath, is_dns_label, is_domain, is_ulid};
+use crate::layout::{
+    self, MetaPath, is_custom_domain, is_dns_label, is_domain, is_project_id, is_ulid,
+};
 use crate::pb;
 
 /// One broken rule.
@@ -49,7 +51,10 @@ impl std::error::Error for ValidationErrors {}
 /// The decoded, validated files of a tree.
 #[derive(Debug, Default, Clone)]
 pub struct Loaded {
+    pub projects: BTreeMap<String, pb::Project>,
     pub envs: BTreeMap<String, pb::Env>,
+    /// (env, app) -> the app's `app.pb`.
+    pub apps: BTreeMap<(String, String), pb::App>,
     /// (env, app) -> release id -> release, ids ascending (oldest first).
     pub releases: BTreeMap<(String, String), BTreeMap<String, pb::Release>>,
     /// (env, app) -> deployment id -> deployment.
@@ -111,13 +116,33 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
             errs.push(
                 path,
                 "",
-                "file is not part of the meta layout (expected envs/<env>/env.pb, \
-                 envs/<env>/apps/<app>/{releases,deployments}/<id>.pb, \
+                "file is not part of the meta layout (expected projects/<id>.pb, envs/<env>/env.pb, \
+                 envs/<env>/apps/<app>/app.pb, envs/<env>/apps/<app>/{releases,deployments}/<id>.pb, \
                  envs/<env>/apps/<app>/secrets.sops.yaml, channels/<name>.pb or nodes/<node>.pb)",
             );
             continue;
         };
         match mp {
+            MetaPath::Project { id } => {
+                if !is_project_id(&id) {
+                    errs.push(
+                        path,
+                        "",
+                        format!("file name {id:?} is not a project id (prj- and 1-60 of a-z, 0-9)"),
+                    );
+                }
+                if let Some(m) = decode::<pb::Project>(path, bytes, &mut errs) {
+                    check_project(path, &id, &m, &mut errs);
+                    out.projects.insert(id, m);
+                }
+            }
+            MetaPath::App { env, app } => {
+                check_app_dir(path, &env, &app, &mut errs);
+                if let Some(m) = decode::<pb::App>(path, bytes, &mut errs) {
+                    check_app(path, &env, &app, &m, &mut errs);
+                    out.apps.insert((env, app), m);
+                }
+            }
             MetaPath::Env { env } => {
                 if !is_dns_label(&env) {
                     errs.push(
@@ -208,6 +233,7 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
         .keys()
         .chain(out.deployments.keys())
         .chain(out.secrets.keys())
+        .chain(out.apps.keys())
         .cloned()
         .collect();
     for (env, app) in &app_keys {
@@ -219,28 +245,20 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
             );
         }
     }
-    // A domain belongs to one app: check the active (newest) release of
-    // every app, plus the platform names <app>.<env domain>.
-    let mut owners: BTreeMap<String, (String, String)> = BTreeMap::new();
-    for ((env, app), releases) in &out.releases {
-        let Some((id, rel)) = releases.last_key_value() else {
-            continue;
-        };
-        for d in &rel.domains {
-            let d = d.to_ascii_lowercase();
-            if let Some((oe, oa)) = owners.get(&d) {
-                if (oe, oa) != (env, app) {
-                    errs.push(
-                        &layout::release_path(env, app, id),
-                        "domains",
-                        format!("domain {d:?} is already used by app {oa:?} in env {oe:?}; a domain belongs to one app"),
-                    );
-                }
-            } else {
-                owners.insert(d, (env.clone(), app.clone()));
-            }
+    for ((env, app), m) in &out.apps {
+        if !m.project.is_empty() && !out.projects.contains_key(&m.project) {
+            errs.push(
+                &layout::app_path(env, app),
+                "project",
+                format!(
+                    "project {:?} does not exist ({} is missing)",
+                    m.project,
+                    layout::project_path(&m.project)
+                ),
+            );
         }
     }
+    check_domains(&out, &app_keys, &mut errs);
 
     if errs.0.is_empty() {
         Ok(out)
@@ -248,6 +266,164 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
         errs.0.sort_by(|a, b| a.path.cmp(&b.path));
         errs.0.dedup();
         Err(ValidationErrors(errs.0))
+    }
+}
+
+/// Every domain is owned by one app: the platform names `<app>.<env
+/// domain>` of every app, the custom domains of its `app.pb`, of its
+/// newest release and of its newest deployment file (what routes now).
+fn check_domains(out: &Loaded, app_keys: &[(String, String)], errs: &mut Errs) {
+    let mut owners: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut keys: Vec<&(String, String)> = app_keys.iter().collect();
+    keys.sort();
+    keys.dedup();
+    for (env, app) in &keys {
+        let Some(e) = out.envs.get(env) else {
+            continue;
+        };
+        for d in &e.domains {
+            let name = format!("{app}.{}", d.to_ascii_lowercase());
+            owners
+                .entry(name)
+                .or_insert_with(|| (env.clone(), app.clone()));
+        }
+    }
+    // Claims are judged oldest first, so a domain stays with the app that
+    // had it and the newcomer's file is the one reported.
+    let mut claims: Vec<(i64, String, &str, &str, &str, &str)> = Vec::new();
+    for ((env, app), m) in &out.apps {
+        for d in &m.domains {
+            claims.push((
+                m.created_at,
+                layout::app_path(env, app),
+                "domains",
+                d,
+                env,
+                app,
+            ));
+        }
+    }
+    for ((env, app), releases) in &out.releases {
+        if let Some((id, rel)) = releases.last_key_value() {
+            for d in &rel.domains {
+                claims.push((
+                    rel.created_at,
+                    layout::release_path(env, app, id),
+                    "domains",
+                    d,
+                    env,
+                    app,
+                ));
+            }
+        }
+    }
+    for ((env, app), deployments) in &out.deployments {
+        if let Some((id, dep)) = deployments.last_key_value() {
+            for d in dep.release.iter().flat_map(|r| r.domains.iter()) {
+                claims.push((
+                    dep.created_at,
+                    layout::deployment_path(env, app, id),
+                    "release.domains",
+                    d,
+                    env,
+                    app,
+                ));
+            }
+        }
+    }
+    claims.sort();
+    for (_, path, field, d, env, app) in claims {
+        if !is_custom_domain(d) {
+            errs.push(
+                &path,
+                field,
+                format!("{d:?} is not a custom domain: a lower-case DNS name of at least two labels, no wildcard"),
+            );
+            continue;
+        }
+        match owners.get(d) {
+            Some((oe, oa)) if (oe.as_str(), oa.as_str()) != (env, app) => errs.push(
+                &path,
+                field,
+                format!("domain {d:?} is already used by app {oa:?} in env {oe:?}; a domain belongs to one app"),
+            ),
+            Some(_) => {}
+            None => {
+                owners.insert(d.to_string(), (env.to_string(), app.to_string()));
+            }
+        }
+    }
+}
+
+fn check_project(path: &str, id: &str, m: &pb::Project, errs: &mut Errs) {
+    if m.id != id {
+        errs.push(
+            path,
+            "id",
+            format!("must equal the file name {id:?}, is {:?}", m.id),
+        );
+    }
+    if !is_dns_label(&m.name) {
+        errs.push(
+            path,
+            "name",
+            format!("{:?} is not a DNS label (1-63 of a-z, 0-9, '-')", m.name),
+        );
+    }
+    let src = m.source.clone().unwrap_or_default();
+    if src.repo.is_empty()
+        || src.repo.len() > 2048
+        || src
+            .repo
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        errs.push(path, "source.repo", "must be a git URL or path");
+    }
+    if src.branch.is_empty() || src.branch.len() > 255 || src.branch.starts_with('-') {
+        errs.push(path, "source.branch", "must be a branch name");
+    }
+    if let Some(b) = &m.build {
+        if b.dockerfile.starts_with('/') || b.dockerfile.split('/').any(|c| c == "..") {
+            errs.push(
+                path,
+                "build.dockerfile",
+                format!("{:?} must be a path inside the source", b.dockerfile),
+            );
+        }
+        for k in b.build_args.keys() {
+            if k.is_empty() || k.contains('=') {
+                errs.push(
+                    path,
+                    "build.build_args",
+                    format!("argument name {k:?} is empty or contains '='"),
+                );
+            }
+        }
+    }
+}
+
+fn check_app(path: &str, env: &str, app: &str, m: &pb::App, errs: &mut Errs) {
+    if m.name != app {
+        errs.push(
+            path,
+            "name",
+            format!("must equal the directory name {app:?}, is {:?}", m.name),
+        );
+    }
+    if m.env != env {
+        errs.push(
+            path,
+            "env",
+            format!("must equal the directory name {env:?}, is {:?}", m.env),
+        );
+    }
+    if !is_project_id(&m.project) {
+        errs.push(
+            path,
+            "project",
+            format!("{:?} is not a project id", m.project),
+        );
     }
 }
 
@@ -350,8 +526,13 @@ pub(crate) fn check_release_fields(m: &pb::Release) -> Vec<(String, String)> {
         );
     }
     for d in &m.domains {
-        if !is_domain(d) {
-            e("domains", format!("{d:?} is not a domain name"));
+        if !is_custom_domain(d) {
+            e(
+                "domains",
+                format!(
+                    "{d:?} is not a custom domain: a lower-case DNS name of at least two labels, no wildcard"
+                ),
+            );
         }
     }
     if m.created_at <= 0 {

@@ -14,6 +14,7 @@ use futures::StreamExt as _;
 use serde::Deserialize;
 
 use super::json;
+use crate::app::access;
 use crate::app::builds::{self, NewBuild, NewSource};
 use crate::auth::Caller;
 use crate::db::BuildRow;
@@ -112,32 +113,33 @@ pub struct BuildsQuery {
 /// `GET /v1/builds`.
 pub async fn list_builds(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<BuildsQuery>,
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1-1000"));
     }
-    let v: Vec<BuildView> = st
-        .db
-        .builds(q.app_id.as_deref(), limit)
-        .await?
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let rows = match (&q.app_id, &caller.user_id) {
+        (Some(app), _) => {
+            let a = access::app(&st, &caller, app).await?;
+            st.db.builds(Some(&a.id), limit).await?
+        }
+        (None, _) if caller.is_admin() => st.db.builds(None, limit).await?,
+        (None, Some(user)) => st.db.builds_of_user(user, limit).await?,
+        (None, None) => Vec::new(),
+    };
+    let v: Vec<BuildView> = rows.into_iter().map(Into::into).collect();
     Ok(axum::Json(v).into_response())
 }
 
 /// `GET /v1/builds/{id}`.
 pub async fn get_build(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let b = st
-        .db
-        .build(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("build", &id))?;
+    let b = access::build(&st, &caller, &id).await?;
     Ok(axum::Json(BuildView::from(b)).into_response())
 }
 
@@ -155,13 +157,12 @@ pub struct LogsQuery {
 /// build once it has finished. `Last-Event-ID` resumes a stream.
 pub async fn build_logs(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<LogsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if st.db.build(&id).await?.is_none() {
-        return Err(ApiError::not_found("build", &id));
-    }
+    let id = access::build(&st, &caller, &id).await?.id;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

@@ -3,6 +3,7 @@
 
 use api_types::Status;
 use api_types::deployments::{CreateDeployment, DeploymentView, SetStatus};
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -10,7 +11,9 @@ use meta_schema::layout::release_path;
 use serde::Deserialize;
 
 use super::json;
+use crate::app::access;
 use crate::app::deploy::{self, NewRelease};
+use crate::auth::Caller;
 use crate::db::DeploymentRow;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::state::AppState;
@@ -50,16 +53,30 @@ pub struct DeploymentQuery {
 
 pub async fn list_deployments(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<DeploymentQuery>,
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1-10000"));
     }
-    let rows = st
-        .db
-        .deployments(q.app_id.as_deref(), q.before.as_deref(), limit)
-        .await?;
+    let rows = match (&q.app_id, &caller.user_id) {
+        (Some(app), _) => {
+            let a = access::app(&st, &caller, app).await?;
+            st.db
+                .deployments(Some(&a.id), q.before.as_deref(), limit)
+                .await?
+        }
+        (None, Some(user)) if !caller.is_admin() => {
+            st.db
+                .deployments_of_user(user, q.before.as_deref(), limit)
+                .await?
+        }
+        (None, _) if caller.is_admin() => {
+            st.db.deployments(None, q.before.as_deref(), limit).await?
+        }
+        (None, _) => Vec::new(),
+    };
     let v: Vec<DeploymentView> = rows.into_iter().map(Into::into).collect();
     Ok(json(StatusCode::OK, v))
 }
@@ -79,34 +96,36 @@ impl From<CreateDeployment> for NewRelease {
 
 pub async fn create_deployment(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiJson(b): ApiJson<CreateDeployment>,
 ) -> Result<Response, ApiError> {
-    let app = st
-        .db
-        .app(&b.app_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("app", &b.app_id))?;
+    let app = access::app(&st, &caller, &b.app_id).await?;
+    if let Some(d) = &b.image_digest
+        && !access::may_use_image(&st, &caller, d).await?
+    {
+        // Another tenant's image: as if it did not exist.
+        return Err(crate::app::AppError::not_found("image", d).into());
+    }
     let d = deploy::create_release(&st, &app, b.into()).await?;
     Ok(json(StatusCode::CREATED, DeploymentView::from(d)))
 }
 
 pub async fn get_deployment(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let d = st
-        .db
-        .deployment(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("deployment", &id))?;
+    let d = access::deployment(&st, &caller, &id).await?;
     Ok(json(StatusCode::OK, DeploymentView::from(d)))
 }
 
 pub async fn set_deployment_status(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiJson(b): ApiJson<SetStatus>,
 ) -> Result<Response, ApiError> {
-    let d = deploy::set_status(&st, &id, b.status, b.reason).await?;
+    let d = access::deployment(&st, &caller, &id).await?;
+    let d = deploy::set_status(&st, &d.id, b.status, b.reason).await?;
     Ok(json(StatusCode::OK, DeploymentView::from(d)))
 }

@@ -1,89 +1,109 @@
-//! `/v1/auth/github`: sign-in with a GitHub OAuth app.
+//! `/v1/auth/github`: sign-in with a GitHub OAuth app
+//! ([`crate::app::identity`]).
+//!
+//! Without `code`, a random `state` is set in a cookie bound to the browser
+//! (HttpOnly, SameSite=Lax, 10 minutes) and the browser is sent to GitHub
+//! with it; GitHub's callback must bring the same `state` back in the same
+//! browser, so a sign-in started elsewhere (a forged link) is refused.
 
 use api_types::misc::GithubLogin;
-use api_types::tokens::TokenKind;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
+use rand::RngCore;
 use serde::Deserialize;
 
 use super::json;
-use crate::auth;
+use crate::app::identity::{self, GithubOauth, SignIn};
 use crate::error::{ApiError, ApiQuery, Code};
 use crate::state::AppState;
+
+const STATE_COOKIE: &str = "zw_oauth_state";
 
 #[derive(Deserialize)]
 pub struct OauthQuery {
     code: Option<String>,
+    state: Option<String>,
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 pub async fn auth_github(
     State(st): State<AppState>,
+    headers: HeaderMap,
     ApiQuery(q): ApiQuery<OauthQuery>,
 ) -> Result<Response, ApiError> {
-    let (Some(id), Some(secret)) = (
-        st.config.github_client_id.clone(),
-        st.config.github_client_secret.clone(),
-    ) else {
+    let Some(gh) = GithubOauth::of(&st) else {
         return Err(ApiError::new(
             Code::GithubOauthNotConfigured,
-            "GitHub OAuth is not configured: start the captain with a GitHub OAuth app's client id and secret",
+            "GitHub sign-in is not configured: start the captain with a GitHub OAuth app's client id and secret",
         ));
     };
-    let base = st.config.github_url.trim_end_matches('/').to_string();
     let Some(code) = q.code else {
-        let url = format!("{base}/login/oauth/authorize?client_id={id}&scope=read:user");
-        return Ok(Redirect::to(&url).into_response());
+        let mut b = [0u8; 24];
+        rand::rng().fill_bytes(&mut b);
+        let state = hex::encode(b);
+        let mut r = Redirect::to(&gh.authorize_url(&state)).into_response();
+        let c = format!(
+            "{STATE_COOKIE}={state}; Path=/v1/auth/github; Max-Age=600; HttpOnly; SameSite=Lax"
+        );
+        r.headers_mut().insert(
+            header::SET_COOKIE,
+            HeaderValue::from_str(&c).expect("hex and ASCII"),
+        );
+        return Ok(r);
     };
-    let client = reqwest::Client::new();
-    let unreachable = |e: reqwest::Error| {
-        ApiError::new(Code::NotConfigured, format!("GitHub is unreachable: {e}"))
-    };
-    let tok: serde_json::Value = client
-        .post(format!("{base}/login/oauth/access_token"))
-        .header("Accept", "application/json")
-        .form(&[
-            ("client_id", id.as_str()),
-            ("client_secret", secret.as_str()),
-            ("code", code.as_str()),
-        ])
-        .send()
-        .await
-        .map_err(unreachable)?
-        .json()
-        .await
-        .map_err(unreachable)?;
-    let Some(access) = tok.get("access_token").and_then(|v| v.as_str()) else {
-        return Err(ApiError::new(
-            Code::Unauthorized,
-            format!("GitHub refused the code: {tok}"),
-        ));
-    };
-    let user: serde_json::Value = client
-        .get(format!(
-            "{}/user",
-            st.config.github_api_url.trim_end_matches('/')
-        ))
-        .bearer_auth(access)
-        .header("User-Agent", "zeitwork-captain")
-        .send()
-        .await
-        .map_err(unreachable)?
-        .json()
-        .await
-        .map_err(unreachable)?;
-    let Some(login) = user.get("login").and_then(|v| v.as_str()) else {
-        return Err(ApiError::new(
-            Code::Unauthorized,
-            "GitHub did not return a user",
-        ));
-    };
-    let (_, token) = auth::issue(&st.db, TokenKind::User, &format!("github:{login}"), None).await?;
-    Ok(json(
-        StatusCode::OK,
-        GithubLogin {
-            login: login.to_string(),
+    match (q.state.as_deref(), cookie(&headers, STATE_COOKIE)) {
+        (Some(s), Some(c)) if !s.is_empty() && same(s, c) => {}
+        _ => {
+            return Err(ApiError::new(
+                Code::BadRequest,
+                "the sign-in state does not match this browser's: start again at /v1/auth/github",
+            ));
+        }
+    }
+    let clear = HeaderValue::from_static(
+        "zw_oauth_state=; Path=/v1/auth/github; Max-Age=0; HttpOnly; SameSite=Lax",
+    );
+    let mut r = match identity::github_sign_in(&st, &gh, &code).await? {
+        SignIn::Token {
+            login,
+            user_id,
             token,
-        },
-    ))
+        } => json(
+            StatusCode::OK,
+            GithubLogin {
+                login,
+                user_id,
+                token,
+            },
+        ),
+        SignIn::Waitlisted { login } => ApiError::new(
+            Code::Waitlisted,
+            format!(
+                "{login} may not sign in yet: you are on the waitlist until an admin admits you"
+            ),
+        )
+        .into_response(),
+    };
+    r.headers_mut().insert(header::SET_COOKIE, clear);
+    Ok(r)
 }

@@ -1,6 +1,7 @@
 //! Images: metadata, and the files followers download.
 
 use api_types::images::{CreateImage, ImageView};
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -8,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::json;
+use crate::app::access;
 use crate::app::images::{self, Part};
+use crate::auth::Caller;
 use crate::db::ImageRow;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::state::AppState;
@@ -25,8 +28,16 @@ impl From<ImageRow> for ImageView {
     }
 }
 
-pub async fn list_images(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let v: Vec<ImageView> = st.db.images().await?.into_iter().map(Into::into).collect();
+pub async fn list_images(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let rows = match &caller.user_id {
+        _ if caller.is_admin() => st.db.images().await?,
+        Some(u) => st.db.images_of_user(u).await?,
+        None => Vec::new(),
+    };
+    let v: Vec<ImageView> = rows.into_iter().map(Into::into).collect();
     Ok(json(StatusCode::OK, v))
 }
 
@@ -40,13 +51,10 @@ pub async fn create_image(
 
 pub async fn get_image(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let x = st
-        .db
-        .image(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("image", &id))?;
+    let x = access::image(&st, &caller, &id).await?;
     Ok(json(StatusCode::OK, ImageView::from(x)))
 }
 
@@ -72,11 +80,13 @@ pub struct DownloadQuery {
 /// filesystem (or `?part=config`, its config.json) from the object store.
 pub async fn download_image(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<DownloadQuery>,
 ) -> Result<Response, ApiError> {
     let part = Part::parse(q.part.as_deref())?;
-    let (img, stream) = images::open(&st, &id, part).await?;
+    let img = access::image(&st, &caller, &id).await?;
+    let (img, stream) = images::open(&st, &img.digest, part).await?;
     let mut h = HeaderMap::new();
     h.insert(
         header::CONTENT_TYPE,

@@ -1,11 +1,13 @@
 //! `GET /v1/apps/{id}/logs`: see [`crate::app::logs`].
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use crate::app::logs;
+use crate::app::{access, logs};
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiPath, ApiQuery};
 use crate::state::AppState;
 
@@ -20,10 +22,12 @@ pub struct LogQuery {
 
 pub async fn app_logs(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
-    let page = logs::read(&st, &id, q.from, q.limit, q.instance.as_deref()).await?;
+    let a = access::app(&st, &caller, &id).await?;
+    let page = logs::read(&st, &a.id, q.from, q.limit, q.instance.as_deref()).await?;
     let mut headers = HeaderMap::new();
     headers.insert("x-last-log-nano", HeaderValue::from(page.last));
     if !page.unreachable.is_empty() {

@@ -23,15 +23,15 @@ use api_types::deployments::{CreateDeployment, DeploymentView, SetStatus};
 use api_types::error::ErrorBody;
 use api_types::images::{CreateImage, ImageView};
 use api_types::logs::AppLogLine;
-use api_types::misc::{GithubLogin, Health, JoinWaitlist, WaitlistResult};
+use api_types::misc::{GithubLogin, Health, JoinWaitlist, WaitlistEntry, WaitlistResult};
 use api_types::nodes::{
     InstanceReport, InstanceStateUpdate, InstanceView, NodeHeartbeat, NodeView, RegisterNode,
     RegisteredNode,
 };
-use api_types::projects::{AppView, CreateApp, CreateProject, ProjectView};
+use api_types::projects::{AddMember, AppView, CreateApp, CreateProject, MemberView, ProjectView};
 use api_types::secrets::{SecretsView, SetSecrets};
 use api_types::tasks::TaskStatus;
-use api_types::tokens::{CreateToken, CreatedToken, TokenView};
+use api_types::tokens::{CreateToken, CreatedToken, TokenView, UserView};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode};
@@ -47,6 +47,8 @@ use crate::webhook::{GithubPush, WebhookResult};
 
 /// Largest JSON body the API accepts.
 pub const BODY_LIMIT: usize = 1024 * 1024;
+/// Largest git pack a push to `/meta.git` may send.
+pub const MAX_PUSH_BODY: usize = 32 << 20;
 
 type Schemas = Vec<(String, RefOr<Schema>)>;
 /// Registers a schema (and the schemas it refers to); returns its name.
@@ -151,6 +153,15 @@ pub fn routes() -> Vec<RouteSpec> {
             .summary("Join the waitlist")
             .takes(One(sch::<JoinWaitlist>))
             .answers(201, One(sch::<WaitlistResult>)),
+        route!(GET "/v1/waitlist", Admin, waitlist::list_waitlist)
+            .summary("The waitlist")
+            .answers(200, List(sch::<WaitlistEntry>)),
+        route!(POST "/v1/waitlist/{id}/admit", Admin, waitlist::admit)
+            .summary("Admit someone from the waitlist: their next GitHub sign-in gives them a token")
+            .answers(204, No),
+        route!(GET "/v1/users", Admin, tokens::list_users)
+            .summary("List users")
+            .answers(200, List(sch::<UserView>)),
         route!(GET "/v1/openapi.json", Public, openapi_json).summary("This OpenAPI document"),
         route!(GET "/metrics", Node, metrics::render)
             .summary("Prometheus metrics (scrape with any token)"),
@@ -184,6 +195,16 @@ pub fn routes() -> Vec<RouteSpec> {
             .summary("Create an app in a project")
             .takes(One(sch::<CreateApp>))
             .answers(201, One(sch::<AppView>)),
+        route!(GET "/v1/projects/{id}/members", User, projects::list_members)
+            .summary("The members of a project")
+            .answers(200, List(sch::<MemberView>)),
+        route!(POST "/v1/projects/{id}/members", User, projects::add_member)
+            .summary("Add a user to a project (its owners and admins may)")
+            .takes(One(sch::<AddMember>))
+            .answers(201, One(sch::<MemberView>)),
+        route!(DELETE "/v1/projects/{id}/members/{user_id}", User, projects::remove_member)
+            .summary("Remove a user from a project (its owners and admins may; not its last owner)")
+            .answers(204, No),
         route!(GET "/v1/apps/{id}", User, projects::get_app)
             .summary("Get an app and its active release")
             .answers(200, One(sch::<AppView>)),
@@ -217,14 +238,14 @@ pub fn routes() -> Vec<RouteSpec> {
             .summary("Move a deployment along the status machine")
             .takes(One(sch::<SetStatus>))
             .answers(200, One(sch::<DeploymentView>)),
-        route!(GET "/v1/nodes", User, nodes::list_nodes)
+        route!(GET "/v1/nodes", Admin, nodes::list_nodes)
             .summary("List nodes")
             .answers(200, List(sch::<NodeView>)),
         route!(POST "/v1/nodes", Admin, nodes::register_node)
             .summary("Register a node; returns its node token")
             .takes(One(sch::<RegisterNode>))
             .answers(201, One(sch::<RegisteredNode>)),
-        route!(GET "/v1/nodes/{id}", User, nodes::get_node)
+        route!(GET "/v1/nodes/{id}", Admin, nodes::get_node)
             .summary("Get a node")
             .answers(200, One(sch::<NodeView>)),
         route!(DELETE "/v1/nodes/{id}", Admin, nodes::delete_node)
@@ -254,7 +275,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(GET "/v1/images", User, images::list_images)
             .summary("List image metadata")
             .answers(200, List(sch::<ImageView>)),
-        route!(POST "/v1/images", Node, images::create_image)
+        route!(POST "/v1/images", Admin, images::create_image)
             .summary("Record an image's metadata")
             .takes(One(sch::<CreateImage>))
             .answers(201, One(sch::<ImageView>)),
@@ -282,7 +303,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(GET "/v1/builds/{id}/logs", User, builds::build_logs)
             .summary("A build's log lines after ?from=<seq> (X-Last-Log-Seq), or as server-sent events with Accept: text/event-stream")
             .answers(200, List(sch::<BuildLogLine>)),
-        route!(GET "/v1/routes/stream", User, routes_stream::stream)
+        route!(GET "/v1/routes/stream", Admin, routes_stream::stream)
             .summary("The edge's route table as server-sent events (edge::routes format)"),
         route!(GET "/meta.git/info/refs", Git, crate::githttp::serve)
             .summary("git smart HTTP: ref advertisement (Basic or Bearer token)"),
@@ -304,13 +325,18 @@ pub fn router(state: AppState) -> Router {
         } else {
             DefaultBodyLimit::max(BODY_LIMIT)
         };
-        let handler = spec
+        let mut handler = spec
             .handler
             .route_layer(axum::middleware::from_fn_with_state(
                 (state.clone(), spec.access),
                 auth::require,
             ))
             .layer(limit);
+        if spec.path.ends_with("/git-receive-pack") {
+            // A push of meta files is small: refuse a pack larger than this
+            // before git stores it.
+            handler = handler.layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_PUSH_BODY));
+        }
         r = r.route(spec.path, handler);
     }
     r.fallback(crate::error::not_found_fallback)
@@ -367,6 +393,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             };
             let mut op = OperationBuilder::new()
                 .summary(Some(spec.summary))
+                .description(Some(spec.access.describe()))
+                .extensions(Some(
+                    utoipa::openapi::extensions::ExtensionsBuilder::new()
+                        .add("x-zeitwork-role", spec.access.role())
+                        .build(),
+                ))
                 .operation_id(Some(format!(
                     "{}_{}",
                     m.as_str().to_lowercase(),

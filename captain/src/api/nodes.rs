@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::json;
-use crate::app::nodes;
+use crate::app::{access, nodes};
 use crate::auth::Caller;
 use crate::db::{InstanceRow, NodeRow};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
@@ -122,15 +122,38 @@ pub struct InstanceQuery {
     node_id: Option<String>,
 }
 
+/// `GET /v1/instances`: a node sees its own instances, a user those of
+/// their apps, an admin all.
 pub async fn list_instances(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<InstanceQuery>,
 ) -> Result<Response, ApiError> {
+    let node = match (&caller.node_id, &q.node_id) {
+        (Some(own), Some(asked)) if own != asked => {
+            return Err(crate::app::AppError::Forbidden(format!(
+                "this node token belongs to {own:?}, not to node {asked:?}"
+            ))
+            .into());
+        }
+        (Some(own), _) => Some(own.as_str()),
+        (None, asked) => asked.as_deref(),
+    };
+    let visible = if caller.node_id.is_some() {
+        None
+    } else {
+        access::app_ids(&st, &caller).await?
+    };
     let v: Vec<InstanceView> = st
         .db
-        .instances(q.node_id.as_deref())
+        .instances(node)
         .await?
         .into_iter()
+        .filter(|x| {
+            visible
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&crate::meta::app_id(&x.env, &x.app)))
+        })
         .map(Into::into)
         .collect();
     Ok(json(StatusCode::OK, v))
@@ -147,13 +170,10 @@ pub async fn report_instance(
 
 pub async fn get_instance(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let x = st
-        .db
-        .instance(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("instance", &id))?;
+    let x = access::instance(&st, &caller, &id).await?;
     Ok(json(StatusCode::OK, InstanceView::from(x)))
 }
 

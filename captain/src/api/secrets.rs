@@ -3,6 +3,7 @@
 //! their way to being encrypted; no error ever quotes one.
 
 use api_types::secrets::{SecretsView, SetSecrets};
+use axum::Extension;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::Response;
@@ -10,7 +11,9 @@ use meta_schema::sops::Secrets;
 use serde::Deserialize;
 
 use super::json;
+use crate::app::access;
 use crate::app::secrets::{self, SecretsInfo};
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiPath, ApiQuery, Code};
 use crate::state::AppState;
 
@@ -112,9 +115,11 @@ impl<S: Send + Sync> FromRequest<S> for SopsBody {
 /// `GET /v1/apps/{id}/secrets`: names and recipients, never values.
 pub async fn get_secrets(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let v = secrets::get(&st, &id).await?;
+    let a = access::app(&st, &caller, &id).await?;
+    let v = secrets::get(&st, &a.id).await?;
     Ok(json(StatusCode::OK, SecretsView::from(v)))
 }
 
@@ -122,6 +127,7 @@ pub async fn get_secrets(
 /// recipients; one commit replaces the file and adds a release using it.
 pub async fn put_secrets(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     SecretsBody(body): SecretsBody,
 ) -> Result<Response, ApiError> {
@@ -129,9 +135,10 @@ pub async fn put_secrets(
         secrets: set,
         unset,
     } = body;
+    let a = access::app(&st, &caller, &id).await?;
     let v = secrets::put(
         &st,
-        &id,
+        &a.id,
         secrets::SetSecrets {
             secrets: Secrets::from(set),
             unset,
@@ -145,10 +152,11 @@ pub async fn put_secrets(
 /// secrets file (see [`crate::app::secrets::put_file`]).
 pub async fn put_secrets_file(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<FileQuery>,
     SopsBody(yaml): SopsBody,
 ) -> Result<Response, ApiError> {
-    let v = secrets::put_file(&st, &id, q.base, yaml).await?;
+    let v = secrets::put_file(&st, &caller, &id, q.base, yaml).await?;
     Ok(json(StatusCode::OK, SecretsView::from(v)))
 }

@@ -1,13 +1,14 @@
-//! API tokens (admin).
+//! API tokens and users (admin).
 
-use api_types::tokens::{CreateToken, CreatedToken, TokenKind, TokenView};
+use api_types::tokens::{CreateToken, CreatedToken, TokenView, UserView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::json;
-use crate::auth;
+use crate::app::identity;
 use crate::db::TokenRow;
+use crate::db::tenants::UserRow;
 use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::state::AppState;
 
@@ -18,8 +19,20 @@ impl From<TokenRow> for TokenView {
             kind: t.kind,
             name: t.name,
             node_id: t.node_id,
+            user_id: t.user_id,
             created_at: t.created_at,
             revoked_at: t.revoked_at,
+        }
+    }
+}
+
+impl From<UserRow> for UserView {
+    fn from(u: UserRow) -> Self {
+        UserView {
+            id: u.id,
+            login: u.login,
+            github_id: u.github_id,
+            created_at: u.created_at,
         }
     }
 }
@@ -39,17 +52,7 @@ pub async fn create_token(
     State(st): State<AppState>,
     ApiJson(b): ApiJson<CreateToken>,
 ) -> Result<Response, ApiError> {
-    if b.kind == TokenKind::Node {
-        return Err(ApiError::bad_request(
-            "node tokens are issued by POST /v1/nodes",
-        ));
-    }
-    if b.name.trim().is_empty() || b.name.len() > 200 {
-        return Err(ApiError::bad_request(
-            "a token needs a name of 1-200 characters",
-        ));
-    }
-    let (row, secret) = auth::issue(&st.db, b.kind, b.name.trim(), None).await?;
+    let (row, secret) = identity::create_token(&st, b.kind, &b.name, b.user_id.as_deref()).await?;
     Ok(json(
         StatusCode::CREATED,
         CreatedToken {
@@ -68,4 +71,9 @@ pub async fn revoke_token(
     } else {
         Err(ApiError::not_found("live token", &id))
     }
+}
+
+pub async fn list_users(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let v: Vec<UserView> = st.db.users().await?.into_iter().map(Into::into).collect();
+    Ok(json(StatusCode::OK, v))
 }

@@ -216,23 +216,29 @@ async fn enqueue(st: &AppState, row: &BuildRow, app: &str) -> Result<()> {
     Ok(())
 }
 
-/// Queue a build of `url` at `commit` for `app` (the GitHub webhook).
+/// Queue a build of `project`'s repository at `commit` for `app`, with the
+/// project's Dockerfile path and build arguments (the GitHub webhook).
 pub async fn queue_git_build(
     st: &AppState,
     app: &AppRow,
-    url: &str,
+    project: &crate::db::ProjectRow,
     commit: &str,
     deploy: Option<DeploySpec>,
 ) -> Result<BuildRow> {
     check_commit("commit", commit)?;
+    let dockerfile = if project.dockerfile.is_empty() {
+        "Dockerfile".to_string()
+    } else {
+        project.dockerfile.clone()
+    };
     let row = new_row(
         &app.id,
         "git",
-        url.into(),
+        project.repo.clone(),
         String::new(),
         commit.into(),
-        "Dockerfile".into(),
-        "{}".into(),
+        dockerfile,
+        project.build_args.clone(),
         deploy.as_ref(),
     );
     enqueue(st, &row, &app.name).await?;
@@ -241,12 +247,8 @@ pub async fn queue_git_build(
 
 /// Queue a build for app `app_id`.
 pub async fn queue(st: &AppState, caller: &Caller, app_id: &str, b: NewBuild) -> Result<BuildRow> {
+    let app = super::access::app(st, caller, app_id).await?;
     let builder = builder_of(st)?.clone();
-    let app = st
-        .db
-        .app(app_id)
-        .await?
-        .ok_or_else(|| AppError::not_found("app", app_id))?;
     let (kind, url, branch, commit) = match b.source {
         NewSource::Git {
             url,
@@ -608,6 +610,10 @@ async fn run_attempt(
         Err(e) if e.is_unique_violation() => {}
         Err(e) => return Err(BuildError::infra(Stage::Upload, "recording the image", e)),
     }
+    st.db
+        .add_image_project(&art.digest, &app.project_id)
+        .await
+        .map_err(|e| BuildError::infra(Stage::Upload, "recording the image's project", e))?;
     if b.deploy_spec.is_empty() {
         return Ok(Built {
             digest: art.digest,

@@ -5,9 +5,11 @@
 //! or JSON bodies. `crate::error` maps [`AppError`] to the API's error
 //! answers in one place.
 
+pub mod access;
 pub mod builds;
 pub mod deploy;
 pub mod envs;
+pub mod identity;
 pub mod images;
 pub mod logs;
 pub mod nodes;

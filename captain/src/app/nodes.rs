@@ -22,6 +22,16 @@ pub struct Registration {
     pub created: bool,
 }
 
+/// Users never act for nodes: refused before anything is looked up.
+fn node_or_admin(caller: &Caller) -> Result<()> {
+    if caller.kind == TokenKind::User {
+        return Err(AppError::Forbidden(
+            "user tokens may not act for a node".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn may_act_for(caller: &Caller, node: &str) -> Result<()> {
     if caller.may_act_for_node(node) {
         Ok(())
@@ -90,6 +100,7 @@ pub async fn register(st: &AppState, b: RegisterNode) -> Result<Registration> {
         TokenKind::Node,
         &format!("node {}", row.id),
         Some(&row.id),
+        None,
     )
     .await?;
     let api_key = crate::nodelink::issue_key(&st.config.data_dir, &row.id, &issued.id)
@@ -126,6 +137,7 @@ pub async fn heartbeat(
     id: &str,
     b: NodeHeartbeat,
 ) -> Result<NodeRow> {
+    node_or_admin(caller)?;
     may_act_for(caller, id)?;
     let res = match b.resources {
         Some(r) => Some((
@@ -164,6 +176,7 @@ pub async fn report_instance(
     caller: &Caller,
     b: InstanceReport,
 ) -> Result<InstanceRow> {
+    node_or_admin(caller)?;
     may_act_for(caller, &b.node_id)?;
     if b.id.is_empty() || b.id.len() > 128 || b.release_id.is_empty() {
         return Err(AppError::BadRequest(
@@ -201,6 +214,7 @@ pub async fn report_instance(
 }
 
 async fn instance_for(st: &AppState, caller: &Caller, id: &str) -> Result<InstanceRow> {
+    node_or_admin(caller)?;
     let x = st
         .db
         .instance(id)

@@ -49,6 +49,7 @@ use super::envs::env_lock;
 use super::seal::{SealError, seal};
 use super::validate::is_env_var_name;
 use super::{AppError, Result};
+use crate::auth::Caller;
 use crate::db::AppRow;
 use crate::meta::MetaError;
 use crate::state::AppState;
@@ -315,11 +316,41 @@ fn recipient_name<'a>(env: &'a pb::Env, key: &'a str) -> &'a str {
 /// and adds a release copying the newest one with the new `secrets_blob`.
 pub async fn put_file(
     st: &AppState,
+    caller: &Caller,
     id: &str,
     base: Option<String>,
     yaml: String,
 ) -> Result<SecretsInfo> {
+    // A node re-encrypts only the secrets of apps placed on it (it needs
+    // them for their instances); an admin may do it for any; a user never
+    // (refused before anything is looked up, so nothing leaks).
+    if caller.node_id.is_none() && !caller.is_admin() {
+        return Err(AppError::Forbidden(
+            "only nodes re-encrypt secrets files".into(),
+        ));
+    }
     let app = app_of(st, id).await?;
+    if !caller.is_admin() {
+        let node = caller.node_id.as_deref().unwrap_or("");
+        let placed = match st.meta.head().await? {
+            Some(h) => {
+                let tree = st.meta.tree(h).await?;
+                meta_schema::desired::desired_state(&tree, meta_schema::now_millis())
+                    .map(|s| {
+                        s.instances_for_node(node)
+                            .iter()
+                            .any(|i| i.env == app.env && i.app == app.name)
+                    })
+                    .unwrap_or(false)
+            }
+            None => false,
+        };
+        if node.is_empty() || !placed {
+            return Err(AppError::Forbidden(format!(
+                "only a node with instances of app {id} placed on it may re-encrypt its secrets"
+            )));
+        }
+    }
     let new = SopsFile::parse(&yaml)
         .map_err(|e| AppError::BadRequest(format!("not a sops secrets file: {e}")))?;
     if let Some(base) = &base

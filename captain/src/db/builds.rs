@@ -115,6 +115,24 @@ impl Db {
     }
 
     /// Newest first; `app_id` filters.
+    /// Builds of the apps of the projects `user` is a member of.
+    pub async fn builds_of_user(&self, user: &str, limit: i64) -> Result<Vec<BuildRow>, DbError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {BUILD_COLS} FROM builds WHERE app_id IN \
+             (SELECT a.id FROM apps a JOIN project_members m ON m.project_id = a.project_id WHERE m.user_id = $1) \
+             ORDER BY id DESC LIMIT $2"
+        )))
+        .bind(user)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(q("listing builds"))?
+        .iter()
+        .map(BuildRow::from_row)
+        .collect::<Result<_, _>>()
+        .map_err(q("listing builds"))
+    }
+
     pub async fn builds(&self, app_id: Option<&str>, limit: i64) -> Result<Vec<BuildRow>, DbError> {
         let rows = match app_id {
             Some(a) => sqlx::query(sqlx::AssertSqlSafe(format!(

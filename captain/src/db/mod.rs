@@ -22,6 +22,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, Row};
 
 pub mod builds;
+pub mod tenants;
 
 pub use builds::BuildRow;
 
@@ -92,6 +93,9 @@ impl DbError {
 
 pub type Result<T, E = DbError> = std::result::Result<T, E>;
 
+const PROJECT_COLS: &str = "id, name, repo, branch, created_at, dockerfile, build_args";
+const APP_COLS: &str = "id, project_id, env, name, created_at, domains";
+
 fn q(op: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
     move |source| DbError::Query { op, source }
 }
@@ -107,6 +111,16 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "builds",
         include_str!("../../../migrations/sqlite/0002_builds.sql"),
     ),
+    (
+        3,
+        "documents",
+        include_str!("../../../migrations/sqlite/0003_documents.sql"),
+    ),
+    (
+        4,
+        "tenants",
+        include_str!("../../../migrations/sqlite/0004_tenants.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -118,6 +132,16 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "builds",
         include_str!("../../../migrations/postgres/0002_builds.sql"),
+    ),
+    (
+        3,
+        "documents",
+        include_str!("../../../migrations/postgres/0003_documents.sql"),
+    ),
+    (
+        4,
+        "tenants",
+        include_str!("../../../migrations/postgres/0004_tenants.sql"),
     ),
 ];
 
@@ -157,6 +181,8 @@ pub struct TokenRow {
     pub kind: String,
     pub name: String,
     pub node_id: Option<String>,
+    /// For user tokens: the user.
+    pub user_id: Option<String>,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
 }
@@ -168,6 +194,10 @@ pub struct ProjectRow {
     pub repo: String,
     pub branch: String,
     pub created_at: i64,
+    /// Dockerfile path in the source; empty = `Dockerfile`.
+    pub dockerfile: String,
+    /// JSON object of build arguments.
+    pub build_args: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +207,8 @@ pub struct AppRow {
     pub env: String,
     pub name: String,
     pub created_at: i64,
+    /// JSON array of custom domains.
+    pub domains: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +308,7 @@ impl TokenRow {
             kind: s(r, "kind")?,
             name: s(r, "name")?,
             node_id: r.try_get("node_id")?,
+            user_id: r.try_get("user_id")?,
             created_at: i(r, "created_at")?,
             revoked_at: r.try_get("revoked_at")?,
         })
@@ -289,6 +322,8 @@ impl ProjectRow {
             repo: s(r, "repo")?,
             branch: s(r, "branch")?,
             created_at: i(r, "created_at")?,
+            dockerfile: s(r, "dockerfile")?,
+            build_args: s(r, "build_args")?,
         })
     }
 }
@@ -300,6 +335,7 @@ impl AppRow {
             env: s(r, "env")?,
             name: s(r, "name")?,
             created_at: i(r, "created_at")?,
+            domains: s(r, "domains")?,
         })
     }
 }
@@ -467,13 +503,14 @@ impl Db {
 
     pub async fn insert_token(&self, t: &TokenRow, hash: &str) -> Result<()> {
         sqlx::query(
-            "INSERT INTO tokens (id, kind, name, hash, node_id, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+            "INSERT INTO tokens (id, kind, name, hash, node_id, user_id, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL)",
         )
         .bind(&t.id)
         .bind(&t.kind)
         .bind(&t.name)
         .bind(hash)
         .bind(t.node_id.clone())
+        .bind(t.user_id.clone())
         .bind(t.created_at)
         .execute(&self.pool)
         .await
@@ -487,7 +524,7 @@ impl Db {
             TokenRow,
             "looking up a token",
             sqlx::query(
-                "SELECT id, kind, name, node_id, created_at, revoked_at FROM tokens WHERE hash = $1 AND revoked_at IS NULL"
+                "SELECT id, kind, name, node_id, user_id, created_at, revoked_at FROM tokens WHERE hash = $1 AND revoked_at IS NULL"
             )
             .bind(hash),
             &self.pool
@@ -499,7 +536,7 @@ impl Db {
             TokenRow,
             "listing tokens",
             sqlx::query(
-                "SELECT id, kind, name, node_id, created_at, revoked_at FROM tokens ORDER BY id"
+                "SELECT id, kind, name, node_id, user_id, created_at, revoked_at FROM tokens ORDER BY id"
             ),
             &self.pool
         )
@@ -538,28 +575,34 @@ impl Db {
 
     // ------------------------------------------------------------ projects
 
-    /// Insert a project; Ok(false) if one with this id exists already.
-    pub async fn insert_project(&self, p: &ProjectRow) -> Result<bool> {
-        let r = sqlx::query(
-            "INSERT INTO projects (id, name, repo, branch, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+    /// Insert or update a project as its document says.
+    pub async fn upsert_project(&self, p: &ProjectRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO projects (id, name, repo, branch, created_at, dockerfile, build_args) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, repo = excluded.repo, branch = excluded.branch, \
+             created_at = excluded.created_at, dockerfile = excluded.dockerfile, build_args = excluded.build_args",
         )
         .bind(&p.id)
         .bind(&p.name)
         .bind(&p.repo)
         .bind(&p.branch)
         .bind(p.created_at)
+        .bind(&p.dockerfile)
+        .bind(&p.build_args)
         .execute(&self.pool)
         .await
-        .map_err(q("inserting a project"))?;
-        Ok(r.rows_affected() > 0)
+        .map_err(q("writing a project"))?;
+        Ok(())
     }
 
     pub async fn project(&self, id: &str) -> Result<Option<ProjectRow>> {
         row!(
             ProjectRow,
             "reading a project",
-            sqlx::query("SELECT id, name, repo, branch, created_at FROM projects WHERE id = $1")
-                .bind(id),
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PROJECT_COLS} FROM projects WHERE id = $1"
+            )))
+            .bind(id),
             &self.pool
         )
     }
@@ -568,9 +611,9 @@ impl Db {
         rows!(
             ProjectRow,
             "listing projects",
-            sqlx::query(
-                "SELECT id, name, repo, branch, created_at FROM projects ORDER BY created_at, id"
-            ),
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PROJECT_COLS} FROM projects ORDER BY created_at, id"
+            ))),
             &self.pool
         )
     }
@@ -579,43 +622,42 @@ impl Db {
         rows!(
             ProjectRow,
             "finding projects by repository",
-            sqlx::query("SELECT id, name, repo, branch, created_at FROM projects WHERE repo = $1 AND branch = $2")
-                .bind(repo)
-                .bind(branch),
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PROJECT_COLS} FROM projects WHERE repo = $1 AND branch = $2 ORDER BY id"
+            )))
+            .bind(repo)
+            .bind(branch),
             &self.pool
         )
     }
 
-    // ------------------------------------------------------------ apps
-
-    pub async fn insert_app(&self, a: &AppRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO apps (id, project_id, env, name, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&a.id)
-        .bind(&a.project_id)
-        .bind(&a.env)
-        .bind(&a.name)
-        .bind(a.created_at)
-        .execute(&self.pool)
-        .await
-        .map_err(q("inserting an app"))?;
-        Ok(())
+    pub async fn delete_project(&self, id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM projects WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("deleting a project"))?;
+        Ok(r.rows_affected() > 0)
     }
 
-    /// Insert an app known from the meta repo, keeping an existing row.
-    pub async fn ensure_app(&self, a: &AppRow) -> Result<()> {
+    // ------------------------------------------------------------ apps
+
+    /// Insert or update an app as the meta repository declares it.
+    pub async fn upsert_app(&self, a: &AppRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO apps (id, project_id, env, name, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO apps (id, project_id, env, name, created_at, domains) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET project_id = excluded.project_id, domains = excluded.domains, \
+             created_at = excluded.created_at",
         )
         .bind(&a.id)
         .bind(&a.project_id)
         .bind(&a.env)
         .bind(&a.name)
         .bind(a.created_at)
+        .bind(&a.domains)
         .execute(&self.pool)
         .await
-        .map_err(q("inserting an app"))?;
+        .map_err(q("writing an app"))?;
         Ok(())
     }
 
@@ -623,8 +665,21 @@ impl Db {
         row!(
             AppRow,
             "reading an app",
-            sqlx::query("SELECT id, project_id, env, name, created_at FROM apps WHERE id = $1")
-                .bind(id),
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {APP_COLS} FROM apps WHERE id = $1"
+            )))
+            .bind(id),
+            &self.pool
+        )
+    }
+
+    pub async fn apps(&self) -> Result<Vec<AppRow>> {
+        rows!(
+            AppRow,
+            "listing apps",
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {APP_COLS} FROM apps ORDER BY env, name"
+            ))),
             &self.pool
         )
     }
@@ -633,12 +688,15 @@ impl Db {
         rows!(
             AppRow,
             "listing apps",
-            sqlx::query("SELECT id, project_id, env, name, created_at FROM apps WHERE project_id = $1 ORDER BY env, name")
-                .bind(project_id),
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {APP_COLS} FROM apps WHERE project_id = $1 ORDER BY env, name"
+            )))
+            .bind(project_id),
             &self.pool
         )
     }
 
+    /// Delete app `id`; its releases' rows are marked absent.
     pub async fn delete_app(&self, id: &str, now: i64) -> Result<bool> {
         let mut tx = self.pool.begin().await.map_err(q("deleting an app"))?;
         let r = sqlx::query("DELETE FROM apps WHERE id = $1")
@@ -690,9 +748,9 @@ impl Db {
         row!(
             DeploymentRow,
             "reading a deployment",
-            sqlx::query(
-                "SELECT id, app_id, project_id, env, app, image_digest, source_commit, min_instances, status, reason, present, commit_id, created_at, updated_at FROM deployments WHERE id = $1"
-            )
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {DEPLOYMENT_COLS} FROM deployments WHERE id = $1"
+            )))
             .bind(id),
             &self.pool
         )
@@ -705,15 +763,36 @@ impl Db {
         before: Option<&str>,
         limit: i64,
     ) -> Result<Vec<DeploymentRow>> {
-        let _ = DEPLOYMENT_COLS;
         rows!(
             DeploymentRow,
             "listing deployments",
-            sqlx::query(
-                "SELECT id, app_id, project_id, env, app, image_digest, source_commit, min_instances, status, reason, present, commit_id, created_at, updated_at FROM deployments \
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {DEPLOYMENT_COLS} FROM deployments \
                  WHERE ($1 = '' OR app_id = $1) AND ($2 = '' OR id < $2) ORDER BY id DESC LIMIT $3"
-            )
+            )))
             .bind(app_id.unwrap_or(""))
+            .bind(before.unwrap_or(""))
+            .bind(limit),
+            &self.pool
+        )
+    }
+
+    /// Deployments of the apps of the projects `user` is a member of.
+    pub async fn deployments_of_user(
+        &self,
+        user: &str,
+        before: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DeploymentRow>> {
+        rows!(
+            DeploymentRow,
+            "listing deployments",
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {DEPLOYMENT_COLS} FROM deployments \
+                 WHERE app_id IN (SELECT a.id FROM apps a JOIN project_members m ON m.project_id = a.project_id WHERE m.user_id = $1) \
+                 AND ($2 = '' OR id < $2) ORDER BY id DESC LIMIT $3"
+            )))
+            .bind(user)
             .bind(before.unwrap_or(""))
             .bind(limit),
             &self.pool
@@ -1040,6 +1119,21 @@ impl Db {
             "reading an image",
             sqlx::query("SELECT id, digest, size_bytes, source_commit, created_at FROM images WHERE id = $1 OR digest = $1")
                 .bind(id),
+            &self.pool
+        )
+    }
+
+    /// Images built by the projects `user` is a member of.
+    pub async fn images_of_user(&self, user: &str) -> Result<Vec<ImageRow>> {
+        rows!(
+            ImageRow,
+            "listing images",
+            sqlx::query(
+                "SELECT id, digest, size_bytes, source_commit, created_at FROM images WHERE digest IN \
+                 (SELECT ip.digest FROM image_projects ip JOIN project_members m ON m.project_id = ip.project_id WHERE m.user_id = $1) \
+                 ORDER BY id"
+            )
+            .bind(user),
             &self.pool
         )
     }

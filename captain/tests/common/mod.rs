@@ -264,10 +264,21 @@ impl Env {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.req_as(&self.token, method, path, body).await
+    }
+
+    /// A request with `token` rather than the admin's.
+    pub async fn req_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut r = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+            .bearer_auth(token);
         if let Some(b) = body {
             r = r.json(&b);
         }

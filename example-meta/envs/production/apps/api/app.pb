@@ -1,0 +1,3 @@
+
+api
+productionprj-api"api.example.com(€Ðê¶·3

@@ -1,0 +1,3 @@
+
+web
+productionprj-web(€Ðê¶·3

@@ -1,0 +1,2 @@
+
+webstagingprj-web(€Ðê¶·3

@@ -1,0 +1,3 @@
+
+workerstaging
+prj-worker(€Ðê¶·3

@@ -1,0 +1,5 @@
+
+
+prj-workerworker-
+%https://github.com/example/worker.gitmain"
+worker/Dockerfile(€Ðê¶·3
