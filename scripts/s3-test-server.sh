@@ -3,8 +3,9 @@
 #
 #   s3-test-server.sh install        install moto[server] into a venv (idempotent),
 #                                    print the path of the moto_server binary
-#   s3-test-server.sh run PORT       install if missing, then exec moto_server on
-#                                    127.0.0.1:PORT (loopback only)
+#   s3-test-server.sh run PORT [ADDR] install if missing, then exec moto_server on
+#                                    ADDR:PORT (default 127.0.0.1: loopback only;
+#                                    scripts/cluster.sh gives :: inside its s3 host)
 #
 # The venv lives under ${ZW_CACHE_DIR:-$HOME/.cache/zeitwork}/moto-venv.
 set -euo pipefail
@@ -40,12 +41,13 @@ case "${1:-}" in
         echo "$BIN"
         ;;
     run)
-        port="${2:?usage: s3-test-server.sh run PORT}"
+        port="${2:?usage: s3-test-server.sh run PORT [ADDR]}"
+        addr="${3:-127.0.0.1}"
         install_moto
-        exec "$BIN" -H 127.0.0.1 -p "$port"
+        exec "$BIN" -H "$addr" -p "$port"
         ;;
     *)
-        echo "usage: s3-test-server.sh install | run PORT" >&2
+        echo "usage: s3-test-server.sh install | run PORT [ADDR]" >&2
         exit 2
         ;;
 esac

@@ -31,6 +31,8 @@ want cpio cpio
 want runuser util-linux
 want python3 python3
 want curl curl
+want jq jq
+want nsenter util-linux
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   echo "test.sh: installing ${need_pkgs[*]}"
   if [ "$(id -u)" -ne 0 ]; then
