@@ -25,14 +25,16 @@
 # each other anyway, each has its own bridge namespace):
 #   pg (.10)       PostgreSQL 15, trust auth, user and database "zw"
 #   s3 (.11)       the suite's S3 test server (moto, scripts/s3-test-server.sh), bucket "zeitwork"
-#   git (.12)      bare repositories under D/git: git://git/meta.git (git daemon, push enabled)
-#                  and http://git/cgi-bin/git/meta.git (git http-backend behind busybox httpd)
+#   git (.12)      bare repositories under D/git: git://<git>/meta.git (git daemon, push
+#                  enabled) and http://<git>/cgi-bin/git/meta.git (git http-backend behind
+#                  busybox httpd); an empty meta.git that refuses non-fast-forward pushes
 #   op1, op2 (.21, .22)      operators (captain + edge)
 #   w1, w2, w3 (.31-.33)     workers (follower)
 #   internet       plain HTTP server answering a known body, on a routed "public" subnet
 #                  (203.0.113.10/24, 2001:db8:XXXX::10/64, documentation ranges) behind the router
 # Every LAN host routes to the internet host through the router (.1).
-# D/hosts.txt maps the names to the addresses (/etc/hosts format). Inside a
+# D/hosts.txt maps the names to the addresses (/etc/hosts format; the hosts
+# themselves resolve with the machine's /etc/hosts: use addresses). Inside a
 # host the hostname is the host's name (a UTS namespace per process) and the
 # working directory is D/hosts/HOST. Processes enter a host's network
 # namespace with nsenter and stay in the machine's mount namespace, as on a
@@ -199,11 +201,15 @@ enter() {
     exec nsenter --net="/run/netns/$(ns_of "$h")" -- unshare --uts -- bash "$SELF" _host "$h" "$D/hosts/$h" -- "$@"
 }
 
+check_proc_name() {
+    [[ $1 =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || die "process name '$1': letters, digits, _ . - only"
+}
+
 # spawn_in HOST NAME CMD...: background, logged, pid recorded.
 spawn_in() {
     local h=$1 n=$2
     shift 2
-    [[ $n =~ ^[A-Za-z0-9_.-]+$ ]] || die "process name '$n': letters, digits, _ . - only"
+    check_proc_name "$n"
     local pidf=$D/pids/$h-$n.pid log=$D/logs/$h-$n.log
     if [ -n "$(recorded_pid "$pidf")" ]; then die "$n already runs on $h"; fi
     mkdir -p "$D/pids" "$D/logs"
@@ -240,30 +246,59 @@ in_host() { (enter "$@"); }
 
 as_pg() { runuser -u postgres -- "$@"; }
 
-pg_start() {
+# A stopped data directory with the zw user and database, kept per machine
+# and PostgreSQL version: initdb and creating them take seconds, a copy less.
+pg_template() {
+    local v
+    v=$("$PG_BIN/postgres" --version | tr -c 'A-Za-z0-9.\n' '-')
+    echo "${ZW_CACHE_DIR:-${HOME:-/root}/.cache/zeitwork}/cluster-pg/$v"
+}
+
+pg_ctl_start() {
     local pgd=$D/pg
-    if [ ! -d "$pgd/data" ]; then
-        mkdir -p "$pgd"
-        chown postgres:postgres "$pgd"
-        as_pg "$PG_BIN/initdb" -D "$pgd/data" -U postgres --auth=trust -E UTF8 --no-sync \
-            >"$D/logs/pg-initdb.log" 2>&1 || { cat "$D/logs/pg-initdb.log" >&2; return 1; }
-        # Reachable from every host of the cluster (and only they exist here).
-        printf 'host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n' >>"$pgd/data/pg_hba.conf"
-    fi
     touch "$D/logs/pg-postgres.log"
     chown postgres:postgres "$D/logs/pg-postgres.log"
-    # Its own IPC namespace: no System V segment outlives the cluster.
     local opts="-c listen_addresses='*' -p $PG_PORT -k $pgd -c fsync=off -c synchronous_commit=off"
     opts+=" -c full_page_writes=off -c max_connections=300 -c dynamic_shared_memory_type=mmap"
+    # Its own IPC namespace: no System V segment outlives the cluster.
     if ! in_host pg unshare --ipc -- runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$pgd/data" \
         -l "$D/logs/pg-postgres.log" -w -t 60 -o "$opts" start >/dev/null; then
         tail -n 30 "$D/logs/pg-postgres.log" >&2
         return 1
     fi
-    if [ ! -e "$pgd/zw-created" ]; then
+}
+
+pg_start() {
+    local pgd=$D/pg template fresh=0
+    template=$(pg_template)
+    if [ ! -d "$pgd/data" ]; then
+        mkdir -p "$pgd"
+        chown postgres:postgres "$pgd"
+        if [ -f "$template/ready" ]; then
+            cp -a "$template/data" "$pgd/data"
+        else
+            as_pg "$PG_BIN/initdb" -D "$pgd/data" -U postgres --auth=trust -E UTF8 --no-sync \
+                >"$D/logs/pg-initdb.log" 2>&1 || { cat "$D/logs/pg-initdb.log" >&2; return 1; }
+            # Reachable from every host of the cluster (and only they exist here).
+            printf 'host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n' >>"$pgd/data/pg_hba.conf"
+            fresh=1
+        fi
+    fi
+    pg_ctl_start || return 1
+    if [ "$fresh" = 1 ]; then
         as_pg "$PG_BIN/createuser" -h "$pgd" -p "$PG_PORT" -U postgres zw
         as_pg "$PG_BIN/createdb" -h "$pgd" -p "$PG_PORT" -U postgres -O zw zw
-        touch "$pgd/zw-created"
+        # Keep a stopped copy for the next clusters; the first to finish
+        # wins the rename, the others throw theirs away.
+        as_pg "$PG_BIN/pg_ctl" -D "$pgd/data" -m fast -w -t 30 stop >/dev/null
+        local tmp=$template.tmp.$$
+        mkdir -p "$tmp"
+        if cp -a "$pgd/data" "$tmp/data" && touch "$tmp/ready" && mv -T "$tmp" "$template" 2>/dev/null; then
+            :
+        else
+            rm -rf "$tmp"
+        fi
+        pg_ctl_start || return 1
     fi
 }
 
@@ -281,17 +316,31 @@ pg_stop() {
     fi
 }
 
-# Starts moto (in the background: it takes seconds to import); s3_ready waits.
+# Starts moto in the background (it takes seconds to import; s3_ready
+# waits): straight from its venv when there is one (checking the venv
+# imports moto once more, seconds again), else through the script, which
+# installs it.
 s3_spawn() {
-    spawn_in s3 moto bash "$HERE/s3-test-server.sh" run "$S3_PORT" :: >/dev/null
+    local bin
+    bin=$(bash "$HERE/s3-test-server.sh" bin)
+    if [ "${1:-}" != --install ] && [ -x "$bin" ]; then
+        spawn_in s3 moto "$bin" -H :: -p "$S3_PORT" >/dev/null
+    else
+        spawn_in s3 moto bash "$HERE/s3-test-server.sh" run "$S3_PORT" :: >/dev/null
+    fi
 }
 
 s3_ready() {
-    local url=http://$(ip4_of s3):$S3_PORT ok=0
+    local url=http://$(ip4_of s3):$S3_PORT ok=0 tries=0
     # Up to ~3 minutes: the first start on a machine installs moto (pip).
     for _ in $(seq 900); do
         if in_host s3 curl -fsS --max-time 5 -o /dev/null "$url/" 2>/dev/null; then ok=1; break; fi
-        [ -n "$(recorded_pid "$D/pids/s3-moto.pid")" ] || break
+        if [ -z "$(recorded_pid "$D/pids/s3-moto.pid")" ]; then
+            # A venv that no longer works: once more through the script.
+            tries=$((tries + 1))
+            [ "$tries" -le 1 ] || break
+            s3_spawn --install
+        fi
         sleep 0.1
     done
     [ "$ok" = 1 ] || { tail -n 20 "$D/logs/s3-moto.log" >&2; die "the S3 server did not start"; }
@@ -315,7 +364,9 @@ GIT_PROJECT_ROOT='$D/git' GIT_HTTP_EXPORT_ALL=1 exec '$git' http-backend
 CGI
         chmod 755 "$D/git-www/cgi-bin/git"
     fi
-    spawn_in git daemon "$git" daemon --reuseaddr --export-all --enable=receive-pack \
+    # git-daemon itself: `git daemon` would run it as a child, out of reach
+    # of a signal to the recorded pid.
+    spawn_in git daemon "$("$git" --exec-path)/git-daemon" --reuseaddr --export-all --enable=receive-pack \
         --informative-errors --port="$GIT_PORT" --base-path="$D/git" "$D/git" >/dev/null
     spawn_in git http busybox httpd -f -p "$HTTP_PORT" -h "$D/git-www" >/dev/null
     wait_for 100 in_host git git ls-remote "git://$(ip4_of git)/meta.git" ||
@@ -334,11 +385,13 @@ internet_start() {
         die "the internet host's HTTP server did not start"
 }
 
+# Kills a spawned service and its process group (spawn makes it a group
+# leader).
 stop_recorded() {
     local pid
     pid=$(recorded_pid "$D/pids/$1-$2.pid")
     if [ -n "$pid" ]; then
-        kill -KILL "$pid" 2>/dev/null || true
+        kill -KILL -- "-$pid" "$pid" 2>/dev/null || true
         for _ in $(seq 100); do
             [ -z "$(proc_id "$pid")" ] && break
             sleep 0.05
@@ -614,7 +667,7 @@ status() {
     local f base pid
     local pgp
     pgp=$(pg_pid)
-    echo "pg postgres ${pgp:-dead} $([ -n "$pgp" ] && echo alive || echo dead)"
+    if [ -n "$pgp" ]; then echo "pg postgres $pgp alive"; else echo "pg postgres - dead"; fi
     for f in "$D"/pids/*.pid; do
         [ -e "$f" ] || continue
         base=$(basename "$f" .pid)
@@ -645,6 +698,8 @@ spawn)
     ;;
 kill)
     [ ${#pos[@]} -ge 2 ] && [ ${#pos[@]} -le 3 ] || die "usage: kill HOST NAME [SIGNAL]"
+    host_num "${pos[0]}" >/dev/null
+    check_proc_name "${pos[1]}"
     sig=${pos[2]:-KILL}
     sig=${sig#-}
     pid=$(recorded_pid "$D/pids/${pos[0]}-${pos[1]}.pid")
@@ -660,6 +715,8 @@ kill)
     ;;
 alive)
     [ ${#pos[@]} -eq 2 ] || die "usage: alive HOST NAME"
+    host_num "${pos[0]}" >/dev/null
+    check_proc_name "${pos[1]}"
     pid=$(recorded_pid "$D/pids/${pos[0]}-${pos[1]}.pid")
     [ -n "$pid" ] || exit 1
     echo "$pid"

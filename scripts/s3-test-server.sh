@@ -3,6 +3,7 @@
 #
 #   s3-test-server.sh install        install moto[server] into a venv (idempotent),
 #                                    print the path of the moto_server binary
+#   s3-test-server.sh bin            print where moto_server is or will be (no check)
 #   s3-test-server.sh run PORT [ADDR] install if missing, then exec moto_server on
 #                                    ADDR:PORT (default 127.0.0.1: loopback only;
 #                                    scripts/cluster.sh gives :: inside its s3 host)
@@ -40,6 +41,9 @@ case "${1:-}" in
         install_moto
         echo "$BIN"
         ;;
+    bin)
+        echo "$BIN"
+        ;;
     run)
         port="${2:?usage: s3-test-server.sh run PORT [ADDR]}"
         addr="${3:-127.0.0.1}"
@@ -47,7 +51,7 @@ case "${1:-}" in
         exec "$BIN" -H "$addr" -p "$port"
         ;;
     *)
-        echo "usage: s3-test-server.sh install | run PORT [ADDR]" >&2
+        echo "usage: s3-test-server.sh install | bin | run PORT [ADDR]" >&2
         exit 2
         ;;
 esac
