@@ -16,6 +16,9 @@
 #   cluster.sh kill HOST NAME [SIGNAL]    signal it (default KILL; waits for a KILL to land)
 #   cluster.sh alive HOST NAME            exit 0 (and print the pid) if it runs
 #   cluster.sh pids                       every process of the cluster
+#   cluster.sh crash HOST                 a power cut: kill every process of HOST (instances
+#                                         too), remove the namespaces and mounts made from it
+#                                         and its nftables rules; addresses and routes stay
 #   cluster.sh partition HOST | heal HOST take HOST's link to the LAN down / up
 #   cluster.sh ip HOST [4|6]              HOST's address
 #   cluster.sh service pg|s3|git|internet start|stop|restart
@@ -563,16 +566,25 @@ up() {
 
 # Named namespaces made from our hosts (instance namespaces of a follower):
 # those hanging off one of ours by a veth, and those a process of our
-# cgroups runs in.
+# cgroups runs in. With HOST arguments, only those made from these hosts.
 child_namespaces() {
-    local ns pid f inodes=" "
+    local ns pid f inodes=" " nss=() cgs=()
+    if [ $# -eq 0 ]; then
+        mapfile -t nss < <(our_namespaces)
+        if [ -n "$CG_ROOT" ]; then cgs=("$CG_ROOT"/*/cgroup.procs); fi
+    else
+        for h in "$@"; do
+            nss+=("$(ns_of "$h")")
+            if [ -n "$CG_ROOT" ]; then cgs+=("$CG_ROOT/$h/cgroup.procs"); fi
+        done
+    fi
     {
-        for ns in $(our_namespaces); do
+        for ns in "${nss[@]}"; do
             ip -n "$ns" -o link show type veth 2>/dev/null |
                 grep -o 'link-netns [^ ]*' | awk '{ print $2 }' || true
         done
-        if [ -n "$CG_ROOT" ] && [ -d "$CG_ROOT" ]; then
-            for pid in $(cat "$CG_ROOT"/*/cgroup.procs 2>/dev/null); do
+        if [ ${#cgs[@]} -gt 0 ]; then
+            for pid in $(cat "${cgs[@]}" 2>/dev/null); do
                 inodes+="$(stat -L -c %i "/proc/$pid/ns/net" 2>/dev/null) "
             done
             for f in /run/netns/*; do
@@ -581,6 +593,40 @@ child_namespaces() {
             done
         fi
     } | sort -u | grep -vE "^$P-" || true
+}
+
+# Unmounts everything mounted under a directory, deepest first.
+unmount_under() {
+    local m
+    for m in $(awk -v d="$1/" 'index($5 "/", d) == 1 { print $5 }' /proc/self/mountinfo | sort -r); do
+        umount -l "$m" 2>/dev/null || true
+    done
+}
+
+# What a power cut takes from a host: every process started in it (also
+# those in namespaces made from it), those namespaces, the mounts under its
+# directory and its nftables rules. Its addresses and routes stay, as a
+# rebooted host's configuration would bring them back.
+crash() {
+    local h=$1 children pids c
+    children=$(child_namespaces "$h")
+    for _ in $(seq 50); do
+        if [ -n "$CG_ROOT" ] && [ -e "$CG_ROOT/$h/cgroup.kill" ]; then
+            echo 1 >"$CG_ROOT/$h/cgroup.kill" 2>/dev/null || true
+        fi
+        pids=$({
+            for c in "$(ns_of "$h")" $children; do ip netns pids "$c" 2>/dev/null || true; done
+            if [ -n "$CG_ROOT" ]; then cat "$CG_ROOT/$h/cgroup.procs" 2>/dev/null || true; fi
+        } | sort -un)
+        [ -z "$pids" ] && break
+        # shellcheck disable=SC2086
+        kill -KILL $pids 2>/dev/null || true
+        sleep 0.1
+    done
+    [ -z "$pids" ] || die "processes of $h survive: $pids"
+    for c in $children; do ip netns del "$c" 2>/dev/null || true; done
+    unmount_under "$D/hosts/$h"
+    ip netns exec "$(ns_of "$h")" nft flush ruleset 2>/dev/null || true
 }
 
 cluster_pids() {
@@ -628,9 +674,9 @@ down() {
         ip netns del "$ns" 2>/dev/null || true
     done
     # Mounts left by a crash in the middle of `ip netns add`, or under D.
+    unmount_under "$D"
     local m
-    for m in $(awk -v p="/run/netns/$P-" -v d="$D/" \
-        'index($5, p) == 1 || index($5 "/", d) == 1 { print $5 }' /proc/self/mountinfo | sort -r); do
+    for m in $(awk -v p="/run/netns/$P-" 'index($5, p) == 1 { print $5 }' /proc/self/mountinfo); do
         umount -l "$m" 2>/dev/null || true
     done
     rm -f "/run/netns/$P-"* 2>/dev/null || true
@@ -722,6 +768,11 @@ alive)
     echo "$pid"
     ;;
 pids) cluster_pids ;;
+crash)
+    [ ${#pos[@]} -eq 1 ] || die "usage: crash HOST"
+    require_host "${pos[0]}"
+    crash "${pos[0]}"
+    ;;
 partition | heal)
     [ ${#pos[@]} -eq 1 ] || die "usage: $cmd HOST"
     require_up

@@ -2,8 +2,8 @@
 //! end to end with today's binaries: hosts reach Postgres, S3, the git
 //! server and the "internet" over the cluster's network; two `zw captain`
 //! processes on two operator hosts share one Postgres and answer from the
-//! other hosts; `kill -9`, a partition and its heal are seen; and nothing is
-//! left behind, after a passing test, a panicking one, or a test process
+//! other hosts; `kill -9`, a partition and its heal, and a host's power cut
+//! are seen; and nothing is left behind, after a passing test, a panicking one, or a test process
 //! killed with SIGKILL.
 
 use std::path::PathBuf;
@@ -277,6 +277,45 @@ fn a_cluster_of_hosts_runs_the_real_binaries() {
         )
         .unwrap();
     }
+
+    // A power cut of w1 kills its agent and the agent's instances (in a
+    // namespace of their own, not recorded by the harness), removes the
+    // namespaces made from it; w2 is untouched and w1 can start again.
+    c.spawn(
+        "w1",
+        "agent",
+        &["unshare", "--net", "--fork", "--", "sleep", "300"],
+    )
+    .unwrap();
+    let instance_ns = format!("zwi{}", c.name());
+    c.exec_ok("w1", &["ip", "netns", "add", &instance_ns])
+        .unwrap();
+    c.spawn(
+        "w1",
+        "instance",
+        &["ip", "netns", "exec", &instance_ns, "sleep", "300"],
+    )
+    .unwrap();
+    c.spawn("w2", "agent", &["sleep", "300"]).unwrap();
+    let before = c.pids().unwrap();
+    c.crash("w1").unwrap();
+    let after = c.pids().unwrap();
+    let gone: Vec<_> = before.iter().filter(|p| !after.contains(p)).collect();
+    assert_eq!(
+        gone.len(),
+        3,
+        "agent, its child, instance: {before:?} -> {after:?}"
+    );
+    assert!(!c.alive("w1", "agent") && !c.alive("w1", "instance"));
+    assert!(c.alive("w2", "agent"));
+    assert!(
+        !std::path::Path::new("/run/netns")
+            .join(&instance_ns)
+            .exists()
+    );
+    assert!(c.alive("op1", "captain"), "other hosts are untouched");
+    assert_eq!(c.http_get("w1", &internet.url).unwrap().trim(), body);
+    c.spawn("w1", "agent", &["sleep", "300"]).unwrap();
 
     // Down: nothing of the cluster is left (down() checks it too).
     let pids = c.pids().unwrap();

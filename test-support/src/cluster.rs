@@ -5,7 +5,8 @@
 //! namespaces `pg`, `s3`, `git`, `internet`, `op1`, `op2`, `w1`, `w2`, `w3`
 //! with their own IPv4 and IPv6 addresses, joined by a bridge in a namespace
 //! of its own, Postgres, S3, a git server and a plain HTTP "internet" host
-//! running. Its methods mirror the script's subcommands; dropping it runs
+//! running. Its methods mirror the script's subcommands (`crash` is a power
+//! cut of a host: its processes, instances included, killed); dropping it runs
 //! `down`, so a failing test leaves no namespace, process, cgroup or mount
 //! behind, and a reaper left by `up` runs `down` if the test process is
 //! killed before that.
@@ -459,6 +460,16 @@ impl Cluster {
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
             .collect())
+    }
+
+    /// A power cut of a host: every process started in it (and in the
+    /// namespaces made from it, instances included) killed, those
+    /// namespaces, the mounts under its directory and its nftables rules
+    /// gone; its addresses and routes stay, so processes can be started in
+    /// it again as on a rebooted host.
+    pub fn crash(&self, host: &str) -> Result<()> {
+        self.host(host)?;
+        checked("crash", self.run("crash", &[host])?).map(drop)
     }
 
     /// Cuts a host's link to the LAN (the router's side of its veth goes
