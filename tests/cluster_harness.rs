@@ -250,6 +250,40 @@ fn a_cluster_of_hosts_runs_the_real_binaries() {
         .unwrap();
     assert_eq!(tables.trim(), "1");
 
+    // A client in this test process, inside the internet host (a user out
+    // there): its sockets are in that namespace (it can bind the host's own
+    // address), and it reaches both captains through the router.
+    let urls = [
+        health_url(&c, "op1", Family::V4),
+        health_url(&c, "op2", Family::V6),
+    ];
+    let internet_ip = c.ip("internet", Family::V4).unwrap();
+    let user = c
+        .in_host("internet", move || {
+            // Checked first: no request leaves from another namespace.
+            let own = std::net::TcpListener::bind((internet_ip, 0)).map(|_| ());
+            if own.is_err() {
+                return (own, Vec::new());
+            }
+            let client = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let mut failed = Vec::new();
+            for i in 0..100 {
+                let url = &urls[i % urls.len()];
+                match client.get(url).send() {
+                    Ok(r) if r.status().is_success() => {}
+                    other => failed.push(format!("{url}: {other:?}")),
+                }
+            }
+            (own, failed)
+        })
+        .unwrap();
+    let (own, failed) = user.join().unwrap();
+    own.expect("the thread is in the internet host's namespace");
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+
     // kill -9 of op2's captain is seen; op1's keeps serving.
     let captain2 = c.pid("op2", "captain").expect("captain runs on op2");
     c.kill("op2", "captain").unwrap();

@@ -86,6 +86,12 @@ pub enum ClusterError {
         timeout: Duration,
         last: String,
     },
+    #[error("entering the network namespace of host {host}")]
+    EnterHost {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cluster {name} left things behind: {}", .leftovers.join("; "))]
     Leftovers {
         name: String,
@@ -533,6 +539,42 @@ impl Cluster {
         }
     }
 
+    /// Runs `f` on a new thread inside a host's network namespace: every
+    /// socket it opens, and every thread it starts (a tokio runtime,
+    /// reqwest's), is in that namespace. For clients in the test process
+    /// itself, e.g. load loops that a curl per request would slow down.
+    pub fn in_host<T, F>(&self, host: &str, f: F) -> Result<HostThread<T>>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let path = Path::new("/run/netns").join(&self.host(host)?.netns);
+        let enter_err = |source| ClusterError::EnterHost {
+            host: host.to_string(),
+            source,
+        };
+        let ns = std::fs::File::open(&path).map_err(enter_err)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name(format!("in-{host}"))
+            .spawn(move || {
+                // A network namespace is per thread: only this one (and the
+                // threads it starts) moves.
+                let entered = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from);
+                drop(ns);
+                let ok = entered.is_ok();
+                let _ = tx.send(entered);
+                ok.then(f)
+            })
+            .map_err(enter_err)?;
+        match rx.recv() {
+            Ok(Ok(())) => Ok(HostThread { handle }),
+            Ok(Err(e)) => Err(enter_err(e)),
+            Err(_) => Err(enter_err(std::io::Error::other("the thread died"))),
+        }
+    }
+
     /// Takes the cluster down and checks that nothing of it is left.
     pub fn down(mut self) -> Result<()> {
         self.down_inner()
@@ -580,6 +622,25 @@ impl Cluster {
                 tail.join("\n")
             );
         }
+    }
+}
+
+/// A thread running inside a host's network namespace ([`Cluster::in_host`]).
+#[derive(Debug)]
+pub struct HostThread<T> {
+    handle: std::thread::JoinHandle<Option<T>>,
+}
+
+impl<T> HostThread<T> {
+    /// Waits for it; `Err` with the panic's payload if it panicked.
+    pub fn join(self) -> std::thread::Result<T> {
+        self.handle
+            .join()
+            .map(|r| r.expect("in_host returns a HostThread only once inside the namespace"))
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
     }
 }
 
