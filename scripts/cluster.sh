@@ -43,7 +43,10 @@
 # namespace with nsenter and stay in the machine's mount namespace, as on a
 # real host: network namespaces and mounts they make are seen by everyone
 # (`ip netns exec` would give each a private mount namespace, where an
-# `ip netns add` or a loop mount is invisible to the others).
+# `ip netns add` or a loop mount is invisible to the others). So /sys/class/net
+# shows the machine's interfaces, not the host's: ask `ip` (netlink). Keep
+# what processes of a host write under D/hosts/HOST (relative paths do):
+# `down` unmounts whatever is mounted under D.
 #
 # Processes started in a host are put in a cgroup (v2) of their own,
 # <cgroup2 mount>/zw-cluster-P/HOST, so `down` finds even the ones that
@@ -65,7 +68,6 @@ HERE=$(dirname "$SELF")
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 
 readonly ALL_HOSTS=(pg s3 git internet op1 op2 w1 w2 w3)
-readonly LAN_HOSTS=(pg s3 git op1 op2 w1 w2 w3)
 readonly PG_PORT=5432 S3_PORT=9000 GIT_PORT=9418 HTTP_PORT=80
 readonly S3_BUCKET=zeitwork
 
@@ -221,6 +223,7 @@ spawn_in() {
     # $! stays the pid of the command (nsenter, unshare and bash exec).
     (enter "$h" setsid "$@") </dev/null >>"$log" 2>&1 &
     local pid=$!
+    disown "$pid"
     local id=""
     for _ in $(seq 50); do
         id=$(proc_id "$pid")
@@ -560,6 +563,8 @@ up() {
     write_state
     up_ok=1
     echo "cluster $P is up: $D/state.json"
+    jq -r '.hosts | to_entries[] | "  \(.key)\t\(.value.ipv4)\t\(.value.ipv6)"' "$D/state.json"
+    jq -r '.services | to_entries[] | "  \(.key)\t\(.value.url)"' "$D/state.json"
 }
 
 # --- down --------------------------------------------------------------------
