@@ -96,12 +96,13 @@ fn init_commit_and_git_log_shows_decoded_protobuf() {
         .args([
             "-r",
             &format!("{}/envs", example_meta().display()),
+            &format!("{}/projects", example_meta().display()),
             clone.to_str().unwrap(),
         ])
         .status()
         .unwrap();
     assert!(status.success());
-    git(&clone, &["add", "envs"]);
+    git(&clone, &["add", "envs", "projects"]);
     git(&clone, &["commit", "-qm", "example apps"]);
     git(&clone, &["push", "-q", "origin", "main"]);
     let textconv = format!("{} meta decode", env!("CARGO_BIN_EXE_zw"));

@@ -5,6 +5,7 @@
 //! in the captain.
 
 pub mod builds;
+pub mod cluster;
 pub mod deployments;
 pub mod error;
 pub mod images;

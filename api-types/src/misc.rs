@@ -13,6 +13,27 @@ pub struct Health {
     pub app_url: String,
     /// Whether this captain builds (`POST /v1/builds`).
     pub builds: bool,
+    /// This captain's id, and whether it leads (runs the rollout planner).
+    #[serde(default)]
+    pub captain: String,
+    #[serde(default)]
+    pub leader: bool,
+    /// With a meta remote (`--meta-remote`): where following it stands.
+    #[serde(default)]
+    pub meta_origin: Option<MetaOrigin>,
+}
+
+/// Where a captain is in following its meta remote.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MetaOrigin {
+    /// The remote's head at the last fetch.
+    pub fetched: Option<String>,
+    /// A head of the remote the captain refused (invalid, or not descending
+    /// from the last valid head, which keeps serving).
+    pub refused_head: Option<String>,
+    pub refused_reason: Option<String>,
+    /// Why the last fetch failed, if it did.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

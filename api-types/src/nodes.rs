@@ -24,6 +24,9 @@ pub struct NodeView {
     /// A head the follower refused (does not descend from what it applied).
     pub refused_commit: String,
     pub refused_reason: String,
+    /// An admin asked to drain it: its instances move elsewhere.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -165,4 +168,11 @@ pub struct InstanceStateUpdate {
     pub state: InstanceState,
     #[serde(default)]
     pub reason: String,
+}
+
+/// Drain a node, or stop draining it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetDrain {
+    pub drain: bool,
 }

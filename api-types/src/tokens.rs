@@ -9,7 +9,10 @@ use utoipa::ToSchema;
 pub enum TokenKind {
     Admin,
     User,
+    /// A worker's credential (its node's row and instances).
     Node,
+    /// An edge's credential (the route stream).
+    Edge,
 }
 
 impl TokenKind {
@@ -18,6 +21,7 @@ impl TokenKind {
             TokenKind::Admin => "admin",
             TokenKind::User => "user",
             TokenKind::Node => "node",
+            TokenKind::Edge => "edge",
         }
     }
     pub fn parse(s: &str) -> Option<TokenKind> {
@@ -25,6 +29,7 @@ impl TokenKind {
             "admin" => Some(TokenKind::Admin),
             "user" => Some(TokenKind::User),
             "node" => Some(TokenKind::Node),
+            "edge" => Some(TokenKind::Edge),
             _ => None,
         }
     }

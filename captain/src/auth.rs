@@ -26,6 +26,11 @@ pub enum Access {
     User,
     /// Admin tokens only.
     Admin,
+    /// Edges (and admins): the route stream.
+    Edge,
+    /// Hosts that joined the cluster (workers and edges): their own
+    /// certificate renewal.
+    Member,
     /// git smart HTTP: the handler authenticates itself (HTTP Basic or
     /// Bearer, with a challenge git understands); node tokens may fetch,
     /// only user and admin tokens may push.
@@ -41,6 +46,8 @@ impl Access {
             Access::User => "user",
             Access::Admin => "admin",
             Access::Git => "git",
+            Access::Edge => "edge",
+            Access::Member => "member",
         }
     }
 
@@ -55,6 +62,10 @@ impl Access {
                 "Role: user. A user token acts inside the projects its user is a member of (anything else is not found); admin tokens see every project."
             }
             Access::Admin => "Role: admin (admin tokens only).",
+            Access::Edge => "Role: edge (an edge's credential from joining; admin tokens too).",
+            Access::Member => {
+                "Role: member (the credential a worker or an edge got when it joined)."
+            }
             Access::Git => {
                 "Role: git (HTTP Basic or Bearer token): node tokens may fetch; user tokens may push release files of their own apps; admins anything valid."
             }
@@ -84,7 +95,7 @@ impl Caller {
         match self.kind {
             TokenKind::Admin => true,
             TokenKind::Node => self.node_id.as_deref() == Some(node),
-            TokenKind::User => false,
+            TokenKind::User | TokenKind::Edge => false,
         }
     }
 }
@@ -97,6 +108,7 @@ pub fn new_secret(kind: TokenKind) -> String {
         TokenKind::Admin => "zwa",
         TokenKind::User => "zwu",
         TokenKind::Node => "zwn",
+        TokenKind::Edge => "zwe",
     };
     format!("{prefix}_{}", hex::encode(b))
 }
@@ -180,10 +192,13 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Calle
 /// Is a caller of `kind` allowed on a route of `access`?
 pub fn allowed(access: Access, kind: TokenKind) -> bool {
     match access {
-        Access::Public | Access::Git => true,
-        Access::Node => true,
-        Access::User => kind != TokenKind::Node,
+        Access::Public => true,
+        Access::Git => kind != TokenKind::Edge,
+        Access::Node => kind != TokenKind::Edge,
+        Access::User => matches!(kind, TokenKind::User | TokenKind::Admin),
         Access::Admin => kind == TokenKind::Admin,
+        Access::Edge => matches!(kind, TokenKind::Edge | TokenKind::Admin),
+        Access::Member => matches!(kind, TokenKind::Node | TokenKind::Edge),
     }
 }
 
@@ -204,6 +219,9 @@ pub async fn require(
     if !allowed(access, caller.kind) {
         let need = match access {
             Access::Admin => "an admin token",
+            Access::Edge => "an edge's credential",
+            Access::Member => "a worker's or an edge's credential",
+            Access::Node => "a node, user or admin token",
             _ => "a user or admin token",
         };
         return ApiError::new(

@@ -22,6 +22,15 @@ pub struct Args {
     /// Bare meta repository path, or a git URL to follow as origin.
     #[arg(long)]
     pub meta_repo: Option<String>,
+    /// A git remote that is the meta repository of several captains (the
+    /// source of truth): each captain keeps a clone, commits there and
+    /// pushes without force; `/meta.git` serves its clone.
+    #[arg(long, conflicts_with = "meta_repo")]
+    pub meta_remote: Option<String>,
+    /// The URL other hosts reach this captain's API at (default: http:// and
+    /// the listen address).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
     /// Domains of a new env's apps (<app>.<domain>).
     #[arg(long = "platform-domain", default_value = "localhost")]
     pub platform_domains: Vec<String>,
@@ -64,6 +73,8 @@ impl Args {
         c.listen = self.listen;
         c.database_url = self.database_url.clone();
         c.meta_repo = self.meta_repo.clone();
+        c.meta_remote = self.meta_remote.clone();
+        c.advertise_url = self.advertise_url.clone();
         c.platform_domains = self.platform_domains.clone();
         c.poll_interval = Duration::from_secs(self.poll_interval_secs.max(1));
         c.heartbeat_interval = Duration::from_secs(self.heartbeat_interval_secs.max(1));

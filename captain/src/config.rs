@@ -15,11 +15,25 @@ pub struct Config {
     /// Holds the SQLite database, the meta repository and `admin.token`.
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// The URL other hosts reach this captain's API at (edges route
+    /// `api.<domain>` to it); none = `http://` and the address it listens on.
+    pub advertise_url: Option<String>,
+    /// The cluster key every captain of a cluster shares (32 bytes, hex):
+    /// it derives the node link keys and seals the cluster CA's key in the
+    /// database. None = `<data_dir>/node-link.secret`, created on first use.
+    pub cluster_key_file: Option<PathBuf>,
+    /// How long a certificate of a worker or an edge is valid; renewed at
+    /// half of it. A removed host is refused by everyone within this.
+    pub member_cert_validity: Duration,
     /// `sqlite:...` or `postgres://...`; none = SQLite file in `data_dir`.
     pub database_url: Option<String>,
     /// A path (bare repository) or a URL to follow as origin; none =
     /// `data_dir/meta.git`.
     pub meta_repo: Option<String>,
+    /// A git remote (smart HTTP, ssh, `git://`, `file://`) that is the meta
+    /// repository of several captains: each keeps a clone, commits there
+    /// and pushes without force, and follows what others push.
+    pub meta_remote: Option<String>,
     /// How often the mirror re-reads the repository (and fetches origin).
     pub poll_interval: Duration,
     /// Expected node heartbeat interval; 3 missed = offline.
@@ -68,8 +82,12 @@ impl Config {
         Config {
             data_dir: data_dir.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_url: None,
+            cluster_key_file: None,
+            member_cert_validity: Duration::from_secs(3600),
             database_url: None,
             meta_repo: None,
+            meta_remote: None,
             poll_interval: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(5),
             platform_domains: vec!["localhost".into()],
@@ -110,6 +128,13 @@ impl Config {
                 .unwrap_or_else(|_| "zw".into());
             vec![exe, "captain-pre-receive".into()]
         })
+    }
+
+    /// The cluster key's file ([`Config::cluster_key_file`]).
+    pub fn cluster_key_path(&self) -> PathBuf {
+        self.cluster_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(crate::nodelink::LINK_SECRET_FILE))
     }
 
     pub fn admin_token_path(&self) -> PathBuf {

@@ -39,13 +39,6 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
         )
         .into_response());
     }
-    if push && let Some(origin) = st.meta.origin() {
-        return Err(ApiError::new(
-            Code::Forbidden,
-            format!("this captain follows the meta repository at {origin}; push there"),
-        )
-        .into_response());
-    }
     // Who pushes, for the pre-receive hook's authorization of each path.
     let mut pusher_env: Vec<(&str, String)> = Vec::new();
     if push {
@@ -115,6 +108,10 @@ async fn serve_inner(st: AppState, req: Request) -> Result<Response<Body>, Respo
         .env("GIT_CONFIG_VALUE_0", "true")
         .env(crate::hooks::HOOK_ENV, st.config.hook_command().join("\n"))
         .envs(pusher_env)
+        .env(
+            crate::hooks::META_REMOTE_ENV,
+            st.meta.origin().unwrap_or_default(),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -25,6 +25,8 @@ pub const PUSHER_ROLE_ENV: &str = "ZW_PUSHER_ROLE";
 pub const PUSHER_APPS_ENV: &str = "ZW_PUSHER_APPS";
 /// For a user: the ids of their projects, comma-separated.
 pub const PUSHER_PROJECTS_ENV: &str = "ZW_PUSHER_PROJECTS";
+/// With a meta remote: its URL; an accepted push is pushed on to it first.
+pub const META_REMOTE_ENV: &str = "ZW_META_REMOTE";
 /// Largest file a push may add or change.
 pub const MAX_FILE_BYTES: usize = 1 << 20;
 /// Most bytes of new or changed files one push may bring.
@@ -143,6 +145,8 @@ pub enum HookError {
     },
     #[error("reading the pushed commits")]
     Repo(#[source] meta_schema::repo::RepoError),
+    #[error("the meta remote refused the push (fetch and try again)")]
+    Remote(#[source] meta_schema::repo::RepoError),
     #[error("installing the pre-receive hook at {path}")]
     Install {
         path: PathBuf,
@@ -229,6 +233,13 @@ pub fn pre_receive(stdin: impl BufRead, git_dir: &Path, pusher: &Pusher) -> Resu
             commit: new.to_string(),
             errors,
         })?;
+        if let Some(remote) = std::env::var(META_REMOTE_ENV)
+            .ok()
+            .filter(|r| !r.is_empty())
+        {
+            pushed::push_through(git_dir, &remote, new, DEFAULT_BRANCH)
+                .map_err(HookError::Remote)?;
+        }
     }
     Ok(())
 }

@@ -24,6 +24,7 @@ pub mod db;
 pub mod error;
 pub mod githttp;
 pub mod hooks;
+pub mod leader;
 pub mod meta;
 pub mod metrics;
 pub mod nodelink;
@@ -117,32 +118,15 @@ impl Captain {
             tracing::info!(path = %path.display(), "created the admin API token");
             admin_token = Some(secret);
         }
-        let location = MetaLocation::from_arg(config.meta_repo.as_deref(), &config.data_dir);
+        let location = MetaLocation::of(
+            config.meta_remote.as_deref(),
+            config.meta_repo.as_deref(),
+            &config.data_dir,
+        );
         let store = tokio::task::spawn_blocking(move || MetaStore::open(&location))
             .await
             .map_err(meta::MetaError::from)??;
         hooks::install(&store.git_dir())?;
-        let store = Arc::new(store);
-        let state = AppState::new(db, store, config.clone());
-        app::projects::adopt_rows(&state).await?;
-        meta::sync(&state.meta, &state.db).await?;
-
-        let (requeued, failed) = state
-            .db
-            .recover_interrupted_builds(
-                meta_schema::now_millis(),
-                i64::from(config.build_max_attempts.max(1)),
-            )
-            .await?;
-        if requeued + failed > 0 {
-            tracing::warn!(
-                requeued,
-                failed,
-                "builds were running when the captain last stopped"
-            );
-        }
-        let (shutdown, rx) = watch::channel(false);
-        let tasks = background_tasks(&state, &rx);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -153,6 +137,13 @@ impl Captain {
             addr: config.listen,
             source,
         })?;
+        let store = Arc::new(store);
+        let state = AppState::new(db, store, config.clone(), format!("http://{addr}"));
+        app::projects::adopt_rows(&state).await?;
+        meta::sync(&state.meta, &state.db).await?;
+
+        let (shutdown, rx) = watch::channel(false);
+        let tasks = background_tasks(&state, &rx);
         let app = api::router(state.clone());
         let mut srx = rx;
         let server = tokio::spawn(async move {
@@ -198,6 +189,17 @@ impl Captain {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Hand over at once what this captain held: the leader's lease, and
+        // the builds it was running (cut short, they run again elsewhere).
+        self.state.leader.release(&self.state.db).await;
+        if let Err(e) = self
+            .state
+            .db
+            .release_build_claims(&self.state.leader.id)
+            .await
+        {
+            tracing::warn!(error = %e, "releasing build claims");
+        }
         self.state.db.close().await;
     }
 }
@@ -211,11 +213,25 @@ fn background_tasks(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
         spawn(
             state.clone(),
             Schedule {
+                name: "lease".into(),
+                description: "take or renew the leader's lease; say this captain is alive",
+                period: leader::RENEW,
+                wake: None,
+                cancel_on_stop: false,
+                leader_only: false,
+            },
+            background::lease::Lease,
+            stop.clone(),
+        ),
+        spawn(
+            state.clone(),
+            Schedule {
                 name: "mirror".into(),
                 description: "follow the meta repository's origin and index its head",
                 period: c.poll_interval,
                 wake: Some(state.mirror_wake.clone()),
                 cancel_on_stop: false,
+                leader_only: false,
             },
             background::mirror::Mirror,
             stop.clone(),
@@ -228,6 +244,7 @@ fn background_tasks(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
                 period: c.heartbeat_interval,
                 wake: None,
                 cancel_on_stop: false,
+                leader_only: true,
             },
             background::liveness::Liveness,
             stop.clone(),
@@ -240,6 +257,7 @@ fn background_tasks(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
                 period: c.rollout_interval,
                 wake: Some(state.rollout_wake.clone()),
                 cancel_on_stop: false,
+                leader_only: true,
             },
             background::rollout::Rollout,
             stop.clone(),
@@ -252,6 +270,7 @@ fn background_tasks(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
                 period: Duration::from_secs(1),
                 wake: Some(state.routes_wake.clone()),
                 cancel_on_stop: false,
+                leader_only: false,
             },
             background::routes::Routes,
             stop.clone(),
@@ -264,6 +283,7 @@ fn background_tasks(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
                 period: Duration::from_secs(30),
                 wake: Some(state.notify_wake.clone()),
                 cancel_on_stop: false,
+                leader_only: true,
             },
             background::notify::NotifyNodes::default(),
             stop.clone(),
@@ -279,6 +299,7 @@ fn background_tasks(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
                     period: Duration::from_secs(2),
                     wake: Some(state.builds_wake.clone()),
                     cancel_on_stop: true,
+                    leader_only: false,
                 },
                 background::builds::BuildWorker { builder: b.clone() },
                 stop.clone(),

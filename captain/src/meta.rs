@@ -74,6 +74,19 @@ pub enum MetaLocation {
 }
 
 impl MetaLocation {
+    /// `--meta-remote` (a git remote every captain commits to and follows),
+    /// else `--meta-repo` as given: a URL (scheme://) or a path; none =
+    /// `D/meta.git`.
+    pub fn of(remote: Option<&str>, repo: Option<&str>, data_dir: &Path) -> MetaLocation {
+        match remote {
+            Some(url) => MetaLocation::Remote {
+                url: url.to_string(),
+                clone: data_dir.join("meta-remote.git"),
+            },
+            None => MetaLocation::from_arg(repo, data_dir),
+        }
+    }
+
     /// `--meta-repo` as given: a URL (scheme://) or a path; none = `D/meta.git`.
     pub fn from_arg(arg: Option<&str>, data_dir: &Path) -> MetaLocation {
         match arg {
@@ -87,10 +100,24 @@ impl MetaLocation {
     }
 }
 
+/// Where the captain is in following its origin (a meta remote).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OriginState {
+    /// The origin's head at the last fetch.
+    pub fetched: Option<String>,
+    /// A head of the origin the captain refused to follow, and why (it is
+    /// invalid, or does not descend from the last valid head, which keeps
+    /// serving).
+    pub refused: Option<(String, String)>,
+    /// Why the last fetch failed, if it did.
+    pub error: Option<String>,
+}
+
 /// The meta repository as the captain uses it.
 pub struct MetaStore {
     repo: MetaRepo,
     origin: Option<String>,
+    origin_state: Mutex<OriginState>,
     envs: Mutex<BTreeSet<String>>,
     /// Serialises fetch-commit-push against an origin, and mirror syncs.
     write_lock: tokio::sync::Mutex<()>,
@@ -125,6 +152,7 @@ impl MetaStore {
         let store = MetaStore {
             repo,
             origin,
+            origin_state: Mutex::new(OriginState::default()),
             envs: Mutex::new(BTreeSet::new()),
             write_lock: tokio::sync::Mutex::new(()),
             sync_lock: tokio::sync::Mutex::new(()),
@@ -143,15 +171,43 @@ impl MetaStore {
         self.origin.as_deref()
     }
 
-    /// Fetch the origin and fast-forward the local branch to it. Blocking.
+    /// Where following the origin stands.
+    pub fn origin_state(&self) -> OriginState {
+        self.origin_state
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    fn set_origin_state(&self, f: impl FnOnce(&mut OriginState)) {
+        if let Ok(mut s) = self.origin_state.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// Fetch the origin and fast-forward the local branch to its head, if
+    /// that head is valid and descends from the local one; else refuse it
+    /// (recorded in [`MetaStore::origin_state`]) and keep the last valid
+    /// head. Blocking.
     fn follow_origin_blocking(&self) -> Result<bool, MetaError> {
         let Some(url) = &self.origin else {
             return Ok(false);
         };
-        let fetched = self
-            .repo
-            .fetch(url, DEFAULT_BRANCH)
-            .map_err(repo_err(format!("fetching {url}")))?;
+        let fetched = match self.repo.fetch(url, DEFAULT_BRANCH) {
+            Ok(f) => f,
+            Err(e) => {
+                let msg = zw_util::error_chain(&e);
+                self.set_origin_state(|s| s.error = Some(msg));
+                return Err(MetaError::Repo {
+                    op: format!("fetching {}", meta_schema::repo::redact_url(url)),
+                    source: e,
+                });
+            }
+        };
+        self.set_origin_state(|s| {
+            s.fetched = fetched.clone();
+            s.error = None;
+        });
         let Some(fetched) = fetched else {
             return Ok(false);
         };
@@ -159,27 +215,38 @@ impl MetaStore {
             .repo
             .head(DEFAULT_BRANCH)
             .map_err(repo_err("reading head"))?;
-        match local {
-            Some(l) if l == fetched => Ok(false),
-            Some(l) => {
-                if self
-                    .repo
-                    .is_ancestor(&l, &fetched)
-                    .map_err(repo_err("comparing heads"))?
-                {
-                    self.repo
-                        .set_branch(DEFAULT_BRANCH, &fetched, Some(&l))
-                        .map_err(repo_err("fast-forwarding to the origin"))
-                } else {
-                    tracing::warn!(local = %l, origin = %fetched, "origin of the meta repository does not descend from the local head; not following");
-                    Ok(false)
-                }
-            }
-            None => self
-                .repo
-                .set_branch(DEFAULT_BRANCH, &fetched, None)
-                .map_err(repo_err("following the origin")),
+        if local.as_deref() == Some(fetched.as_str()) {
+            self.set_origin_state(|s| s.refused = None);
+            return Ok(false);
         }
+        let refuse = |reason: String| {
+            tracing::warn!(origin = %fetched, %reason, "not following the meta repository origin; the last valid head keeps serving");
+            crate::metrics::origin_refused(true);
+            self.set_origin_state(|s| s.refused = Some((fetched.clone(), reason)));
+            Ok(false)
+        };
+        if let Some(l) = &local
+            && !self
+                .repo
+                .is_ancestor(l, &fetched)
+                .map_err(repo_err("comparing heads"))?
+        {
+            return refuse(format!("it does not descend from the last valid head {l}"));
+        }
+        let tree = self
+            .repo
+            .tree_at(&fetched)
+            .map_err(repo_err("reading the origin's head"))?;
+        if let Err(errors) = meta_schema::validate::validate_tree(&tree) {
+            return refuse(format!("it is invalid: {errors}"));
+        }
+        let moved = self
+            .repo
+            .set_branch(DEFAULT_BRANCH, &fetched, local.as_deref())
+            .map_err(repo_err("fast-forwarding to the origin"))?;
+        crate::metrics::origin_refused(false);
+        self.set_origin_state(|s| s.refused = None);
+        Ok(moved)
     }
 
     /// Follow the origin (no-op for a local repository).
@@ -232,29 +299,22 @@ impl MetaStore {
         }
         let _g = self.write_lock.lock().await;
         let c = blocking(move || {
-            me.follow_origin_blocking()?;
-            let before = me
-                .repo
-                .head(DEFAULT_BRANCH)
-                .map_err(repo_err("reading head"))?;
-            let c = me
-                .repo
-                .commit(DEFAULT_BRANCH, &changes, &message)
-                .map_err(repo_err("committing"))?;
             let url = me.origin.clone().unwrap_or_default();
-            if let Err(e) = me.repo.push(&url, DEFAULT_BRANCH) {
-                // Undo the local commit so the clone keeps following origin.
-                if let Some(b) = &before {
-                    me.repo
-                        .set_branch(DEFAULT_BRANCH, b, Some(&c))
-                        .map_err(repo_err("undoing a commit the origin refused"))?;
-                }
-                return Err(MetaError::Repo {
-                    op: format!("pushing to {url}"),
-                    source: e,
-                });
-            }
-            Ok(c)
+            me.repo
+                .commit_and_push(
+                    &meta_schema::repo::Remote::new(url.clone()),
+                    DEFAULT_BRANCH,
+                    &changes,
+                    &message,
+                    &meta_schema::repo::Identity::default(),
+                )
+                .map_err(|source| MetaError::Repo {
+                    op: format!(
+                        "committing and pushing to {}",
+                        meta_schema::repo::redact_url(&url)
+                    ),
+                    source,
+                })
         })
         .await?;
         crate::metrics::commit_written();

@@ -35,6 +35,7 @@ struct Metrics {
     commits: Counter,
     mirror_lag: Gauge<i64, std::sync::atomic::AtomicI64>,
     mirror_syncs: Counter<u64, AtomicU64>,
+    origin_refused: Gauge<i64, std::sync::atomic::AtomicI64>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -46,6 +47,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let commits = Counter::default();
     let mirror_lag = Gauge::default();
     let mirror_syncs = Counter::default();
+    let origin_refused = Gauge::default();
+    registry.register(
+        "meta_origin_refused",
+        "1 while the meta remote's head is refused (invalid, or not descending from the last valid head)",
+        origin_refused.clone(),
+    );
     registry.register(
         "http_requests",
         "HTTP requests by route and status",
@@ -78,11 +85,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         commits,
         mirror_lag,
         mirror_syncs,
+        origin_refused,
     }
 });
 
 pub fn commit_written() {
     METRICS.commits.inc();
+}
+
+pub fn origin_refused(refused: bool) {
+    METRICS.origin_refused.set(i64::from(refused));
 }
 
 pub fn mirror_synced(lag_seconds: i64) {

@@ -4,8 +4,10 @@
 //! At every registration (`POST /v1/nodes`) the captain hands the node an
 //! `api_key` that the follower accepts on its API, next to its own tokens:
 //! `hex(HMAC-SHA256(link_secret, "<node id>:<registration token id>"))`.
-//! `link_secret` is 32 random bytes in `<data_dir>/node-link.secret` (hex,
-//! mode 0600, created on first use like `admin.token`); the registration
+//! `link_secret` is the cluster key: 32 random bytes in
+//! `<data_dir>/node-link.secret` (hex, mode 0600, created on first use like
+//! `admin.token`), or the file `--cluster-key-file` names, which every
+//! captain of a cluster is given (so any captain can call any node); the registration
 //! token id is the id of the node token issued by that registration, which
 //! the `tokens` table keeps anyway (only its hash is secret). So the
 //! database holds no key, and a key changes whenever its node registers
@@ -78,8 +80,9 @@ impl LinkError {
 /// The link secret of the captain with this data dir, created (32 random
 /// bytes, hex, mode 0600) on first use. Concurrent first uses agree: the
 /// file appears whole (hard link of a complete temp file) or not at all.
-pub fn link_secret(data_dir: &Path) -> Result<[u8; 32], LinkError> {
-    let path = data_dir.join(LINK_SECRET_FILE);
+pub fn link_secret(path: &Path) -> Result<[u8; 32], LinkError> {
+    let path = path.to_path_buf();
+    let data_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let io = |source| LinkError::Secret {
         path: path.clone(),
         source,
@@ -140,8 +143,8 @@ pub fn derive_key(secret: &[u8; 32], node_id: &str, registration: &str) -> Strin
 
 /// The key for the registration that issued node token `token_id` (what
 /// `POST /v1/nodes` returns as `api_key`).
-pub fn issue_key(data_dir: &Path, node_id: &str, token_id: &str) -> Result<String, LinkError> {
-    Ok(derive_key(&link_secret(data_dir)?, node_id, token_id))
+pub fn issue_key(key_file: &Path, node_id: &str, token_id: &str) -> Result<String, LinkError> {
+    Ok(derive_key(&link_secret(key_file)?, node_id, token_id))
 }
 
 fn http() -> &'static reqwest::Client {
@@ -188,7 +191,7 @@ impl NodeLink {
         nodes: impl IntoIterator<Item = NodeRow>,
     ) -> Result<BTreeMap<String, Result<NodeLink, LinkError>>, LinkError> {
         let regs = st.db.node_registrations().await?;
-        let secret = link_secret(&st.config.data_dir)?;
+        let secret = link_secret(&st.config.cluster_key_path())?;
         Ok(nodes
             .into_iter()
             .map(|n| {
@@ -294,8 +297,8 @@ mod tests {
     #[test]
     fn the_secret_is_created_once_0600_and_keys_follow_registrations() {
         let dir = tempfile::tempdir().unwrap();
-        let a = link_secret(dir.path()).unwrap();
-        let b = link_secret(dir.path()).unwrap();
+        let a = link_secret(&dir.path().join(LINK_SECRET_FILE)).unwrap();
+        let b = link_secret(&dir.path().join(LINK_SECRET_FILE)).unwrap();
         assert_eq!(a, b);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join(LINK_SECRET_FILE))
@@ -312,7 +315,7 @@ mod tests {
         // ids ULIDs, neither holds ':'.
         std::fs::write(dir.path().join(LINK_SECRET_FILE), "short\n").unwrap();
         assert!(matches!(
-            link_secret(dir.path()),
+            link_secret(&dir.path().join(LINK_SECRET_FILE)),
             Err(LinkError::BadSecret { .. })
         ));
     }

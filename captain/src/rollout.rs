@@ -249,6 +249,7 @@ mod tests {
             applied_commit: String::new(),
             refused_commit: String::new(),
             refused_reason: String::new(),
+            drain: false,
         }
     }
 

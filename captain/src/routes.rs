@@ -216,6 +216,7 @@ mod tests {
             applied_commit: String::new(),
             refused_commit: String::new(),
             refused_reason: String::new(),
+            drain: false,
         };
         let state = desired_state(&t, 2).unwrap();
         let routes = compute(&state, &instances, &[node("a"), node("b")]);

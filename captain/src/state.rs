@@ -9,6 +9,7 @@ use tokio::sync::{Notify, watch};
 use crate::background::status::Registry;
 use crate::config::Config;
 use crate::db::Db;
+use crate::leader::Leadership;
 use crate::meta::MetaStore;
 use crate::ratelimit::RateLimit;
 use crate::routes::RouteFeed;
@@ -43,10 +44,18 @@ pub struct Inner {
     pub tasks: Registry,
     /// Waitlist sign-ups per client address.
     pub waitlist_limit: RateLimit,
+    /// Whether this captain leads (runs the leader-only tasks).
+    pub leader: Leadership,
+    /// Where this captain's API listens (`http://addr:port`).
+    pub api_url: String,
+    /// Unix ms.
+    pub started_at: i64,
+    /// The cluster CA, loaded (or made) when first needed.
+    pub cluster_ca: tokio::sync::OnceCell<edge::pki::Ca>,
 }
 
 impl AppState {
-    pub fn new(db: Db, meta: Arc<MetaStore>, config: Config) -> AppState {
+    pub fn new(db: Db, meta: Arc<MetaStore>, config: Config, api_url: String) -> AppState {
         AppState(Arc::new(Inner {
             db,
             meta,
@@ -61,6 +70,13 @@ impl AppState {
             build_events: watch::channel(0).0,
             tasks: Registry::default(),
             waitlist_limit: RateLimit::new(10, std::time::Duration::from_secs(60)),
+            leader: Leadership::new(format!(
+                "cpt-{}",
+                meta_schema::new_id().to_ascii_lowercase()
+            )),
+            api_url,
+            started_at: meta_schema::now_millis(),
+            cluster_ca: tokio::sync::OnceCell::new(),
         }))
     }
 }

@@ -45,6 +45,28 @@ pub struct WebhookResult {
     pub deployments: Vec<DeploymentView>,
     /// Builds queued, each deploying its image.
     pub builds: Vec<BuildView>,
+    /// The push was to the meta repository itself: the captain follows it
+    /// now (when valid).
+    #[serde(default)]
+    pub meta: bool,
+}
+
+/// Do two git URLs name the same repository (ignoring a trailing `.git` or
+/// slash, the scheme's case and credentials)?
+fn same_repo(a: &str, b: &str) -> bool {
+    let norm = |u: &str| {
+        let u = u.to_ascii_lowercase();
+        let u = u.split_once("://").map_or(u.as_str(), |(_, rest)| rest);
+        let u = u.rsplit_once('@').map_or(u, |(_, host)| host);
+        // git@host:owner/repo (scp-like) names host/owner/repo.
+        let u = u.replacen(
+            ':',
+            "/",
+            usize::from(!u.contains('/') || u.find(':') < u.find('/')),
+        );
+        u.trim_end_matches('/').trim_end_matches(".git").to_string()
+    };
+    !a.is_empty() && norm(a) == norm(b)
 }
 
 /// Does `signature` ("sha256=<hex>") sign `body` with `secret`?
@@ -105,6 +127,7 @@ pub async fn github(
                 event,
                 deployments: vec![],
                 builds: vec![],
+                meta: false,
             }),
         )
             .into_response());
@@ -117,6 +140,7 @@ pub async fn github(
                 event,
                 deployments: vec![],
                 builds: vec![],
+                meta: false,
             }),
         )
             .into_response());
@@ -129,6 +153,7 @@ pub async fn github(
                 event,
                 deployments: vec![],
                 builds: vec![],
+                meta: false,
             }),
         )
             .into_response());
@@ -140,6 +165,24 @@ pub async fn github(
         .collect();
     urls.sort();
     urls.dedup();
+    // A push to the meta repository itself (a user's `git revert`, an edit
+    // on GitHub): follow it now rather than at the next poll.
+    if let Some(remote) = &st.config.meta_remote
+        && urls.iter().any(|u| same_repo(u, remote))
+    {
+        st.mirror_wake.notify_one();
+        tracing::info!(commit = %push.after, "push to the meta repository: following it now");
+        return Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(WebhookResult {
+                event,
+                deployments: vec![],
+                builds: vec![],
+                meta: true,
+            }),
+        )
+            .into_response());
+    }
     let mut deployments = Vec::new();
     let mut builds = Vec::new();
     for url in urls {
@@ -177,7 +220,34 @@ pub async fn github(
             event,
             deployments,
             builds,
+            meta: false,
         }),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_urls_compare_by_what_they_name() {
+        let gh = "https://github.com/acme/meta.git";
+        for same in [
+            "https://github.com/acme/meta",
+            "https://GitHub.com/acme/meta/",
+            "git@github.com:acme/meta.git",
+            "ssh://git@github.com/acme/meta.git",
+            "https://x-access-token:abc@github.com/acme/meta.git",
+        ] {
+            assert!(same_repo(same, gh), "{same}");
+        }
+        for other in [
+            "https://github.com/acme/meta2",
+            "https://gitlab.com/acme/meta",
+            "",
+        ] {
+            assert!(!same_repo(other, gh), "{other}");
+        }
+    }
 }

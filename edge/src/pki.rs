@@ -255,6 +255,122 @@ impl Ca {
     }
 }
 
+/// The role a cluster member's certificate is issued for. The extended key
+/// usage carries it, so each side's TLS verification checks the other's
+/// role: a node-proxy certificate can only serve (serverAuth), an edge's can
+/// only be a client (clientAuth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A worker: its node-proxy's server certificate.
+    Worker,
+    /// An edge: its client certificate towards node-proxies.
+    Edge,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Edge => "edge",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "worker" => Some(Role::Worker),
+            "edge" => Some(Role::Edge),
+            _ => None,
+        }
+    }
+}
+
+/// A certificate signed from a request.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// The leaf followed by the CA certificate.
+    pub chain_pem: String,
+    /// The serial number, hex.
+    pub serial: String,
+    /// When it expires (unix seconds).
+    pub not_after: i64,
+}
+
+/// A key pair and a certificate signing request for `name`: what a host
+/// joining the cluster sends (the key never leaves it).
+pub fn key_and_csr(name: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(gen_err("key"))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let csr = params
+        .serialize_request(&key)
+        .map_err(gen_err("certificate request"))?;
+    Ok((
+        key.serialize_pem(),
+        csr.pem().map_err(gen_err("certificate request PEM"))?,
+    ))
+}
+
+impl Ca {
+    /// Sign a member's certificate request: only its public key is taken
+    /// from the request; the name, the addresses (`names`), the role and the
+    /// validity are the CA's decision.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        role: Role,
+        name: &str,
+        names: &[String],
+        validity: std::time::Duration,
+    ) -> Result<Signed, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(gen_err("parse certificate request"))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationalUnitName, role.as_str());
+        params.distinguished_name = dn;
+        for n in names {
+            params.subject_alt_names.push(san(n)?);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![match role {
+            Role::Worker => ExtendedKeyUsagePurpose::ServerAuth,
+            Role::Edge => ExtendedKeyUsagePurpose::ClientAuth,
+        }];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::seconds(validity.as_secs().min(i64::MAX as u64) as i64);
+        let mut serial = [0u8; 16];
+        rand::fill(&mut serial);
+        serial[0] &= 0x7f;
+        params.serial_number = Some(serial.to_vec().into());
+        let req = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        };
+        let cert = req
+            .signed_by(&self.issuer)
+            .map_err(gen_err("sign member certificate"))?;
+        Ok(Signed {
+            chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            serial: hex_of(&serial),
+            not_after: (now + Duration::seconds(validity.as_secs() as i64)).unix_timestamp(),
+        })
+    }
+
+    /// The CA's key, PEM (to seal it for the database; never sent anywhere).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 fn san(name: &str) -> Result<SanType, PkiError> {
     if let Ok(ip) = name.parse::<std::net::IpAddr>() {
         return Ok(SanType::IpAddress(ip));

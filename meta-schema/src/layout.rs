@@ -9,6 +9,7 @@
 //! envs/<env>/apps/<app>/secrets.sops.yaml
 //! channels/<name>.pb
 //! nodes/<node>.pb
+//! cluster/leader.pb
 //! ```
 //!
 //! Releases and deployments are immutable: once committed, a file at such a
@@ -49,6 +50,8 @@ pub enum MetaPath {
     Node {
         id: String,
     },
+    /// `cluster/leader.pb`: the leader's fence.
+    Fence,
 }
 
 impl MetaPath {
@@ -91,6 +94,7 @@ impl MetaPath {
             ["nodes", file] => file
                 .strip_suffix(".pb")
                 .map(|id| MetaPath::Node { id: id.to_string() }),
+            ["cluster", "leader.pb"] => Some(MetaPath::Fence),
             _ => None,
         }
     }
@@ -110,6 +114,7 @@ impl MetaPath {
             MetaPath::Secrets { env, app } => secrets_path(env, app),
             MetaPath::Channel { name } => channel_path(name),
             MetaPath::Node { id } => node_path(id),
+            MetaPath::Fence => FENCE_PATH.to_string(),
         }
     }
 }
@@ -118,10 +123,13 @@ impl MetaPath {
 /// `projects/`, `envs/`, `channels/` or `nodes/`)? Such files must parse as
 /// a [`MetaPath`]; others (README.md, .gitattributes) are ignored here.
 pub fn is_meta_area(path: &str) -> bool {
-    ["projects/", "envs/", "channels/", "nodes/"]
+    ["projects/", "envs/", "channels/", "nodes/", "cluster/"]
         .iter()
         .any(|p| path.starts_with(p))
 }
+
+/// The leader's fence.
+pub const FENCE_PATH: &str = "cluster/leader.pb";
 
 /// Files outside the meta areas a meta repository may hold.
 pub const OTHER_FILES: [&str; 2] = ["README.md", ".gitattributes"];
@@ -209,6 +217,7 @@ mod tests {
             "envs/prod/apps/web/secrets.sops.yaml",
             "channels/stable.pb",
             "nodes/n1.pb",
+            "cluster/leader.pb",
         ] {
             assert_eq!(MetaPath::parse(p).unwrap().to_path(), p);
         }

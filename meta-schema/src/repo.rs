@@ -47,6 +47,10 @@ pub enum RepoError {
     NotFound { path: String },
     #[error("the change would make the meta repository invalid: {0}")]
     Invalid(ValidationErrors),
+    #[error(
+        "fenced: a leader of epoch {written} wrote the meta repository after this leader (epoch {mine}) lost its lease"
+    )]
+    Fenced { mine: u64, written: u64 },
     #[error("branch {branch} does not exist")]
     NoBranch { branch: String },
     #[error("commit {commit} not found")]
@@ -111,6 +115,9 @@ pub struct ChangeSet {
     pub replace: Vec<(String, Vec<u8>)>,
     /// Files to delete; refused if absent.
     pub remove: Vec<String>,
+    /// Written by a leader of this epoch: refused when the base's
+    /// `cluster/leader.pb` holds a higher one, else that file is set to it.
+    pub fence: Option<(u64, String)>,
 }
 
 impl ChangeSet {
@@ -131,6 +138,11 @@ impl ChangeSet {
     }
     pub fn is_empty(&self) -> bool {
         self.add.is_empty() && self.replace.is_empty() && self.remove.is_empty()
+    }
+    /// Fence the commit with the leader's lease `epoch` (captain `who`).
+    pub fn fenced(mut self, epoch: u64, who: impl Into<String>) -> Self {
+        self.fence = Some((epoch, who.into()));
+        self
     }
 }
 
@@ -419,8 +431,43 @@ impl MetaRepo {
                         return Err(RepoError::NotFound { path: path.clone() });
                     }
                 }
+                let mut fence_file = Vec::new();
+                if let Some((mine, who)) = &changes.fence {
+                    let written = match existing.get(layout::FENCE_PATH) {
+                        Some(oid) => {
+                            let blob = repo
+                                .find_blob(*oid)
+                                .map_err(gix_err("reading the leader fence"))?;
+                            <crate::pb::LeaderFence as prost::Message>::decode(&blob.data[..])
+                                .map(|f| f.epoch)
+                                .unwrap_or(0)
+                        }
+                        None => 0,
+                    };
+                    if written > *mine {
+                        return Err(RepoError::Fenced {
+                            mine: *mine,
+                            written,
+                        });
+                    }
+                    if written < *mine || !existing.contains_key(layout::FENCE_PATH) {
+                        fence_file.push((
+                            layout::FENCE_PATH.to_string(),
+                            prost::Message::encode_to_vec(&crate::pb::LeaderFence {
+                                epoch: *mine,
+                                captain: who.clone(),
+                                updated_at: crate::now_millis(),
+                            }),
+                        ));
+                    }
+                }
                 let mut editor = repo.edit_tree(base_tree).map_err(gix_err("editing tree"))?;
-                for (path, bytes) in changes.add.iter().chain(changes.replace.iter()) {
+                for (path, bytes) in changes
+                    .add
+                    .iter()
+                    .chain(changes.replace.iter())
+                    .chain(fence_file.iter())
+                {
                     let blob = repo
                         .write_blob(bytes)
                         .map_err(gix_err("writing blob"))?
@@ -686,7 +733,9 @@ impl MetaRepo {
     /// force: fetch, commit on the fetched head, push; when the push is
     /// rejected because someone else pushed first, fetch again and re-apply
     /// on the new head (the compare-and-swap of [`MetaRepo::commit_by`],
-    /// across machines). Returns the pushed commit.
+    /// across machines). The commit is built on a scratch branch
+    /// (`zw-push-<branch>`): the local `branch` moves only to a commit the
+    /// remote accepted. Returns the pushed commit.
     pub fn commit_and_push(
         &self,
         remote: &Remote,
@@ -696,42 +745,28 @@ impl MetaRepo {
         who: &Identity,
     ) -> Result<String> {
         const ATTEMPTS: u32 = 20;
+        let scratch = format!("zw-push-{branch}");
         for attempt in 0..ATTEMPTS {
-            let fetched = self.fetch_remote(remote, branch)?;
-            let local = self.head(branch)?;
-            if local != fetched {
-                match &fetched {
-                    Some(f) => {
-                        // Start over from the remote: a commit of ours that
-                        // was not pushed is rebuilt on top of it.
-                        self.force_branch(branch, f)?;
-                    }
-                    None => {
-                        return Err(RepoError::NoBranch {
-                            branch: format!("{branch} on {}", redact_url(&remote.url)),
-                        });
-                    }
+            let Some(fetched) = self.fetch_remote(remote, branch)? else {
+                return Err(RepoError::NoBranch {
+                    branch: format!("{branch} on {}", redact_url(&remote.url)),
+                });
+            };
+            self.force_branch(&scratch, &fetched)?;
+            let c = self.commit_by(&scratch, changes, message, who)?;
+            match self.push_ref(remote, &scratch, branch) {
+                Ok(()) => {
+                    let local = self.head(branch)?;
+                    self.set_branch(branch, &c, local.as_deref())?;
+                    return Ok(c);
                 }
-            }
-            let c = self.commit_by(branch, changes, message, who)?;
-            match self.push_remote(remote, branch) {
-                Ok(()) => return Ok(c),
                 Err(RepoError::Rejected { detail }) => {
                     tracing::debug!(attempt, %detail, "push lost a race; re-applying on the new head");
-                    if let Some(f) = &fetched {
-                        self.force_branch(branch, f)?;
-                    }
                     std::thread::sleep(Duration::from_millis(
                         10 + rand_u64() % (50 * u64::from(attempt + 1)),
                     ));
                 }
-                Err(e) => {
-                    // Leave the branch where the remote is.
-                    if let Some(f) = &fetched {
-                        let _ = self.force_branch(branch, f);
-                    }
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
         Err(RepoError::Contended {
@@ -788,6 +823,11 @@ impl MetaRepo {
 
     /// Push `branch` to `remote` without force.
     pub fn push_remote(&self, remote: &Remote, branch: &str) -> Result<()> {
+        self.push_ref(remote, branch, branch)
+    }
+
+    /// Push local branch `from` to branch `to` of `remote`, without force.
+    pub fn push_ref(&self, remote: &Remote, from: &str, to: &str) -> Result<()> {
         let out = remote
             .git()
             .arg("--git-dir")
@@ -798,7 +838,7 @@ impl MetaRepo {
                 "--porcelain",
                 "--",
                 &remote.url,
-                &format!("refs/heads/{branch}:refs/heads/{branch}"),
+                &format!("refs/heads/{from}:refs/heads/{to}"),
             ])
             .output()
             .map_err(|source| RepoError::Io {

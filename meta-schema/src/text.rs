@@ -16,6 +16,7 @@ pub enum Kind {
     Deployment,
     Channel,
     Node,
+    Fence,
 }
 
 impl std::str::FromStr for Kind {
@@ -29,6 +30,7 @@ impl std::str::FromStr for Kind {
             "deployment" => Kind::Deployment,
             "channel" => Kind::Channel,
             "node" => Kind::Node,
+            "fence" => Kind::Fence,
             _ => {
                 return Err(format!(
                     "unknown kind {s:?} (project, env, app, release, deployment, channel, node)"
@@ -72,6 +74,7 @@ pub fn kind_of_path(path: &str) -> Option<Kind> {
                 MetaPath::Deployment { .. } => Kind::Deployment,
                 MetaPath::Channel { .. } => Kind::Channel,
                 MetaPath::Node { .. } => Kind::Node,
+                MetaPath::Fence => Kind::Fence,
                 MetaPath::Secrets { .. } => return None,
             });
         }
@@ -146,5 +149,6 @@ pub fn decode(kind: Option<Kind>, bytes: &[u8]) -> Result<String, DecodeError> {
         Kind::Deployment => format!("{:#?}\n", pb::Deployment::decode(bytes).map_err(inv)?),
         Kind::Channel => format!("{:#?}\n", pb::Channel::decode(bytes).map_err(inv)?),
         Kind::Node => format!("{:#?}\n", pb::Node::decode(bytes).map_err(inv)?),
+        Kind::Fence => format!("{:#?}\n", pb::LeaderFence::decode(bytes).map_err(inv)?),
     })
 }

@@ -63,6 +63,7 @@ pub struct Loaded {
     pub secrets: BTreeMap<(String, String), ()>,
     pub channels: BTreeMap<String, pb::Channel>,
     pub nodes: BTreeMap<String, pb::Node>,
+    pub fence: Option<pb::LeaderFence>,
 }
 
 /// Validate every meta file of a tree.
@@ -210,6 +211,11 @@ pub fn load(tree: &MetaTree) -> Result<Loaded, ValidationErrors> {
                         );
                     }
                     out.channels.insert(name, m);
+                }
+            }
+            MetaPath::Fence => {
+                if let Some(m) = decode::<pb::LeaderFence>(path, bytes, &mut errs) {
+                    out.fence = Some(m);
                 }
             }
             MetaPath::Node { id } => {

@@ -4,6 +4,7 @@
 //! the bodies are the wire types of the `api-types` crate.
 
 pub mod builds;
+pub mod cluster;
 pub mod deployments;
 pub mod github;
 pub mod health;
@@ -19,6 +20,7 @@ pub mod tokens;
 pub mod waitlist;
 
 use api_types::builds::{BuildLogLine, BuildView, CreateBuild, SourceView};
+use api_types::cluster::{CreateJoinToken, JoinRequest, JoinToken, Joined, RenewRequest, Renewed};
 use api_types::deployments::{CreateDeployment, DeploymentView, SetStatus};
 use api_types::error::ErrorBody;
 use api_types::images::{CreateImage, ImageView};
@@ -26,7 +28,7 @@ use api_types::logs::AppLogLine;
 use api_types::misc::{GithubLogin, Health, JoinWaitlist, WaitlistEntry, WaitlistResult};
 use api_types::nodes::{
     InstanceReport, InstanceStateUpdate, InstanceView, NodeHeartbeat, NodeView, RegisterNode,
-    RegisteredNode,
+    RegisteredNode, SetDrain,
 };
 use api_types::projects::{AddMember, AppView, CreateApp, CreateProject, MemberView, ProjectView};
 use api_types::secrets::{SecretsView, SetSecrets};
@@ -238,6 +240,25 @@ pub fn routes() -> Vec<RouteSpec> {
             .summary("Move a deployment along the status machine")
             .takes(One(sch::<SetStatus>))
             .answers(200, One(sch::<DeploymentView>)),
+        route!(POST "/v1/cluster/join-tokens", Admin, cluster::create_join_token)
+            .summary("Make a join token for a role (worker or edge): single use, expiring")
+            .takes(One(sch::<CreateJoinToken>))
+            .answers(201, One(sch::<JoinToken>)),
+        route!(POST "/v1/cluster/join", Public, cluster::join)
+            .summary("Join the cluster with a join token (Authorization: Bearer zwj_...): a certificate for the host's key (from its request) and a credential of the role")
+            .takes(One(sch::<JoinRequest>))
+            .answers(201, One(sch::<Joined>)),
+        route!(POST "/v1/cluster/renew", Member, cluster::renew)
+            .summary("Renew the calling host's certificate (refused once it was removed)")
+            .takes(One(sch::<RenewRequest>))
+            .answers(200, One(sch::<Renewed>)),
+        route!(DELETE "/v1/cluster/members/{id}", Admin, cluster::remove_member)
+            .summary("Remove a host from the cluster: its credential is revoked, its certificate is not renewed")
+            .answers(204, No),
+        route!(PUT "/v1/nodes/{id}/drain", Admin, nodes::drain_node)
+            .summary("Drain a node (or stop): its instances move to other nodes, health-gated, and nothing new is placed on it")
+            .takes(One(sch::<SetDrain>))
+            .answers(200, One(sch::<NodeView>)),
         route!(GET "/v1/nodes", Admin, nodes::list_nodes)
             .summary("List nodes")
             .answers(200, List(sch::<NodeView>)),
@@ -303,7 +324,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(GET "/v1/builds/{id}/logs", User, builds::build_logs)
             .summary("A build's log lines after ?from=<seq> (X-Last-Log-Seq), or as server-sent events with Accept: text/event-stream")
             .answers(200, List(sch::<BuildLogLine>)),
-        route!(GET "/v1/routes/stream", Admin, routes_stream::stream)
+        route!(GET "/v1/routes/stream", Edge, routes_stream::stream)
             .summary("The edge's route table as server-sent events (edge::routes format)"),
         route!(GET "/meta.git/info/refs", Git, crate::githttp::serve)
             .summary("git smart HTTP: ref advertisement (Basic or Bearer token)"),

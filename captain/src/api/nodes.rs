@@ -38,6 +38,7 @@ impl From<NodeRow> for NodeView {
             applied_commit: n.applied_commit,
             refused_commit: n.refused_commit,
             refused_reason: n.refused_reason,
+            drain: n.drain,
         }
     }
 }
@@ -105,6 +106,15 @@ pub async fn delete_node(
 ) -> Result<Response, ApiError> {
     nodes::remove(&st, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn drain_node(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(b): ApiJson<api_types::nodes::SetDrain>,
+) -> Result<Response, ApiError> {
+    let n = nodes::set_drain(&st, &id, b.drain).await?;
+    Ok(json(StatusCode::OK, NodeView::from(n)))
 }
 
 pub async fn node_heartbeat(

@@ -332,14 +332,40 @@ pub async fn queue(st: &AppState, caller: &Caller, app_id: &str, b: NewBuild) ->
     Ok(row)
 }
 
+/// How long a build's claim lasts without renewal; renewed every third of
+/// it while the build runs.
+pub const CLAIM: Duration = Duration::from_secs(10);
+
 /// Claim due builds and run them one after the other until none is due;
-/// returns the ids run.
+/// returns the ids run. Any captain's workers claim from the one queue; a
+/// claim is renewed while its build runs, and a build whose claim could not
+/// be renewed (another captain took it over) is abandoned at once, so a
+/// build never runs twice at the same time.
 pub async fn run_due(st: &AppState, builder: &Builder) -> Result<Vec<String>> {
     let mut ran = Vec::new();
-    while let Some(b) = st.db.claim_build(meta_schema::now_millis()).await? {
+    let by = st.leader.id.clone();
+    let claim_ms = i64::try_from(CLAIM.as_millis()).unwrap_or(10_000);
+    let max = i64::from(st.config.build_max_attempts.max(1));
+    while let Some(b) = st.db.claim_build(&by, claim_ms, max).await? {
         let id = b.id.clone();
         st.build_events.send_modify(|n| *n += 1);
-        execute(st, builder, b).await;
+        let renew = async {
+            loop {
+                tokio::time::sleep(CLAIM / 3).await;
+                match st.db.renew_build_claim(&id, &by, claim_ms).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => tracing::warn!(build = %id, error = %e, "renewing a build claim"),
+                }
+            }
+        };
+        tokio::select! {
+            // Cancel-safe: a build cut short is retried by whoever claims it.
+            _ = execute(st, builder, b) => {}
+            _ = renew => {
+                tracing::error!(build = %id, "the build's claim was taken over: abandoned here");
+            }
+        }
         st.build_events.send_modify(|n| *n += 1);
         ran.push(id);
     }
@@ -507,7 +533,11 @@ pub async fn execute(st: &AppState, builder: &Builder, b: BuildRow) {
     let _ = writer.await;
     let now = meta_schema::now_millis();
     let r = match &outcome {
-        Outcome::Retry { at, error } => st.db.requeue_build(&id, *at, error, now).await,
+        Outcome::Retry { at, error } => {
+            st.db
+                .requeue_build(&id, &st.leader.id, *at, error, now)
+                .await
+        }
         Outcome::Done {
             status,
             error,
@@ -516,7 +546,15 @@ pub async fn execute(st: &AppState, builder: &Builder, b: BuildRow) {
         } => {
             tracing::info!(build = %id, status, image = %digest, "build finished");
             st.db
-                .finish_build(&id, status, error, digest, deployment_id, now)
+                .finish_build(
+                    &id,
+                    &st.leader.id,
+                    status,
+                    error,
+                    digest,
+                    deployment_id,
+                    now,
+                )
                 .await
         }
     };

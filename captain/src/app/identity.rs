@@ -34,9 +34,9 @@ pub async fn create_token(
         ));
     }
     let user_id = match (kind, user) {
-        (TokenKind::Node, _) => {
+        (TokenKind::Node | TokenKind::Edge, _) => {
             return Err(AppError::BadRequest(
-                "node tokens are issued by POST /v1/nodes".into(),
+                "node and edge credentials are issued when a host joins (POST /v1/cluster/join) or a node registers (POST /v1/nodes)".into(),
             ));
         }
         (TokenKind::Admin, Some(_)) => {

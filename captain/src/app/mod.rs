@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod builds;
+pub mod cluster;
 pub mod deploy;
 pub mod envs;
 pub mod identity;

@@ -24,7 +24,7 @@ pub struct Registration {
 
 /// Users never act for nodes: refused before anything is looked up.
 fn node_or_admin(caller: &Caller) -> Result<()> {
-    if caller.kind == TokenKind::User {
+    if matches!(caller.kind, TokenKind::User | TokenKind::Edge) {
         return Err(AppError::Forbidden(
             "user tokens may not act for a node".into(),
         ));
@@ -75,6 +75,7 @@ pub async fn register(st: &AppState, b: RegisterNode) -> Result<Registration> {
         applied_commit: String::new(),
         refused_commit: String::new(),
         refused_reason: String::new(),
+        drain: false,
     };
     let mut created = true;
     match st.db.insert_node(&row).await {
@@ -103,7 +104,7 @@ pub async fn register(st: &AppState, b: RegisterNode) -> Result<Registration> {
         None,
     )
     .await?;
-    let api_key = crate::nodelink::issue_key(&st.config.data_dir, &row.id, &issued.id)
+    let api_key = crate::nodelink::issue_key(&st.config.cluster_key_path(), &row.id, &issued.id)
         .map_err(|e| AppError::internal("issuing the node's API key", e))?;
     let node = st.db.node(&row.id).await?.unwrap_or(row);
     Ok(Registration {
@@ -126,7 +127,25 @@ pub async fn remove(st: &AppState, id: &str) -> Result<()> {
     st.db
         .revoke_node_tokens(id, meta_schema::now_millis())
         .await?;
+    // A worker that joined: it renews its certificate no more.
+    st.db
+        .remove_member_host(id, meta_schema::now_millis())
+        .await?;
     Ok(())
+}
+
+/// Drain node `id` (or stop draining it): the planner moves its instances
+/// to other nodes, health-gated, and places nothing new on it. The node's
+/// own heartbeats do not undo it.
+pub async fn set_drain(st: &AppState, id: &str, drain: bool) -> Result<NodeRow> {
+    if !st.db.set_drain(id, drain).await? {
+        return Err(AppError::not_found("node", id));
+    }
+    st.rollout_wake.notify_one();
+    st.db
+        .node(id)
+        .await?
+        .ok_or_else(|| AppError::not_found("node", id))
 }
 
 /// A node's heartbeat: its state, resources and where it is in following

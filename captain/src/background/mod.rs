@@ -9,6 +9,7 @@
 //!
 //! | task | period | woken by | does |
 //! |---|---|---|---|
+//! | `lease` | 0.7 s | | takes or renews the leader's lease ([`crate::leader`]) |
 //! | `mirror` | `poll_interval` | a commit written or pushed | follows the origin, indexes the meta repo into the database |
 //! | `liveness` | `heartbeat_interval` | | marks nodes that missed 3 heartbeats offline |
 //! | `rollout` | `rollout_interval` | reports, commits | plans and writes deployment files ([`crate::rollout`]) |
@@ -17,6 +18,7 @@
 //! | `build-worker-N` | 2 s | a queued build | claims and runs builds |
 
 pub mod builds;
+pub mod lease;
 pub mod liveness;
 pub mod mirror;
 pub mod notify;
@@ -55,6 +57,9 @@ pub struct Schedule {
     /// A stop may cancel an activation half way (a build: it is queued
     /// again at the next start); else the driver lets it finish.
     pub cancel_on_stop: bool,
+    /// Runs only on the captain that leads ([`crate::leader`]); elsewhere
+    /// an activation is a no-op that says so.
+    pub leader_only: bool,
 }
 
 /// Run `task` on `schedule` until `stop`: first at once, then whenever its
@@ -77,7 +82,9 @@ pub fn spawn(
                 return;
             }
             st.tasks.started(name, why, meta_schema::now_millis());
-            let outcome = if schedule.cancel_on_stop {
+            let outcome = if schedule.leader_only && !st.leader.is_leader() {
+                Ok(serde_json::json!({ "standby": "another captain leads" }))
+            } else if schedule.cancel_on_stop {
                 tokio::select! {
                     // Cancel-safe by the task's own contract (see Schedule).
                     _ = stop.changed() => {

@@ -40,6 +40,8 @@ pub enum RolloutError {
     Db(#[from] crate::db::DbError),
     #[error("the meta repository head is invalid; no rollout acts on it")]
     Desired(#[from] meta_schema::desired::MetaError),
+    #[error(transparent)]
+    Leader(#[from] crate::leader::LeaderError),
 }
 
 /// What the captain's reconcilers read on every activation: desired state
@@ -79,8 +81,12 @@ pub async fn pass(captain: &AppState, timeout: Duration) -> Result<Vec<Action>, 
     let actions = plan(&state, &instances, &nodes, now, timeout);
     for action in &actions {
         let d = action.deployment();
-        let changes =
-            ChangeSet::new().add(deployment_path(&d.env, &d.app, &d.id), d.encode_to_vec());
+        // Fenced: written only while this captain holds the leader's lease,
+        // and never after a newer leader wrote (crate::leader).
+        let epoch = captain.leader.fence(&captain.db).await?;
+        let changes = ChangeSet::new()
+            .add(deployment_path(&d.env, &d.app, &d.id), d.encode_to_vec())
+            .fenced(epoch, captain.leader.id.clone());
         captain
             .meta
             .commit(changes, action.commit_message())

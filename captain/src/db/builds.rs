@@ -154,16 +154,36 @@ impl Db {
             .map_err(q("listing builds"))
     }
 
-    /// Takes the oldest queued build that is due, marking it `building`.
-    /// The status test in the outer `WHERE` makes two claimers of the same
-    /// row exclusive.
-    pub async fn claim_build(&self, now: i64) -> Result<Option<BuildRow>, DbError> {
+    /// Claim the oldest due build for captain `by` for `claim_ms`: a queued
+    /// one, or one whose claim lapsed (its captain died). A lapsed build that
+    /// has used `max_attempts` is failed instead. Times are the database's.
+    pub async fn claim_build(
+        &self,
+        by: &str,
+        claim_ms: i64,
+        max_attempts: i64,
+    ) -> Result<Option<BuildRow>, DbError> {
+        let now = self.now_sql();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE builds SET status = 'failed', finished_at = {now}, updated_at = {now}, claimed_by = '', \
+             error = 'the captain running it stopped during every attempt of this build' \
+             WHERE status = 'building' AND claimed_until < {now} AND attempts >= $1"
+        )))
+        .bind(max_attempts)
+        .execute(self.pool())
+        .await
+        .map_err(q("failing abandoned builds"))?;
+        let due = format!(
+            "((status = 'queued' AND next_attempt_at <= {now}) OR (status = 'building' AND claimed_until < {now}))"
+        );
         let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE builds SET status = 'building', attempts = attempts + 1, started_at = $1, updated_at = $1 \
-             WHERE status = 'queued' AND id = (SELECT id FROM builds WHERE status = 'queued' AND next_attempt_at <= $1 ORDER BY id LIMIT 1) \
+            "UPDATE builds SET status = 'building', attempts = attempts + 1, started_at = {now}, updated_at = {now}, \
+             claimed_by = $1, claimed_until = {now} + $2 \
+             WHERE {due} AND id = (SELECT id FROM builds WHERE {due} ORDER BY id LIMIT 1) \
              RETURNING {BUILD_COLS}"
         )))
-        .bind(now)
+        .bind(by)
+        .bind(claim_ms)
         .fetch_optional(self.pool())
         .await
         .map_err(q("claiming a build"))?;
@@ -173,73 +193,70 @@ impl Db {
             .map_err(q("claiming a build"))
     }
 
-    /// When the next queued build is due, if any is queued.
-    pub async fn next_build_due(&self) -> Result<Option<i64>, DbError> {
-        let r =
-            sqlx::query("SELECT MIN(next_attempt_at) AS due FROM builds WHERE status = 'queued'")
-                .fetch_one(self.pool())
-                .await
-                .map_err(q("reading the build queue"))?;
-        r.try_get::<Option<i64>, _>("due")
-            .map_err(q("reading the build queue"))
+    /// Extend `by`'s claim on build `id`; false when the claim is no longer
+    /// `by`'s (it lapsed and another captain took the build over).
+    pub async fn renew_build_claim(
+        &self,
+        id: &str,
+        by: &str,
+        claim_ms: i64,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE builds SET claimed_until = {} + $3 WHERE id = $1 AND claimed_by = $2 AND status = 'building'",
+            self.now_sql()
+        )))
+        .bind(id)
+        .bind(by)
+        .bind(claim_ms)
+        .execute(self.pool())
+        .await
+        .map_err(q("renewing a build claim"))?;
+        Ok(r.rows_affected() > 0)
     }
 
-    /// Builds left `building` by a previous process: queued again, or
-    /// failed once they have used `max_attempts`. Returns (requeued, failed).
-    pub async fn recover_interrupted_builds(
-        &self,
-        now: i64,
-        max_attempts: i64,
-    ) -> Result<(u64, u64), DbError> {
-        let failed = sqlx::query(
-            "UPDATE builds SET status = 'failed', finished_at = $1, updated_at = $1, \
-             error = 'the captain stopped during every attempt of this build' \
-             WHERE status = 'building' AND attempts >= $2",
+    /// Give up `by`'s claims (a captain stopping): another takes them now.
+    pub async fn release_build_claims(&self, by: &str) -> Result<u64, DbError> {
+        Ok(sqlx::query(
+            "UPDATE builds SET claimed_until = 0 WHERE claimed_by = $1 AND status = 'building'",
         )
-        .bind(now)
-        .bind(max_attempts)
+        .bind(by)
         .execute(self.pool())
         .await
-        .map_err(q("failing interrupted builds"))?
-        .rows_affected();
-        let requeued = sqlx::query(
-            "UPDATE builds SET status = 'queued', next_attempt_at = $1, updated_at = $1, \
-             error = 'interrupted: the captain stopped during the build; retrying' \
-             WHERE status = 'building'",
-        )
-        .bind(now)
-        .execute(self.pool())
-        .await
-        .map_err(q("re-queueing interrupted builds"))?
-        .rows_affected();
-        Ok((requeued, failed))
+        .map_err(q("releasing build claims"))?
+        .rows_affected())
     }
 
     /// Puts a claimed build back in the queue after an infrastructure fault.
     pub async fn requeue_build(
         &self,
         id: &str,
+        by: &str,
         next_attempt_at: i64,
         error: &str,
         now: i64,
     ) -> Result<(), DbError> {
         sqlx::query(
-            "UPDATE builds SET status = 'queued', next_attempt_at = $2, error = $3, updated_at = $4 WHERE id = $1 AND status = 'building'",
+            "UPDATE builds SET status = 'queued', next_attempt_at = $2, error = $3, updated_at = $4, claimed_by = '' \
+             WHERE id = $1 AND status = 'building' AND claimed_by = $5",
         )
         .bind(id)
         .bind(next_attempt_at)
         .bind(error)
         .bind(now)
+        .bind(by)
         .execute(self.pool())
         .await
         .map_err(q("re-queueing a build"))?;
         Ok(())
     }
 
-    /// Ends a claimed build.
+    /// Ends a build `by` claimed (a captain whose claim lapsed writes
+    /// nothing: the build is another's now).
+    #[allow(clippy::too_many_arguments)]
     pub async fn finish_build(
         &self,
         id: &str,
+        by: &str,
         status: &str,
         error: &str,
         image_digest: &str,
@@ -247,7 +264,8 @@ impl Db {
         now: i64,
     ) -> Result<(), DbError> {
         sqlx::query(
-            "UPDATE builds SET status = $2, error = $3, image_digest = $4, deployment_id = $5, finished_at = $6, updated_at = $6 WHERE id = $1",
+            "UPDATE builds SET status = $2, error = $3, image_digest = $4, deployment_id = $5, finished_at = $6, updated_at = $6, claimed_by = '' \
+             WHERE id = $1 AND claimed_by = $7",
         )
         .bind(id)
         .bind(status)
@@ -255,6 +273,7 @@ impl Db {
         .bind(image_digest)
         .bind(deployment_id)
         .bind(now)
+        .bind(by)
         .execute(self.pool())
         .await
         .map_err(q("finishing a build"))?;

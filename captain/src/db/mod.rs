@@ -22,6 +22,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, Row};
 
 pub mod builds;
+pub mod cluster;
 pub mod tenants;
 
 pub use builds::BuildRow;
@@ -121,6 +122,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "tenants",
         include_str!("../../../migrations/sqlite/0004_tenants.sql"),
     ),
+    (
+        5,
+        "cluster",
+        include_str!("../../../migrations/sqlite/0005_cluster.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -142,6 +148,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "tenants",
         include_str!("../../../migrations/postgres/0004_tenants.sql"),
+    ),
+    (
+        5,
+        "cluster",
+        include_str!("../../../migrations/postgres/0005_cluster.sql"),
     ),
 ];
 
@@ -248,6 +259,8 @@ pub struct NodeRow {
     pub applied_commit: String,
     pub refused_commit: String,
     pub refused_reason: String,
+    /// An admin asked to drain it.
+    pub drain: bool,
 }
 
 /// A node heartbeat as stored.
@@ -379,6 +392,7 @@ impl NodeRow {
             applied_commit: s(r, "applied_commit")?,
             refused_commit: s(r, "refused_commit")?,
             refused_reason: s(r, "refused_reason")?,
+            drain: i(r, "drain")? != 0,
         })
     }
 }
@@ -921,7 +935,7 @@ impl Db {
             NodeRow,
             "reading a node",
             sqlx::query(
-                "SELECT id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at, applied_commit, refused_commit, refused_reason FROM nodes WHERE id = $1"
+                "SELECT id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at, applied_commit, refused_commit, refused_reason, drain FROM nodes WHERE id = $1"
             )
             .bind(id),
             &self.pool
@@ -933,7 +947,7 @@ impl Db {
             NodeRow,
             "listing nodes",
             sqlx::query(
-                "SELECT id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at, applied_commit, refused_commit, refused_reason FROM nodes ORDER BY id"
+                "SELECT id, address, region, cpus, memory_bytes, disk_bytes, age_recipient, api_url, proxy_addr, state, memory_used_bytes, instances, last_seen, registered_at, applied_commit, refused_commit, refused_reason, drain FROM nodes ORDER BY id"
             ),
             &self.pool
         )
