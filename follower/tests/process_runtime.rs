@@ -83,6 +83,9 @@ async fn instances_are_isolated_from_each_other_but_reachable_from_the_node() {
 
     let id_a = format!("a{}", ulid::Ulid::new());
     let id_b = format!("b{}", ulid::Ulid::new());
+    let mut guard = common::ProcessInstances::default();
+    guard.add(&id_a, &tmp.path().join("instances").join(&id_a));
+    guard.add(&id_b, &tmp.path().join("instances").join(&id_b));
     let a = rt
         .start(&spec(
             &id_a,
@@ -143,22 +146,21 @@ async fn instances_are_isolated_from_each_other_but_reachable_from_the_node() {
         "{nft}"
     );
 
-    // The app runs as the image's user, in its own pid namespace, chrooted.
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/task/{}/children", a.pid, a.pid)).unwrap();
-    let unshare_pid: u32 = status.split_whitespace().next().unwrap().parse().unwrap();
-    let app_pid: u32 =
-        std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+    // The app runs as the image's user (mapped onto the instance's host id
+    // range: uid 65534 of slot 1), in its own pid namespace, in the image's
+    // root.
+    let app_pid: u32 = std::fs::read_to_string(a.work_dir.join("app.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let st = std::fs::read_to_string(format!("/proc/{app_pid}/status")).unwrap();
+    let host_uid = follower::runtime::rootfs::IdMap::for_slot(1).host(65534);
     assert!(
-        st.lines()
-            .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+        st.lines().any(|l| l.starts_with("Uid:")
+            && l.split_whitespace()
+                .skip(1)
+                .all(|u| u == host_uid.to_string())),
         "{st}"
     );
     assert!(
@@ -167,8 +169,8 @@ async fn instances_are_isolated_from_each_other_but_reachable_from_the_node() {
         "{st}"
     );
     assert_eq!(
-        std::fs::read_link(format!("/proc/{app_pid}/root")).unwrap(),
-        a.work_dir.join("root")
+        std::fs::read_to_string(format!("/proc/{app_pid}/root/www/index.html")).unwrap(),
+        "hello from zeitwork\n"
     );
     // Secrets and env reach the app only through its environment.
     let environ = std::fs::read(format!("/proc/{app_pid}/environ")).unwrap();
@@ -204,12 +206,14 @@ async fn bad_rootfs_and_instant_exit_are_reported_with_a_reason() {
     let good = common::image_dir(&store, &digest);
     let range = common::random_range();
     let rt = ProcessRuntime::new(&tmp.path().join("scripts"), Arc::default()).unwrap();
+    let mut guard = common::ProcessInstances::default();
 
     // A rootfs that is not ext4 at all.
     let corrupt = tmp.path().join("corrupt");
     std::fs::create_dir_all(&corrupt).unwrap();
     std::fs::write(corrupt.join("rootfs.ext4"), vec![0x5a; 1 << 20]).unwrap();
     let id = format!("c{}", ulid::Ulid::new());
+    guard.add(&id, &tmp.path().join("instances").join(&id));
     let err = rt
         .start(&spec(
             &id,
@@ -229,6 +233,7 @@ async fn bad_rootfs_and_instant_exit_are_reported_with_a_reason() {
 
     // An entrypoint that exits at once.
     let id = format!("x{}", ulid::Ulid::new());
+    guard.add(&id, &tmp.path().join("instances").join(&id));
     let h = rt
         .start(&spec(
             &id,
@@ -267,6 +272,7 @@ async fn bad_rootfs_and_instant_exit_are_reported_with_a_reason() {
 
     // An unknown user in the image.
     let id = format!("u{}", ulid::Ulid::new());
+    guard.add(&id, &tmp.path().join("instances").join(&id));
     let mut s = spec(&id, tmp.path(), &good, range.instance_addr(3), HTTPD);
     s.user = "nosuchuser".into();
     match rt.start(&s).await.unwrap_err() {
@@ -488,5 +494,144 @@ async fn nftables_keeps_instances_apart_even_with_forwarding_on() {
         })
         .await
         .unwrap();
+    }
+}
+
+/// Issue 14 item 1: an app's environment (image env, release env vars,
+/// secrets) reaches only the app's own process. Every variable below makes
+/// a host shell or a dynamically linked host program run a command (it
+/// creates a marker file on the host) if the supervisor, or any tool it
+/// runs, is started with the app's environment. The app itself must still
+/// see every one of them, unchanged.
+#[tokio::test]
+async fn app_environment_never_reaches_a_host_program() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let digest = common::busybox_image(&store, &common::httpd_config(8080));
+    let image_dir = common::image_dir(&store, &digest);
+    let range = common::random_range();
+    let rt = ProcessRuntime::new(&tmp.path().join("scripts"), Arc::default()).unwrap();
+
+    let marker = |name: &str| tmp.path().join(format!("marker-{name}"));
+    // A directory of look-alike host tools, for PATH games.
+    let evil_bin = tmp.path().join("evil-bin");
+    std::fs::create_dir_all(&evil_bin).unwrap();
+    for tool in [
+        "bash", "ip", "nft", "mount", "umount", "unshare", "awk", "mkdir", "touch", "runc", "env",
+        "rm", "cat", "chmod", "sleep",
+    ] {
+        let shim = evil_bin.join(tool);
+        std::fs::write(
+            &shim,
+            format!("#!/bin/sh\n: > {}\n", marker("path").display()),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let bash_env_script = tmp.path().join("bash-env.sh");
+    std::fs::write(
+        &bash_env_script,
+        format!(": > {}\n", marker("bash-env-file").display()),
+    )
+    .unwrap();
+    let hostile: Vec<(String, String)> = vec![
+        ("ZW_CANARY".into(), "app-only-7d3".into()),
+        (
+            "BASH_ENV".into(),
+            format!("$(: > {})", marker("bash-env-subst").display()),
+        ),
+        ("ENV".into(), bash_env_script.display().to_string()),
+        ("SHELLOPTS".into(), "xtrace".into()),
+        ("PS4".into(), format!("$(: > {})", marker("ps4").display())),
+        (
+            "BASH_FUNC_mkdir%%".into(),
+            format!("() {{ : > {}; }}", marker("bash-func").display()),
+        ),
+        (
+            "LD_PRELOAD".into(),
+            tmp.path().join("zw-no-such-lib.so").display().to_string(),
+        ),
+        (
+            "LD_LIBRARY_PATH".into(),
+            tmp.path().join("zw-no-such-dir").display().to_string(),
+        ),
+        ("PATH".into(), format!("{}:/bin", evil_bin.display())),
+    ];
+    let id = format!("e{}", ulid::Ulid::new());
+    let mut guard = common::ProcessInstances::default();
+    guard.add(&id, &tmp.path().join("instances").join(&id));
+    let mut s = spec(
+        &id,
+        tmp.path(),
+        &image_dir,
+        range.instance_addr(1),
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            // The app's own environment as the kernel gave it (a shell
+            // passes on only variables with valid names).
+            "/bin/busybox tr '\\000' '\\n' </proc/1/environ; \
+             exec /bin/busybox httpd -f -p 8080 -h /www",
+        ],
+    );
+    s.env_vars.extend(hostile.iter().cloned());
+    let h = rt.start(&s).await.unwrap();
+    let served = wait_serving(SocketAddr::new(h.ip.into(), 8080)).await;
+
+    // No host process carries the app's environment: the supervisor and
+    // every process of its session other than the app itself.
+    let mut leaked = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).ok()
+            != Some(nix::unistd::Pid::from_raw(h.pid as i32))
+        {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if String::from_utf8_lossy(&environ).contains("app-only-7d3")
+            && !cmdline.starts_with("/bin/busybox")
+        {
+            leaked.push(cmdline);
+        }
+    }
+    rt.stop(&h).await.unwrap();
+    let log = std::fs::read_to_string(h.work_dir.join("stdout.log")).unwrap();
+
+    let fired: Vec<_> = [
+        "path",
+        "bash-env-file",
+        "bash-env-subst",
+        "ps4",
+        "bash-func",
+    ]
+    .into_iter()
+    .filter(|m| marker(m).exists())
+    .collect();
+    assert!(
+        fired.is_empty(),
+        "the app's environment ran host commands ({fired:?}); log:\n{log}"
+    );
+    assert!(
+        !log.contains("cannot be preloaded"),
+        "LD_PRELOAD reached a host program:\n{log}"
+    );
+    assert!(
+        leaked.is_empty(),
+        "host processes with the app's env: {leaked:?}"
+    );
+    assert_eq!(served.0, 200);
+    // The app saw all of it, as given.
+    for (k, v) in &hostile {
+        assert!(
+            log.contains(&format!("{k}={v}\n")),
+            "app lacks {k}={v}:\n{log}"
+        );
     }
 }

@@ -15,8 +15,10 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub mod firecracker;
+pub mod oci;
 pub mod process;
 pub mod qemu;
+pub mod rootfs;
 
 /// Everything a driver needs to start one instance. Built by the reconciler
 /// from the desired state and the image fetched from the object store.
