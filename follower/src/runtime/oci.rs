@@ -18,7 +18,8 @@
 //!   answers ENOSYS so libc falls back to `clone`).
 //! - Mounts: the overlay root (made by [`super::rootfs`]), `/proc`, a
 //!   `/dev` tmpfs with the standard devices only, `/dev/pts`, `/dev/shm`,
-//!   `/dev/mqueue`; every writable one `nodev,nosuid`. No `/sys`: sysfs
+//!   `/dev/mqueue`; every writable one `nodev,nosuid` (but `/dev/pts`,
+//!   whose ptys are devices). No `/sys`: sysfs
 //!   cannot be mounted from a user namespace into a network namespace it
 //!   does not own, and the host's is not the app's business.
 //! - cgroup limits: memory, CPU quota and pids (see [`Limits`]).
@@ -161,7 +162,7 @@ pub fn config(c: &ContainerSpec<'_>, seccomp: &Value) -> Value {
             {"destination": "/proc", "type": "proc", "source": "proc",
              "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "noexec", "strictatime", "mode=755", "size=65536k"]},
+             "options": ["nosuid", "nodev", "noexec", "strictatime", "mode=755", "size=65536k"]},
             {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
