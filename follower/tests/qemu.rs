@@ -177,6 +177,7 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
             accel: accel_choice,
             qemu: qemu::QEMU_BINARY.into(),
             scripts_dir: tmp.path().join("scripts"),
+            net: follower::net::NetPolicy::default(),
         },
         Arc::new(tokio::sync::Notify::new()),
     )

@@ -168,6 +168,8 @@ pub struct VmOptions {
     /// An uncompressed kernel with virtio-mmio command-line devices, and the
     /// initramfs, for firecracker.
     pub firecracker_guest: Option<qemu::GuestImage>,
+    /// What instances may reach, whichever driver runs them.
+    pub net: crate::net::NetPolicy,
 }
 
 fn build_firecracker(
@@ -185,6 +187,7 @@ fn build_firecracker(
         kernel: g.kernel.clone(),
         initramfs: g.initramfs.clone(),
         scripts_dir: scripts_dir.to_path_buf(),
+        net: vm.net.clone(),
     };
     let rt =
         firecracker::FirecrackerRuntime::new(cfg, on_exit.clone()).map_err(|e| e.to_string())?;
@@ -206,6 +209,7 @@ fn build_qemu(
         accel: qemu::AccelChoice::Auto,
         qemu: PathBuf::from("qemu-system-x86_64"),
         scripts_dir: scripts_dir.to_path_buf(),
+        net: vm.net.clone(),
     };
     let rt = qemu::QemuRuntime::new(cfg, on_exit.clone()).map_err(|e| e.to_string())?;
     Ok(std::sync::Arc::new(rt))
@@ -265,7 +269,7 @@ pub fn choose(
         RuntimeChoice::Process => "process: asked for with --runtime process".to_string(),
         _ => format!("auto chose process because {}", skipped.join("; ")),
     };
-    let rt = process::ProcessRuntime::new(scripts_dir, on_exit)?;
+    let rt = process::ProcessRuntime::with_net(scripts_dir, on_exit, vm.net.clone())?;
     tracing::warn!("{reason}");
     Ok((std::sync::Arc::new(rt), reason))
 }

@@ -143,6 +143,15 @@ impl ProcessRuntime {
     /// whenever an instance started by this runtime exits (the reconciler's
     /// "instance exit" activation).
     pub fn new(scripts_dir: &Path, on_exit: Arc<Notify>) -> Result<Self, RuntimeError> {
+        Self::with_net(scripts_dir, on_exit, crate::net::NetPolicy::default())
+    }
+
+    /// [`ProcessRuntime::new`] with the node's network policy.
+    pub fn with_net(
+        scripts_dir: &Path,
+        on_exit: Arc<Notify>,
+        policy: crate::net::NetPolicy,
+    ) -> Result<Self, RuntimeError> {
         let unavailable = |reason: String| RuntimeError::Unavailable {
             driver: "process",
             reason,
@@ -155,7 +164,9 @@ impl ProcessRuntime {
                 source,
             }
         })?;
-        let net = InstanceNet::new(scripts_dir).map_err(|e| unavailable(e.to_string()))?;
+        let net = InstanceNet::new(scripts_dir)
+            .map_err(|e| unavailable(e.to_string()))?
+            .with_policy(policy);
         let runc = find_tool("runc").ok_or_else(|| unavailable("`runc` not found".into()))?;
         let seccomp = oci::load_seccomp(Path::new(oci::SECCOMP_PROFILE)).map_err(|e| {
             unavailable(format!(

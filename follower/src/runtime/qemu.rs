@@ -14,7 +14,8 @@
 //! app exits the guest powers off and QEMU exits; the app's exit code is the
 //! `zw-init: powering off (exit code N)` line of that log.
 //!
-//! Network: a tap device per instance (`scripts/guest-tap.sh`), named like
+//! Network: a tap device per instance (`scripts/instance-net.sh tap-up`,
+//! under the node's rules like every instance link), named like
 //! the other drivers' host interfaces (`zwi` + hash), holding the gateway
 //! address of the instance's /112; zw-init gives `eth0` the instance's
 //! address (`zw.ip=`/`zw.gw=` on the kernel command line).
@@ -52,7 +53,6 @@ use crate::net::{INSTANCE_PREFIX_LEN, InstanceNetNames, gateway_of, stable_hash,
 const DRIVER: &str = "qemu";
 const PREPARE_KERNEL_SH: &str = include_str!("../../../scripts/prepare-kernel.sh");
 const BUILD_INITRAMFS_SH: &str = include_str!("../../../scripts/build-initramfs.sh");
-pub(crate) const GUEST_TAP_SH: &str = include_str!("../../../scripts/guest-tap.sh");
 /// The QEMU binary looked up on PATH by default.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// How long a guest under `-accel kvm` may take to reach init before KVM is
@@ -113,6 +113,8 @@ pub struct QemuConfig {
     pub qemu: PathBuf,
     /// Where the embedded scripts are written.
     pub scripts_dir: PathBuf,
+    /// What instances may reach (their taps join the node's rules).
+    pub net: crate::net::NetPolicy,
 }
 
 /// Checks shared by the VM drivers before they start a VMM: the image has a
@@ -518,26 +520,17 @@ pub(crate) fn handle_exit_code(handle: &RuntimeHandle) -> Option<i32> {
     guest_exit_code(&handle.work_dir.join("stdout.log"), offset)
 }
 
-/// Runs `guest-tap.sh` (written at `script`) with `args`.
-pub(crate) async fn run_tap(script: &Path, args: &[&str]) -> Result<(), String> {
-    let out = tokio::process::Command::new("bash")
-        .arg(script)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("running guest-tap.sh: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "guest-tap.sh {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+/// Creates (`up` = the instance's address) or removes the tap of a VM.
+pub(crate) async fn run_tap(
+    net: &crate::net::InstanceNet,
+    up: Option<std::net::Ipv6Addr>,
+    tap: &str,
+) -> Result<(), String> {
+    match up {
+        Some(ip) => net.tap_up(tap, ip).await,
+        None => net.tap_down(tap).await,
     }
+    .map_err(|e| e.to_string())
 }
 
 /// Exit statuses of VMMs a runtime spawned (and reaps), by instance id,
@@ -555,7 +548,7 @@ pub fn kvm_verdict() -> Option<Result<Duration, String>> {
 pub struct QemuRuntime {
     config: QemuConfig,
     base_initrd: Vec<u8>,
-    tap_script: PathBuf,
+    net: crate::net::InstanceNet,
     tsc_khz: Option<u64>,
     /// QEMU exit statuses of VMs this process spawned (and reaps), by
     /// instance id, with the pid they belong to.
@@ -577,13 +570,16 @@ impl QemuRuntime {
             "reading the guest initramfs {}",
             config.guest.initramfs.display()
         )))?;
-        let tap_script = config.scripts_dir.join("guest-tap.sh");
-        write_script(&tap_script, GUEST_TAP_SH)
-            .map_err(io_err(format!("writing {}", tap_script.display())))?;
+        let net = crate::net::InstanceNet::new(&config.scripts_dir)
+            .map_err(|e| RuntimeError::Unavailable {
+                driver: DRIVER,
+                reason: e.to_string(),
+            })?
+            .with_policy(config.net.clone());
         Ok(QemuRuntime {
             config,
             base_initrd,
-            tap_script,
+            net,
             tsc_khz: host_tsc_khz(),
             exits: Default::default(),
             on_exit,
@@ -698,8 +694,8 @@ impl QemuRuntime {
         instance_initrd(&self.base_initrd, spec)
     }
 
-    async fn tap(&self, args: &[&str]) -> Result<(), String> {
-        run_tap(&self.tap_script, args).await
+    async fn tap(&self, up: Option<std::net::Ipv6Addr>, tap: &str) -> Result<(), String> {
+        run_tap(&self.net, up, tap).await
     }
 
     async fn start_inner(
@@ -722,14 +718,7 @@ impl QemuRuntime {
         let initrd = self.initrd_memfd(spec)?;
         let args = self.command_line(spec, accel, tap, &format!("/proc/self/fd/{INITRD_FD}"));
 
-        self.tap(&[
-            "up",
-            tap,
-            &gateway_of(spec.ip).to_string(),
-            &INSTANCE_PREFIX_LEN.to_string(),
-        ])
-        .await
-        .map_err(failed)?;
+        self.tap(Some(spec.ip), tap).await.map_err(failed)?;
         let mut cmd = tokio::process::Command::new(&self.config.qemu);
         cmd.args(&args)
             .stdin(std::process::Stdio::null())
@@ -743,7 +732,7 @@ impl QemuRuntime {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let _ = self.tap(&["down", tap]).await;
+                let _ = self.tap(None, tap).await;
                 return Err(failed(format!(
                     "spawning {}: {e}",
                     self.config.qemu.display()
@@ -818,12 +807,10 @@ impl Runtime for QemuRuntime {
                 .get("tap")
                 .cloned()
                 .unwrap_or_else(|| InstanceNetNames::for_instance(&handle.instance_id).host_if);
-            self.tap(&["down", &tap])
-                .await
-                .map_err(|e| RuntimeError::Io {
-                    what: format!("removing tap {tap} of {}", handle.instance_id),
-                    source: std::io::Error::other(e),
-                })?;
+            self.tap(None, &tap).await.map_err(|e| RuntimeError::Io {
+                what: format!("removing tap {tap} of {}", handle.instance_id),
+                source: std::io::Error::other(e),
+            })?;
             Ok(())
         })
     }
@@ -865,12 +852,10 @@ impl Runtime for QemuRuntime {
                 }
             }
             let tap = InstanceNetNames::for_instance(instance_id).host_if;
-            self.tap(&["down", &tap])
-                .await
-                .map_err(|e| RuntimeError::Io {
-                    what: format!("removing tap {tap} of {instance_id}"),
-                    source: std::io::Error::other(e),
-                })
+            self.tap(None, &tap).await.map_err(|e| RuntimeError::Io {
+                what: format!("removing tap {tap} of {instance_id}"),
+                source: std::io::Error::other(e),
+            })
         })
     }
 }
