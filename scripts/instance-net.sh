@@ -8,7 +8,7 @@
 #   instance-net.sh up   NETNS HOSTIF GATEWAY6 ADDRESS6 PREFIXLEN6 GATEWAY4 ADDRESS4
 #   instance-net.sh down NETNS HOSTIF
 #   instance-net.sh firewall
-#   instance-net.sh tap-up TAP GATEWAY6 PREFIXLEN6 GATEWAY4
+#   instance-net.sh tap-up TAP GATEWAY6 PREFIXLEN6 GATEWAY4 [OWNER-UID]
 #   instance-net.sh tap-down TAP
 #
 # The node's nftables table (inet $ZW_NFT_TABLE: one per node, so followers
@@ -187,11 +187,11 @@ down() {
 # virtio-net to, under the same rules. Replaces a leftover tap of the same
 # name (it can only belong to a dead VM of the same instance).
 tap_up() {
-    local tap=$1 gw=$2 plen=$3 gw4=$4
+    local tap=$1 gw=$2 plen=$3 gw4=$4 owner=${5:-}
     enlist "$tap" || return 1
     hip link del "$tap" 2>/dev/null || true
     if ! {
-        hip tuntap add dev "$tap" mode tap &&
+        hip tuntap add dev "$tap" mode tap ${owner:+user "$owner"} &&
             hip -6 addr add "$gw/$plen" dev "$tap" nodad &&
             hip addr add "$gw4/31" dev "$tap" &&
             hip link set "$tap" up
@@ -214,7 +214,7 @@ up) [ $# -eq 7 ] || { echo "usage: $0 up NETNS HOSTIF GATEWAY6 ADDRESS6 PREFIXLE
     up "$@" ;;
 down) [ $# -eq 2 ] || { echo "usage: $0 down NETNS HOSTIF" >&2; exit 2; }
     down "$@" ;;
-tap-up) [ $# -eq 4 ] || { echo "usage: $0 tap-up TAP GATEWAY6 PREFIXLEN6 GATEWAY4" >&2; exit 2; }
+tap-up) [ $# -eq 4 ] || [ $# -eq 5 ] || { echo "usage: $0 tap-up TAP GATEWAY6 PREFIXLEN6 GATEWAY4 [OWNER-UID]" >&2; exit 2; }
     tap_up "$@" ;;
 tap-down) [ $# -eq 1 ] || { echo "usage: $0 tap-down TAP" >&2; exit 2; }
     tap_down "$@" ;;

@@ -96,10 +96,11 @@ impl InstanceRange {
         (a[..6] == p[..6] && a[7] == 2 && a[6] != 0).then_some(a[6])
     }
 
-    /// Lowest slot not in `used`.
+    /// Lowest slot not in `used`. The last slot is never given out: its
+    /// host id range (see `runtime::rootfs::IdMap`) is the builds'.
     pub fn free_slot(&self, used: impl IntoIterator<Item = u16>) -> Result<u16, NetError> {
         let used: std::collections::BTreeSet<u16> = used.into_iter().collect();
-        (1..=u16::MAX)
+        (1..u16::MAX)
             .find(|s| !used.contains(s))
             .ok_or(NetError::Exhausted)
     }
@@ -328,13 +329,22 @@ impl InstanceNet {
 
     /// The host side of a microVM's link: a tap holding the gateways of the
     /// instance at `addr`, under the same rules. Replaces a leftover tap.
-    pub async fn tap_up(&self, tap: &str, addr: Ipv6Addr) -> Result<(), NetError> {
+    /// `owner`: the uid the VMM runs as (it may then attach to the tap
+    /// without CAP_NET_ADMIN).
+    pub async fn tap_up(
+        &self,
+        tap: &str,
+        addr: Ipv6Addr,
+        owner: Option<u32>,
+    ) -> Result<(), NetError> {
+        let owner = owner.map(|o| o.to_string()).unwrap_or_default();
         self.run(&[
             "tap-up",
             tap,
             &gateway_of(addr).to_string(),
             &INSTANCE_PREFIX_LEN.to_string(),
             &ipv4_of(addr).0.to_string(),
+            &owner,
         ])
         .await
     }

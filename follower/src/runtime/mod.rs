@@ -165,6 +165,9 @@ pub enum RuntimeChoice {
 pub struct VmOptions {
     /// Kernel + initramfs for the qemu microvm driver.
     pub qemu_guest: Option<qemu::GuestImage>,
+    /// Why `auto` must not pick qemu here (set by whoever checked, e.g.
+    /// `zw up` after [`qemu::auto_guest`]: KVM does not work).
+    pub qemu_skip: Option<String>,
     /// An uncompressed kernel with virtio-mmio command-line devices, and the
     /// initramfs, for firecracker.
     pub firecracker_guest: Option<qemu::GuestImage>,
@@ -200,6 +203,9 @@ fn build_qemu(
     on_exit: &std::sync::Arc<tokio::sync::Notify>,
 ) -> Result<std::sync::Arc<dyn Runtime>, String> {
     qemu::probe()?;
+    if let Some(why) = &vm.qemu_skip {
+        return Err(why.clone());
+    }
     let guest = vm
         .qemu_guest
         .clone()

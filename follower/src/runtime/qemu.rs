@@ -53,6 +53,14 @@ use crate::net::{INSTANCE_PREFIX_LEN, InstanceNetNames, gateway_of, stable_hash,
 const DRIVER: &str = "qemu";
 const PREPARE_KERNEL_SH: &str = include_str!("../../../scripts/prepare-kernel.sh");
 const BUILD_INITRAMFS_SH: &str = include_str!("../../../scripts/build-initramfs.sh");
+const JAIL_SH: &str = include_str!("../../../scripts/qemu-jail.sh");
+const BUILD_GUEST_INIT_SH: &str = include_str!("../../../scripts/build-guest-init.sh");
+/// zw-init's source: the binary carries it, so a node can build its guest
+/// init (plain rustc) without the repository.
+const ZW_INIT_RS: &str = include_str!("../bin/zw-init.rs");
+/// QEMU's own seccomp filter, on top of the jail: no obsolete syscalls, no
+/// set*uid, no fork/exec, no scheduler or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// The QEMU binary looked up on PATH by default.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// How long a guest under `-accel kvm` may take to reach init before KVM is
@@ -213,6 +221,71 @@ pub async fn prepare_guest(cache_dir: &Path, zw_init: &Path) -> Result<GuestImag
     })
 }
 
+/// The guest from nothing but what this binary embeds: zw-init built from
+/// its embedded source (`scripts/build-guest-init.sh`, rustc), then
+/// [`prepare_guest`]. Everything is cached in `cache_dir`.
+pub async fn prepare_guest_embedded(cache_dir: &Path) -> Result<GuestImage, RuntimeError> {
+    let scripts = cache_dir.join("scripts");
+    let src = cache_dir.join("zw-init.rs");
+    let bin = cache_dir.join("zw-init");
+    let fresh = std::fs::read_to_string(&src).is_ok_and(|s| s == ZW_INIT_RS) && bin.is_file();
+    if !fresh {
+        std::fs::create_dir_all(cache_dir)
+            .map_err(io_err(format!("creating {}", cache_dir.display())))?;
+        std::fs::write(&src, ZW_INIT_RS).map_err(io_err(format!("writing {}", src.display())))?;
+        run_script(
+            &scripts,
+            "build-guest-init.sh",
+            BUILD_GUEST_INIT_SH,
+            &[&src.clone().into_os_string(), &bin.clone().into_os_string()],
+        )
+        .await?;
+    }
+    prepare_guest(cache_dir, &bin).await
+}
+
+/// For `auto`: can a real microVM run here? Cheap checks first (QEMU with
+/// the microvm machine, root, `/dev/kvm`), then the guest is prepared
+/// ([`prepare_guest_embedded`]) and booted once under KVM
+/// ([`kvm_boot_check`]). `Ok` with the guest when KVM works; else why not.
+/// A negative boot check is remembered in `cache_dir/kvm-verdict` for this
+/// host kernel, so later starts do not wait for it again.
+pub async fn auto_guest(cache_dir: &Path) -> Result<GuestImage, String> {
+    probe()?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("no usable /dev/kvm ({e}); a VM would be emulated (TCG)"))?;
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let verdict_file = cache_dir.join("kvm-verdict");
+    if let Some(why) = std::fs::read_to_string(&verdict_file)
+        .ok()
+        .and_then(|v| v.strip_prefix(&format!("{release}\n")).map(String::from))
+    {
+        return Err(format!("{why} (checked earlier on this kernel)"));
+    }
+    let guest = prepare_guest_embedded(cache_dir)
+        .await
+        .map_err(|e| format!("cannot prepare a guest: {e}"))?;
+    match kvm_boot_check(Path::new(QEMU_BINARY), &guest).await {
+        Ok(t) => {
+            tracing::info!(
+                boot_ms = t.as_millis() as u64,
+                "KVM works: a guest reached init"
+            );
+            Ok(guest)
+        }
+        Err(why) => {
+            let why = format!("KVM does not work here ({why}); a VM would be emulated (TCG)");
+            let _ = std::fs::write(&verdict_file, format!("{release}\n{why}"));
+            Err(why)
+        }
+    }
+}
+
 /// Cheap, cached: is QEMU with the microvm machine here, and are we root
 /// (tap devices)? Says nothing about KVM: TCG is always possible.
 pub fn probe() -> Result<(), String> {
@@ -324,16 +397,23 @@ fn host_tsc_khz() -> Option<u64> {
 /// Longest unix socket path (sun_path holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// The directory QEMU writes in (console socket, pidfile, the snapshot
+/// overlay): `work_dir/vm`, owned by the VMM's unprivileged uid.
+pub fn vm_dir(work_dir: &Path) -> PathBuf {
+    work_dir.join("vm")
+}
+
 /// The console's socket (for stop requests), when its path fits.
 fn console_socket(work_dir: &Path) -> Option<PathBuf> {
-    let sock = work_dir.join("console.sock");
+    let sock = vm_dir(work_dir).join("console.sock");
     (sock.as_os_str().len() <= MAX_SOCKET_PATH).then_some(sock)
 }
 
 /// The serial console: written to the log either way; a unix socket the
-/// follower can send `zw-stop` through when the path allows one.
-fn console_chardev(work_dir: &Path, log: &Path) -> String {
-    match console_socket(work_dir) {
+/// follower can send `zw-stop` through when the path allows one. `run` is
+/// the VM directory as QEMU sees it, `host_run` as the host does.
+fn console_chardev(run: &Path, host_work: &Path, log: &Path) -> String {
+    match console_socket(host_work).map(|_| run.join("console.sock")) {
         Some(sock) => format!(
             "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
             opt_path(&sock),
@@ -527,7 +607,7 @@ pub(crate) async fn run_tap(
     tap: &str,
 ) -> Result<(), String> {
     match up {
-        Some(ip) => net.tap_up(tap, ip).await,
+        Some(ip) => net.tap_up(tap, ip, None).await,
         None => net.tap_down(tap).await,
     }
     .map_err(|e| e.to_string())
@@ -545,10 +625,34 @@ pub fn kvm_verdict() -> Option<Result<Duration, String>> {
     KVM_VERDICT.get().cloned()
 }
 
+/// Where QEMU finds its files.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    /// The console log.
+    pub log: PathBuf,
+    /// Console socket, pidfile, snapshot overlay.
+    pub run: PathBuf,
+}
+
+impl VmPaths {
+    /// The paths in the jail `scripts/qemu-jail.sh` makes.
+    pub fn jail() -> VmPaths {
+        VmPaths {
+            kernel: "/kernel".into(),
+            rootfs: "/rootfs.ext4".into(),
+            log: "/console.log".into(),
+            run: "/run-vm".into(),
+        }
+    }
+}
+
 pub struct QemuRuntime {
     config: QemuConfig,
     base_initrd: Vec<u8>,
     net: crate::net::InstanceNet,
+    jail_script: PathBuf,
     tsc_khz: Option<u64>,
     /// QEMU exit statuses of VMs this process spawned (and reaps), by
     /// instance id, with the pid they belong to.
@@ -576,10 +680,14 @@ impl QemuRuntime {
                 reason: e.to_string(),
             })?
             .with_policy(config.net.clone());
+        let jail_script = config.scripts_dir.join("qemu-jail.sh");
+        write_script(&jail_script, JAIL_SH)
+            .map_err(io_err(format!("writing {}", jail_script.display())))?;
         Ok(QemuRuntime {
             config,
             base_initrd,
             net,
+            jail_script,
             tsc_khz: host_tsc_khz(),
             exits: Default::default(),
             on_exit,
@@ -618,7 +726,8 @@ impl QemuRuntime {
     }
 
     /// The complete QEMU command line of an instance (without the binary),
-    /// the initrd read from `initrd`.
+    /// the initrd read from `initrd`, with the host's paths (QEMU run by
+    /// hand, as root).
     pub fn command_line(
         &self,
         spec: &InstanceSpec,
@@ -626,8 +735,27 @@ impl QemuRuntime {
         tap: &str,
         initrd: &str,
     ) -> Vec<OsString> {
-        let rootfs = spec.image_dir.join("rootfs.ext4");
-        let log = spec.work_dir.join("stdout.log");
+        let paths = VmPaths {
+            kernel: self.config.guest.kernel.clone(),
+            rootfs: spec.image_dir.join("rootfs.ext4"),
+            log: spec.work_dir.join("stdout.log"),
+            run: vm_dir(&spec.work_dir),
+        };
+        self.command_line_in(spec, accel, tap, initrd, &paths)
+    }
+
+    /// The command line with the paths as QEMU sees them (in its jail:
+    /// [`VmPaths::jail`]).
+    pub fn command_line_in(
+        &self,
+        spec: &InstanceSpec,
+        accel: Accel,
+        tap: &str,
+        initrd: &str,
+        paths: &VmPaths,
+    ) -> Vec<OsString> {
+        let rootfs = &paths.rootfs;
+        let log = &paths.log;
         let mut append = format!(
             "{BASE_CMDLINE} zw.ip={}/{INSTANCE_PREFIX_LEN} zw.gw={}",
             spec.ip,
@@ -659,14 +787,16 @@ impl QemuRuntime {
             "-no-reboot".into(),
             "-name".into(),
             format!("zw-{}", spec.instance_id.replace(',', "_")),
+            "-sandbox".into(),
+            SANDBOX.into(),
             "-pidfile".into(),
-            spec.work_dir.join("qemu.pid").display().to_string(),
+            paths.run.join("qemu.pid").display().to_string(),
             "-chardev".into(),
-            console_chardev(&spec.work_dir, &log),
+            console_chardev(&paths.run, &spec.work_dir, log),
             "-serial".into(),
             "chardev:console".into(),
             "-kernel".into(),
-            self.config.guest.kernel.display().to_string(),
+            paths.kernel.display().to_string(),
             "-initrd".into(),
             initrd.into(),
             "-append".into(),
@@ -674,7 +804,7 @@ impl QemuRuntime {
             "-drive".into(),
             format!(
                 "id=root,file={},format=raw,if=none,snapshot=on",
-                opt_path(&rootfs)
+                opt_path(rootfs)
             ),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
@@ -694,8 +824,12 @@ impl QemuRuntime {
         instance_initrd(&self.base_initrd, spec)
     }
 
-    async fn tap(&self, up: Option<std::net::Ipv6Addr>, tap: &str) -> Result<(), String> {
-        run_tap(&self.net, up, tap).await
+    async fn tap(&self, up: Option<(std::net::Ipv6Addr, u32)>, tap: &str) -> Result<(), String> {
+        match up {
+            Some((ip, owner)) => self.net.tap_up(tap, ip, Some(owner)).await,
+            None => self.net.tap_down(tap).await,
+        }
+        .map_err(|e| e.to_string())
     }
 
     async fn start_inner(
@@ -716,11 +850,37 @@ impl QemuRuntime {
             .map_err(io_err(format!("opening {}", qemu_log_path.display())))?;
         let accel = self.accelerator().await;
         let initrd = self.initrd_memfd(spec)?;
-        let args = self.command_line(spec, accel, tap, &format!("/proc/self/fd/{INITRD_FD}"));
+        let args = self.command_line_in(spec, accel, tap, "/initrd", &VmPaths::jail());
+        // QEMU runs as an unprivileged uid of the instance's own range; it
+        // writes only its console log and its VM directory.
+        let uid = super::rootfs::IdMap::for_slot(spec.ip.segments()[6]).host_base;
+        let owner = Some(nix::unistd::Uid::from_raw(uid));
+        let group = Some(nix::unistd::Gid::from_raw(uid));
+        let vm = vm_dir(&spec.work_dir);
+        std::fs::create_dir_all(&vm).map_err(io_err(format!("creating {}", vm.display())))?;
+        for p in [vm.clone(), spec.work_dir.join("stdout.log")] {
+            if !p.exists() {
+                std::fs::File::create(&p).map_err(io_err(format!("creating {}", p.display())))?;
+            }
+            nix::unistd::chown(&p, owner, group).map_err(|e| RuntimeError::Io {
+                what: format!("chown {}", p.display()),
+                source: e.into(),
+            })?;
+        }
 
-        self.tap(Some(spec.ip), tap).await.map_err(failed)?;
-        let mut cmd = tokio::process::Command::new(&self.config.qemu);
-        cmd.args(&args)
+        self.tap(Some((spec.ip, uid)), tap).await.map_err(failed)?;
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(&self.jail_script)
+            .arg(uid.to_string())
+            .arg(&spec.work_dir)
+            .arg(&self.config.guest.kernel)
+            .arg(spec.image_dir.join("rootfs.ext4"))
+            .arg(if accel == Accel::Kvm { "1" } else { "0" })
+            .arg(&self.config.qemu)
+            .args(&args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("TMPDIR", "/run-vm")
             .stdin(std::process::Stdio::null())
             .stdout(qemu_log.try_clone().map_err(io_err("dup qemu.log"))?);
         cmd.stderr(qemu_log);
@@ -835,12 +995,13 @@ impl Runtime for QemuRuntime {
         Box::pin(async move {
             // A QEMU whose start was never recorded: found by its pidfile,
             // and only if its command line names this instance's work dir.
-            let pid = std::fs::read_to_string(work_dir.join("qemu.pid"))
+            let pid = std::fs::read_to_string(vm_dir(work_dir).join("qemu.pid"))
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok());
             if let Some(pid) = pid {
+                let name = format!("\0zw-{}\0", instance_id.replace(',', "_"));
                 let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(&work_dir.display().to_string()))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&name))
                     .unwrap_or(false);
                 if let (true, Some((_, ticks))) = (ours, proc_stat(pid)) {
                     tracing::warn!(
