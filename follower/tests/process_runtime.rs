@@ -692,6 +692,7 @@ try raw-socket $b ping -c 1 -W 1 127.0.0.1
 echo x > /dev/null && echo "dev-null works"
 echo "written by the image root" > /owned && echo "wrote /owned"
 echo "caps $($b grep CapEff /proc/self/status)"
+$b sed 's/^/resolv: /' /etc/resolv.conf
 echo checks-done
 exec $b httpd -f -p 8080 -h /www"#;
     let mut s = spec(
@@ -733,6 +734,16 @@ exec $b httpd -f -p 8080 -h /www"#;
     assert_eq!((owned.uid(), owned.gid()), (map.host_base, map.host_base));
     assert!(log.contains("wrote /owned"), "{log}");
     assert!(log.contains("dev-null works"), "{log}");
+    // The node's resolvers it can reach, and none on loopback.
+    if let Some(expected) = std::fs::read_to_string("/etc/resolv.conf")
+        .ok()
+        .and_then(|h| follower::runtime::oci::instance_resolv_conf(&h))
+    {
+        for line in expected.lines() {
+            assert!(log.contains(&format!("resolv: {line}")), "{log}");
+        }
+    }
+    assert!(!log.contains("resolv: nameserver 127."), "{log}");
     // Everything that needs host root, or reaches past the sandbox, fails.
     assert!(!log.contains("ATTACK"), "{log}");
     for what in [

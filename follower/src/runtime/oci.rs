@@ -132,6 +132,8 @@ pub struct ContainerSpec<'a> {
     pub cgroups_path: &'a str,
     pub idmap: IdMap,
     pub limits: Limits,
+    /// A `resolv.conf` to bind (read-only) over the image's, if any.
+    pub resolv_conf: Option<&'a Path>,
 }
 
 /// The complete OCI runtime config of an instance.
@@ -141,6 +143,24 @@ pub fn config(c: &ContainerSpec<'_>, seccomp: &Value) -> Value {
     let env: Vec<String> = c.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let map = json!([{"containerID": 0, "hostID": c.idmap.host_base, "size": c.idmap.size}]);
     let memory = u64::from(c.limits.memory_mb) << 20;
+    let mut mounts = json!([
+        {"destination": "/proc", "type": "proc", "source": "proc",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "noexec", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+    ]);
+    if let (Some(resolv), Some(list)) = (c.resolv_conf, mounts.as_array_mut()) {
+        list.push(
+            json!({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
+                         "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}),
+        );
+    }
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -158,18 +178,7 @@ pub fn config(c: &ContainerSpec<'_>, seccomp: &Value) -> Value {
         },
         "root": {"path": c.root, "readonly": false},
         "hostname": c.hostname,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "nodev", "noexec", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
-        ],
+        "mounts": mounts,
         "linux": {
             "uidMappings": map,
             "gidMappings": map,
@@ -197,6 +206,33 @@ pub fn config(c: &ContainerSpec<'_>, seccomp: &Value) -> Value {
             ],
         },
     })
+}
+
+/// The host's resolvers an instance can use: those of `/etc/resolv.conf`
+/// that are not loopback (a resolver on the node itself is out of an
+/// instance's reach), as a `resolv.conf`; `None` when there are none.
+pub fn instance_resolv_conf(host: &str) -> Option<String> {
+    let servers: Vec<&str> = host
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .map(str::trim)
+        .filter(|s| {
+            s.parse::<std::net::IpAddr>()
+                .is_ok_and(|a| !a.is_loopback() && !a.is_unspecified())
+        })
+        .collect();
+    if servers.is_empty() {
+        return None;
+    }
+    let mut out: String = servers
+        .iter()
+        .map(|s| format!("nameserver {s}\n"))
+        .collect();
+    if let Some(search) = host.lines().find(|l| l.starts_with("search ")) {
+        out.push_str(search);
+        out.push('\n');
+    }
+    Some(out)
 }
 
 /// Reads the distribution's profile and converts it (see [`convert`]).
@@ -425,6 +461,17 @@ mod tests {
         let v = load_seccomp(path).unwrap();
         assert!(rules_for(&v, "read")[0]["action"] == "SCMP_ACT_ALLOW");
         assert!(rules_for(&v, "mount")[0]["action"] == "SCMP_ACT_ERRNO");
+    }
+
+    #[test]
+    fn resolvers_on_the_node_itself_are_dropped() {
+        assert_eq!(
+            instance_resolv_conf(
+                "# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nsearch example.org\n"
+            ),
+            Some("nameserver 10.0.0.2\nsearch example.org\n".into())
+        );
+        assert_eq!(instance_resolv_conf("nameserver 127.0.0.53\n"), None);
     }
 
     #[test]

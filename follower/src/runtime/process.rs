@@ -308,6 +308,12 @@ impl ProcessRuntime {
             .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
             .take(63)
             .collect();
+        // The bundle's resolv.conf: the node's resolvers the instance can
+        // reach (not one on loopback), over the image's.
+        let resolv = std::fs::read_to_string("/etc/resolv.conf")
+            .ok()
+            .and_then(|h| oci::instance_resolv_conf(&h));
+        let resolv_path = self.bundle_dir(&container).join("resolv.conf");
         let config = oci::config(
             &oci::ContainerSpec {
                 args: &spec.argv,
@@ -329,6 +335,7 @@ impl ProcessRuntime {
                 cgroups_path: &cgroups_path,
                 idmap,
                 limits: oci::Limits::new(spec.memory_mb, spec.vcpus),
+                resolv_conf: resolv.as_ref().map(|_| resolv_path.as_path()),
             },
             &self.seccomp,
         );
@@ -336,6 +343,10 @@ impl ProcessRuntime {
         let bundle = self
             .write_bundle(&container, &config)
             .map_err(io(format!("writing the bundle of {container}")))?;
+        if let Some(text) = &resolv {
+            std::fs::write(&resolv_path, text)
+                .map_err(io(format!("writing {}", resolv_path.display())))?;
+        }
         drop(config);
 
         let mut cmd = tokio::process::Command::new("bash");

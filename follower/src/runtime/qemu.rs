@@ -27,10 +27,18 @@
 //! KVM only if that line arrives within [`KVM_PROBE_TIMEOUT`]. The verdict
 //! is cached for the life of the process.
 //!
-//! Stop: the console is also a unix socket (`work_dir/console.sock`, the
-//! log being its logfile); `stop` writes `zw-stop` to it, zw-init sends
+//! Stop: the console is also a unix socket (`work_dir/vm/console.sock`,
+//! the log being its logfile); `stop` writes `zw-stop` to it, zw-init sends
 //! SIGTERM to the app, reaps it and powers off. After [`APP_STOP_GRACE`]
 //! the VMM is killed (SIGTERM, then SIGKILL).
+//!
+//! Jail: QEMU starts through `scripts/qemu-jail.sh`, like Firecracker's
+//! jailer: a private mount namespace whose root is a tmpfs with only what
+//! it needs ([`VmPaths::jail`]), chrooted, as an unprivileged uid of the
+//! instance's id range with no capabilities and no_new_privs, and with its
+//! own seccomp filter ([`SANDBOX`]). It may write only its console log and
+//! `work_dir/vm`; every exec of the chain keeps the pid, so the child the
+//! follower spawns is QEMU itself.
 //!
 //! QEMU runs in its own session, so it outlives a follower killed with
 //! `kill -9`; the handle's pid + start time find it again.
