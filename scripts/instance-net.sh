@@ -140,8 +140,11 @@ enlist() {
 delist() {
     lock
     hnft delete element inet "$TABLE" ifaces "{ $1 }" 2>/dev/null || true
-    if hnft list set inet "$TABLE" ifaces >/dev/null 2>&1 &&
-        ! hnft list set inet "$TABLE" ifaces | grep -q 'elements ='; then
+    # Deleted only on a listing that worked and shows no element (a dump
+    # interrupted by a concurrent change fails, and then nothing is done).
+    local set
+    if set=$(hnft list set inet "$TABLE" ifaces 2>/dev/null) &&
+        [[ $set == *"type ifname"* ]] && [[ $set != *"elements ="* ]]; then
         hnft delete table inet "$TABLE" 2>/dev/null || true
     fi
     unlock

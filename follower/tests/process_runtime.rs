@@ -138,14 +138,26 @@ async fn instances_are_isolated_from_each_other_but_reachable_from_the_node() {
     // New connections into instances are dropped on the host, and
     // instances reach nothing on the node itself.
     let table = follower::net::NetPolicy::default().table;
-    let nft = std::process::Command::new("nft")
-        .args(["list", "table", "inet", &table])
-        .output()
-        .unwrap();
+    // A listing may be interrupted by another test's rule change: retried.
+    let mut out = None;
+    for _ in 0..5 {
+        let o = std::process::Command::new("nft")
+            .args(["list", "table", "inet", &table])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            out = Some(o);
+            break;
+        }
+        out = Some(o);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let nft = out.unwrap();
+    let err = String::from_utf8_lossy(&nft.stderr).into_owned();
     let nft = String::from_utf8_lossy(&nft.stdout);
     assert!(
         nft.contains("oifname @ifaces drop") && nft.contains("iifname @ifaces drop"),
-        "{nft}"
+        "{nft}{err}"
     );
 
     // The app runs as the image's user (mapped onto the instance's host id

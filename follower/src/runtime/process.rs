@@ -285,15 +285,14 @@ impl ProcessRuntime {
             .try_clone()
             .map_err(io("duplicating the log fd".into()))?;
 
-        self.net
-            .up(names, spec.ip)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-
+        // The network and the root filesystem are independent: made at once.
         let idmap = IdMap::for_slot(slot_of(spec.ip));
-        let root = rootfs::mount(work, &image, idmap, UPPER_MB)
-            .await
-            .map_err(|e| failed(error_chain(&e)))?;
+        let (net, root) = tokio::join!(
+            self.net.up(names, spec.ip),
+            rootfs::mount(work, &image, idmap, UPPER_MB)
+        );
+        net.map_err(|e| failed(e.to_string()))?;
+        let root = root.map_err(|e| failed(error_chain(&e)))?;
         let (uid, gid) =
             rootfs::resolve_user(&root, &spec.user).map_err(|e| failed(error_chain(&e)))?;
         let mut env = spec.env_vars.clone();
