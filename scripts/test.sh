@@ -18,6 +18,8 @@ want git git
 want /usr/lib/postgresql/15/bin/initdb postgresql
 want qemu-system-x86_64 qemu-system-x86
 want buildah buildah
+want runc runc
+want /usr/share/containers/seccomp.json golang-github-containers-common
 want mkfs.ext4 e2fsprogs
 want debugfs e2fsprogs
 want /bin/busybox busybox-static

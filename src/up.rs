@@ -46,8 +46,10 @@ pub struct UpArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub runtime: RuntimeChoice,
     /// Kernel and initramfs of qemu guests (`scripts/prepare-kernel.sh` and
-    /// `scripts/build-initramfs.sh` make them); without them `auto` cannot
-    /// pick qemu.
+    /// `scripts/build-initramfs.sh` make them). Without them `auto` checks
+    /// whether KVM works here and, if it does, prepares the guest itself
+    /// (into <data-dir>/guest); else it runs instances in the sandboxed
+    /// `process` runtime, and says why.
     #[arg(long, requires = "qemu_initramfs")]
     pub qemu_kernel: Option<PathBuf>,
     #[arg(long, requires = "qemu_kernel")]
@@ -156,6 +158,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
             kernel: kernel.clone(),
             initramfs: initramfs.clone(),
         });
+    } else if args.runtime == RuntimeChoice::Auto {
+        // A real microVM wherever one can run: only with a working KVM
+        // (under TCG every instruction is emulated).
+        match follower::runtime::qemu::auto_guest(&data.join("guest")).await {
+            Ok(guest) => fcfg.vm.qemu_guest = Some(guest),
+            Err(why) => fcfg.vm.qemu_skip = Some(why),
+        }
     }
     fcfg.images = Some(Arc::new(follower::image::LocalDirImageSource {
         root: store.clone(),

@@ -257,12 +257,17 @@ impl Follower {
         let notify = Arc::new(Notify::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let (runtime, runtime_reason) = runtime::choose(
-            cfg.runtime,
-            &data.join("scripts"),
-            &cfg.vm,
-            activate.clone(),
-        )?;
+        // Instances get the node's own nftables table and egress unless the
+        // caller chose a policy, and never reach the captain.
+        let mut vm = cfg.vm.clone();
+        if vm.net == net::NetPolicy::default() {
+            vm.net = net::NetPolicy::for_node(&node_id);
+        }
+        if let Some(url) = &cfg.captain_url {
+            vm.net = vm.net.block(net::url_addresses(url));
+        }
+        let (runtime, runtime_reason) =
+            runtime::choose(cfg.runtime, &data.join("scripts"), &vm, activate.clone())?;
         tracing::info!(node = %node_id, runtime = runtime.name(), "{runtime_reason}");
 
         let follower = MetaFollower::open(

@@ -60,6 +60,9 @@ impl Drop for VmGuard {
             );
         }
         let _ = Command::new("ip").args(["link", "del", &self.tap]).output();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &test_table()])
+            .output();
     }
 }
 
@@ -115,6 +118,80 @@ fn build_rootfs(dir: &Path) -> PathBuf {
         .arg(image.join("rootfs.ext4"))
         .arg("32M"));
     image
+}
+
+/// Issue 14 item 6: the VMM is jailed. It runs as an unprivileged uid with
+/// no capabilities, no_new_privs and QEMU's seccomp filter, and its root is
+/// a jail holding only what it needs: none of the host's files (its
+/// /etc/shadow, /root, /home, the follower's data) is there to read.
+fn assert_jailed(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim()
+            .to_string()
+    };
+    let uids: Vec<u32> = field("Uid:")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(uids.iter().all(|&u| u >= 65536), "QEMU runs as {uids:?}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    assert_eq!(field("CapBnd:"), "0000000000000000", "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2", "QEMU's -sandbox filter is not on");
+    assert_eq!(field("Groups:"), "");
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut entries: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    let allowed = [
+        "bin",
+        "console.log",
+        "dev",
+        "etc",
+        "initrd",
+        "kernel",
+        "lib",
+        "lib64",
+        "rootfs.ext4",
+        "run-vm",
+        "sbin",
+        "usr",
+    ];
+    assert!(
+        entries.iter().all(|e| allowed.contains(&e.as_str())),
+        "the jail holds {entries:?}"
+    );
+    for host_file in [
+        "etc/shadow",
+        "etc/passwd",
+        "root",
+        "home",
+        "var",
+        "tmp",
+        "proc",
+    ] {
+        assert!(
+            !root.join(host_file).exists(),
+            "{host_file} is visible to QEMU"
+        );
+    }
+    let etc: Vec<_> = std::fs::read_dir(root.join("etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(etc, vec![std::ffi::OsString::from("ld.so.cache")]);
+}
+
+/// The nftables table of this test's node (removed by the guards).
+fn test_table() -> String {
+    format!("zeitwork_qemu{}", std::process::id())
 }
 
 fn spec(id: &str, image: &Path, ip: Ipv6Addr, work: PathBuf) -> InstanceSpec {
@@ -177,6 +254,10 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
             accel: accel_choice,
             qemu: qemu::QEMU_BINARY.into(),
             scripts_dir: tmp.path().join("scripts"),
+            net: follower::net::NetPolicy {
+                table: test_table(),
+                ..Default::default()
+            },
         },
         Arc::new(tokio::sync::Notify::new()),
     )
@@ -223,6 +304,7 @@ async fn qemu_microvm_boots_busybox_httpd_and_answers_health_checks() {
         handle.extra.get("accel").map(String::as_str),
         Some(accel.as_str())
     );
+    assert_jailed(handle.pid);
 
     // The app exits -> zw-init reaps it and powers off -> QEMU exits; the
     // app's status (SIGTERM: 128 + 15) is in the log and in liveness.
@@ -352,7 +434,7 @@ async fn boot_by_hand(
 ) -> Duration {
     let ref_id = format!("qemu-ref{n}-{}", std::process::id());
     let spec = spec(&ref_id, image, ip, tmp.join(format!("reference{n}")));
-    std::fs::create_dir_all(&spec.work_dir).unwrap();
+    std::fs::create_dir_all(qemu::vm_dir(&spec.work_dir)).unwrap();
     let initrd = spec.work_dir.join("initrd");
     {
         use std::io::{Read, Seek};

@@ -320,19 +320,39 @@ pub fn setup_app(up: &Up) {
     );
 }
 
-/// Instances running from this data dir: distinct chroot roots of live
-/// processes under it.
+/// Instances running from this data dir: the work dirs of its instances
+/// whose app process is alive.
 pub fn running_instances(data: &Path) -> BTreeSet<PathBuf> {
+    // An instance of the `process` runtime is running while the pid runc
+    // wrote in its work dir is alive in the instance's own cgroup.
     let data = data.canonicalize().unwrap();
-    let mut roots = BTreeSet::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(root) = std::fs::read_link(e.path().join("root"))
-            && root.starts_with(&data)
-        {
-            roots.insert(root);
+    let mut running = BTreeSet::new();
+    let dirs = std::fs::read_dir(data.join("follower/instances"))
+        .into_iter()
+        .flatten();
+    for work in dirs.flatten().map(|e| e.path()) {
+        let Some(id) = work.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        let Some(pid) = std::fs::read_to_string(work.join("app.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let container = follower::runtime::process::container_id(&id);
+        let in_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|c| c.lines().any(|l| l.ends_with(&format!("/{container}"))));
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        });
+        if in_cgroup && alive {
+            running.insert(work);
         }
     }
-    roots
+    running
 }
 
 pub fn deployment_status(up: &Up, id: &str) -> String {

@@ -27,11 +27,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::qemu::{
-    BASE_CMDLINE, Exits, GUEST_TAP_SH, INITRD_FD, handle_exit_code, instance_initrd, io_err,
-    kill_vmm, mac_of, prepare_vm_start, run_tap, vmm_pre_exec,
+    BASE_CMDLINE, Exits, INITRD_FD, handle_exit_code, instance_initrd, io_err, kill_vmm, mac_of,
+    prepare_vm_start, run_tap, vmm_pre_exec,
 };
 use super::{InstanceSpec, Liveness, Runtime, RuntimeError, RuntimeHandle, pid_is, proc_stat};
-use crate::net::{INSTANCE_PREFIX_LEN, InstanceNetNames, gateway_of, write_script};
+use crate::net::{INSTANCE_PREFIX_LEN, InstanceNetNames, gateway_of};
 
 const DRIVER: &str = "firecracker";
 /// The binary looked up on PATH by default.
@@ -49,6 +49,8 @@ pub struct FirecrackerConfig {
     pub initramfs: PathBuf,
     /// Where the embedded scripts are written.
     pub scripts_dir: PathBuf,
+    /// What instances may reach (their taps join the node's rules).
+    pub net: crate::net::NetPolicy,
 }
 
 /// Cheap, cached: root, a runnable `firecracker`, and a `/dev/kvm` that
@@ -147,7 +149,7 @@ fn response_complete(r: &[u8]) -> bool {
 pub struct FirecrackerRuntime {
     config: FirecrackerConfig,
     base_initrd: Vec<u8>,
-    tap_script: PathBuf,
+    net: crate::net::InstanceNet,
     exits: Exits,
     on_exit: Arc<Notify>,
 }
@@ -168,13 +170,16 @@ impl FirecrackerRuntime {
             "reading the guest initramfs {}",
             config.initramfs.display()
         )))?;
-        let tap_script = config.scripts_dir.join("guest-tap.sh");
-        write_script(&tap_script, GUEST_TAP_SH)
-            .map_err(io_err(format!("writing {}", tap_script.display())))?;
+        let net = crate::net::InstanceNet::new(&config.scripts_dir)
+            .map_err(|e| RuntimeError::Unavailable {
+                driver: DRIVER,
+                reason: e.to_string(),
+            })?
+            .with_policy(config.net.clone());
         Ok(FirecrackerRuntime {
             config,
             base_initrd,
-            tap_script,
+            net,
             exits: Default::default(),
             on_exit,
         })
@@ -253,17 +258,9 @@ impl FirecrackerRuntime {
         let vmm_log = open_append(&spec.work_dir.join("firecracker.log"))?;
         let initrd = instance_initrd(&self.base_initrd, spec)?;
 
-        run_tap(
-            &self.tap_script,
-            &[
-                "up",
-                tap,
-                &gateway_of(spec.ip).to_string(),
-                &INSTANCE_PREFIX_LEN.to_string(),
-            ],
-        )
-        .await
-        .map_err(failed)?;
+        run_tap(&self.net, Some(spec.ip), tap)
+            .await
+            .map_err(failed)?;
         let mut cmd = tokio::process::Command::new(&self.config.binary);
         cmd.arg("--api-sock")
             .arg(&sock)
@@ -286,7 +283,7 @@ impl FirecrackerRuntime {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let _ = run_tap(&self.tap_script, &["down", tap]).await;
+                let _ = run_tap(&self.net, None, tap).await;
                 return Err(failed(format!(
                     "spawning {}: {e}",
                     self.config.binary.display()
@@ -295,7 +292,7 @@ impl FirecrackerRuntime {
         };
         drop(initrd);
         let Some(pid) = child.id() else {
-            let _ = run_tap(&self.tap_script, &["down", tap]).await;
+            let _ = run_tap(&self.net, None, tap).await;
             return Err(failed("firecracker exited at once".into()));
         };
         let pid_start_ticks = proc_stat(pid).map(|(_, t)| t).unwrap_or(0);
@@ -319,7 +316,7 @@ impl FirecrackerRuntime {
         if let Err(reason) = configured {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            let _ = run_tap(&self.tap_script, &["down", tap]).await;
+            let _ = run_tap(&self.net, None, tap).await;
             return Err(failed(reason));
         }
         {
@@ -378,7 +375,7 @@ impl Runtime for FirecrackerRuntime {
             }
             let tap = InstanceNetNames::for_instance(&handle.instance_id).host_if;
             let tap = handle.extra.get("tap").cloned().unwrap_or(tap);
-            run_tap(&self.tap_script, &["down", &tap])
+            run_tap(&self.net, None, &tap)
                 .await
                 .map_err(|e| RuntimeError::Io {
                     what: format!("removing tap {tap} of {}", handle.instance_id),
@@ -433,7 +430,7 @@ impl Runtime for FirecrackerRuntime {
                 }
             }
             let tap = InstanceNetNames::for_instance(instance_id).host_if;
-            run_tap(&self.tap_script, &["down", &tap])
+            run_tap(&self.net, None, &tap)
                 .await
                 .map_err(|e| RuntimeError::Io {
                     what: format!("removing tap {tap} of {instance_id}"),

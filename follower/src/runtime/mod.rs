@@ -15,8 +15,10 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub mod firecracker;
+pub mod oci;
 pub mod process;
 pub mod qemu;
+pub mod rootfs;
 
 /// Everything a driver needs to start one instance. Built by the reconciler
 /// from the desired state and the image fetched from the object store.
@@ -163,9 +165,14 @@ pub enum RuntimeChoice {
 pub struct VmOptions {
     /// Kernel + initramfs for the qemu microvm driver.
     pub qemu_guest: Option<qemu::GuestImage>,
+    /// Why `auto` must not pick qemu here (set by whoever checked, e.g.
+    /// `zw up` after [`qemu::auto_guest`]: KVM does not work).
+    pub qemu_skip: Option<String>,
     /// An uncompressed kernel with virtio-mmio command-line devices, and the
     /// initramfs, for firecracker.
     pub firecracker_guest: Option<qemu::GuestImage>,
+    /// What instances may reach, whichever driver runs them.
+    pub net: crate::net::NetPolicy,
 }
 
 fn build_firecracker(
@@ -183,6 +190,7 @@ fn build_firecracker(
         kernel: g.kernel.clone(),
         initramfs: g.initramfs.clone(),
         scripts_dir: scripts_dir.to_path_buf(),
+        net: vm.net.clone(),
     };
     let rt =
         firecracker::FirecrackerRuntime::new(cfg, on_exit.clone()).map_err(|e| e.to_string())?;
@@ -195,6 +203,9 @@ fn build_qemu(
     on_exit: &std::sync::Arc<tokio::sync::Notify>,
 ) -> Result<std::sync::Arc<dyn Runtime>, String> {
     qemu::probe()?;
+    if let Some(why) = &vm.qemu_skip {
+        return Err(why.clone());
+    }
     let guest = vm
         .qemu_guest
         .clone()
@@ -204,6 +215,7 @@ fn build_qemu(
         accel: qemu::AccelChoice::Auto,
         qemu: PathBuf::from("qemu-system-x86_64"),
         scripts_dir: scripts_dir.to_path_buf(),
+        net: vm.net.clone(),
     };
     let rt = qemu::QemuRuntime::new(cfg, on_exit.clone()).map_err(|e| e.to_string())?;
     Ok(std::sync::Arc::new(rt))
@@ -263,7 +275,7 @@ pub fn choose(
         RuntimeChoice::Process => "process: asked for with --runtime process".to_string(),
         _ => format!("auto chose process because {}", skipped.join("; ")),
     };
-    let rt = process::ProcessRuntime::new(scripts_dir, on_exit)?;
+    let rt = process::ProcessRuntime::with_net(scripts_dir, on_exit, vm.net.clone())?;
     tracing::warn!("{reason}");
     Ok((std::sync::Arc::new(rt), reason))
 }

@@ -14,7 +14,8 @@
 //! app exits the guest powers off and QEMU exits; the app's exit code is the
 //! `zw-init: powering off (exit code N)` line of that log.
 //!
-//! Network: a tap device per instance (`scripts/guest-tap.sh`), named like
+//! Network: a tap device per instance (`scripts/instance-net.sh tap-up`,
+//! under the node's rules like every instance link), named like
 //! the other drivers' host interfaces (`zwi` + hash), holding the gateway
 //! address of the instance's /112; zw-init gives `eth0` the instance's
 //! address (`zw.ip=`/`zw.gw=` on the kernel command line).
@@ -26,10 +27,18 @@
 //! KVM only if that line arrives within [`KVM_PROBE_TIMEOUT`]. The verdict
 //! is cached for the life of the process.
 //!
-//! Stop: the console is also a unix socket (`work_dir/console.sock`, the
-//! log being its logfile); `stop` writes `zw-stop` to it, zw-init sends
+//! Stop: the console is also a unix socket (`work_dir/vm/console.sock`,
+//! the log being its logfile); `stop` writes `zw-stop` to it, zw-init sends
 //! SIGTERM to the app, reaps it and powers off. After [`APP_STOP_GRACE`]
 //! the VMM is killed (SIGTERM, then SIGKILL).
+//!
+//! Jail: QEMU starts through `scripts/qemu-jail.sh`, like Firecracker's
+//! jailer: a private mount namespace whose root is a tmpfs with only what
+//! it needs ([`VmPaths::jail`]), chrooted, as an unprivileged uid of the
+//! instance's id range with no capabilities and no_new_privs, and with its
+//! own seccomp filter ([`SANDBOX`]). It may write only its console log and
+//! `work_dir/vm`; every exec of the chain keeps the pid, so the child the
+//! follower spawns is QEMU itself.
 //!
 //! QEMU runs in its own session, so it outlives a follower killed with
 //! `kill -9`; the handle's pid + start time find it again.
@@ -52,7 +61,14 @@ use crate::net::{INSTANCE_PREFIX_LEN, InstanceNetNames, gateway_of, stable_hash,
 const DRIVER: &str = "qemu";
 const PREPARE_KERNEL_SH: &str = include_str!("../../../scripts/prepare-kernel.sh");
 const BUILD_INITRAMFS_SH: &str = include_str!("../../../scripts/build-initramfs.sh");
-pub(crate) const GUEST_TAP_SH: &str = include_str!("../../../scripts/guest-tap.sh");
+const JAIL_SH: &str = include_str!("../../../scripts/qemu-jail.sh");
+const BUILD_GUEST_INIT_SH: &str = include_str!("../../../scripts/build-guest-init.sh");
+/// zw-init's source: the binary carries it, so a node can build its guest
+/// init (plain rustc) without the repository.
+const ZW_INIT_RS: &str = include_str!("../bin/zw-init.rs");
+/// QEMU's own seccomp filter, on top of the jail: no obsolete syscalls, no
+/// set*uid, no fork/exec, no scheduler or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// The QEMU binary looked up on PATH by default.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// How long a guest under `-accel kvm` may take to reach init before KVM is
@@ -113,6 +129,8 @@ pub struct QemuConfig {
     pub qemu: PathBuf,
     /// Where the embedded scripts are written.
     pub scripts_dir: PathBuf,
+    /// What instances may reach (their taps join the node's rules).
+    pub net: crate::net::NetPolicy,
 }
 
 /// Checks shared by the VM drivers before they start a VMM: the image has a
@@ -209,6 +227,71 @@ pub async fn prepare_guest(cache_dir: &Path, zw_init: &Path) -> Result<GuestImag
         kernel: kdir.join("vmlinuz"),
         initramfs,
     })
+}
+
+/// The guest from nothing but what this binary embeds: zw-init built from
+/// its embedded source (`scripts/build-guest-init.sh`, rustc), then
+/// [`prepare_guest`]. Everything is cached in `cache_dir`.
+pub async fn prepare_guest_embedded(cache_dir: &Path) -> Result<GuestImage, RuntimeError> {
+    let scripts = cache_dir.join("scripts");
+    let src = cache_dir.join("zw-init.rs");
+    let bin = cache_dir.join("zw-init");
+    let fresh = std::fs::read_to_string(&src).is_ok_and(|s| s == ZW_INIT_RS) && bin.is_file();
+    if !fresh {
+        std::fs::create_dir_all(cache_dir)
+            .map_err(io_err(format!("creating {}", cache_dir.display())))?;
+        std::fs::write(&src, ZW_INIT_RS).map_err(io_err(format!("writing {}", src.display())))?;
+        run_script(
+            &scripts,
+            "build-guest-init.sh",
+            BUILD_GUEST_INIT_SH,
+            &[&src.clone().into_os_string(), &bin.clone().into_os_string()],
+        )
+        .await?;
+    }
+    prepare_guest(cache_dir, &bin).await
+}
+
+/// For `auto`: can a real microVM run here? Cheap checks first (QEMU with
+/// the microvm machine, root, `/dev/kvm`), then the guest is prepared
+/// ([`prepare_guest_embedded`]) and booted once under KVM
+/// ([`kvm_boot_check`]). `Ok` with the guest when KVM works; else why not.
+/// A negative boot check is remembered in `cache_dir/kvm-verdict` for this
+/// host kernel, so later starts do not wait for it again.
+pub async fn auto_guest(cache_dir: &Path) -> Result<GuestImage, String> {
+    probe()?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("no usable /dev/kvm ({e}); a VM would be emulated (TCG)"))?;
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let verdict_file = cache_dir.join("kvm-verdict");
+    if let Some(why) = std::fs::read_to_string(&verdict_file)
+        .ok()
+        .and_then(|v| v.strip_prefix(&format!("{release}\n")).map(String::from))
+    {
+        return Err(format!("{why} (checked earlier on this kernel)"));
+    }
+    let guest = prepare_guest_embedded(cache_dir)
+        .await
+        .map_err(|e| format!("cannot prepare a guest: {e}"))?;
+    match kvm_boot_check(Path::new(QEMU_BINARY), &guest).await {
+        Ok(t) => {
+            tracing::info!(
+                boot_ms = t.as_millis() as u64,
+                "KVM works: a guest reached init"
+            );
+            Ok(guest)
+        }
+        Err(why) => {
+            let why = format!("KVM does not work here ({why}); a VM would be emulated (TCG)");
+            let _ = std::fs::write(&verdict_file, format!("{release}\n{why}"));
+            Err(why)
+        }
+    }
 }
 
 /// Cheap, cached: is QEMU with the microvm machine here, and are we root
@@ -322,16 +405,23 @@ fn host_tsc_khz() -> Option<u64> {
 /// Longest unix socket path (sun_path holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// The directory QEMU writes in (console socket, pidfile, the snapshot
+/// overlay): `work_dir/vm`, owned by the VMM's unprivileged uid.
+pub fn vm_dir(work_dir: &Path) -> PathBuf {
+    work_dir.join("vm")
+}
+
 /// The console's socket (for stop requests), when its path fits.
 fn console_socket(work_dir: &Path) -> Option<PathBuf> {
-    let sock = work_dir.join("console.sock");
+    let sock = vm_dir(work_dir).join("console.sock");
     (sock.as_os_str().len() <= MAX_SOCKET_PATH).then_some(sock)
 }
 
 /// The serial console: written to the log either way; a unix socket the
-/// follower can send `zw-stop` through when the path allows one.
-fn console_chardev(work_dir: &Path, log: &Path) -> String {
-    match console_socket(work_dir) {
+/// follower can send `zw-stop` through when the path allows one. `run` is
+/// the VM directory as QEMU sees it, `host_run` as the host does.
+fn console_chardev(run: &Path, host_work: &Path, log: &Path) -> String {
+    match console_socket(host_work).map(|_| run.join("console.sock")) {
         Some(sock) => format!(
             "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
             opt_path(&sock),
@@ -518,26 +608,17 @@ pub(crate) fn handle_exit_code(handle: &RuntimeHandle) -> Option<i32> {
     guest_exit_code(&handle.work_dir.join("stdout.log"), offset)
 }
 
-/// Runs `guest-tap.sh` (written at `script`) with `args`.
-pub(crate) async fn run_tap(script: &Path, args: &[&str]) -> Result<(), String> {
-    let out = tokio::process::Command::new("bash")
-        .arg(script)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("running guest-tap.sh: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "guest-tap.sh {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+/// Creates (`up` = the instance's address) or removes the tap of a VM.
+pub(crate) async fn run_tap(
+    net: &crate::net::InstanceNet,
+    up: Option<std::net::Ipv6Addr>,
+    tap: &str,
+) -> Result<(), String> {
+    match up {
+        Some(ip) => net.tap_up(tap, ip, None).await,
+        None => net.tap_down(tap).await,
     }
+    .map_err(|e| e.to_string())
 }
 
 /// Exit statuses of VMMs a runtime spawned (and reaps), by instance id,
@@ -552,10 +633,34 @@ pub fn kvm_verdict() -> Option<Result<Duration, String>> {
     KVM_VERDICT.get().cloned()
 }
 
+/// Where QEMU finds its files.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    /// The console log.
+    pub log: PathBuf,
+    /// Console socket, pidfile, snapshot overlay.
+    pub run: PathBuf,
+}
+
+impl VmPaths {
+    /// The paths in the jail `scripts/qemu-jail.sh` makes.
+    pub fn jail() -> VmPaths {
+        VmPaths {
+            kernel: "/kernel".into(),
+            rootfs: "/rootfs.ext4".into(),
+            log: "/console.log".into(),
+            run: "/run-vm".into(),
+        }
+    }
+}
+
 pub struct QemuRuntime {
     config: QemuConfig,
     base_initrd: Vec<u8>,
-    tap_script: PathBuf,
+    net: crate::net::InstanceNet,
+    jail_script: PathBuf,
     tsc_khz: Option<u64>,
     /// QEMU exit statuses of VMs this process spawned (and reaps), by
     /// instance id, with the pid they belong to.
@@ -577,13 +682,20 @@ impl QemuRuntime {
             "reading the guest initramfs {}",
             config.guest.initramfs.display()
         )))?;
-        let tap_script = config.scripts_dir.join("guest-tap.sh");
-        write_script(&tap_script, GUEST_TAP_SH)
-            .map_err(io_err(format!("writing {}", tap_script.display())))?;
+        let net = crate::net::InstanceNet::new(&config.scripts_dir)
+            .map_err(|e| RuntimeError::Unavailable {
+                driver: DRIVER,
+                reason: e.to_string(),
+            })?
+            .with_policy(config.net.clone());
+        let jail_script = config.scripts_dir.join("qemu-jail.sh");
+        write_script(&jail_script, JAIL_SH)
+            .map_err(io_err(format!("writing {}", jail_script.display())))?;
         Ok(QemuRuntime {
             config,
             base_initrd,
-            tap_script,
+            net,
+            jail_script,
             tsc_khz: host_tsc_khz(),
             exits: Default::default(),
             on_exit,
@@ -622,7 +734,8 @@ impl QemuRuntime {
     }
 
     /// The complete QEMU command line of an instance (without the binary),
-    /// the initrd read from `initrd`.
+    /// the initrd read from `initrd`, with the host's paths (QEMU run by
+    /// hand, as root).
     pub fn command_line(
         &self,
         spec: &InstanceSpec,
@@ -630,8 +743,27 @@ impl QemuRuntime {
         tap: &str,
         initrd: &str,
     ) -> Vec<OsString> {
-        let rootfs = spec.image_dir.join("rootfs.ext4");
-        let log = spec.work_dir.join("stdout.log");
+        let paths = VmPaths {
+            kernel: self.config.guest.kernel.clone(),
+            rootfs: spec.image_dir.join("rootfs.ext4"),
+            log: spec.work_dir.join("stdout.log"),
+            run: vm_dir(&spec.work_dir),
+        };
+        self.command_line_in(spec, accel, tap, initrd, &paths)
+    }
+
+    /// The command line with the paths as QEMU sees them (in its jail:
+    /// [`VmPaths::jail`]).
+    pub fn command_line_in(
+        &self,
+        spec: &InstanceSpec,
+        accel: Accel,
+        tap: &str,
+        initrd: &str,
+        paths: &VmPaths,
+    ) -> Vec<OsString> {
+        let rootfs = &paths.rootfs;
+        let log = &paths.log;
         let mut append = format!(
             "{BASE_CMDLINE} zw.ip={}/{INSTANCE_PREFIX_LEN} zw.gw={}",
             spec.ip,
@@ -663,14 +795,16 @@ impl QemuRuntime {
             "-no-reboot".into(),
             "-name".into(),
             format!("zw-{}", spec.instance_id.replace(',', "_")),
+            "-sandbox".into(),
+            SANDBOX.into(),
             "-pidfile".into(),
-            spec.work_dir.join("qemu.pid").display().to_string(),
+            paths.run.join("qemu.pid").display().to_string(),
             "-chardev".into(),
-            console_chardev(&spec.work_dir, &log),
+            console_chardev(&paths.run, &spec.work_dir, log),
             "-serial".into(),
             "chardev:console".into(),
             "-kernel".into(),
-            self.config.guest.kernel.display().to_string(),
+            paths.kernel.display().to_string(),
             "-initrd".into(),
             initrd.into(),
             "-append".into(),
@@ -678,7 +812,7 @@ impl QemuRuntime {
             "-drive".into(),
             format!(
                 "id=root,file={},format=raw,if=none,snapshot=on",
-                opt_path(&rootfs)
+                opt_path(rootfs)
             ),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
@@ -698,8 +832,12 @@ impl QemuRuntime {
         instance_initrd(&self.base_initrd, spec)
     }
 
-    async fn tap(&self, args: &[&str]) -> Result<(), String> {
-        run_tap(&self.tap_script, args).await
+    async fn tap(&self, up: Option<(std::net::Ipv6Addr, u32)>, tap: &str) -> Result<(), String> {
+        match up {
+            Some((ip, owner)) => self.net.tap_up(tap, ip, Some(owner)).await,
+            None => self.net.tap_down(tap).await,
+        }
+        .map_err(|e| e.to_string())
     }
 
     async fn start_inner(
@@ -720,18 +858,37 @@ impl QemuRuntime {
             .map_err(io_err(format!("opening {}", qemu_log_path.display())))?;
         let accel = self.accelerator().await;
         let initrd = self.initrd_memfd(spec)?;
-        let args = self.command_line(spec, accel, tap, &format!("/proc/self/fd/{INITRD_FD}"));
+        let args = self.command_line_in(spec, accel, tap, "/initrd", &VmPaths::jail());
+        // QEMU runs as an unprivileged uid of the instance's own range; it
+        // writes only its console log and its VM directory.
+        let uid = super::rootfs::IdMap::for_slot(spec.ip.segments()[6]).host_base;
+        let owner = Some(nix::unistd::Uid::from_raw(uid));
+        let group = Some(nix::unistd::Gid::from_raw(uid));
+        let vm = vm_dir(&spec.work_dir);
+        std::fs::create_dir_all(&vm).map_err(io_err(format!("creating {}", vm.display())))?;
+        for p in [vm.clone(), spec.work_dir.join("stdout.log")] {
+            if !p.exists() {
+                std::fs::File::create(&p).map_err(io_err(format!("creating {}", p.display())))?;
+            }
+            nix::unistd::chown(&p, owner, group).map_err(|e| RuntimeError::Io {
+                what: format!("chown {}", p.display()),
+                source: e.into(),
+            })?;
+        }
 
-        self.tap(&[
-            "up",
-            tap,
-            &gateway_of(spec.ip).to_string(),
-            &INSTANCE_PREFIX_LEN.to_string(),
-        ])
-        .await
-        .map_err(failed)?;
-        let mut cmd = tokio::process::Command::new(&self.config.qemu);
-        cmd.args(&args)
+        self.tap(Some((spec.ip, uid)), tap).await.map_err(failed)?;
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(&self.jail_script)
+            .arg(uid.to_string())
+            .arg(&spec.work_dir)
+            .arg(&self.config.guest.kernel)
+            .arg(spec.image_dir.join("rootfs.ext4"))
+            .arg(if accel == Accel::Kvm { "1" } else { "0" })
+            .arg(&self.config.qemu)
+            .args(&args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("TMPDIR", "/run-vm")
             .stdin(std::process::Stdio::null())
             .stdout(qemu_log.try_clone().map_err(io_err("dup qemu.log"))?);
         cmd.stderr(qemu_log);
@@ -743,7 +900,7 @@ impl QemuRuntime {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                let _ = self.tap(&["down", tap]).await;
+                let _ = self.tap(None, tap).await;
                 return Err(failed(format!(
                     "spawning {}: {e}",
                     self.config.qemu.display()
@@ -818,12 +975,10 @@ impl Runtime for QemuRuntime {
                 .get("tap")
                 .cloned()
                 .unwrap_or_else(|| InstanceNetNames::for_instance(&handle.instance_id).host_if);
-            self.tap(&["down", &tap])
-                .await
-                .map_err(|e| RuntimeError::Io {
-                    what: format!("removing tap {tap} of {}", handle.instance_id),
-                    source: std::io::Error::other(e),
-                })?;
+            self.tap(None, &tap).await.map_err(|e| RuntimeError::Io {
+                what: format!("removing tap {tap} of {}", handle.instance_id),
+                source: std::io::Error::other(e),
+            })?;
             Ok(())
         })
     }
@@ -848,12 +1003,13 @@ impl Runtime for QemuRuntime {
         Box::pin(async move {
             // A QEMU whose start was never recorded: found by its pidfile,
             // and only if its command line names this instance's work dir.
-            let pid = std::fs::read_to_string(work_dir.join("qemu.pid"))
+            let pid = std::fs::read_to_string(vm_dir(work_dir).join("qemu.pid"))
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok());
             if let Some(pid) = pid {
+                let name = format!("\0zw-{}\0", instance_id.replace(',', "_"));
                 let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(&work_dir.display().to_string()))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&name))
                     .unwrap_or(false);
                 if let (true, Some((_, ticks))) = (ours, proc_stat(pid)) {
                     tracing::warn!(
@@ -865,12 +1021,10 @@ impl Runtime for QemuRuntime {
                 }
             }
             let tap = InstanceNetNames::for_instance(instance_id).host_if;
-            self.tap(&["down", &tap])
-                .await
-                .map_err(|e| RuntimeError::Io {
-                    what: format!("removing tap {tap} of {instance_id}"),
-                    source: std::io::Error::other(e),
-                })
+            self.tap(None, &tap).await.map_err(|e| RuntimeError::Io {
+                what: format!("removing tap {tap} of {instance_id}"),
+                source: std::io::Error::other(e),
+            })
         })
     }
 }

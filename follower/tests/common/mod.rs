@@ -371,3 +371,60 @@ pub async fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Removes every trace of `process` runtime instances when a test ends,
+/// however it ends (a failed assertion included): the container, its
+/// cgroup and runc state, the host's mounts, the bundle and the network.
+/// Works from the names alone, without the runtime under test.
+#[derive(Default)]
+pub struct ProcessInstances(pub Vec<(String, PathBuf)>);
+
+impl ProcessInstances {
+    /// Registers an instance by id and work dir (before it is started).
+    pub fn add(&mut self, instance_id: &str, work_dir: &Path) {
+        self.0
+            .push((instance_id.to_string(), work_dir.to_path_buf()));
+    }
+}
+
+impl Drop for ProcessInstances {
+    fn drop(&mut self) {
+        let run = follower::runtime::process::run_dir().ok();
+        for (id, work) in &self.0 {
+            let container = follower::runtime::process::container_id(id);
+            if let Some(pid) = std::fs::read_to_string(work.join("app.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+                if cg.contains(&container) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            if let Some(run) = &run {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(run.join("runc"))
+                    .args(["delete", "--force", &container])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                let _ = std::fs::remove_dir_all(run.join("bundles").join(&container));
+            }
+            for m in ["root", "upper", "mapped", "lower"] {
+                let _ = nix::mount::umount2(&work.join(m), nix::mount::MntFlags::MNT_DETACH);
+            }
+            let n = follower::net::InstanceNetNames::for_instance(id);
+            let _ = Command::new("ip")
+                .args(["netns", "del", &n.netns])
+                .stderr(std::process::Stdio::null())
+                .status();
+            let _ = Command::new("ip")
+                .args(["link", "del", &n.host_if])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
