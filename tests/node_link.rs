@@ -80,7 +80,10 @@ async fn current_key(captain: &captain::Captain, data: &Path, node: &str) -> Opt
         .unwrap()
         .get(node)?
         .clone();
-    Some(captain::nodelink::issue_key(data, node, &reg).unwrap())
+    Some(
+        captain::nodelink::issue_key(&data.join(captain::nodelink::LINK_SECRET_FILE), node, &reg)
+            .unwrap(),
+    )
 }
 
 /// The key of `node`'s registration, once the captain issued it (the node

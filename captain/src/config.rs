@@ -9,6 +9,10 @@ use std::time::Duration;
 /// Default largest uploaded source (gzip'd tar), in bytes.
 pub const DEFAULT_MAX_SOURCE_BYTES: u64 = 1 << 30;
 
+/// The cluster key's file name under the data directory, unless
+/// [`Config::cluster_key_file`] names another.
+pub const LINK_SECRET_FILE: &str = "node-link.secret";
+
 /// Everything the captain is started with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -134,7 +138,7 @@ impl Config {
     pub fn cluster_key_path(&self) -> PathBuf {
         self.cluster_key_file
             .clone()
-            .unwrap_or_else(|| self.data_dir.join(crate::nodelink::LINK_SECRET_FILE))
+            .unwrap_or_else(|| self.data_dir.join(LINK_SECRET_FILE))
     }
 
     pub fn admin_token_path(&self) -> PathBuf {

@@ -34,7 +34,7 @@ use crate::db::{DbError, NodeRow};
 use crate::state::AppState;
 
 /// File of the link secret in the captain's data dir.
-pub const LINK_SECRET_FILE: &str = "node-link.secret";
+pub use crate::config::LINK_SECRET_FILE;
 /// Connecting to a node's API.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A whole call to a node's API.

@@ -27,7 +27,14 @@ fn node(id: &str, api_url: &str) -> Value {
 async fn current_key(env: &Env, node: &str) -> Option<String> {
     let st = env.captain.as_ref().unwrap().state();
     let reg = st.db.node_registrations().await.unwrap().get(node)?.clone();
-    Some(captain::nodelink::issue_key(&env.data_dir(), node, &reg).unwrap())
+    Some(
+        captain::nodelink::issue_key(
+            &env.data_dir().join(captain::nodelink::LINK_SECRET_FILE),
+            node,
+            &reg,
+        )
+        .unwrap(),
+    )
 }
 
 /// A loopback port nothing listens on.

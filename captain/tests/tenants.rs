@@ -111,6 +111,11 @@ fn cases() -> BTreeMap<(&'static str, &'static str), Case> {
         (("GET", "/v1/builds/{id}"), Refused(NOT_FOUND)),
         (("GET", "/v1/builds/{id}/logs"), Refused(NOT_FOUND)),
         (("GET", "/v1/routes/stream"), Refused(FORBIDDEN)),
+        (("POST", "/v1/cluster/join-tokens"), Refused(FORBIDDEN)),
+        (("POST", "/v1/cluster/join"), Refused(FORBIDDEN)),
+        (("POST", "/v1/cluster/renew"), Refused(FORBIDDEN)),
+        (("DELETE", "/v1/cluster/members/{id}"), Refused(FORBIDDEN)),
+        (("PUT", "/v1/nodes/{id}/drain"), Refused(FORBIDDEN)),
         (
             ("GET", "/meta.git/info/refs"),
             NotScoped(
@@ -306,7 +311,7 @@ fn fill(path: &str, w: &World) -> String {
         &w.a_app
     } else if path.starts_with("/v1/deployments/") {
         &w.a_deployment
-    } else if path.starts_with("/v1/nodes/") {
+    } else if path.starts_with("/v1/nodes/") || path.starts_with("/v1/cluster/members/") {
         &"n1".to_string()
     } else if path.starts_with("/v1/instances/") {
         &w.a_instance
@@ -339,6 +344,10 @@ fn body(method: &str, path: &str, w: &World) -> Option<Value> {
             json!({"id": "evil", "address": "10.0.0.9", "cpus": 1, "memory_bytes": 1, "disk_bytes": 1})
         }
         "/v1/nodes/{id}/state" => json!({"state": "offline"}),
+        "/v1/nodes/{id}/drain" => json!({"drain": true}),
+        "/v1/cluster/join-tokens" => json!({"role": "worker"}),
+        "/v1/cluster/join" => json!({"role": "worker", "name": "evil", "csr_pem": "x"}),
+        "/v1/cluster/renew" => json!({"csr_pem": "x"}),
         "/v1/instances" => {
             json!({"id": w.a_instance, "node_id": "n1", "env": "production", "app": "alicesweb", "release_id": w.a_deployment, "state": "failed"})
         }
