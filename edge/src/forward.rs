@@ -5,17 +5,24 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+use crate::framing;
+
+/// [`framing::HOP_BY_HOP`] as `HeaderName`s (the one table of hop-by-hop
+/// headers, `upgrade` included).
+const HOP_BY_HOP: [HeaderName; framing::HOP_BY_HOP.len()] = {
+    let names = framing::HOP_BY_HOP;
+    [
+        HeaderName::from_static(names[0]),
+        HeaderName::from_static(names[1]),
+        HeaderName::from_static(names[2]),
+        HeaderName::from_static(names[3]),
+        HeaderName::from_static(names[4]),
+        HeaderName::from_static(names[5]),
+        HeaderName::from_static(names[6]),
+        HeaderName::from_static(names[7]),
+        HeaderName::from_static(names[8]),
+    ]
+};
 
 /// Whether an HTTP/1.1 request asks for a protocol upgrade (websockets).
 pub fn is_upgrade_request(version: http::Version, headers: &HeaderMap) -> bool {
@@ -53,12 +60,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
     }
     for name in &HOP_BY_HOP {
+        // `Upgrade` travels with an upgrade (and `Connection: upgrade`).
+        if upgrade && name == header::UPGRADE {
+            continue;
+        }
         headers.remove(name);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 

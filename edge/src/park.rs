@@ -15,16 +15,21 @@
 //! second.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+
+use crate::passthrough::Prefixed;
 
 /// How often parked connections past their header deadline are closed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -221,5 +226,47 @@ impl ParkingLot {
     /// How often [`ParkingLot::sweep`] should run.
     pub fn sweep_every() -> Duration {
         SWEEP_EVERY
+    }
+}
+
+/// A client stream the server can wait on without reading from it.
+pub trait Parkable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether an idle connection over this stream can be held in the
+    /// [`ParkingLot`] (a bare TCP stream; TLS state stays in its task).
+    const PARKS: bool = false;
+
+    /// Ready when bytes (or EOF) can be read.
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Parkable for TcpStream {
+    const PARKS: bool = true;
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl<S: Parkable> Parkable for Prefixed<S> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.has_prefix() {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_mut().poll_readable(cx)
+    }
+}
+
+impl<S: Parkable> Parkable for tokio_rustls::server::TlsStream<S> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // rustls may hold records already read from the socket (a request
+        // sent along with the handshake's last flight, or pipelined past
+        // the last read): those are ready now.
+        let (io, tls) = self.get_mut();
+        match tls.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
+            // Plaintext, a close or an error: the next read says which.
+            _ => return Poll::Ready(Ok(())),
+        }
+        io.poll_readable(cx)
     }
 }

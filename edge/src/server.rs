@@ -21,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::h1;
-use crate::park::ParkingLot;
+use crate::park::{Parkable, ParkingLot};
 use crate::passthrough::{Hello, Prefixed, open_tunnel, read_client_hello};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 use crate::routes::RouteKind;
@@ -698,48 +698,6 @@ fn release_free_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_free_memory() {}
-
-/// A client stream the server can wait on without reading from it.
-pub trait Parkable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Whether an idle connection over this stream can be held in the
-    /// [`ParkingLot`] (a bare TCP stream; TLS state stays in its task).
-    const PARKS: bool = false;
-
-    /// Ready when bytes (or EOF) can be read.
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-}
-
-impl Parkable for TcpStream {
-    const PARKS: bool = true;
-
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
-    }
-}
-
-impl<S: Parkable> Parkable for Prefixed<S> {
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.has_prefix() {
-            return Poll::Ready(Ok(()));
-        }
-        self.get_mut().poll_readable(cx)
-    }
-}
-
-impl<S: Parkable> Parkable for tokio_rustls::server::TlsStream<S> {
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // rustls may hold records already read from the socket (a request
-        // sent along with the handshake's last flight, or pipelined past
-        // the last read): those are ready now.
-        let (io, tls) = self.get_mut();
-        match tls.process_new_packets() {
-            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
-            // Plaintext, a close or an error: the next read says which.
-            _ => return Poll::Ready(Ok(())),
-        }
-        io.poll_readable(cx)
-    }
-}
 
 /// What the connection driver knows of hyper's progress on one hyper
 /// connection (one round between parkings).
