@@ -8,7 +8,7 @@
 //! - [`framing`]: HTTP/1.1 framing, pure (heads, body lengths, chunks);
 //!   [`h1`]: the edge's own HTTP/1.1 connection loop over it (most
 //!   requests), handing the rest to hyper; [`park`]: idle plain connections
-//!   held outside the runtime.
+//!   held outside the runtime; [`limit`]: what one client may hold.
 //! - [`tls`]: SNI certificate resolver; [`pki`]: the cluster CA.
 //! - [`node_proxy`]: the mTLS server the follower runs on every node.
 //! - [`passthrough`]: TLS passthrough by SNI.
@@ -22,6 +22,7 @@ pub mod feed;
 pub mod forward;
 pub mod framing;
 pub mod h1;
+pub mod limit;
 pub mod node_proxy;
 pub mod park;
 pub mod passthrough;

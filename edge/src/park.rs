@@ -7,7 +7,8 @@
 //! connection has been quiet for a while ([`crate::server`] decides when),
 //! its task ends and the socket is *parked* here: taken out of the runtime's
 //! reactor and added, one-shot, to an epoll set of our own, with its client
-//! address, connection permit and header deadline: about 100 bytes in all.
+//! address, connection permits (the edge's and its client's, see
+//! [`crate::limit`]) and header deadline: about 105 bytes in all.
 //! One task waits on that set (the epoll descriptor is itself pollable);
 //! when a parked socket becomes readable (a request, or the client
 //! closing), it is handed back to the runtime in a new task, and a parked
@@ -26,9 +27,9 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::limit::ConnPermit;
 use crate::passthrough::Prefixed;
 
 /// How often parked connections past their header deadline are closed.
@@ -41,7 +42,7 @@ const BATCH: usize = 256;
 struct Parked {
     stream: std::net::TcpStream,
     remote: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    permit: ConnPermit,
     /// When the wait for the next request head began.
     idle_since: Instant,
 }
@@ -50,7 +51,7 @@ struct Parked {
 pub struct Woken {
     pub stream: TcpStream,
     pub remote: SocketAddr,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: ConnPermit,
     pub idle_since: Instant,
 }
 
@@ -105,9 +106,9 @@ impl ParkingLot {
         &self,
         stream: TcpStream,
         remote: SocketAddr,
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
         idle_since: Instant,
-    ) -> Result<(), Woken> {
+    ) -> Result<(), Box<Woken>> {
         let stream = match stream.into_std() {
             Ok(s) => s,
             // Not registered any more, nor usable: nothing to give back.
@@ -141,12 +142,12 @@ impl ParkingLot {
                 drop(parked);
                 tracing::debug!(client = %remote, error = %err, "could not park a connection");
                 match TcpStream::from_std(stream) {
-                    Ok(stream) => Err(Woken {
+                    Ok(stream) => Err(Box::new(Woken {
                         stream,
                         remote,
                         permit,
                         idle_since,
-                    }),
+                    })),
                     Err(_) => Ok(()),
                 }
             }
