@@ -44,6 +44,31 @@ pub const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Headers that a `Connection` option never removes: they frame the
+/// message (the proxy relays the body by them, and must tell the next hop
+/// the same) or route it. Dropping `Content-Length` from a request because
+/// the client named it in `Connection` would let the body reach the app as
+/// a second request (smuggling); dropping it or `Transfer-Encoding` from a
+/// response would leave the client framing the body differently from the
+/// edge.
+pub const MESSAGE_HEADERS: [&str; 3] = ["content-length", "transfer-encoding", "host"];
+
+/// Whether `name` is one of [`MESSAGE_HEADERS`] (any case).
+pub fn is_message_header(name: &str) -> bool {
+    MESSAGE_HEADERS.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// Whether a `Connection` header among `headers` lists `name` as an option
+/// (hop-by-hop: not forwarded). [`MESSAGE_HEADERS`] never are.
+fn named_by_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    !is_message_header(name)
+        && headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| h.value.split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+}
+
 /// Whether `name` is one of [`HOP_BY_HOP`] (any case).
 pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
@@ -248,9 +273,10 @@ pub fn write_request_head(
         let name = h.name;
         if is_hop_by_hop(name)
             || skip.iter().any(|n| name.eq_ignore_ascii_case(n))
-            || tokens
-                .iter()
-                .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
+            || (!is_message_header(name)
+                && tokens
+                    .iter()
+                    .any(|t| name.as_bytes().eq_ignore_ascii_case(t)))
         {
             continue;
         }
@@ -355,25 +381,21 @@ pub fn parse_response(
         return Ok(Parsed::Informational(head_len));
     }
     let status = StatusCode::from_u16(code).map_err(|_| ResponseError::Status(code))?;
-    let mut backend_close = resp.version == Some(0);
+    let (mut close, mut keep_alive, mut has_connection) = (false, false, false);
     let mut content_length: Option<u64> = None;
-    let mut te: Option<bool> = None; // Some(last coding is chunked)
-    let mut conn_tokens: [&[u8]; 8] = [b""; 8];
-    let mut n_tokens = 0;
+    // Some(the final coding is chunked): the last non-empty element of all
+    // the `Transfer-Encoding` lists together (RFC 9110 5.6.1, RFC 9112 6.3).
+    let mut te: Option<bool> = None;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"connection") {
+            has_connection = true;
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
-                    backend_close = true;
+                    close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    if resp.version == Some(0) {
-                        backend_close = false;
-                    }
-                } else if !token.is_empty() && n_tokens < conn_tokens.len() {
-                    conn_tokens[n_tokens] = token;
-                    n_tokens += 1;
+                    keep_alive = true;
                 }
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
@@ -385,11 +407,13 @@ pub fn parse_response(
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             let last = h
                 .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"")
-                .trim_ascii();
-            te = Some(last.eq_ignore_ascii_case(b"chunked"));
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|c| !c.is_empty());
+            te = match last {
+                Some(c) => Some(c.eq_ignore_ascii_case(b"chunked")),
+                None => Some(te.unwrap_or(false)),
+            };
         } else if request_id.is_some()
             && status == StatusCode::BAD_GATEWAY
             && name.eq_ignore_ascii_case(UPSTREAM_STATUS_HEADER.as_bytes())
@@ -398,6 +422,9 @@ pub fn parse_response(
             return Ok(Parsed::ConnectFailed);
         }
     }
+    // `close` ends the connection whatever else it says; HTTP/1.0 persists
+    // only when it asks to (RFC 9112 9.3).
+    let backend_close = close || (resp.version == Some(0) && !keep_alive);
     let body = if head_request || code == 204 || code == 304 {
         BodyKind::None
     } else {
@@ -409,7 +436,6 @@ pub fn parse_response(
         }
     };
     let close_client = client_close || body == BodyKind::UntilClose;
-    let tokens = &conn_tokens[..n_tokens];
 
     out.clear();
     {
@@ -429,9 +455,7 @@ pub fn parse_response(
             || (request_id.is_some()
                 && (name.eq_ignore_ascii_case(UPSTREAM_STATUS_HEADER)
                     || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)))
-            || tokens
-                .iter()
-                .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
+            || (has_connection && named_by_connection(resp.headers, name))
         {
             continue;
         }
@@ -485,6 +509,10 @@ enum ChunkState {
         size: u64,
         digits: u8,
     },
+    /// White space after the size: a `;` (an extension) or CR follows.
+    Bws {
+        size: u64,
+    },
     /// In a chunk extension, up to CR.
     Ext {
         size: u64,
@@ -500,6 +528,8 @@ enum ChunkState {
     /// At the start of a trailer line (or of the final CRLF).
     TrailerStart,
     TrailerLine,
+    /// After the CR ending a trailer line.
+    TrailerLf,
     EndLf,
 }
 
@@ -534,9 +564,16 @@ impl ChunkScan {
                         digits: digits + 1,
                     },
                     None if b == b'\r' => SizeLf { size },
-                    None if b == b';' || b == b' ' || b == b'\t' => Ext { size },
+                    None if b == b';' => Ext { size },
+                    None if b == b' ' || b == b'\t' => Bws { size },
                     None => return Err(ChunkError),
                 },
+                // `chunk-size [ BWS ";" chunk-ext ] CRLF` (RFC 9112 7.1.1):
+                // after white space, only an extension or the line's end.
+                (Bws { size }, b' ' | b'\t') => Bws { size },
+                (Bws { size }, b';') => Ext { size },
+                (Bws { size }, b'\r') => SizeLf { size },
+                (Bws { .. }, _) => return Err(ChunkError),
                 (Ext { size }, b'\r') => SizeLf { size },
                 (Ext { .. }, b'\n') => return Err(ChunkError),
                 (Ext { size }, _) => Ext { size },
@@ -547,9 +584,13 @@ impl ChunkScan {
                 (DataLf, b'\n') => SizeStart,
                 (DataCr | DataLf, _) => return Err(ChunkError),
                 (TrailerStart, b'\r') => EndLf,
-                (TrailerStart, b'\n') => return Err(ChunkError),
-                (TrailerLine, b'\n') => TrailerStart,
+                // A trailer line ends with CRLF; a bare CR or LF in it is
+                // where a client and the edge could disagree on the end.
+                (TrailerStart | TrailerLine, b'\n') => return Err(ChunkError),
+                (TrailerLine, b'\r') => TrailerLf,
                 (TrailerStart | TrailerLine, _) => TrailerLine,
+                (TrailerLf, b'\n') => TrailerStart,
+                (TrailerLf, _) => return Err(ChunkError),
                 (EndLf, b'\n') => return Ok(Some(i)),
                 (EndLf, _) => return Err(ChunkError),
                 (Data { .. }, _) => unreachable!("handled above"),
@@ -612,6 +653,10 @@ mod tests {
             b"10000000000000000\r\n",
             b"0\r\n\n",
             b"3;ext\nabc",
+            // Found by the fuzzer (fuzz/corpus/http1_chunked/finding-*).
+            b"5 junk\r\n",
+            b"0\r\nx-a: 1\n\r\n",
+            b"0\r\nx-a: 1\rx\r\n\r\n",
         ] {
             assert_eq!(
                 ChunkScan::default().feed(bad),

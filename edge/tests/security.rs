@@ -193,3 +193,118 @@ async fn one_address_cannot_take_every_connection() {
         "the place of a closed connection came back"
     );
 }
+
+/// A backend that records the request line (and `Host`) of every request it
+/// reads, framing them by `Content-Length` as any server does, and answers
+/// each; with `respond`, the answer is those bytes.
+async fn recording_backend(
+    respond: &'static [u8],
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some((head, _)) = read_request(&mut s, &mut buf).await {
+                    let line = head.lines().next().unwrap_or("").to_owned();
+                    let host = header(&head, "host").unwrap_or("-").to_owned();
+                    log.lock().unwrap().push(format!("{line} host={host}"));
+                    if s.write_all(respond).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Request smuggling through `Connection`: a client names `Content-Length`
+/// (and `Host`) as connection options. The edge frames the request by that
+/// `Content-Length` (its body is the smuggled request); had it dropped the
+/// header as hop-by-hop, the app would read the body as a second request
+/// the edge never saw (no `X-Forwarded-For` of the edge's, a response
+/// queued for the next client on the pooled connection). The headers that
+/// frame and route a message are never removed by a connection option.
+#[tokio::test]
+async fn connection_options_cannot_unframe_a_request() {
+    let (b, seen) = recording_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let t = table(1, vec![route("app.example", "app", vec![plain("b1", b)])]);
+    let edge = start_edge(&t, EdgeOptions::default()).await;
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
+    let mut s = TcpStream::connect(edge.http).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /form HTTP/1.1\r\nHost: app.example\r\nConnection: content-length, host\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"ok");
+    // Anything the app read as a second request would be logged by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec!["POST /form HTTP/1.1 host=app.example".to_owned()],
+        "what the app read"
+    );
+}
+
+/// The same from the app's side: a response that names its own framing
+/// headers in `Connection`, or lists more connection options than the edge
+/// kept track of. The client must get a response it frames as the edge
+/// relays it (else it waits for a close that never comes, or reads the
+/// next response as this body), and no header the app declared hop-by-hop.
+#[tokio::test]
+async fn connection_options_cannot_unframe_a_response() {
+    let many: String = (0..12).map(|i| format!("x-hop-{i}, ")).collect();
+    for options in [
+        "transfer-encoding, x-hop-11".to_owned(),
+        format!("{many}content-length"),
+    ] {
+        let response: &'static [u8] = format!(
+            "HTTP/1.1 200 OK\r\nConnection: {options}\r\nx-hop-11: secret\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        )
+        .into_bytes()
+        .leak();
+        let (b, _) = recording_backend(response).await;
+        let t = table(1, vec![route("app.example", "app", vec![plain("b1", b)])]);
+        let edge = start_edge(&t, EdgeOptions::default()).await;
+        let mut s = TcpStream::connect(edge.http).await.unwrap();
+        for _ in 0..2 {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
+                .await
+                .unwrap();
+            let (head, mut body) = read_head(&mut s).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{options}: {head}");
+            assert_eq!(
+                header(&head, "transfer-encoding"),
+                Some("chunked"),
+                "{options}: the client frames the body as the edge relays it: {head}"
+            );
+            assert_eq!(header(&head, "x-hop-11"), None, "{options}: {head}");
+            while !body.ends_with(b"0\r\n\r\n") {
+                let mut chunk = [0u8; 1024];
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+                    .await
+                    .expect("the chunked body")
+                    .unwrap();
+                assert!(n > 0);
+                body.extend_from_slice(&chunk[..n]);
+            }
+            assert_eq!(body, b"2\r\nok\r\n0\r\n\r\n");
+        }
+    }
+}
