@@ -40,7 +40,8 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Removes hop-by-hop headers, including those named in `Connection`. When
+/// Removes hop-by-hop headers, including those named in `Connection` (but
+/// never [`framing::MESSAGE_HEADERS`], as on the own HTTP/1.1 path). When
 /// `upgrade` is set, `Connection: upgrade` and `Upgrade` are kept (they must
 /// travel to the next hop for the upgrade to happen).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
@@ -48,9 +49,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .filter(|n| !framing::is_message_header(n.as_str()))
             .collect();
         for name in named {
             if upgrade && name == header::UPGRADE {
@@ -116,6 +117,20 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+
+        // Options that name the headers framing or routing the message do
+        // not remove them; an option list that is not text still counts.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"content-length, host, x-secret, \xff").unwrap(),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::HOST));
         up.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         assert!(is_upgrade_request(http::Version::HTTP_11, &up));
         assert!(!is_upgrade_request(http::Version::HTTP_2, &up));
