@@ -102,6 +102,10 @@ pub struct Args {
     /// Most open client connections.
     #[arg(long, default_value_t = 100_000)]
     pub max_connections: usize,
+    /// Most open connections of one client (an IPv4 address, an IPv6 /64);
+    /// 0: no limit.
+    #[arg(long, default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS_PER_IP)]
+    pub max_connections_per_ip: usize,
     /// Seconds a client has to send a request head (also keep-alive idle).
     #[arg(long, default_value_t = 30)]
     pub header_timeout_secs: u64,
@@ -246,6 +250,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let limits = Limits {
         max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
         header_timeout: Duration::from_secs(args.header_timeout_secs),
         max_header_bytes: args.max_header_bytes,
         ..Limits::default()

@@ -5,17 +5,24 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+use crate::framing;
+
+/// [`framing::HOP_BY_HOP`] as `HeaderName`s (the one table of hop-by-hop
+/// headers, `upgrade` included).
+const HOP_BY_HOP: [HeaderName; framing::HOP_BY_HOP.len()] = {
+    let names = framing::HOP_BY_HOP;
+    [
+        HeaderName::from_static(names[0]),
+        HeaderName::from_static(names[1]),
+        HeaderName::from_static(names[2]),
+        HeaderName::from_static(names[3]),
+        HeaderName::from_static(names[4]),
+        HeaderName::from_static(names[5]),
+        HeaderName::from_static(names[6]),
+        HeaderName::from_static(names[7]),
+        HeaderName::from_static(names[8]),
+    ]
+};
 
 /// Whether an HTTP/1.1 request asks for a protocol upgrade (websockets).
 pub fn is_upgrade_request(version: http::Version, headers: &HeaderMap) -> bool {
@@ -33,7 +40,8 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Removes hop-by-hop headers, including those named in `Connection`. When
+/// Removes hop-by-hop headers, including those named in `Connection` (but
+/// never [`framing::MESSAGE_HEADERS`], as on the own HTTP/1.1 path). When
 /// `upgrade` is set, `Connection: upgrade` and `Upgrade` are kept (they must
 /// travel to the next hop for the upgrade to happen).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
@@ -41,9 +49,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .filter(|n| !framing::is_message_header(n.as_str()))
             .collect();
         for name in named {
             if upgrade && name == header::UPGRADE {
@@ -53,12 +61,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
     }
     for name in &HOP_BY_HOP {
+        // `Upgrade` travels with an upgrade (and `Connection: upgrade`).
+        if upgrade && name == header::UPGRADE {
+            continue;
+        }
         headers.remove(name);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -107,6 +117,20 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+
+        // Options that name the headers framing or routing the message do
+        // not remove them; an option list that is not text still counts.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"content-length, host, x-secret, \xff").unwrap(),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::HOST));
         up.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         assert!(is_upgrade_request(http::Version::HTTP_11, &up));
         assert!(!is_upgrade_request(http::Version::HTTP_2, &up));

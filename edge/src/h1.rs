@@ -6,7 +6,8 @@
 //! nginx (see `scripts/bench-edge.sh`).
 //!
 //! It takes the requests proxies see nearly always: HTTP/1.1, origin-form,
-//! no body or a `Content-Length` body of at most [`MAX_BUFFERED_BODY`]. Any
+//! no body or a `Content-Length` body of at most
+//! [`MAX_BUFFERED_BODY`](crate::framing::MAX_BUFFERED_BODY). Any
 //! other request (an upgrade, `Expect`, a chunked or large body, HTTP/1.0,
 //! an absolute URI, ...) hands the connection, with every byte read so far,
 //! to the hyper path in [`crate::server`] for the rest of its life, so both
@@ -17,6 +18,10 @@
 //! chunked bodies as they are (the chunk framing is only scanned for its
 //! end), bodies delimited by the backend closing with the client connection
 //! closed after them.
+//!
+//! This is the connection loop (reads, writes, timeouts, pools, retries,
+//! parking); what the bytes mean is decided by the pure framing code in
+//! [`crate::framing`].
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -27,19 +32,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{
-    ConnInfo, Proxy, REQUEST_ID_HEADER, UPSTREAM_CONNECT_FAILED, UPSTREAM_STATUS_HEADER,
-    error_body, host_from_header,
+use crate::framing::{
+    self, BodyKind, ChunkScan, Parsed, RequestHead, Response, parse_response, push_header,
+    simple_response, write_request_head,
 };
+use crate::park::Parkable;
+use crate::proxy::{ConnInfo, Proxy, REQUEST_ID_HEADER, error_body, host_from_header};
 use crate::routes::{INSTANCE_HEADER, RouteKind, Transport};
-use crate::server::{Limits, Parkable};
+use crate::server::Limits;
 use crate::table::{BackendState, RouteEntry};
 use crate::upstream::UpstreamStream;
-
-/// Largest request body this path takes (read whole before the request is
-/// sent, so it can be sent again to another backend); larger ones go to
-/// hyper, which streams them.
-pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
 
 /// Largest response head accepted from a backend.
 pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -49,19 +51,6 @@ pub(crate) const BUF_SIZE: usize = 8 * 1024;
 
 /// How much of a response body is read from the backend at a time.
 const RELAY_CHUNK: usize = 16 * 1024;
-
-/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Headers the edge sets itself on the request to the backend.
 const SET_BY_EDGE: [&str; 5] = [
@@ -138,33 +127,6 @@ enum Step {
         status: StatusCode,
     },
     Forward(Forward),
-}
-
-/// Framing of a response body from a backend.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum BodyKind {
-    None,
-    Length(u64),
-    Chunked,
-    UntilClose,
-}
-
-/// A parsed response head from a backend.
-pub(crate) struct Response {
-    head_len: usize,
-    status: StatusCode,
-    body: BodyKind,
-    /// The backend connection can carry another exchange afterwards.
-    pub(crate) reusable: bool,
-    /// The client connection must close after this response.
-    pub(crate) close_client: bool,
-}
-
-enum Parsed {
-    More,
-    Informational(usize),
-    ConnectFailed,
-    Response(Response),
 }
 
 /// Why an exchange with a backend failed.
@@ -383,11 +345,10 @@ impl<'a, S: Parkable> Conn<'a, S> {
         let limits = self.ctx.limits;
         let mut storage = [httparse::EMPTY_HEADER; 128];
         let headers = &mut storage[..limits.max_headers.min(128)];
-        let mut req = httparse::Request::new(headers);
-        let head_len = match req.parse(&self.buf) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Step::More,
-            Err(httparse::Error::TooManyHeaders) => {
+        let too_large = |head_len: usize| head_len > limits.max_header_bytes;
+        let req = match framing::parse_request(&self.buf, headers, "host") {
+            RequestHead::Partial => return Step::More,
+            RequestHead::TooManyHeaders => {
                 return answer_step(
                     &mut self.out,
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -397,7 +358,7 @@ impl<'a, S: Parkable> Conn<'a, S> {
                     true,
                 );
             }
-            Err(_) => {
+            RequestHead::Invalid => {
                 return answer_step(
                     &mut self.out,
                     StatusCode::BAD_REQUEST,
@@ -407,27 +368,23 @@ impl<'a, S: Parkable> Conn<'a, S> {
                     true,
                 );
             }
+            RequestHead::Handoff { head_len }
+            | RequestHead::Ready(framing::Request { head_len, .. })
+                if too_large(head_len) =>
+            {
+                return answer_step(
+                    &mut self.out,
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "",
+                    request_id,
+                    self.buf.len(),
+                    true,
+                );
+            }
+            RequestHead::Handoff { .. } => return Step::Handoff,
+            RequestHead::Ready(req) => req,
         };
-        if head_len > limits.max_header_bytes {
-            return answer_step(
-                &mut self.out,
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "",
-                request_id,
-                self.buf.len(),
-                true,
-            );
-        }
-        let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
-            return Step::Handoff;
-        };
-        if !path.starts_with('/') {
-            return Step::Handoff;
-        }
-
-        let Some(scan) = scan_request(req.headers, "host") else {
-            return Step::Handoff;
-        };
+        let (method, path, head_len, scan) = (req.method, req.path, req.head_len, &req.scan);
         let (host, body_len, close) = (scan.key, scan.body_len, scan.close);
         // Anything the edge answers itself closes the connection when a
         // body would follow (it is not read).
@@ -492,7 +449,7 @@ impl<'a, S: Parkable> Conn<'a, S> {
         // The head for the backend.
         let out = &mut self.out;
         out.clear();
-        write_request_head(out, method, path, req.headers, &scan, &SET_BY_EDGE);
+        write_request_head(out, method, path, req.headers, scan, &SET_BY_EDGE);
         if let Some(h) = host {
             push_header(out, b"x-forwarded-host", h);
         }
@@ -512,10 +469,7 @@ impl<'a, S: Parkable> Conn<'a, S> {
                 start: std::time::Instant::now(),
             });
         }
-        let idempotent = matches!(
-            method,
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        );
+        let idempotent = req.idempotent();
         Step::Forward(Forward {
             head_len,
             body_len,
@@ -770,112 +724,6 @@ impl<'a, S: Parkable> Conn<'a, S> {
     }
 }
 
-/// What one pass over a request's headers found, for a request the own
-/// path takes.
-pub(crate) struct RequestScan<'h> {
-    /// The value of the header the caller routes by (`Host`, or the
-    /// node-proxy's instance header); `None` when absent.
-    pub(crate) key: Option<&'h [u8]>,
-    /// `Content-Length` (0 without one), at most [`MAX_BUFFERED_BODY`].
-    pub(crate) body_len: usize,
-    /// The client asked to close after this exchange.
-    pub(crate) close: bool,
-    /// Header names listed in `Connection` (hop-by-hop too).
-    tokens: [&'h [u8]; 8],
-    n_tokens: usize,
-}
-
-/// Scans a request's headers; `None` when the own path does not take the
-/// request and hyper should: a second `key` header, a bad or conflicting
-/// `Content-Length`, a body over [`MAX_BUFFERED_BODY`], `Transfer-Encoding`,
-/// `Expect`, an upgrade, or more than 8 names in `Connection`.
-pub(crate) fn scan_request<'h>(
-    headers: &[httparse::Header<'h>],
-    key: &str,
-) -> Option<RequestScan<'h>> {
-    let mut scan = RequestScan {
-        key: None,
-        body_len: 0,
-        close: false,
-        tokens: [b""; 8],
-        n_tokens: 0,
-    };
-    let mut content_length: Option<u64> = None;
-    for h in headers {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(key.as_bytes()) {
-            if scan.key.is_some() {
-                return None;
-            }
-            scan.key = Some(h.value);
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_u64(h.value)?;
-            if content_length.is_some_and(|c| c != n) {
-                return None;
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"expect")
-            || name.eq_ignore_ascii_case(b"upgrade")
-        {
-            return None;
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.is_empty() {
-                    continue;
-                }
-                if token.eq_ignore_ascii_case(b"close") {
-                    scan.close = true;
-                } else if token.eq_ignore_ascii_case(b"upgrade")
-                    || scan.n_tokens == scan.tokens.len()
-                {
-                    return None;
-                } else {
-                    scan.tokens[scan.n_tokens] = token;
-                    scan.n_tokens += 1;
-                }
-            }
-        }
-    }
-    let body_len = content_length.unwrap_or(0);
-    if body_len > MAX_BUFFERED_BODY as u64 {
-        return None;
-    }
-    scan.body_len = body_len as usize;
-    Some(scan)
-}
-
-/// Appends the request line and the headers worth forwarding: not
-/// hop-by-hop, not named in `Connection`, not in `skip`. The caller adds its
-/// own headers and the final CRLF.
-pub(crate) fn write_request_head(
-    out: &mut Vec<u8>,
-    method: &str,
-    path: &str,
-    headers: &[httparse::Header<'_>],
-    scan: &RequestScan<'_>,
-    skip: &[&str],
-) {
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    let tokens = &scan.tokens[..scan.n_tokens];
-    for h in headers {
-        let name = h.name;
-        if HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n))
-            || skip.iter().any(|n| name.eq_ignore_ascii_case(n))
-            || tokens
-                .iter()
-                .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
-        {
-            continue;
-        }
-        push_header(out, name.as_bytes(), h.value);
-    }
-}
-
 /// Writes `out` (a request) to the backend `conn` and reads the response
 /// head into `rbuf`, passing 1xx answers to `client` as they come; the head
 /// for the client is then in `out` (see [`parse_response`]).
@@ -910,7 +758,7 @@ where
         }
         loop {
             match parse_response(rbuf, out, head_request, client_close, request_id) {
-                Err(e) => return Err(Failure::Exchange(e)),
+                Err(e) => return Err(Failure::Exchange(crate::proxy::error_chain(&e))),
                 Ok(Parsed::More) => {
                     if rbuf.len() > MAX_RESPONSE_HEAD {
                         return Err(Failure::Exchange("the response head is too large".into()));
@@ -979,7 +827,7 @@ where
         }
         BodyKind::Chunked => {
             let mut scan = ChunkScan::default();
-            let end = scan.feed(&rbuf[start..])?;
+            let end = scan.feed(&rbuf[start..]).map_err(|_| ())?;
             let first = end.unwrap_or(avail);
             out.extend_from_slice(&rbuf[start..start + first]);
             write_flush(client, out).await?;
@@ -988,7 +836,7 @@ where
             }
             loop {
                 let k = read_body(conn, rbuf).await?;
-                let end = scan.feed(&rbuf[..k])?;
+                let end = scan.feed(&rbuf[..k]).map_err(|_| ())?;
                 let take = end.unwrap_or(k);
                 client.write_all(&rbuf[..take]).await.map_err(|_| ())?;
                 if end.is_some() {
@@ -1054,21 +902,6 @@ pub(crate) fn reserve(buf: &mut Vec<u8>, min: usize) {
     if buf.capacity() - buf.len() < min / 4 {
         buf.reserve(min);
     }
-}
-
-pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-fn parse_u64(v: &[u8]) -> Option<u64> {
-    let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// The client's address as text, for `X-Forwarded-For`.
@@ -1140,415 +973,4 @@ fn page(
         Some(request_id),
         close,
     );
-}
-
-pub(crate) fn simple_response(
-    out: &mut Vec<u8>,
-    status: StatusCode,
-    content_type: &str,
-    body: &[u8],
-    request_id: Option<&HeaderValue>,
-    close: bool,
-) {
-    use std::io::Write;
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\ncontent-type: {content_type}\r\ncache-control: no-store\r\ncontent-length: {}\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len()
-    );
-    if let Some(id) = request_id {
-        push_header(out, REQUEST_ID_HEADER.as_bytes(), id.as_bytes());
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
-}
-
-/// Parses a backend's response head in `rbuf`; for a final response, writes
-/// the head for the client into `out`: hop-by-hop headers dropped, and with
-/// a `request_id` (the edge) the app's own request id replaced by it and a
-/// node-proxy's "could not connect" 502 reported as such (a node-proxy,
-/// without one, passes the app's answer on as it is).
-fn parse_response(
-    rbuf: &[u8],
-    out: &mut Vec<u8>,
-    head_request: bool,
-    client_close: bool,
-    request_id: Option<&HeaderValue>,
-) -> Result<Parsed, String> {
-    let mut storage = [httparse::EMPTY_HEADER; 128];
-    let mut resp = httparse::Response::new(&mut storage);
-    let head_len = match resp.parse(rbuf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(Parsed::More),
-        Err(e) => return Err(format!("invalid response head from the backend: {e}")),
-    };
-    let code = resp.code.unwrap_or(0);
-    if (100..200).contains(&code) {
-        if code == 101 {
-            return Err("the backend switched protocols unasked".into());
-        }
-        return Ok(Parsed::Informational(head_len));
-    }
-    let status = StatusCode::from_u16(code)
-        .map_err(|_| format!("invalid status {code} from the backend"))?;
-    let mut backend_close = resp.version == Some(0);
-    let mut content_length: Option<u64> = None;
-    let mut te: Option<bool> = None; // Some(last coding is chunked)
-    let mut conn_tokens: [&[u8]; 8] = [b""; 8];
-    let mut n_tokens = 0;
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    backend_close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    if resp.version == Some(0) {
-                        backend_close = false;
-                    }
-                } else if !token.is_empty() && n_tokens < conn_tokens.len() {
-                    conn_tokens[n_tokens] = token;
-                    n_tokens += 1;
-                }
-            }
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_u64(h.value).ok_or("invalid content-length from the backend")?;
-            if content_length.is_some_and(|c| c != n) {
-                return Err("conflicting content-length from the backend".into());
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let last = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"")
-                .trim_ascii();
-            te = Some(last.eq_ignore_ascii_case(b"chunked"));
-        } else if request_id.is_some()
-            && status == StatusCode::BAD_GATEWAY
-            && name.eq_ignore_ascii_case(UPSTREAM_STATUS_HEADER.as_bytes())
-            && h.value == UPSTREAM_CONNECT_FAILED.as_bytes()
-        {
-            return Ok(Parsed::ConnectFailed);
-        }
-    }
-    let body = if head_request || code == 204 || code == 304 {
-        BodyKind::None
-    } else {
-        match (te, content_length) {
-            (Some(true), _) => BodyKind::Chunked,
-            (Some(false), _) => BodyKind::UntilClose,
-            (None, Some(n)) => BodyKind::Length(n),
-            (None, None) => BodyKind::UntilClose,
-        }
-    };
-    let close_client = client_close || body == BodyKind::UntilClose;
-    let tokens = &conn_tokens[..n_tokens];
-
-    out.clear();
-    {
-        use std::io::Write;
-        let reason = resp
-            .reason
-            .filter(|r| !r.is_empty())
-            .or(status.canonical_reason())
-            .unwrap_or("");
-        let _ = write!(out, "HTTP/1.1 {code} {reason}\r\n");
-    }
-    for h in resp.headers.iter() {
-        let name = h.name;
-        let keep_te = te.is_some() && name.eq_ignore_ascii_case("transfer-encoding");
-        if (!keep_te && HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n)))
-            || (te.is_some() && name.eq_ignore_ascii_case("content-length"))
-            || (request_id.is_some()
-                && (name.eq_ignore_ascii_case(UPSTREAM_STATUS_HEADER)
-                    || name.eq_ignore_ascii_case(REQUEST_ID_HEADER)))
-            || tokens
-                .iter()
-                .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
-        {
-            continue;
-        }
-        push_header(out, name.as_bytes(), h.value);
-    }
-    if let Some(id) = request_id {
-        push_header(out, REQUEST_ID_HEADER.as_bytes(), id.as_bytes());
-    }
-    if close_client {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(Parsed::Response(Response {
-        head_len,
-        status,
-        body,
-        reusable: !backend_close && body != BodyKind::UntilClose,
-        close_client,
-    }))
-}
-
-/// Finds the end of a chunked body (RFC 9112 7.1) in the bytes fed to it,
-/// without changing them.
-#[derive(Default)]
-struct ChunkScan {
-    state: ChunkState,
-}
-
-#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
-enum ChunkState {
-    /// In the chunk size line's hex digits (`size`, `digits` so far).
-    #[default]
-    SizeStart,
-    Size {
-        size: u64,
-        digits: u8,
-    },
-    /// In a chunk extension, up to CR.
-    Ext {
-        size: u64,
-    },
-    SizeLf {
-        size: u64,
-    },
-    Data {
-        left: u64,
-    },
-    DataCr,
-    DataLf,
-    /// At the start of a trailer line (or of the final CRLF).
-    TrailerStart,
-    TrailerLine,
-    EndLf,
-}
-
-impl ChunkScan {
-    /// Consumes `bytes`; `Ok(Some(n))` when the body ends after the first
-    /// `n` of them.
-    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < bytes.len() {
-            if let Data { left } = self.state {
-                let n = (left.min((bytes.len() - i) as u64)) as usize;
-                i += n;
-                let left = left - n as u64;
-                self.state = if left == 0 { DataCr } else { Data { left } };
-                continue;
-            }
-            let b = bytes[i];
-            i += 1;
-            self.state = match (self.state, b) {
-                (SizeStart, b) => match hex(b) {
-                    Some(d) => Size {
-                        size: u64::from(d),
-                        digits: 1,
-                    },
-                    None => return Err(()),
-                },
-                (Size { size, digits }, b) => match hex(b) {
-                    Some(_) if digits >= 15 => return Err(()),
-                    Some(d) => Size {
-                        size: size * 16 + u64::from(d),
-                        digits: digits + 1,
-                    },
-                    None if b == b'\r' => SizeLf { size },
-                    None if b == b';' || b == b' ' || b == b'\t' => Ext { size },
-                    None => return Err(()),
-                },
-                (Ext { size }, b'\r') => SizeLf { size },
-                (Ext { .. }, b'\n') => return Err(()),
-                (Ext { size }, _) => Ext { size },
-                (SizeLf { size: 0 }, b'\n') => TrailerStart,
-                (SizeLf { size }, b'\n') => Data { left: size },
-                (SizeLf { .. }, _) => return Err(()),
-                (DataCr, b'\r') => DataLf,
-                (DataLf, b'\n') => SizeStart,
-                (DataCr | DataLf, _) => return Err(()),
-                (TrailerStart, b'\r') => EndLf,
-                (TrailerStart, b'\n') => return Err(()),
-                (TrailerLine, b'\n') => TrailerStart,
-                (TrailerStart | TrailerLine, _) => TrailerLine,
-                (EndLf, b'\n') => return Ok(Some(i)),
-                (EndLf, _) => return Err(()),
-                (Data { .. }, _) => unreachable!("handled above"),
-            };
-        }
-        Ok(None)
-    }
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const BODY: &[u8] = b"5\r\nhello\r\n6;name=\"v\"\r\n world\r\n10\r\n0123456789abcdef\r\n0\r\nx-a: 1\r\nx-b: 2\r\n\r\n";
-
-    #[test]
-    fn chunked_end_is_found_however_the_bytes_are_split() {
-        let mut with_next = BODY.to_vec();
-        with_next.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-        for split in 0..=BODY.len() {
-            let mut scan = ChunkScan::default();
-            let first = scan.feed(&with_next[..split]).unwrap();
-            let end = match first {
-                Some(n) => n,
-                None => split + scan.feed(&with_next[split..]).unwrap().expect("the end"),
-            };
-            assert_eq!(end, BODY.len(), "split at {split}");
-        }
-        // One byte at a time.
-        let mut scan = ChunkScan::default();
-        let mut end = None;
-        for (i, b) in BODY.iter().enumerate() {
-            if let Some(n) = scan.feed(std::slice::from_ref(b)).unwrap() {
-                assert_eq!(n, 1);
-                end = Some(i + 1);
-                break;
-            }
-        }
-        assert_eq!(end, Some(BODY.len()));
-        // No trailers.
-        assert_eq!(ChunkScan::default().feed(b"0\r\n\r\n"), Ok(Some(5)));
-    }
-
-    #[test]
-    fn malformed_chunked_bodies_are_refused() {
-        for bad in [
-            &b"x\r\n"[..],
-            b"5\r\nhelloXX",
-            b"5\nhello\r\n",
-            b"\r\n",
-            b"10000000000000000\r\n",
-            b"0\r\n\n",
-            b"3;ext\nabc",
-        ] {
-            assert_eq!(
-                ChunkScan::default().feed(bad),
-                Err(()),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
-
-    fn parse(head: &str, head_request: bool) -> Result<(Response, String), String> {
-        let mut out = Vec::new();
-        let id = HeaderValue::from_static("rid");
-        match parse_response(head.as_bytes(), &mut out, head_request, false, Some(&id))? {
-            Parsed::Response(r) => Ok((r, String::from_utf8(out).unwrap())),
-            Parsed::More => Err("more".into()),
-            Parsed::Informational(_) => Err("1xx".into()),
-            Parsed::ConnectFailed => Err("connect failed".into()),
-        }
-    }
-
-    #[test]
-    fn response_heads_decide_framing_and_reuse() {
-        let (r, out) = parse("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", false).unwrap();
-        assert_eq!(
-            (r.body, r.reusable, r.close_client),
-            (BodyKind::Length(3), true, false)
-        );
-        assert_eq!(
-            out,
-            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nx-request-id: rid\r\n\r\n"
-        );
-
-        // Transfer-Encoding wins over Content-Length, which is dropped.
-        let (r, out) = parse(
-            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert_eq!(r.body, BodyKind::Chunked);
-        assert!(
-            !out.to_ascii_lowercase().contains("content-length"),
-            "{out}"
-        );
-        assert!(out.contains("Transfer-Encoding: chunked"), "{out}");
-
-        // A coding other than chunked last: delimited by close.
-        let (r, _) = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false).unwrap();
-        assert_eq!(
-            (r.body, r.reusable, r.close_client),
-            (BodyKind::UntilClose, false, true)
-        );
-
-        // HTTP/1.0: closes unless it says keep-alive.
-        let (r, _) = parse("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap();
-        assert!(!r.reusable);
-        let (r, out) = parse(
-            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert!(r.reusable);
-        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
-        assert!(!out.to_ascii_lowercase().contains("connection"), "{out}");
-
-        // No body for HEAD, 204 and 304, whatever the headers say.
-        for (head, is_head) in [
-            ("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true),
-            ("HTTP/1.1 204 No Content\r\n\r\n", false),
-            (
-                "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
-                false,
-            ),
-        ] {
-            let (r, _) = parse(head, is_head).unwrap();
-            assert_eq!((r.body, r.reusable), (BodyKind::None, true), "{head}");
-        }
-
-        // Refused: conflicting or invalid lengths, a 101 nobody asked for.
-        for head in [
-            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nContent-Length: 1e3\r\n\r\n",
-            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
-        ] {
-            assert!(parse(head, false).is_err(), "{head}");
-        }
-        // The node-proxy's "could not connect" is a connect failure.
-        assert_eq!(
-            parse("HTTP/1.1 502 Bad Gateway\r\nx-zeitwork-upstream: connect-failed\r\ncontent-length: 0\r\n\r\n", false).err().as_deref(),
-            Some("connect failed")
-        );
-        // A node-proxy (no request id of its own) passes the app's answer
-        // on as it is, that header and the app's request id included.
-        let mut out = Vec::new();
-        let head = "HTTP/1.1 502 Bad Gateway\r\nx-zeitwork-upstream: connect-failed\r\nx-request-id: app\r\ncontent-length: 0\r\n\r\n";
-        match parse_response(head.as_bytes(), &mut out, false, false, None) {
-            Ok(Parsed::Response(r)) => assert_eq!(r.status, StatusCode::BAD_GATEWAY),
-            _ => panic!("passed on"),
-        }
-        let out = String::from_utf8(out).unwrap();
-        assert!(
-            out.contains("x-zeitwork-upstream: connect-failed\r\n"),
-            "{out}"
-        );
-        assert!(out.contains("x-request-id: app\r\n"), "{out}");
-        assert_eq!(
-            parse("HTTP/1.1 200 OK\r\nContent-Le", false)
-                .err()
-                .as_deref(),
-            Some("more")
-        );
-    }
 }

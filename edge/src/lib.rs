@@ -5,9 +5,10 @@
 //! - [`table`]: the compiled table, swapped atomically, with load-balancing
 //!   and passive-health state.
 //! - [`proxy`]: the HTTP proxy service; [`server`]: listeners and limits.
-//! - [`h1`]: the edge's own HTTP/1.1 path (most requests), handing the
-//!   rest to hyper; [`park`]: idle plain connections held outside the
-//!   runtime.
+//! - [`framing`]: HTTP/1.1 framing, pure (heads, body lengths, chunks);
+//!   [`h1`]: the edge's own HTTP/1.1 connection loop over it (most
+//!   requests), handing the rest to hyper; [`park`]: idle plain connections
+//!   held outside the runtime; [`limit`]: what one client may hold.
 //! - [`tls`]: SNI certificate resolver; [`pki`]: the cluster CA.
 //! - [`node_proxy`]: the mTLS server the follower runs on every node.
 //! - [`passthrough`]: TLS passthrough by SNI.
@@ -19,7 +20,9 @@ pub mod acme;
 pub mod cli;
 pub mod feed;
 pub mod forward;
+pub mod framing;
 pub mod h1;
+pub mod limit;
 pub mod member;
 pub mod node_proxy;
 pub mod park;

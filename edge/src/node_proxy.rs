@@ -8,9 +8,9 @@
 //!   supplies the [`InstanceResolver`] that maps it to the instance's address.
 //! - Plain requests and upgrades (websockets) are forwarded over HTTP/1.1;
 //!   `CONNECT` opens a raw tunnel to the instance (TLS passthrough routes).
-//!   Most requests take the edge's own HTTP/1.1 code ([`crate::h1`]:
-//!   `httparse`, heads written straight to pooled connections to the
-//!   instance); upgrades, `CONNECT`, chunked or large bodies, `Expect` and
+//!   Most requests take the edge's own HTTP/1.1 code ([`crate::framing`]
+//!   for the heads, [`crate::h1`] for the exchange: heads written straight
+//!   to pooled connections to the instance); upgrades, `CONNECT`, chunked or large bodies, `Expect` and
 //!   HTTP/1.0 go to hyper, which takes the connection over.
 //! - When the instance refuses the connection, the answer is a 502 with
 //!   `x-zeitwork-upstream: connect-failed`, so the edge can try another one.
@@ -35,6 +35,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::{is_upgrade_request, splice_upgrades, strip_hop_by_hop};
+use crate::framing::{self, RequestHead};
 use crate::h1;
 use crate::pki::IssuedCert;
 use crate::proxy::{UPSTREAM_CONNECT_FAILED, UPSTREAM_STATUS_HEADER, error_chain};
@@ -406,7 +407,7 @@ impl NodeProxy {
                 }
                 if buf.len() > MAX_HEAD {
                     out.clear();
-                    h1::simple_response(
+                    framing::simple_response(
                         &mut out,
                         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                         "text/plain",
@@ -585,29 +586,25 @@ impl NodeProxy {
     /// head for the instance into `out`.
     fn plan(&self, buf: &[u8], out: &mut Vec<u8>) -> NpStep {
         let mut storage = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut storage);
-        let head_len = match req.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return NpStep::More,
+        let req = match framing::parse_request(buf, &mut storage, INSTANCE_HEADER) {
+            RequestHead::Partial => return NpStep::More,
             // hyper gives the answers to these (400, 431).
-            Err(_) => return NpStep::Handoff,
+            RequestHead::TooManyHeaders | RequestHead::Invalid | RequestHead::Handoff { .. } => {
+                return NpStep::Handoff;
+            }
+            RequestHead::Ready(req) => req,
         };
-        let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
-            return NpStep::Handoff;
-        };
-        if !path.starts_with('/') || method == "CONNECT" {
+        if req.method == "CONNECT" {
             return NpStep::Handoff;
         }
-        let Some(scan) = h1::scan_request(req.headers, INSTANCE_HEADER) else {
-            return NpStep::Handoff;
-        };
+        let (method, path, head_len, scan) = (req.method, req.path, req.head_len, &req.scan);
         let (instance, body_len, close) = (scan.key, scan.body_len, scan.close);
         // An answer of its own closes the connection when a body would
         // follow (it is not read).
         let close_if_body = close || body_len > 0;
         out.clear();
         let Some(instance) = instance.and_then(|v| std::str::from_utf8(v).ok()) else {
-            h1::simple_response(
+            framing::simple_response(
                 out,
                 StatusCode::BAD_REQUEST,
                 "text/plain",
@@ -627,7 +624,7 @@ impl NodeProxy {
                 close: close_if_body,
             };
         };
-        h1::write_request_head(out, method, path, req.headers, &scan, &[INSTANCE_HEADER]);
+        framing::write_request_head(out, method, path, req.headers, scan, &[INSTANCE_HEADER]);
         out.extend_from_slice(b"\r\n");
         NpStep::Forward {
             head_len,
@@ -635,10 +632,7 @@ impl NodeProxy {
             addr,
             close,
             head_request: method == "HEAD",
-            idempotent: matches!(
-                method,
-                "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-            ),
+            idempotent: req.idempotent(),
         }
     }
 }
@@ -681,7 +675,7 @@ async fn answer<S: AsyncWrite + Unpin>(
         connect_failed_page(out, msg, close);
     } else {
         out.clear();
-        h1::simple_response(out, status, "text/plain", msg.as_bytes(), None, close);
+        framing::simple_response(out, status, "text/plain", msg.as_bytes(), None, close);
     }
     stream.write_all(out).await.is_ok() && stream.flush().await.is_ok() && !close
 }

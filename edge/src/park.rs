@@ -7,7 +7,8 @@
 //! connection has been quiet for a while ([`crate::server`] decides when),
 //! its task ends and the socket is *parked* here: taken out of the runtime's
 //! reactor and added, one-shot, to an epoll set of our own, with its client
-//! address, connection permit and header deadline: about 100 bytes in all.
+//! address, connection permits (the edge's and its client's, see
+//! [`crate::limit`]) and header deadline: about 105 bytes in all.
 //! One task waits on that set (the epoll descriptor is itself pollable);
 //! when a parked socket becomes readable (a request, or the client
 //! closing), it is handed back to the runtime in a new task, and a parked
@@ -15,16 +16,21 @@
 //! second.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+
+use crate::limit::ConnPermit;
+use crate::passthrough::Prefixed;
 
 /// How often parked connections past their header deadline are closed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -36,7 +42,7 @@ const BATCH: usize = 256;
 struct Parked {
     stream: std::net::TcpStream,
     remote: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    permit: ConnPermit,
     /// When the wait for the next request head began.
     idle_since: Instant,
 }
@@ -45,7 +51,7 @@ struct Parked {
 pub struct Woken {
     pub stream: TcpStream,
     pub remote: SocketAddr,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: ConnPermit,
     pub idle_since: Instant,
 }
 
@@ -100,9 +106,9 @@ impl ParkingLot {
         &self,
         stream: TcpStream,
         remote: SocketAddr,
-        permit: OwnedSemaphorePermit,
+        permit: ConnPermit,
         idle_since: Instant,
-    ) -> Result<(), Woken> {
+    ) -> Result<(), Box<Woken>> {
         let stream = match stream.into_std() {
             Ok(s) => s,
             // Not registered any more, nor usable: nothing to give back.
@@ -136,12 +142,12 @@ impl ParkingLot {
                 drop(parked);
                 tracing::debug!(client = %remote, error = %err, "could not park a connection");
                 match TcpStream::from_std(stream) {
-                    Ok(stream) => Err(Woken {
+                    Ok(stream) => Err(Box::new(Woken {
                         stream,
                         remote,
                         permit,
                         idle_since,
-                    }),
+                    })),
                     Err(_) => Ok(()),
                 }
             }
@@ -221,5 +227,47 @@ impl ParkingLot {
     /// How often [`ParkingLot::sweep`] should run.
     pub fn sweep_every() -> Duration {
         SWEEP_EVERY
+    }
+}
+
+/// A client stream the server can wait on without reading from it.
+pub trait Parkable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether an idle connection over this stream can be held in the
+    /// [`ParkingLot`] (a bare TCP stream; TLS state stays in its task).
+    const PARKS: bool = false;
+
+    /// Ready when bytes (or EOF) can be read.
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Parkable for TcpStream {
+    const PARKS: bool = true;
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl<S: Parkable> Parkable for Prefixed<S> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.has_prefix() {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_mut().poll_readable(cx)
+    }
+}
+
+impl<S: Parkable> Parkable for tokio_rustls::server::TlsStream<S> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // rustls may hold records already read from the socket (a request
+        // sent along with the handshake's last flight, or pipelined past
+        // the last read): those are ready now.
+        let (io, tls) = self.get_mut();
+        match tls.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
+            // Plaintext, a close or an error: the next read says which.
+            _ => return Poll::Ready(Ok(())),
+        }
+        io.poll_readable(cx)
     }
 }

@@ -302,6 +302,16 @@ pub(crate) fn host_from_header(h: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
     Some(Cow::Borrowed(host))
 }
 
+/// The `Host` value for a request target's authority: host and port,
+/// without user info.
+fn authority_host(a: &Authority) -> Option<HeaderValue> {
+    let host_port = match a.as_str().rsplit_once('@') {
+        Some((_, rest)) => rest,
+        None => a.as_str(),
+    };
+    HeaderValue::from_str(host_port).ok()
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -570,12 +580,14 @@ impl Proxy {
         let upgrade = is_upgrade_request(req.version(), req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // The request was routed by the target's authority when it has one
+        // (absolute-form, HTTP/2's `:authority`): the app must see that
+        // authority as `Host` too, not a `Host` header the client sent
+        // beside it (RFC 9112 3.2.2, RFC 9113 8.3.1).
+        let original_host = match parts.uri.authority() {
+            Some(a) => authority_host(a),
+            None => parts.headers.get(header::HOST).cloned(),
+        };
         strip_hop_by_hop(&mut parts.headers, upgrade);
         let h = &mut parts.headers;
         if let Some(oh) = original_host {

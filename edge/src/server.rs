@@ -17,11 +17,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::h1;
-use crate::park::ParkingLot;
+use crate::limit::{ConnPermit, PerIp};
+use crate::park::{Parkable, ParkingLot};
 use crate::passthrough::{Hello, Prefixed, open_tunnel, read_client_hello};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 use crate::routes::RouteKind;
@@ -33,6 +34,10 @@ pub struct Limits {
     /// Open client connections across all listeners; more are refused (HTTP:
     /// a `503` and close; TLS: closed before the handshake).
     pub max_connections: usize,
+    /// Open connections of one client (an IPv4 address, an IPv6 /64); more
+    /// are refused (HTTP: a `429` and close; TLS: closed before the
+    /// handshake), so that one client cannot take them all. 0: no limit.
+    pub max_connections_per_ip: usize,
     /// Time a client has to send a complete request head. Also bounds an
     /// idle keep-alive HTTP/1 connection (the timer runs while waiting for
     /// the next request).
@@ -56,6 +61,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 100_000,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             header_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 32 * 1024,
@@ -67,12 +73,18 @@ impl Default for Limits {
     }
 }
 
+/// Default of [`Limits::max_connections_per_ip`]: far above what browsers
+/// open (6 per host) even for many users behind one NAT, far below what it
+/// takes to exhaust [`Limits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
+
 /// Shared state of the listeners of one edge.
 #[derive(Clone)]
 pub struct Server {
     proxy: Arc<Proxy>,
     limits: Arc<Limits>,
     conns: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
     refusals: Arc<Semaphore>,
     shutdown: CancellationToken,
     /// HTTP/1.1 connections parked since the allocator was last trimmed.
@@ -98,11 +110,14 @@ const MAX_PENDING_REFUSALS: usize = 1024;
 
 const OVERLOAD_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 25\r\nconnection: close\r\nretry-after: 1\r\n\r\ntoo many open connections";
 
+const CLIENT_LIMIT_RESPONSE: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 43\r\nconnection: close\r\nretry-after: 1\r\n\r\ntoo many open connections from your address";
+
 impl Server {
     /// Listeners for `proxy`; `shutdown` stops them.
     pub fn new(proxy: Arc<Proxy>, limits: Limits, shutdown: CancellationToken) -> Self {
         Self {
             conns: Arc::new(Semaphore::new(limits.max_connections)),
+            per_ip: PerIp::new(limits.max_connections_per_ip),
             refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
             limits: Arc::new(limits),
             proxy,
@@ -221,17 +236,31 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let Ok(permit) = self.conns.clone().try_acquire_owned() else {
-                // Answer a bounded number of refused clients with a 503;
-                // beyond that, close at once.
-                if let Ok(refusal) = self.refusals.clone().try_acquire_owned() {
-                    let is_tls = tls.is_some();
-                    tokio::spawn(async move {
-                        refuse(stream, is_tls).await;
-                        drop(refusal);
-                    });
-                }
+            let is_tls = tls.is_some();
+            let Ok(total) = self.conns.clone().try_acquire_owned() else {
+                self.refuse(
+                    stream,
+                    remote,
+                    is_tls,
+                    OVERLOAD_RESPONSE,
+                    "connection limit reached",
+                );
                 continue;
+            };
+            let Some(ip) = self.per_ip.acquire(remote.ip()) else {
+                drop(total);
+                self.refuse(
+                    stream,
+                    remote,
+                    is_tls,
+                    CLIENT_LIMIT_RESPONSE,
+                    "client's connection limit reached",
+                );
+                continue;
+            };
+            let permit = ConnPermit {
+                _total: total,
+                _ip: ip,
             };
             let this = self.clone();
             let tls = tls.clone();
@@ -249,6 +278,25 @@ impl Server {
         }
         drop(listener);
         self.drain().await;
+    }
+
+    /// Answers a refused client (a bounded number at once; beyond that,
+    /// closes at once).
+    fn refuse(
+        &self,
+        stream: TcpStream,
+        remote: SocketAddr,
+        tls: bool,
+        answer: &'static [u8],
+        why: &'static str,
+    ) {
+        if let Ok(refusal) = self.refusals.clone().try_acquire_owned() {
+            tokio::spawn(async move {
+                tracing::warn!(client = %remote.ip(), "{why}; refusing a connection");
+                refuse(stream, tls, answer).await;
+                drop(refusal);
+            });
+        }
     }
 
     async fn drain(&self) {
@@ -271,7 +319,7 @@ impl Server {
         &self,
         mut stream: TcpStream,
         remote: SocketAddr,
-        mut permit: OwnedSemaphorePermit,
+        mut permit: ConnPermit,
         mut idle_since: tokio::time::Instant,
         mut readable: bool,
     ) {
@@ -304,6 +352,7 @@ impl Server {
                             return;
                         }
                         Err(w) => {
+                            let w = *w;
                             (stream, permit, idle_since, park, readable) =
                                 (w.stream, w.permit, w.idle_since, false, false);
                         }
@@ -318,7 +367,7 @@ impl Server {
         mut stream: TcpStream,
         remote: SocketAddr,
         acceptor: tokio_rustls::TlsAcceptor,
-        _permit: OwnedSemaphorePermit,
+        _permit: ConnPermit,
     ) {
         let info = ConnInfo { remote, tls: true };
         let deadline = self.limits.handshake_timeout;
@@ -663,11 +712,9 @@ async fn drive<C: Graceful>(conn: C, shutdown: &CancellationToken, info: ConnInf
     }
 }
 
-async fn refuse(mut stream: TcpStream, tls: bool) {
-    tracing::warn!("connection limit reached; refusing a connection");
+async fn refuse(mut stream: TcpStream, tls: bool, answer: &[u8]) {
     if !tls {
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVERLOAD_RESPONSE)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
         let _ = stream.shutdown().await;
     }
 }
@@ -698,48 +745,6 @@ fn release_free_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_free_memory() {}
-
-/// A client stream the server can wait on without reading from it.
-pub trait Parkable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Whether an idle connection over this stream can be held in the
-    /// [`ParkingLot`] (a bare TCP stream; TLS state stays in its task).
-    const PARKS: bool = false;
-
-    /// Ready when bytes (or EOF) can be read.
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-}
-
-impl Parkable for TcpStream {
-    const PARKS: bool = true;
-
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
-    }
-}
-
-impl<S: Parkable> Parkable for Prefixed<S> {
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.has_prefix() {
-            return Poll::Ready(Ok(()));
-        }
-        self.get_mut().poll_readable(cx)
-    }
-}
-
-impl<S: Parkable> Parkable for tokio_rustls::server::TlsStream<S> {
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // rustls may hold records already read from the socket (a request
-        // sent along with the handshake's last flight, or pipelined past
-        // the last read): those are ready now.
-        let (io, tls) = self.get_mut();
-        match tls.process_new_packets() {
-            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
-            // Plaintext, a close or an error: the next read says which.
-            _ => return Poll::Ready(Ok(())),
-        }
-        io.poll_readable(cx)
-    }
-}
 
 /// What the connection driver knows of hyper's progress on one hyper
 /// connection (one round between parkings).
