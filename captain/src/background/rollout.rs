@@ -97,6 +97,8 @@ pub async fn pass(captain: &AppState, timeout: Duration) -> Result<Vec<Action>, 
                 Action::Start(_) => ("building", "starting"),
                 Action::Promote(_) => ("starting", "running"),
                 Action::Fail(_) => ("starting", "failed"),
+                // The release's status does not change.
+                Action::Restart(_) | Action::Replace(_) | Action::Shrink(_) => continue,
             };
             // Best effort: the release's row may already have moved on
             // (e.g. a rollback of a release that once ran).
