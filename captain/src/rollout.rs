@@ -111,11 +111,28 @@ impl Action {
     }
 }
 
-/// Nodes that can take new instances: online and not drained.
-fn placeable<'a>(nodes: &'a [NodeRow], regions: &[String]) -> Vec<&'a NodeRow> {
+/// What bounds the planner's patience.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// How long a rollout may take to become healthy.
+    pub timeout: Duration,
+    /// A node not heard from for this long takes no new instances, even
+    /// before the `liveness` task marks it offline (a captain that has just
+    /// become leader may plan before its first liveness pass).
+    pub node_grace: Duration,
+}
+
+/// Nodes that can take new instances: online, heard from within the grace
+/// period, and not drained.
+fn placeable<'a>(
+    nodes: &'a [NodeRow],
+    regions: &[String],
+    now: i64,
+    grace_ms: i64,
+) -> Vec<&'a NodeRow> {
     nodes
         .iter()
-        .filter(|n| n.state == "online" && !n.drain)
+        .filter(|n| n.state == "online" && !n.drain && now - n.last_seen <= grace_ms)
         .filter(|n| regions.is_empty() || regions.contains(&n.region))
         .collect()
 }
@@ -282,6 +299,7 @@ fn repair_serving(
     instances: &[InstanceRow],
     nodes: &[NodeRow],
     now: i64,
+    grace_ms: i64,
 ) -> Option<Action> {
     let want = s.release.instances() as usize;
     let placed = &s.latest.instances;
@@ -290,7 +308,7 @@ fn repair_serving(
         .filter(|p| !must_leave(&p.node, nodes))
         .collect();
     if staying.len() < want {
-        let candidates = placeable(nodes, regions);
+        let candidates = placeable(nodes, regions, now, grace_ms);
         if candidates.is_empty() {
             tracing::debug!(env = %s.latest.env, app = %s.latest.app, "instances to replace but no node to place them on");
             return None;
@@ -345,10 +363,11 @@ fn plan_app(
     nodes: &[NodeRow],
     now: i64,
     timeout_ms: i64,
+    grace_ms: i64,
 ) -> Vec<Action> {
     let mut out = Vec::new();
     if let Some(rel) = app.release_needing_rollout() {
-        let candidates = placeable(nodes, regions);
+        let candidates = placeable(nodes, regions, now, grace_ms);
         if candidates.is_empty() {
             tracing::debug!(env = %app.env, app = %app.name, "no online node to place a rollout on");
         } else {
@@ -362,7 +381,7 @@ fn plan_app(
             .instances
             .iter()
             .any(|p| must_leave(&p.node, nodes));
-        let candidates = placeable(nodes, regions);
+        let candidates = placeable(nodes, regions, now, grace_ms);
         if stranded && !candidates.is_empty() {
             let count = r.release.instances() as usize;
             let placed = place(count, &candidates, instances, &BTreeMap::new());
@@ -374,7 +393,7 @@ fn plan_app(
     // A promotion makes the serving rollout drain: nothing to repair there.
     let promoting = out.iter().any(|a| matches!(a, Action::Promote(_)));
     if let Some(s) = app.serving.as_ref().filter(|_| !promoting)
-        && let Some(a) = repair_serving(s, regions, instances, nodes, now)
+        && let Some(a) = repair_serving(s, regions, instances, nodes, now, grace_ms)
     {
         out.push(a);
     }
@@ -387,16 +406,25 @@ pub fn plan(
     instances: &[InstanceRow],
     nodes: &[NodeRow],
     now: i64,
-    timeout: Duration,
+    limits: &Limits,
 ) -> Vec<Action> {
-    let timeout_ms = timeout.as_millis() as i64;
+    let timeout_ms = i64::try_from(limits.timeout.as_millis()).unwrap_or(i64::MAX / 2);
+    let grace_ms = i64::try_from(limits.node_grace.as_millis()).unwrap_or(i64::MAX / 2);
     state
         .envs
         .values()
         .flat_map(|env| {
-            env.apps
-                .values()
-                .flat_map(|app| plan_app(app, &env.env.regions, instances, nodes, now, timeout_ms))
+            env.apps.values().flat_map(|app| {
+                plan_app(
+                    app,
+                    &env.env.regions,
+                    instances,
+                    nodes,
+                    now,
+                    timeout_ms,
+                    grace_ms,
+                )
+            })
         })
         .collect()
 }
@@ -477,7 +505,10 @@ mod tests {
         t.insert(deployment_path(&d.env, &d.app, &d.id), d.encode_to_vec());
     }
 
-    const T: Duration = Duration::from_secs(600);
+    const T: &Limits = &Limits {
+        timeout: Duration::from_secs(600),
+        node_grace: Duration::from_secs(3600),
+    };
 
     #[test]
     fn start_spreads_then_promotes_when_all_healthy() {
@@ -565,7 +596,7 @@ mod tests {
         let acts = plan(&s, &[], &nodes, 1000, T);
         apply(&mut t, &acts[0]);
         let s = desired_state(&t, 1000).unwrap();
-        let later = 1000 + T.as_millis() as i64 + 1;
+        let later = 1000 + T.timeout.as_millis() as i64 + 1;
         let acts = plan(&s, &[], &nodes, later, T);
         let [Action::Fail(f)] = acts.as_slice() else {
             panic!("{acts:?}")
@@ -582,6 +613,18 @@ mod tests {
         let (t, _) = tree_with_release();
         let s = desired_state(&t, 0).unwrap();
         assert!(plan(&s, &[], &[node("a", "offline")], 0, T).is_empty());
+        // Online but not heard from within the grace period (not marked
+        // offline yet): no new instance goes there.
+        let late = T.node_grace.as_millis() as i64 + 1;
+        let s = desired_state(&t, late).unwrap();
+        assert!(plan(&s, &[], &[node("a", "online")], late, T).is_empty());
+        let mut fresh = node("b", "online");
+        fresh.last_seen = late;
+        let acts = plan(&s, &[], &[node("a", "online"), fresh], late, T);
+        let [Action::Start(d)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert!(d.instances.iter().all(|p| p.node == "b"), "{d:?}");
     }
 
     /// A tree whose serving rollout places one instance per entry of `on`

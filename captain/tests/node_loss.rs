@@ -534,3 +534,112 @@ both!(
     a_drain_moves_everything_off_in_two_phases_and_survives_heartbeats,
     drain_two_phases
 );
+
+/// A captain that does not lead, because another one (`ghost`, renewing
+/// the lease on the same database as a captain does) holds the lease.
+async fn standby_captain(backend: Backend) -> (Env, Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = common::fresh_database(backend, dir.path()).await;
+    let db = captain::db::Db::connect(&database_url, 2).await.unwrap();
+    let ghost = captain::leader::Leadership::new("ghost");
+    assert!(ghost.renew(&db).await.unwrap().is_some(), "the ghost leads");
+    let stop = Arc::new(AtomicBool::new(false));
+    let holder = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let _ = ghost.renew(&db).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            ghost.release(&db).await;
+        })
+    };
+    let captain = captain::Captain::start(common::config(dir.path(), &database_url))
+        .await
+        .unwrap();
+    let token = std::fs::read_to_string(dir.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let base = format!("http://{}", captain.local_addr());
+    let env = Env {
+        backend,
+        dir,
+        database_url,
+        captain: Some(captain),
+        base,
+        token,
+        http: reqwest::Client::new(),
+        builder: None,
+        store: None,
+    };
+    (env, stop, holder)
+}
+
+async fn non_leader_writes_nothing(backend: Backend) {
+    let (env, stop, holder) = standby_captain(backend).await;
+    let (_, app) = env.project_and_app("shop", "web").await;
+    let nodes = [
+        SimNode::start(&env, "n1").await,
+        SimNode::start(&env, "n2").await,
+        SimNode::start(&env, "n3").await,
+    ];
+    let (s, d) = env
+        .post(
+            "/v1/deployments",
+            json!({"app_id": app, "image_digest": digest(1), "port": 8080}),
+        )
+        .await;
+    assert_eq!(s, 201, "{d}");
+    // n1 dies, n2 is drained: a leader would mark n1 offline and place the
+    // rollout on n3. This captain does not lead: it writes nothing.
+    nodes[0].alive.store(false, Ordering::SeqCst);
+    let (s, _) = env.put("/v1/nodes/n2/drain", json!({"drain": true})).await;
+    assert_eq!(s, 200);
+    let commits = commit_count(&env.meta_dir());
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        commit_count(&env.meta_dir()),
+        commits,
+        "a standby captain wrote"
+    );
+    assert!(deployment_files(&env).is_empty());
+    assert_eq!(
+        env.get("/v1/nodes/n1").await.1["state"],
+        "online",
+        "liveness ran on a standby"
+    );
+    let (_, tasks) = env.get("/v1/admin/tasks").await;
+    let rollout = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "rollout")
+        .unwrap();
+    assert!(
+        rollout.to_string().contains("another captain leads"),
+        "{rollout}"
+    );
+
+    // The other captain goes: this one leads, marks n1 lost and rolls out
+    // on the only usable node.
+    let released = now_millis();
+    stop.store(true, Ordering::SeqCst);
+    holder.await.unwrap();
+    let first = wait_for(
+        "a rollout by the new leader",
+        Duration::from_secs(10),
+        || deployment_files(&env).into_iter().next(),
+    )
+    .await;
+    assert!(first.created_at >= released);
+    // n1 is not heard from (its heartbeats are stale even before the new
+    // leader's liveness pass marks it), n2 is drained.
+    assert_eq!(nodes_of(&first), BTreeSet::from(["n3".to_string()]));
+    drop(nodes);
+    env.stop().await;
+}
+both!(
+    a_captain_that_does_not_lead_writes_nothing,
+    non_leader_writes_nothing
+);
