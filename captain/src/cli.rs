@@ -37,9 +37,13 @@ pub struct Args {
     /// Seconds between re-reads of the meta repository (and origin fetches).
     #[arg(long, default_value_t = 10)]
     pub poll_interval_secs: u64,
-    /// Expected node heartbeat interval in seconds; 3 missed = offline.
+    /// Expected node heartbeat interval in seconds.
     #[arg(long, default_value_t = 5)]
     pub heartbeat_interval_secs: u64,
+    /// Seconds without a heartbeat after which a node is offline (lost) and
+    /// its instances are replaced on other nodes.
+    #[arg(long, visible_alias = "node-grace-secs", default_value_t = 10)]
+    pub node_grace_seconds: u64,
     #[arg(long, env = "ZW_GITHUB_WEBHOOK_SECRET", hide_env_values = true)]
     pub github_webhook_secret: Option<String>,
     #[arg(long, env = "ZW_GITHUB_CLIENT_ID")]
@@ -78,6 +82,7 @@ impl Args {
         c.platform_domains = self.platform_domains.clone();
         c.poll_interval = Duration::from_secs(self.poll_interval_secs.max(1));
         c.heartbeat_interval = Duration::from_secs(self.heartbeat_interval_secs.max(1));
+        c.node_grace = Duration::from_secs(self.node_grace_seconds.max(1));
         c.github_webhook_secret = self.github_webhook_secret.clone();
         c.github_client_id = self.github_client_id.clone();
         c.github_client_secret = self.github_client_secret.clone();
@@ -161,6 +166,8 @@ mod tests {
             "localhost",
             "--heartbeat-interval-secs",
             "2",
+            "--node-grace-seconds",
+            "7",
         ])
         .unwrap();
         let c = cli.args.config();
@@ -173,6 +180,7 @@ mod tests {
         );
         assert_eq!(c.platform_domains, vec!["zeitwork.app", "localhost"]);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(c.node_grace, Duration::from_secs(7));
         assert_eq!(
             c.admin_token_path(),
             PathBuf::from("/var/lib/zw/admin.token")
@@ -183,6 +191,7 @@ mod tests {
     #[test]
     fn embedded_defaults() {
         let c = Config::new("/d");
+        assert_eq!(c.node_grace, Duration::from_secs(10));
         assert_eq!(c.database_url(), "sqlite:///d/captain.db?mode=rwc");
         assert!(c.github_webhook_secret.is_none() && c.github_client_id.is_none());
         assert_eq!(

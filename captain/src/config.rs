@@ -9,6 +9,9 @@ use std::time::Duration;
 /// Default largest uploaded source (gzip'd tar), in bytes.
 pub const DEFAULT_MAX_SOURCE_BYTES: u64 = 1 << 30;
 
+/// Default [`Config::node_grace`].
+pub const DEFAULT_NODE_GRACE: Duration = Duration::from_secs(10);
+
 /// The cluster key's file name under the data directory, unless
 /// [`Config::cluster_key_file`] names another.
 pub const LINK_SECRET_FILE: &str = "node-link.secret";
@@ -40,8 +43,12 @@ pub struct Config {
     pub meta_remote: Option<String>,
     /// How often the mirror re-reads the repository (and fetches origin).
     pub poll_interval: Duration,
-    /// Expected node heartbeat interval; 3 missed = offline.
+    /// Expected node heartbeat interval (the `liveness` task checks at
+    /// least this often).
     pub heartbeat_interval: Duration,
+    /// A node not heard from for this long is offline (lost): the leader
+    /// replaces its instances on other nodes.
+    pub node_grace: Duration,
     /// Domains written into a new env's `env.pb`.
     pub platform_domains: Vec<String>,
     pub github_webhook_secret: Option<String>,
@@ -94,6 +101,7 @@ impl Config {
             meta_remote: None,
             poll_interval: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(5),
+            node_grace: DEFAULT_NODE_GRACE,
             platform_domains: vec!["localhost".into()],
             github_webhook_secret: None,
             github_client_id: None,

@@ -240,8 +240,8 @@ fn background_tasks(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<JoinH
             state.clone(),
             Schedule {
                 name: "liveness".into(),
-                description: "mark nodes that missed 3 heartbeats offline",
-                period: c.heartbeat_interval,
+                description: "mark nodes not heard from within the grace period offline",
+                period: background::liveness::period(c.heartbeat_interval, c.node_grace),
                 wake: None,
                 cancel_on_stop: false,
                 leader_only: true,

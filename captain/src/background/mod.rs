@@ -11,8 +11,8 @@
 //! |---|---|---|---|
 //! | `lease` | 0.7 s | | takes or renews the leader's lease ([`crate::leader`]) |
 //! | `mirror` | `poll_interval` | a commit written or pushed | follows the origin, indexes the meta repo into the database |
-//! | `liveness` | `heartbeat_interval` | | marks nodes that missed 3 heartbeats offline |
-//! | `rollout` | `rollout_interval` | reports, commits | plans and writes deployment files ([`crate::rollout`]) |
+//! | `liveness` | min(`heartbeat_interval`, `node_grace`/10) | | marks nodes not heard from within `node_grace` offline |
+//! | `rollout` | `rollout_interval` | reports, commits, drains, lost nodes | plans and writes deployment files ([`crate::rollout`]) |
 //! | `routes` | 1 s | reports, rollouts | recomputes the edges' route table |
 //! | `notify-nodes` | 30 s | a new meta head | tells online nodes to fetch now |
 //! | `build-worker-N` | 2 s | a queued build | claims and runs builds |

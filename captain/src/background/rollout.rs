@@ -1,8 +1,6 @@
 //! `rollout`: one pass of the rollout planner ([`crate::rollout::plan`])
 //! over what is observed now, and the deployment files it proposes written.
 
-use std::time::Duration;
-
 use futures::future::BoxFuture;
 use meta_schema::desired::{DesiredState, desired_state};
 use meta_schema::layout::deployment_path;
@@ -11,7 +9,7 @@ use meta_schema::repo::ChangeSet;
 use prost::Message;
 
 use crate::db::{InstanceRow, NodeRow};
-use crate::rollout::{Action, plan};
+use crate::rollout::{Action, Limits, plan};
 use crate::state::AppState;
 
 pub struct Rollout;
@@ -22,7 +20,11 @@ impl super::Task for Rollout {
         st: &'a AppState,
     ) -> BoxFuture<'a, Result<serde_json::Value, String>> {
         Box::pin(async move {
-            let actions = pass(st, st.config.rollout_timeout)
+            let limits = Limits {
+                timeout: st.config.rollout_timeout,
+                node_grace: st.config.node_grace,
+            };
+            let actions = pass(st, &limits)
                 .await
                 .map_err(|e| zw_util::error_chain(&e))?;
             Ok(serde_json::json!({
@@ -68,7 +70,7 @@ impl Observed {
 }
 
 /// One pass: read, plan, write. Returns the actions taken.
-pub async fn pass(captain: &AppState, timeout: Duration) -> Result<Vec<Action>, RolloutError> {
+pub async fn pass(captain: &AppState, limits: &Limits) -> Result<Vec<Action>, RolloutError> {
     let now = now_millis();
     let Some(Observed {
         state,
@@ -78,7 +80,7 @@ pub async fn pass(captain: &AppState, timeout: Duration) -> Result<Vec<Action>, 
     else {
         return Ok(Vec::new());
     };
-    let actions = plan(&state, &instances, &nodes, now, timeout);
+    let actions = plan(&state, &instances, &nodes, now, limits);
     for action in &actions {
         let d = action.deployment();
         // Fenced: written only while this captain holds the leader's lease,
@@ -97,6 +99,8 @@ pub async fn pass(captain: &AppState, timeout: Duration) -> Result<Vec<Action>, 
                 Action::Start(_) => ("building", "starting"),
                 Action::Promote(_) => ("starting", "running"),
                 Action::Fail(_) => ("starting", "failed"),
+                // The release's status does not change.
+                Action::Restart(_) | Action::Replace(_) | Action::Shrink(_) => continue,
             };
             // Best effort: the release's row may already have moved on
             // (e.g. a rollback of a release that once ran).

@@ -178,6 +178,7 @@ pub fn config(dir: &Path, database_url: &str) -> Config {
     c.database_url = Some(database_url.to_string());
     c.poll_interval = std::time::Duration::from_millis(300);
     c.heartbeat_interval = std::time::Duration::from_millis(200);
+    c.node_grace = std::time::Duration::from_millis(600);
     c.github_webhook_secret = Some("It's a Secret to Everybody".into());
     let mut hook = test_hook_command();
     // The hook runs this binary; the env var tells its entry test to act.
