@@ -1,5 +1,5 @@
 //! The user-facing commands of `zw`: login, apps, deploy, status, logs,
-//! releases, rollback, env, scale. They talk to the captain's REST API
+//! releases, rollback, env, scale, and the operators' cluster and nodes. They talk to the captain's REST API
 //! ([`api`]) found by [`creds`]; the commands that make a new release from
 //! an existing one (rollback, env, scale, and a redeploy) write it to the
 //! meta repository over the captain's git endpoint ([`metarepo`]), so that
@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod apps;
+pub mod cluster;
 pub mod creds;
 pub mod deploy;
 pub mod logs;
@@ -40,6 +41,12 @@ pub enum Command {
     Env(releases::EnvCommand),
     /// Set the number of instances (a new release).
     Scale(releases::ScaleArgs),
+    /// The cluster (admins): join tokens for workers and edges.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// The cluster's workers and edges (admins): list, drain, remove.
+    #[command(subcommand)]
+    Nodes(cluster::NodesCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,6 +86,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Rollback(a) => releases::rollback(a),
         Command::Env(c) => releases::env(c),
         Command::Scale(a) => releases::scale(a),
+        Command::Cluster(c) => cluster::run_cluster(c),
+        Command::Nodes(c) => cluster::run_nodes(c),
     }
 }
 
@@ -88,17 +97,10 @@ fn login(a: LoginArgs) -> anyhow::Result<()> {
         .api
         .clone()
         .ok_or_else(|| anyhow::anyhow!("zw login needs --api URL"))?;
-    let token = a
-        .conn
-        .token
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("zw login needs --token TOKEN"))?;
-    let client = api::Api::new(
-        &api_url,
-        api::Origin::Flag,
-        token.clone(),
-        api::Origin::Flag,
-    )?;
+    let (token, token_origin) = a.conn.given_token()?.ok_or_else(|| {
+        anyhow::anyhow!("zw login needs a token: --token-file PATH or $ZW_TOKEN (or --token T)")
+    })?;
+    let client = api::Api::new(&api_url, api::Origin::Flag, token.clone(), token_origin)?;
     // Any authenticated read proves the URL and the token.
     let projects: Vec<serde_json::Value> = client.get("/v1/projects")?;
     let path = creds::save_credentials(&creds::Credentials {
