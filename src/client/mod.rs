@@ -14,6 +14,9 @@ pub mod logs;
 pub mod metarepo;
 pub mod releases;
 
+use api_types::deployments::DeploymentView;
+use api_types::nodes::InstanceView;
+use api_types::projects::{AppView, ProjectView};
 use serde::Deserialize;
 
 use creds::ConnArgs;
@@ -167,46 +170,6 @@ pub fn project_file_app(dir: &std::path::Path) -> anyhow::Result<Option<String>>
     Ok(None)
 }
 
-/// An app as the API shows it.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct AppView {
-    pub id: String,
-    pub project_id: String,
-    pub env: String,
-    pub name: String,
-    pub created_at: i64,
-    pub active_release: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct ProjectView {
-    pub id: String,
-    pub name: String,
-    pub repo: String,
-    pub branch: String,
-    pub created_at: i64,
-    pub apps: Vec<AppView>,
-}
-
-/// A deployment (= release) as the API shows it.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct DeploymentView {
-    pub id: String,
-    pub app_id: String,
-    pub env: String,
-    pub app: String,
-    pub image_digest: String,
-    pub source_commit: String,
-    pub min_instances: i64,
-    pub status: String,
-    pub reason: String,
-    pub present: bool,
-    pub path: String,
-    pub commit: String,
-    pub created_at: i64,
-    pub updated_at: i64,
-}
-
 /// Find an app by `name` or `name.env`.
 pub fn resolve_app(client: &api::Api, name: &str) -> anyhow::Result<AppView> {
     if name.contains('.') {
@@ -337,18 +300,6 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// An instance as followers report it.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct InstanceView {
-    pub id: String,
-    pub node_id: String,
-    pub env: String,
-    pub app: String,
-    pub release_id: String,
-    pub state: String,
-    pub reason: String,
 }
 
 pub fn reason_suffix(r: &str) -> String {
