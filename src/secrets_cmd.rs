@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
+use api_types::secrets::SecretsView;
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::client::api::{Api, enc};
@@ -115,21 +115,6 @@ pub struct RotateArgs {
     pub json: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
-}
-
-/// The captain's view of an app's secrets (`SecretsView`).
-#[derive(Debug, Deserialize, Serialize)]
-pub struct SecretsView {
-    pub app_id: String,
-    pub env: String,
-    pub app: String,
-    pub names: Vec<String>,
-    pub path: String,
-    pub recipients: Vec<String>,
-    pub env_recipients: Vec<String>,
-    pub stale: bool,
-    pub release: Option<String>,
-    pub commit: Option<String>,
 }
 
 /// Secret values; `Debug` never shows them.

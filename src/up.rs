@@ -207,7 +207,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let flags = EdgeFlags::try_parse_from([
         "edge".to_string(),
         format!("--captain={api_url}"),
-        format!("--token={token}"),
+        format!("--token-file={}", token_path.display()),
         format!("--http={}", args.http),
         format!("--https={}", args.https),
         format!("--data-dir={}", edge_dir.display()),

@@ -263,3 +263,42 @@ fn only_meta_schema_runs_git() {
         "these files start git outside meta-schema (go through meta_schema::repo): {offenders:?}"
     );
 }
+
+/// The CLI reads the captain's answers as the captain's own wire types
+/// (`api-types`), never as copies that could drift from them.
+#[test]
+fn the_cli_declares_no_wire_types_of_its_own() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut copies = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let l = line.trim_start();
+                let Some(rest) = l
+                    .strip_prefix("pub struct ")
+                    .or_else(|| l.strip_prefix("struct "))
+                else {
+                    continue;
+                };
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if name.ends_with("View") {
+                    copies.push(format!("{}:{}: {name}", p.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        copies.is_empty(),
+        "use the api-types crate's types instead of: {copies:?}"
+    );
+}

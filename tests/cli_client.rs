@@ -1,5 +1,8 @@
 //! The user CLI (`zw login|apps|deploy|status|releases|env|scale|rollback|
-//! logs`) run as the real `zw` binary against a real captain started in
+//! logs`), the operators' `zw cluster token create` and `zw nodes
+//! list|drain|remove`, and where every command takes its token from
+//! (`--token-file`, the environment, `--token` with a warning), run as the
+//! real `zw` binary against a real captain started in
 //! this process on loopback, with a temporary data dir, SQLite and the
 //! captain's own meta repository (pushes validated by `zw
 //! captain-pre-receive`).
@@ -85,11 +88,35 @@ impl TestCaptain {
         c.output().unwrap()
     }
 
-    /// Run `zw` authenticated by flags.
+    /// Run `zw` with `--api` and the admin token in `$ZW_TOKEN` (not on
+    /// the command line, where every user of the host could read it).
     fn zw(&self, args: &[&str]) -> Output {
+        self.zw_as(&self.token, args)
+    }
+
+    /// Run `zw` with `--api` and `token` in `$ZW_TOKEN`.
+    fn zw_as(&self, token: &str, args: &[&str]) -> Output {
         let mut all = args.to_vec();
-        all.extend(["--api", &self.api, "--token", &self.token]);
-        self.zw_in(self.home.path(), &all, &[])
+        all.extend(["--api", &self.api]);
+        self.zw_in(self.home.path(), &all, &[("ZW_TOKEN", token)])
+    }
+
+    /// Call the API as `token`: the answer's status and JSON body.
+    fn call(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+        let http = reqwest::blocking::Client::new();
+        let mut r = http
+            .request(method.parse().unwrap(), format!("{}{path}", self.api))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -679,4 +706,526 @@ fn deploy_builds_the_current_directory_on_the_captain() {
         .strip_prefix("sha256:")
         .unwrap();
     assert!(store.join("images").join(hex).join("rootfs.ext4").is_file());
+}
+
+/// A user (not admin) token of the captain.
+fn user_token(t: &TestCaptain) -> String {
+    let (s, v) = t.call(
+        "POST",
+        "/v1/tokens",
+        &t.token,
+        Some(serde_json::json!({"name": "alice", "kind": "user"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    v["secret"].as_str().unwrap().to_string()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn cluster_token_create_prints_the_token_or_json_and_the_captains_refusals() {
+    let t = TestCaptain::start();
+    // Plain: the token alone, so `T=$(zw cluster token create ...)` works.
+    let out = t.ok(&["cluster", "token", "create", "--role", "worker"]);
+    assert!(out.ends_with('\n') && out.lines().count() == 1, "{out:?}");
+    let token = out.trim();
+    assert!(token.starts_with("zwj_") && token.len() > 40, "{token:?}");
+
+    let before = now_ms();
+    let v = t.json(&[
+        "cluster", "token", "create", "--role", "edge", "--ttl", "90s", "--json",
+    ]);
+    let after = now_ms();
+    assert_eq!(v["role"], "edge");
+    assert!(v["token"].as_str().unwrap().starts_with("zwj_"), "{v}");
+    let exp = v["expires_at"].as_i64().unwrap();
+    // The captain reads the database's clock: allow a second either side.
+    assert!(
+        exp >= before + 89_000 && exp <= after + 91_000,
+        "expires_at {exp} is not 90 s after {before}..{after}"
+    );
+    let v = t.json(&[
+        "cluster", "token", "create", "--role", "worker", "--ttl", "7d", "--json",
+    ]);
+    let exp = v["expires_at"].as_i64().unwrap();
+    assert!((exp - now_ms() - 7 * 86_400_000).abs() < 60_000, "{v}");
+
+    // The token is what the captain takes: an edge joins with it once.
+    let (_key, csr) = edge::pki::key_and_csr("e1").unwrap();
+    let edge_token = t.json(&["cluster", "token", "create", "--role", "edge", "--json"]);
+    let join = |tok: &str| {
+        reqwest::blocking::Client::new()
+            .post(format!("{}/v1/cluster/join", t.api))
+            .bearer_auth(tok)
+            .json(&serde_json::json!({"role": "edge", "name": "e1", "csr_pem": csr}))
+            .send()
+            .unwrap()
+    };
+    let r = join(edge_token["token"].as_str().unwrap());
+    assert_eq!(r.status().as_u16(), 201, "{}", r.text().unwrap());
+    // ... and the worker token of the plain run is refused for an edge.
+    let r = join(token);
+    assert_eq!(r.status().as_u16(), 403);
+
+    // A bad role and a too long ttl: the captain's own words.
+    let e = failed(&t.zw(&["cluster", "token", "create", "--role", "db"]));
+    assert!(e.contains("role \"db\" is not worker or edge"), "{e}");
+    let e = failed(&t.zw(&[
+        "cluster", "token", "create", "--role", "worker", "--ttl", "8d",
+    ]));
+    assert!(
+        e.contains("a join token lasts from 1 second to 7 days")
+            && e.contains("not 691200 seconds"),
+        "{e}"
+    );
+    // Less than a second is no ttl at all.
+    let e = failed(&t.zw(&[
+        "cluster", "token", "create", "--role", "worker", "--ttl", "500ms",
+    ]));
+    assert!(e.contains("not 0 seconds"), "{e}");
+    // A ttl that is no duration never reaches the captain.
+    let o = t.zw(&[
+        "cluster",
+        "token",
+        "create",
+        "--role",
+        "worker",
+        "--ttl",
+        "1 fortnight",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("--ttl") && e.contains("1 fortnight"), "{e}");
+
+    // A user token is refused, saying what it needs.
+    let user = user_token(&t);
+    let e = failed(&t.zw_as(&user, &["cluster", "token", "create", "--role", "worker"]));
+    assert!(
+        e.contains("a user token may not call this endpoint; it needs an admin token"),
+        "{e}"
+    );
+}
+
+#[test]
+fn nodes_list_drain_and_remove_real_nodes_and_edges() {
+    let t = TestCaptain::start();
+    // Two nodes registered by an admin, as `zw up` and tests do.
+    let mut node_tokens = std::collections::BTreeMap::new();
+    for id in ["n1", "n2"] {
+        let (s, v) = t.call(
+            "POST",
+            "/v1/nodes",
+            &t.token,
+            Some(serde_json::json!({
+                "id": id, "address": format!("10.0.0.{}", &id[1..]),
+                "cpus": 2, "memory_bytes": 1u64 << 30, "disk_bytes": 1u64 << 32,
+            })),
+        );
+        assert_eq!(s, 201, "{v}");
+        node_tokens.insert(id, v["token"].as_str().unwrap().to_string());
+    }
+    // n1 beats and runs one instance.
+    let (s, v) = t.call(
+        "PUT",
+        "/v1/nodes/n1/state",
+        &node_tokens["n1"],
+        Some(serde_json::json!({"state": "online", "resources": {
+            "cpus": 2, "memory_bytes": 1u64 << 30, "disk_bytes": 1u64 << 32,
+            "memory_used_bytes": 0, "instances": 1}})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = t.call(
+        "POST",
+        "/v1/instances",
+        &node_tokens["n1"],
+        Some(
+            serde_json::json!({"id": "i-1", "node_id": "n1", "env": "production",
+            "app": "web", "release_id": "rel-1", "state": "healthy"}),
+        ),
+    );
+    assert_eq!(s, 200, "{v}");
+    // An edge that joined the cluster.
+    let edge = t.json(&["cluster", "token", "create", "--role", "edge", "--json"]);
+    let (_key, csr) = edge::pki::key_and_csr("e1").unwrap();
+    let (s, v) = t.call(
+        "POST",
+        "/v1/cluster/join",
+        edge["token"].as_str().unwrap(),
+        Some(serde_json::json!({"role": "edge", "name": "e1", "csr_pem": csr})),
+    );
+    assert_eq!(s, 201, "{v}");
+
+    let out = t.ok(&["nodes", "list"]);
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        lines[0],
+        [
+            "ID",
+            "ROLE",
+            "STATE",
+            "DRAIN",
+            "HEARTBEAT",
+            "INSTANCES",
+            "ADDRESS"
+        ],
+        "{out}"
+    );
+    let row = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l[0] == id)
+            .unwrap_or_else(|| panic!("no row {id} in\n{out}"))
+            .clone()
+    };
+    let n1 = row("n1");
+    assert_eq!(n1[1..4], ["worker", "online", "no"], "{out}");
+    assert!(n1[4].ends_with("s ago"), "{out}");
+    assert_eq!(n1[5..], ["1", "10.0.0.1"], "{out}");
+    // Registration counts as n2's first sign of life.
+    let n2 = row("n2");
+    assert!(n2[4].ends_with("s ago") && n2[5] == "0", "{out}");
+    assert_eq!(
+        row("e1")[1..],
+        ["edge", "joined", "-", "-", "-", "-"],
+        "{out}"
+    );
+
+    let v = t.json(&["nodes", "list", "--json"]);
+    let nodes: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["n1", "n2"], "{v}");
+    assert_eq!(v["members"][0]["id"], "e1", "{v}");
+    assert_eq!(v["members"][0]["role"], "edge", "{v}");
+    assert!(v["members"][0]["removed_at"].is_null(), "{v}");
+
+    // Drain and wait: the wait ends when the node's last instance stopped.
+    let mut c = Command::new(ZW);
+    c.args([
+        "nodes",
+        "drain",
+        "n1",
+        "--wait",
+        "--timeout",
+        "60s",
+        "--api",
+        &t.api,
+    ])
+    .env("ZW_TOKEN", &t.token)
+    .env("HOME", t.home.path())
+    .env("XDG_CONFIG_HOME", t.home.path().join("config"))
+    .env("ZW_DATA_DIR", t.home.path().join("no-data"))
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = Running(Some(c.spawn().unwrap()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !t.call("GET", "/v1/nodes/n1", &t.token, None).1["drain"]
+        .as_bool()
+        .unwrap()
+    {
+        assert!(std::time::Instant::now() < deadline, "never drained");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (s, v) = t.call(
+        "PUT",
+        "/v1/instances/i-1/state",
+        &node_tokens["n1"],
+        Some(serde_json::json!({"state": "stopped"})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let o = child.wait_output(std::time::Duration::from_secs(30));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("node n1 is draining")
+            && out.contains("node n1: 1 instance left: web.production healthy")
+            && out.contains("node n1 is empty"),
+        "{out}"
+    );
+    assert_eq!(row_of(&t.ok(&["nodes", "list"]), "n1")[3], "yes");
+
+    // A wait that cannot end says so when its time is up.
+    let (s, v) = t.call(
+        "POST",
+        "/v1/instances",
+        &node_tokens["n2"],
+        Some(
+            serde_json::json!({"id": "i-2", "node_id": "n2", "env": "production",
+            "app": "web", "release_id": "rel-1", "state": "starting"}),
+        ),
+    );
+    assert_eq!(s, 200, "{v}");
+    let e = failed(&t.zw(&["nodes", "drain", "n2", "--wait", "--timeout", "2s"]));
+    assert!(e.contains("node n2 still has 1 instance after 2s"), "{e}");
+
+    // --off: the node takes instances again.
+    let out = t.ok(&["nodes", "drain", "n1", "--off"]);
+    assert!(out.contains("node n1 takes instances again"), "{out}");
+    assert_eq!(
+        t.call("GET", "/v1/nodes/n1", &t.token, None).1["drain"],
+        false
+    );
+    let e = failed(&t.zw(&["nodes", "drain", "nope"]));
+    assert!(
+        e.contains("node \"nope\" does not exist (not_found)"),
+        "{e}"
+    );
+
+    // Remove: a node that never joined (DELETE /v1/nodes), an edge member.
+    let out = t.ok(&["nodes", "remove", "n2"]);
+    assert!(out.contains("node n2 removed"), "{out}");
+    assert_eq!(t.call("GET", "/v1/nodes/n2", &t.token, None).0, 404);
+    // Its token is revoked with it.
+    assert_eq!(
+        t.call(
+            "PUT",
+            "/v1/nodes/n2/state",
+            &node_tokens["n2"],
+            Some(serde_json::json!({"state": "online"}))
+        )
+        .0,
+        401
+    );
+    let out = t.ok(&["nodes", "remove", "e1"]);
+    assert!(out.contains("e1 removed from the cluster"), "{out}");
+    let v = t.json(&["nodes", "list", "--json"]);
+    assert!(v["members"][0]["removed_at"].is_i64(), "{v}");
+    let out = t.ok(&["nodes", "list"]);
+    assert!(!out.contains("e1") && !out.contains("n2"), "{out}");
+    let e = failed(&t.zw(&["nodes", "remove", "ghost"]));
+    assert!(
+        e.contains("no node and no member of the cluster is named \"ghost\""),
+        "{e}"
+    );
+
+    // Only admins.
+    let user = user_token(&t);
+    for args in [
+        &["nodes", "list"][..],
+        &["nodes", "drain", "n1"],
+        &["nodes", "remove", "n1"],
+    ] {
+        let e = failed(&t.zw_as(&user, args));
+        assert!(
+            e.contains("a user token may not call this endpoint; it needs an admin token"),
+            "{args:?}: {e}"
+        );
+    }
+    assert!(t.call("GET", "/v1/nodes/n1", &t.token, None).0 == 200);
+}
+
+/// A child process, killed and reaped on drop (when a test fails).
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn wait_output(mut self, limit: std::time::Duration) -> Output {
+        let deadline = std::time::Instant::now() + limit;
+        while self.0.as_mut().unwrap().try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running after {limit:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn row_of(out: &str, id: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .find(|l| l[0] == id)
+        .unwrap_or_else(|| panic!("no row {id} in\n{out}"))
+}
+
+#[test]
+fn tokens_come_from_a_file_or_the_environment_and_the_command_line_is_warned() {
+    let t = TestCaptain::start();
+    let cwd = t.home.path();
+    let warning = "warning: --token on the command line is readable by every user of this host";
+    let file = t.home.path().join("admin.token");
+    std::fs::write(&file, format!("{}\n", t.token)).unwrap();
+    let f = file.to_str().unwrap();
+
+    // --token still works, with the warning naming the safer ways.
+    let o = t.zw_in(
+        cwd,
+        &["apps", "list", "--api", &t.api, "--token", &t.token],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(warning) && e.contains("--token-file PATH or $ZW_TOKEN"),
+        "{e}"
+    );
+    // --token-file and $ZW_TOKEN: no warning.
+    let o = t.zw_in(
+        cwd,
+        &["apps", "list", "--api", &t.api, "--token-file", f],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    let o = t.zw(&["apps", "list"]);
+    assert!(
+        o.status.success() && !stderr(&o).contains("warning"),
+        "{}",
+        stderr(&o)
+    );
+    // The file wins over the environment; a bad one is named.
+    let o = t.zw_in(
+        cwd,
+        &["apps", "list", "--api", &t.api, "--token-file", f],
+        &[("ZW_TOKEN", "zw_wrong")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bad = t.home.path().join("bad.token");
+    std::fs::write(&bad, "zw_wrong\n").unwrap();
+    let e = failed(&t.zw_in(
+        cwd,
+        &[
+            "apps",
+            "list",
+            "--api",
+            &t.api,
+            "--token-file",
+            bad.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(
+        e.contains(&format!("(token from {})", bad.display())),
+        "{e}"
+    );
+    let missing = t.home.path().join("missing.token");
+    let e = failed(&t.zw_in(
+        cwd,
+        &[
+            "apps",
+            "list",
+            "--api",
+            &t.api,
+            "--token-file",
+            missing.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(
+        e.contains(&format!("reading the API token from {}", missing.display())),
+        "{e}"
+    );
+    // Both at once is a mistake.
+    let o = t.zw_in(
+        cwd,
+        &["apps", "list", "--token", "x", "--token-file", f],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // zw login takes the file too, and saves the token.
+    let o = t.zw_in(cwd, &["login", "--api", &t.api, "--token-file", f], &[]);
+    assert!(
+        o.status.success() && !stderr(&o).contains("warning"),
+        "{}",
+        stderr(&o)
+    );
+    let saved: Value = serde_json::from_slice(
+        &std::fs::read(t.home.path().join("config/zeitwork/credentials.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["token"], t.token.as_str());
+
+    // zw follower and zw edge: the same, before they start anything (here
+    // they stop at a later bad flag, so no service is left running).
+    let node_dir = t.home.path().join("node");
+    let nd = node_dir.to_str().unwrap();
+    let follower = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec![
+            "follower",
+            "--data-dir",
+            nd,
+            "--instance-range",
+            "not-a-range",
+        ];
+        args.extend(extra);
+        t.zw_in(cwd, &args, env)
+    };
+    let e = failed(&follower(&["--token", "zw_x"], &[]));
+    assert!(
+        e.contains(warning) && e.contains("--token-file PATH or $ZW_TOKEN"),
+        "{e}"
+    );
+    let e = failed(&follower(&["--token-file", f], &[]));
+    assert!(
+        !e.contains("warning") && e.contains("--instance-range"),
+        "{e}"
+    );
+    let e = failed(&follower(&[], &[("ZW_TOKEN", "zw_x")]));
+    assert!(!e.contains("warning"), "{e}");
+    let e = failed(&follower(&["--token-file", missing.to_str().unwrap()], &[]));
+    assert!(e.contains("reading the node token from"), "{e}");
+
+    let edge_dir = t.home.path().join("edge");
+    let ed = edge_dir.to_str().unwrap();
+    let no_routes = t.home.path().join("no-routes.json");
+    let edge = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec![
+            "edge",
+            "--data-dir",
+            ed,
+            "--http",
+            "127.0.0.1:0",
+            "--no-https",
+            "--routes-file",
+            no_routes.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        t.zw_in(cwd, &args, env)
+    };
+    let e = failed(&edge(&["--token", "zw_x"], &[]));
+    assert!(
+        e.contains(warning) && e.contains("--token-file PATH or $ZW_EDGE_TOKEN"),
+        "{e}"
+    );
+    let e = failed(&edge(&["--token-file", f], &[]));
+    assert!(
+        !e.contains("warning") && e.contains("no-routes.json"),
+        "{e}"
+    );
+    let e = failed(&edge(&[], &[("ZW_EDGE_TOKEN", "zw_x")]));
+    assert!(!e.contains("warning"), "{e}");
+    let e = failed(&edge(&["--token-file", missing.to_str().unwrap()], &[]));
+    assert!(e.contains("reading the edge token from"), "{e}");
 }

@@ -95,3 +95,18 @@ pub struct Renewed {
     pub cert_expires_at: i64,
     pub captains: Vec<String>,
 }
+
+/// A host that joined the cluster (admins).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterMemberView {
+    /// Its name: a worker's node id or an edge's name.
+    pub id: String,
+    /// `worker` or `edge`.
+    pub role: String,
+    /// Unix milliseconds.
+    pub joined_at: i64,
+    /// Unix seconds: its current certificate's end.
+    pub cert_expires_at: i64,
+    /// Unix milliseconds, once it was removed (it renews nothing since).
+    pub removed_at: Option<i64>,
+}

@@ -114,6 +114,7 @@ fn cases() -> BTreeMap<(&'static str, &'static str), Case> {
         (("POST", "/v1/cluster/join-tokens"), Refused(FORBIDDEN)),
         (("POST", "/v1/cluster/join"), Refused(FORBIDDEN)),
         (("POST", "/v1/cluster/renew"), Refused(FORBIDDEN)),
+        (("GET", "/v1/cluster/members"), Refused(FORBIDDEN)),
         (("DELETE", "/v1/cluster/members/{id}"), Refused(FORBIDDEN)),
         (("PUT", "/v1/nodes/{id}/drain"), Refused(FORBIDDEN)),
         (

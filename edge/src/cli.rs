@@ -29,9 +29,14 @@ pub struct Args {
     #[arg(long, env = "ZW_CAPTAIN")]
     pub captain: Option<String>,
     /// Bearer token for the captain (an edge token), when the edge did not
-    /// join the cluster with --join-token.
-    #[arg(long, env = "ZW_EDGE_TOKEN", hide_env_values = true)]
+    /// join the cluster with --join-token; else $ZW_EDGE_TOKEN. A command
+    /// line is readable by every user of the host: prefer --token-file or
+    /// $ZW_EDGE_TOKEN.
+    #[arg(long)]
     pub token: Option<String>,
+    /// File holding the edge token.
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// A join token (`zw cluster token create --role edge`): the edge joins
     /// the cluster once, and keeps its key, certificate and credential in
     /// `<data-dir>/enrolment.json` (later starts need no token). A command
@@ -122,6 +127,7 @@ pub struct Args {
 
 /// Runs the edge until Ctrl-C / SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let edge_token = edge_token(&args)?;
     crate::tls::install_default_provider();
     let shutdown = CancellationToken::new();
     let routes = Arc::new(Routes::new());
@@ -167,8 +173,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 if given.is_empty() {
                     anyhow::bail!("--captain is required unless --routes-file is given");
                 }
-                args.token.clone().context(
-                    "give --join-token (or --join-token-file, ZW_JOIN_TOKEN) to join the cluster, or --token (ZW_EDGE_TOKEN) of an edge",
+                edge_token.clone().context(
+                    "give --join-token (or --join-token-file, ZW_JOIN_TOKEN) to join the cluster, or --token-file (or ZW_EDGE_TOKEN) of an edge",
                 )?
             }
         };
@@ -332,6 +338,24 @@ fn merge(first: &[String], then: &[String]) -> Vec<String> {
         }
     }
     out
+}
+
+/// How `zw edge` takes its edge token.
+pub const TOKEN_FLAGS: zw_util::SecretFlags = zw_util::SecretFlags {
+    what: "edge token",
+    flag: "--token",
+    file_flag: "--token-file",
+    env: "ZW_EDGE_TOKEN",
+};
+
+/// The edge token of `--token`, `--token-file` or `$ZW_EDGE_TOKEN`; one on
+/// the command line is warned about on stderr.
+fn edge_token(args: &Args) -> anyhow::Result<Option<String>> {
+    let found = TOKEN_FLAGS.resolve(args.token.as_deref(), args.token_file.as_deref())?;
+    if let Some((_, zw_util::SecretOrigin::CommandLine(_))) = &found {
+        eprintln!("{}", TOKEN_FLAGS.command_line_warning());
+    }
+    Ok(found.map(|(t, _)| t))
 }
 
 /// The join token of the flags, from the command line, the environment or

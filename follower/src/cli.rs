@@ -38,9 +38,14 @@ pub struct Args {
     /// certificate from the cluster; edges reach instances through it.
     #[arg(long)]
     pub proxy_listen: Option<SocketAddr>,
-    /// Token for the captain's API (also accepted on this node's API).
-    #[arg(long, env = "ZW_TOKEN", default_value = "", hide_env_values = true)]
-    pub token: String,
+    /// Token for the captain's API (also accepted on this node's API), else
+    /// $ZW_TOKEN. A command line is readable by every user of the host:
+    /// prefer --token-file or $ZW_TOKEN.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// File holding the token for the captain's API.
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Meta repository to follow: URL (file://, http(s)://) or path.
     /// Default for a node that joined the cluster: the captains'.
     #[arg(long, env = "ZW_META_REPO", default_value = "")]
@@ -85,6 +90,14 @@ pub struct Args {
     pub poll_seconds: u64,
 }
 
+/// How `zw follower` takes its token for the captain.
+pub const TOKEN_FLAGS: zw_util::SecretFlags = zw_util::SecretFlags {
+    what: "node token",
+    flag: "--token",
+    file_flag: "--token-file",
+    env: "ZW_TOKEN",
+};
+
 impl Args {
     pub fn config(&self) -> anyhow::Result<FollowerConfig> {
         let mut cfg = FollowerConfig::new(&self.data_dir, &self.meta_repo);
@@ -99,7 +112,14 @@ impl Args {
             None => self.join_token.clone().filter(|t| !t.trim().is_empty()),
         };
         cfg.proxy_listen = self.proxy_listen;
-        cfg.token = self.token.clone();
+        cfg.token = match TOKEN_FLAGS.resolve(self.token.as_deref(), self.token_file.as_deref())? {
+            Some((t, zw_util::SecretOrigin::CommandLine(_))) => {
+                eprintln!("{}", TOKEN_FLAGS.command_line_warning());
+                t
+            }
+            Some((t, _)) => t,
+            None => String::new(),
+        };
         cfg.branch = self.branch.clone();
         cfg.runtime = self.runtime;
         cfg.node_id = self.node_id.clone();
@@ -208,6 +228,22 @@ mod tests {
         ])
         .unwrap();
         assert!(bad.args.config().is_err());
+        // The token from a file (not on the command line).
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("token");
+        std::fs::write(&file, "t0k-from-file\n").unwrap();
+        let f = file.to_str().unwrap();
+        let zw = Zw::try_parse_from(["zw", "--data-dir", "d", "--token-file", f]).unwrap();
+        assert_eq!(zw.args.config().unwrap().token, "t0k-from-file");
+        let both = ["zw", "--data-dir", "d", "--token", "t", "--token-file", f];
+        assert!(Zw::try_parse_from(both).is_err());
+        std::fs::write(&file, "\n").unwrap();
+        let zw = Zw::try_parse_from(["zw", "--data-dir", "d", "--token-file", f]).unwrap();
+        let e = format!(
+            "{:#}",
+            zw.args.config().err().expect("an empty file is refused")
+        );
+        assert!(e.contains("holds no node token"), "{e}");
         // A guest kernel needs its initramfs.
         assert!(
             Zw::try_parse_from([

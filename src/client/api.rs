@@ -18,6 +18,7 @@ use serde_json::Value;
 pub enum Origin {
     Flag,
     Env(&'static str),
+    File(std::path::PathBuf),
     Login(std::path::PathBuf),
     DataDir(std::path::PathBuf),
 }
@@ -27,6 +28,7 @@ impl fmt::Display for Origin {
         match self {
             Origin::Flag => write!(f, "the command line flag"),
             Origin::Env(v) => write!(f, "${v}"),
+            Origin::File(p) => write!(f, "{}", p.display()),
             Origin::Login(p) => write!(f, "`zw login` credentials in {}", p.display()),
             Origin::DataDir(p) => write!(f, "the local `zw up` data dir {}", p.display()),
         }

@@ -1,5 +1,5 @@
-//! Finding the API and its token: `--api`/`--token`, else `ZW_API`/
-//! `ZW_TOKEN`, else `zw login`'s saved credentials, else a local `zw up`
+//! Finding the API and its token: `--api`/`--token` (or `--token-file`),
+//! else `ZW_API`/`ZW_TOKEN`, else `zw login`'s saved credentials, else a local `zw up`
 //! data dir (`api.url` and `admin.token`). Each is looked up on its own, and
 //! its origin is kept for error messages.
 
@@ -17,9 +17,41 @@ pub struct ConnArgs {
     /// API base URL (else $ZW_API, `zw login`, or the local `zw up`).
     #[arg(long, value_name = "URL")]
     pub api: Option<String>,
-    /// API token (else $ZW_TOKEN, `zw login`, or the local `zw up`).
+    /// API token. A command line is readable by every user of the host:
+    /// prefer --token-file or $ZW_TOKEN (else `zw login`, or the local
+    /// `zw up`).
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
+    /// File holding the API token.
+    #[arg(long, value_name = "PATH", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// How the user commands take their token.
+pub const TOKEN_FLAGS: zw_util::SecretFlags = zw_util::SecretFlags {
+    what: "API token",
+    flag: "--token",
+    file_flag: "--token-file",
+    env: "ZW_TOKEN",
+};
+
+impl ConnArgs {
+    /// The token of `--token`, `--token-file` or `$ZW_TOKEN`, warning on
+    /// stderr when it came on the command line.
+    pub fn given_token(&self) -> anyhow::Result<Option<(String, Origin)>> {
+        let found = TOKEN_FLAGS.resolve(self.token.as_deref(), self.token_file.as_deref())?;
+        Ok(found.map(|(t, origin)| {
+            let origin = match origin {
+                zw_util::SecretOrigin::CommandLine(_) => {
+                    eprintln!("{}", TOKEN_FLAGS.command_line_warning());
+                    Origin::Flag
+                }
+                zw_util::SecretOrigin::File(p) => Origin::File(p),
+                zw_util::SecretOrigin::Env(v) => Origin::Env(v),
+            };
+            (t, origin)
+        }))
+    }
 }
 
 /// What `zw login` saves.
@@ -100,19 +132,16 @@ fn env_nonempty(name: &str) -> Option<String> {
 
 /// Resolve the API and token for a user command.
 pub fn connect(args: &ConnArgs) -> anyhow::Result<Api> {
-    let saved = if args.api.is_some() && args.token.is_some() {
+    let mut token = args.given_token()?;
+    let saved = if args.api.is_some() && token.is_some() {
         None
     } else {
         read_credentials()?
     };
     let data = crate::up::default_data_dir();
     let mut api: Option<(String, Origin)> = args.api.clone().map(|a| (a, Origin::Flag));
-    let mut token: Option<(String, Origin)> = args.token.clone().map(|t| (t, Origin::Flag));
     if api.is_none() {
         api = env_nonempty("ZW_API").map(|a| (a, Origin::Env("ZW_API")));
-    }
-    if token.is_none() {
-        token = env_nonempty("ZW_TOKEN").map(|t| (t, Origin::Env("ZW_TOKEN")));
     }
     // A saved token goes only to the API it was saved with, so that
     // `--api https://elsewhere` never sends it to another server.
@@ -150,7 +179,7 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<Api> {
     })?;
     let (token, token_origin) = token.with_context(|| {
         format!(
-            "no API token for {api}: give --token, set $ZW_TOKEN, or run `zw login --api {api} --token T` \
+            "no API token for {api}: give --token-file PATH, set $ZW_TOKEN, or run `zw login --api {api} --token T` \
              (saved and local `zw up` tokens are only sent to their own API)"
         )
     })?;

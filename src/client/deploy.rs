@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use api_types::builds::{BuildLogLine, BuildView, SourceView};
 use indicatif::{ProgressBar, ProgressStyle};
 use meta_schema::pb;
 use serde_json::json;
@@ -80,23 +81,6 @@ fn spinner() -> ProgressBar {
     bar
 }
 
-/// A build as the captain shows it.
-#[derive(Debug, Clone, serde::Deserialize)]
-struct BuildView {
-    id: String,
-    status: String,
-    #[serde(default)]
-    error: String,
-    #[serde(default)]
-    image_digest: String,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct SourceView {
-    id: String,
-    size_bytes: u64,
-}
-
 /// `dir` as a gzip'd tar with every entry under `src/`, without `.git`.
 fn pack(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
     let out = tempfile::NamedTempFile::new().context("creating a temporary file")?;
@@ -164,10 +148,10 @@ fn watch_build(client: &Api, id: &str, bar: &ProgressBar) -> anyhow::Result<Buil
             } else if line.is_empty() {
                 match event.as_str() {
                     "line" => {
-                        if let Ok(l) = serde_json::from_str::<serde_json::Value>(&data) {
-                            from = l["seq"].as_i64().unwrap_or(from);
-                            let text = l["line"].as_str().unwrap_or_default();
-                            if l["stream"] == "builder" {
+                        if let Ok(l) = serde_json::from_str::<BuildLogLine>(&data) {
+                            from = l.seq;
+                            let text = l.line.as_str();
+                            if l.stream == "builder" {
                                 if let Some(stage) = text.strip_prefix("stage: ") {
                                     bar.set_message(format!("building: {stage}"));
                                 }

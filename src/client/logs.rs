@@ -10,8 +10,8 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use api_types::logs::AppLogLine;
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
 
 use super::api::{ApiError, enc};
 use super::creds::{self, ConnArgs};
@@ -39,14 +39,6 @@ pub struct LogsArgs {
 
 /// Lines asked for per request.
 const PAGE: usize = 1000;
-
-#[derive(Debug, Deserialize, Serialize)]
-struct Line {
-    t: u64,
-    line: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    instance: Option<String>,
-}
 
 pub fn run(a: LogsArgs) -> anyhow::Result<()> {
     let client = creds::connect(&a.conn)?;
@@ -94,7 +86,7 @@ pub fn run(a: LogsArgs) -> anyhow::Result<()> {
             }
             unreachable = down;
         }
-        let lines: Vec<Line> = resp.json().context("reading the logs answer")?;
+        let lines: Vec<AppLogLine> = resp.json().context("reading the logs answer")?;
         let n = lines.len();
         {
             let mut out = stdout.lock();
@@ -102,9 +94,9 @@ pub fn run(a: LogsArgs) -> anyhow::Result<()> {
                 if a.json {
                     writeln!(out, "{}", serde_json::to_string(l)?)?;
                 } else {
-                    match &l.instance {
-                        Some(i) => writeln!(out, "[{i}] {}", l.line)?,
-                        None => writeln!(out, "{}", l.line)?,
+                    match l.instance.as_str() {
+                        "" => writeln!(out, "{}", l.line)?,
+                        i => writeln!(out, "[{i}] {}", l.line)?,
                     }
                 }
             }

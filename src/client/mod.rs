@@ -1,5 +1,5 @@
 //! The user-facing commands of `zw`: login, apps, deploy, status, logs,
-//! releases, rollback, env, scale. They talk to the captain's REST API
+//! releases, rollback, env, scale, and the operators' cluster and nodes. They talk to the captain's REST API
 //! ([`api`]) found by [`creds`]; the commands that make a new release from
 //! an existing one (rollback, env, scale, and a redeploy) write it to the
 //! meta repository over the captain's git endpoint ([`metarepo`]), so that
@@ -7,12 +7,16 @@
 
 pub mod api;
 pub mod apps;
+pub mod cluster;
 pub mod creds;
 pub mod deploy;
 pub mod logs;
 pub mod metarepo;
 pub mod releases;
 
+use api_types::deployments::DeploymentView;
+use api_types::nodes::InstanceView;
+use api_types::projects::{AppView, ProjectView};
 use serde::Deserialize;
 
 use creds::ConnArgs;
@@ -40,6 +44,12 @@ pub enum Command {
     Env(releases::EnvCommand),
     /// Set the number of instances (a new release).
     Scale(releases::ScaleArgs),
+    /// The cluster (admins): join tokens for workers and edges.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// The cluster's workers and edges (admins): list, drain, remove.
+    #[command(subcommand)]
+    Nodes(cluster::NodesCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,6 +89,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Rollback(a) => releases::rollback(a),
         Command::Env(c) => releases::env(c),
         Command::Scale(a) => releases::scale(a),
+        Command::Cluster(c) => cluster::run_cluster(c),
+        Command::Nodes(c) => cluster::run_nodes(c),
     }
 }
 
@@ -88,17 +100,10 @@ fn login(a: LoginArgs) -> anyhow::Result<()> {
         .api
         .clone()
         .ok_or_else(|| anyhow::anyhow!("zw login needs --api URL"))?;
-    let token = a
-        .conn
-        .token
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("zw login needs --token TOKEN"))?;
-    let client = api::Api::new(
-        &api_url,
-        api::Origin::Flag,
-        token.clone(),
-        api::Origin::Flag,
-    )?;
+    let (token, token_origin) = a.conn.given_token()?.ok_or_else(|| {
+        anyhow::anyhow!("zw login needs a token: --token-file PATH or $ZW_TOKEN (or --token T)")
+    })?;
+    let client = api::Api::new(&api_url, api::Origin::Flag, token.clone(), token_origin)?;
     // Any authenticated read proves the URL and the token.
     let projects: Vec<serde_json::Value> = client.get("/v1/projects")?;
     let path = creds::save_credentials(&creds::Credentials {
@@ -163,46 +168,6 @@ pub fn project_file_app(dir: &std::path::Path) -> anyhow::Result<Option<String>>
         return Ok(f.app);
     }
     Ok(None)
-}
-
-/// An app as the API shows it.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct AppView {
-    pub id: String,
-    pub project_id: String,
-    pub env: String,
-    pub name: String,
-    pub created_at: i64,
-    pub active_release: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct ProjectView {
-    pub id: String,
-    pub name: String,
-    pub repo: String,
-    pub branch: String,
-    pub created_at: i64,
-    pub apps: Vec<AppView>,
-}
-
-/// A deployment (= release) as the API shows it.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct DeploymentView {
-    pub id: String,
-    pub app_id: String,
-    pub env: String,
-    pub app: String,
-    pub image_digest: String,
-    pub source_commit: String,
-    pub min_instances: i64,
-    pub status: String,
-    pub reason: String,
-    pub present: bool,
-    pub path: String,
-    pub commit: String,
-    pub created_at: i64,
-    pub updated_at: i64,
 }
 
 /// Find an app by `name` or `name.env`.
@@ -335,18 +300,6 @@ fn status(a: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// An instance as followers report it.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-pub struct InstanceView {
-    pub id: String,
-    pub node_id: String,
-    pub env: String,
-    pub app: String,
-    pub release_id: String,
-    pub state: String,
-    pub reason: String,
 }
 
 pub fn reason_suffix(r: &str) -> String {

@@ -8,11 +8,15 @@
 //! - [`ErrorChain`]: an error with all its causes on one line, for logs and
 //!   messages (a `Display` of ours never repeats its `#[source]`, so the
 //!   chain is where the causes are printed).
+//! - [`SecretFlags`]: a secret (a token) taken from `--x`, `--x-file` or
+//!   the environment, with the warning for one given on the command line.
 
 mod digest;
 mod error;
 mod fs;
+mod secret;
 
 pub use digest::{DigestError, Sha256Digest};
 pub use error::{ErrorChain, error_chain};
 pub use fs::atomic_write;
+pub use secret::{SecretError, SecretFlags, SecretOrigin};

@@ -48,6 +48,11 @@ pub async fn renew(
     Ok(json(StatusCode::OK, cluster::renew(&st, &caller, b).await?))
 }
 
+/// `GET /v1/cluster/members`: the hosts that joined.
+pub async fn list_members(State(st): State<AppState>) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, cluster::members(&st).await?))
+}
+
 /// `DELETE /v1/cluster/members/{name}`: a host leaves (an edge; a worker
 /// is removed with its node, `DELETE /v1/nodes/{id}`).
 pub async fn remove_member(

@@ -20,7 +20,9 @@ pub mod tokens;
 pub mod waitlist;
 
 use api_types::builds::{BuildLogLine, BuildView, CreateBuild, SourceView};
-use api_types::cluster::{CreateJoinToken, JoinRequest, JoinToken, Joined, RenewRequest, Renewed};
+use api_types::cluster::{
+    ClusterMemberView, CreateJoinToken, JoinRequest, JoinToken, Joined, RenewRequest, Renewed,
+};
 use api_types::deployments::{CreateDeployment, DeploymentView, SetStatus};
 use api_types::error::ErrorBody;
 use api_types::images::{CreateImage, ImageView};
@@ -252,6 +254,9 @@ pub fn routes() -> Vec<RouteSpec> {
             .summary("Renew the calling host's certificate (refused once it was removed)")
             .takes(One(sch::<RenewRequest>))
             .answers(200, One(sch::<Renewed>)),
+        route!(GET "/v1/cluster/members", Admin, cluster::list_members)
+            .summary("List the hosts that joined the cluster (workers and edges), removed ones too")
+            .answers(200, List(sch::<ClusterMemberView>)),
         route!(DELETE "/v1/cluster/members/{id}", Admin, cluster::remove_member)
             .summary("Remove a host from the cluster: its credential is revoked, its certificate is not renewed")
             .answers(204, No),

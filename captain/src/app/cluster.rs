@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
-use api_types::cluster::{CreateJoinToken, JoinRequest, JoinToken, Joined, RenewRequest, Renewed};
+use api_types::cluster::{
+    ClusterMemberView, CreateJoinToken, JoinRequest, JoinToken, Joined, RenewRequest, Renewed,
+};
 use api_types::nodes::RegisterNode;
 use api_types::tokens::TokenKind;
 use base64::Engine;
@@ -58,8 +60,9 @@ pub async fn create_join_token(st: &AppState, req: CreateJoinToken) -> Result<Jo
         .unwrap_or(DEFAULT_JOIN_TTL);
     if ttl.is_zero() || ttl > MAX_JOIN_TTL {
         return Err(AppError::BadRequest(format!(
-            "ttl_seconds must be 1-{}",
-            MAX_JOIN_TTL.as_secs()
+            "a join token lasts from 1 second to 7 days (ttl_seconds 1-{}), not {} seconds",
+            MAX_JOIN_TTL.as_secs(),
+            ttl.as_secs()
         )));
     }
     let mut b = [0u8; 32];
@@ -383,6 +386,23 @@ fn cert_names_of(address: &str, proxy_addr: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Every host that joined, removed ones too.
+pub async fn members(st: &AppState) -> Result<Vec<ClusterMemberView>> {
+    Ok(st
+        .db
+        .cluster_members()
+        .await?
+        .into_iter()
+        .map(|m| ClusterMemberView {
+            id: m.id,
+            role: m.role,
+            joined_at: m.joined_at,
+            cert_expires_at: m.cert_expires_at,
+            removed_at: m.removed_at,
+        })
+        .collect())
 }
 
 /// A host leaves the cluster: its credential is revoked now, its

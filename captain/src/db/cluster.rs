@@ -34,6 +34,18 @@ pub struct MemberRow {
     pub removed_at: Option<i64>,
 }
 
+fn member_of(r: &sqlx::any::AnyRow) -> std::result::Result<MemberRow, sqlx::Error> {
+    Ok(MemberRow {
+        id: r.try_get("id")?,
+        role: r.try_get("role")?,
+        token_id: r.try_get("token_id")?,
+        cert_serial: r.try_get("cert_serial")?,
+        cert_expires_at: r.try_get("cert_expires_at")?,
+        joined_at: r.try_get("joined_at")?,
+        removed_at: r.try_get("removed_at")?,
+    })
+}
+
 impl Db {
     /// The database's clock in unix milliseconds, as SQL: every captain
     /// measures leases by the same clock.
@@ -266,19 +278,23 @@ impl Db {
         .fetch_optional(self.pool())
         .await
         .map_err(q("reading a member"))?;
-        r.map(|r| {
-            Ok::<_, sqlx::Error>(MemberRow {
-                id: r.try_get("id")?,
-                role: r.try_get("role")?,
-                token_id: r.try_get("token_id")?,
-                cert_serial: r.try_get("cert_serial")?,
-                cert_expires_at: r.try_get("cert_expires_at")?,
-                joined_at: r.try_get("joined_at")?,
-                removed_at: r.try_get("removed_at")?,
-            })
-        })
-        .transpose()
-        .map_err(q("reading a member"))
+        r.map(|r| member_of(&r))
+            .transpose()
+            .map_err(q("reading a member"))
+    }
+
+    /// Every host that joined, removed ones too, by id.
+    pub async fn cluster_members(&self) -> Result<Vec<MemberRow>> {
+        sqlx::query(
+            "SELECT id, role, token_id, cert_serial, cert_expires_at, joined_at, removed_at FROM members ORDER BY id",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(q("listing members"))?
+        .iter()
+        .map(member_of)
+        .collect::<std::result::Result<_, sqlx::Error>>()
+        .map_err(q("listing members"))
     }
 
     /// The member whose credential is token `token_id`.
