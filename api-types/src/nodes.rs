@@ -32,6 +32,7 @@ pub struct NodeView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterNode {
+    #[schema(schema_with = crate::rules::dns_label)]
     pub id: String,
     pub address: String,
     #[serde(default)]

@@ -51,6 +51,7 @@ pub struct TokenView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
+    #[schema(schema_with = crate::rules::token_name)]
     pub name: String,
     /// admin or user (node tokens are issued by node registration).
     pub kind: TokenKind,

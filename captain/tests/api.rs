@@ -887,14 +887,15 @@ async fn tokens_images_waitlist_auth(backend: Backend) {
             Backend::Postgres => "postgres",
         }
     );
-    // GitHub OAuth is not configured: a clear 503 with its code, no login.
+    // GitHub OAuth is not configured: a clear 404 with its code, no login
+    // (a 4xx: retrying will not help).
     let r = env
         .http
         .get(format!("{}/v1/auth/github", env.base))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.status().as_u16(), 404);
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"]["code"],
         "github_oauth_not_configured"
