@@ -29,7 +29,7 @@ pub struct NodeView {
     pub drain: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterNode {
     #[schema(schema_with = crate::rules::dns_label)]
@@ -76,7 +76,7 @@ impl NodeState {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeResources {
     pub cpus: u32,
@@ -86,16 +86,35 @@ pub struct NodeResources {
     pub instances: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeHeartbeat {
     pub state: NodeState,
     pub resources: Option<NodeResources>,
     pub meta: Option<NodeMetaStatus>,
+    /// Where the node is reached now (a worker that joined the cluster
+    /// sends them with its first heartbeat of each start: its ports may
+    /// have changed since it joined).
+    #[serde(default)]
+    pub endpoints: Option<NodeEndpoints>,
+}
+
+/// Where a node is reached, and the age recipient its secrets are
+/// encrypted to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEndpoints {
+    pub address: String,
+    /// Its node API (`http://addr:port`).
+    pub api_url: String,
+    /// Its mTLS node-proxy (`addr:port`).
+    pub proxy_addr: String,
+    #[serde(default)]
+    pub age_recipient: String,
 }
 
 /// Where the node's follower is in following the meta repo.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeMetaStatus {
     pub applied_commit: Option<String>,
@@ -103,7 +122,7 @@ pub struct NodeMetaStatus {
     pub refused_reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
     Starting,
@@ -142,7 +161,7 @@ pub struct InstanceView {
     pub updated_at: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceReport {
     pub id: String,

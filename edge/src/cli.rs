@@ -23,12 +23,29 @@ pub const ROUTE_CACHE_FILE: &str = "routes.json";
 /// `zw edge` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Captain base URL serving `GET /v1/routes/stream`.
+    /// Captain base URLs, comma-separated (`http://op1:7700,http://op2:7700`):
+    /// the route stream is read from one and the next is tried when it
+    /// fails. An edge that joined also knows the captains they named.
     #[arg(long, env = "ZW_CAPTAIN")]
     pub captain: Option<String>,
-    /// Bearer token for the captain.
+    /// Bearer token for the captain (an edge token), when the edge did not
+    /// join the cluster with --join-token.
     #[arg(long, env = "ZW_EDGE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A join token (`zw cluster token create --role edge`): the edge joins
+    /// the cluster once, and keeps its key, certificate and credential in
+    /// `<data-dir>/enrolment.json` (later starts need no token). A command
+    /// line is readable by every user of the host: prefer
+    /// --join-token-file or ZW_JOIN_TOKEN.
+    #[arg(long, env = "ZW_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
+    /// This edge's name in the cluster (a DNS label). Default: generated
+    /// once and kept in `<data-dir>/edge-name`.
+    #[arg(long)]
+    pub name: Option<String>,
     /// PEM file of a CA to trust for the captain's HTTPS.
     #[arg(long)]
     pub captain_ca: Option<PathBuf>,
@@ -108,6 +125,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
     let cache = args.data_dir.join(ROUTE_CACHE_FILE);
 
+    // Joined once (or joining now): the credential, the captains and the
+    // mTLS material come from the enrolment.
+    let enrol_path = args.data_dir.join(crate::member::ENROLMENT_FILE);
+    let membership = enrolment(&args, &enrol_path, &shutdown).await?;
+    let mut captains_for_renewal = None;
+
     let mut feed_task = None;
     if let Some(path) = &args.routes_file {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -133,14 +156,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 tracing::warn!(error = %crate::proxy::error_chain(&err), "ignoring the route cache")
             }
         }
-        let captain = args
-            .captain
-            .clone()
-            .context("--captain is required unless --routes-file is given")?;
-        let token = args
-            .token
-            .clone()
-            .context("--token (or ZW_EDGE_TOKEN) is required with --captain")?;
+        let given = crate::member::parse_captains(args.captain.as_deref().unwrap_or(""));
+        let token = match &membership {
+            Some(m) => m.load().credential.clone(),
+            None => {
+                if given.is_empty() {
+                    anyhow::bail!("--captain is required unless --routes-file is given");
+                }
+                args.token.clone().context(
+                    "give --join-token (or --join-token-file, ZW_JOIN_TOKEN) to join the cluster, or --token (ZW_EDGE_TOKEN) of an edge",
+                )?
+            }
+        };
+        let captains = match &membership {
+            Some(m) => Arc::new(crate::member::Captains::new(merge(
+                &given,
+                &m.load().captains,
+            ))),
+            None => Arc::new(crate::member::Captains::new(given)),
+        };
+        captains_for_renewal = Some(captains.clone());
         let captain_ca_pem = match &args.captain_ca {
             Some(p) => Some(
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
@@ -148,7 +183,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         };
         let cfg = FeedConfig {
-            captain,
+            captains,
             token,
             cache_path: Some(cache),
             captain_ca_pem,
@@ -163,7 +198,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .mtls_dir
         .clone()
         .unwrap_or_else(|| args.data_dir.join("mtls"));
-    let mtls = if mtls_dir.join("edge.crt").exists() {
+    let mut renewal = None;
+    let mtls = if let Some(m) = &membership {
+        let e = m.load_full();
+        let cert = crate::upstream::ClientCert::new(&e.issued())
+            .context("the edge's enrolled certificate")?;
+        if let Some(captains) = captains_for_renewal.clone() {
+            let (cert, m) = (cert.clone(), m.clone());
+            renewal = Some(tokio::spawn(crate::member::keep_renewed(
+                enrol_path.clone(),
+                m,
+                captains,
+                move |e| {
+                    if let Err(err) = cert.set(&e.issued()) {
+                        tracing::error!(error = %crate::proxy::error_chain(&err), "using the renewed certificate");
+                    }
+                },
+                shutdown.clone(),
+            )));
+        }
+        Some(
+            crate::upstream::mtls_client_config_with(&e.ca_pem, cert)
+                .context("mTLS client configuration")?,
+        )
+    } else if mtls_dir.join("edge.crt").exists() {
         let ca = std::fs::read_to_string(mtls_dir.join("ca.crt"))
             .with_context(|| format!("reading {}/ca.crt", mtls_dir.display()))?;
         let client =
@@ -255,7 +313,95 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(t) = feed_task {
         let _ = t.await;
     }
+    if let Some(t) = renewal {
+        let _ = t.await;
+    }
     Ok(())
+}
+
+fn merge(first: &[String], then: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in first.iter().chain(then) {
+        if !out.contains(c) {
+            out.push(c.clone());
+        }
+    }
+    out
+}
+
+/// The join token of the flags, from the command line, the environment or
+/// its file.
+fn join_token(args: &Args) -> anyhow::Result<Option<String>> {
+    if let Some(path) = &args.join_token_file {
+        let t = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the join token from {}", path.display()))?;
+        let t = t.trim().to_string();
+        anyhow::ensure!(!t.is_empty(), "{} is empty", path.display());
+        return Ok(Some(t));
+    }
+    Ok(args.join_token.clone().filter(|t| !t.trim().is_empty()))
+}
+
+/// The edge's enrolment: the file kept from an earlier join, else a join
+/// now with the join token (retried while no captain answers; a refusal
+/// ends the start with the captain's reason).
+async fn enrolment(
+    args: &Args,
+    path: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Arc<arc_swap::ArcSwap<crate::member::Enrolment>>>> {
+    use crate::member::{Enrolment, JoinParams, MemberError};
+    if let Some(e) = Enrolment::load(path)? {
+        e.check_role(crate::pki::Role::Edge)?;
+        tracing::info!(name = %e.name, "member of the cluster (enrolment kept in {})", path.display());
+        return Ok(Some(Arc::new(arc_swap::ArcSwap::from_pointee(e))));
+    }
+    let Some(token) = join_token(args)? else {
+        return Ok(None);
+    };
+    let captains = crate::member::parse_captains(args.captain.as_deref().unwrap_or(""));
+    anyhow::ensure!(
+        !captains.is_empty(),
+        "--captain is required to join the cluster"
+    );
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => {
+            let p = args.data_dir.join("edge-name");
+            match std::fs::read_to_string(&p) {
+                Ok(n) if !n.trim().is_empty() => n.trim().to_string(),
+                _ => {
+                    let n = format!("edge-{}", ulid::Ulid::new().to_string().to_lowercase());
+                    crate::pki::write_atomic(&p, n.as_bytes(), 0o644)?;
+                    n
+                }
+            }
+        }
+    };
+    let http = crate::member::http_client();
+    let mut delay = std::time::Duration::from_millis(500);
+    loop {
+        let params = JoinParams {
+            name: name.clone(),
+            ..JoinParams::default()
+        };
+        match crate::member::join(&http, &captains, &token, crate::pki::Role::Edge, params).await {
+            Ok(e) => {
+                e.save(path)?;
+                tracing::info!(name = %e.name, "joined the cluster as an edge");
+                return Ok(Some(Arc::new(arc_swap::ArcSwap::from_pointee(e))));
+            }
+            Err(err @ MemberError::Unreachable { .. }) => {
+                tracing::warn!(error = %crate::proxy::error_chain(&err), "joining: no captain answered; retrying in {delay:?}");
+            }
+            Err(err) => return Err(anyhow::Error::new(err).context("joining the cluster")),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => anyhow::bail!("stopped before joining the cluster"),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(10));
+    }
 }
 
 async fn wait_for_signal() {

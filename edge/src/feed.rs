@@ -57,6 +57,9 @@ pub enum FeedError {
     /// The captain closed the stream.
     #[error("route stream closed by the captain")]
     Closed,
+    /// No captain to follow.
+    #[error("no captain given")]
+    NoCaptain,
     /// The captain CA is not valid PEM.
     #[error("captain CA certificate is not valid PEM")]
     CaPem(#[source] reqwest::Error),
@@ -65,8 +68,9 @@ pub enum FeedError {
 /// Where and how to follow the captain.
 #[derive(Debug, Clone)]
 pub struct FeedConfig {
-    /// Captain base URL, e.g. `https://captain:8443`.
-    pub captain: String,
+    /// The captains' base URLs (`https://captain:8443`): the stream is read
+    /// from one, the next is tried when it fails.
+    pub captains: Arc<crate::member::Captains>,
     /// Bearer token.
     pub token: String,
     /// Where the last good table is kept.
@@ -119,13 +123,16 @@ pub async fn follow(
         let cert = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(FeedError::CaPem)?;
         builder = builder.add_root_certificate(cert);
     }
-    let url = format!("{}{}", cfg.captain.trim_end_matches('/'), STREAM_PATH);
     let client = builder.build().map_err(|source| FeedError::Http {
-        url: url.clone(),
+        url: STREAM_PATH.to_string(),
         source,
     })?;
     let mut backoff = Duration::from_millis(200);
     loop {
+        let (index, Some(captain)) = cfg.captains.current() else {
+            return Err(FeedError::NoCaptain);
+        };
+        let url = format!("{}{}", captain.trim_end_matches('/'), STREAM_PATH);
         let res = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             res = stream_once(&client, &url, &cfg, &routes) => res,
@@ -137,7 +144,13 @@ pub async fn follow(
                 }
             }
             Err(err) => {
+                // The next captain is tried at once; the backoff grows only
+                // when a whole round failed.
+                cfg.captains.failed(index);
                 tracing::warn!(error = %crate::proxy::error_chain(&err), retry_in = ?backoff, "route stream interrupted; serving the last table");
+                if cfg.captains.all().len() > 1 && (index + 1) % cfg.captains.all().len() != 0 {
+                    continue;
+                }
             }
         }
         tokio::select! {

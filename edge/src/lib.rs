@@ -20,6 +20,7 @@ pub mod cli;
 pub mod feed;
 pub mod forward;
 pub mod h1;
+pub mod member;
 pub mod node_proxy;
 pub mod park;
 pub mod passthrough;

@@ -83,7 +83,9 @@ impl Default for NodeProxyConfig {
 
 /// The node-proxy server.
 pub struct NodeProxy {
-    tls: tokio_rustls::TlsAcceptor,
+    /// Swapped when the node's certificate is renewed.
+    tls: arc_swap::ArcSwap<rustls::ServerConfig>,
+    ca_pem: String,
     resolver: Arc<dyn InstanceResolver>,
     client: Client<HttpConnector, Incoming>,
     /// Idle connections to instances of the own HTTP/1.1 path.
@@ -162,13 +164,20 @@ impl NodeProxy {
             .pool_idle_timeout(Duration::from_secs(60))
             .build(http);
         Ok(Arc::new(Self {
-            tls: tokio_rustls::TlsAcceptor::from(tls),
+            tls: arc_swap::ArcSwap::new(tls),
+            ca_pem: ca_pem.to_string(),
             resolver,
             client,
             pool: RawPool::new(512, Duration::from_secs(60)),
             conns: Arc::new(Semaphore::new(config.max_connections)),
             config,
         }))
+    }
+
+    /// Serves `server` (a renewed certificate) to the next connections.
+    pub fn set_certificate(&self, server: &IssuedCert) -> Result<(), TlsError> {
+        self.tls.store(server_config(&self.ca_pem, server)?);
+        Ok(())
     }
 
     /// Serves until `shutdown`.
@@ -205,8 +214,11 @@ impl NodeProxy {
         remote: SocketAddr,
         shutdown: CancellationToken,
     ) {
-        let tls = match tokio::time::timeout(self.config.handshake_timeout, self.tls.accept(stream))
-            .await
+        let tls = match tokio::time::timeout(
+            self.config.handshake_timeout,
+            tokio_rustls::TlsAcceptor::from(self.tls.load_full()).accept(stream),
+        )
+        .await
         {
             Ok(Ok(s)) => s,
             Ok(Err(err)) => {

@@ -211,11 +211,51 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
+/// The edge's client certificate towards node-proxies, swapped when it is
+/// renewed (connections made afterwards present the new one).
+#[derive(Debug)]
+pub struct ClientCert(arc_swap::ArcSwap<rustls::sign::CertifiedKey>);
+
+impl ClientCert {
+    pub fn new(cert: &crate::pki::IssuedCert) -> Result<Arc<ClientCert>, crate::tls::TlsError> {
+        Ok(Arc::new(ClientCert(arc_swap::ArcSwap::new(
+            cert.certified_key()?,
+        ))))
+    }
+
+    pub fn set(&self, cert: &crate::pki::IssuedCert) -> Result<(), crate::tls::TlsError> {
+        self.0.store(cert.certified_key()?);
+        Ok(())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// The rustls client config the edge uses towards node-proxies: trusts only
 /// the cluster CA and presents the edge's client certificate.
 pub fn mtls_client_config(
     ca_pem: &str,
     client: &crate::pki::IssuedCert,
+) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+    mtls_client_config_with(ca_pem, ClientCert::new(client)?)
+}
+
+/// [`mtls_client_config`] with a certificate that can be swapped.
+pub fn mtls_client_config_with(
+    ca_pem: &str,
+    client: Arc<ClientCert>,
 ) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -226,13 +266,11 @@ pub fn mtls_client_config(
     if roots.is_empty() {
         return Err(crate::tls::TlsError::CaPem);
     }
-    let (chain, key) = client.to_rustls()?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(crate::tls::TlsError::Rustls)?
         .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(crate::tls::TlsError::Rustls)?;
+        .with_client_cert_resolver(client);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use edge::feed::{FeedConfig, follow, load_cache};
+use edge::member::Captains;
 use edge::routes::{STREAM_PATH, sse_event};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
@@ -99,7 +100,7 @@ async fn follows_the_stream_and_keeps_the_last_good_table() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("routes.json");
     let cfg = |token: &str| FeedConfig {
-        captain: url.clone(),
+        captains: Arc::new(Captains::new(vec![url.clone()])),
         token: token.into(),
         cache_path: Some(cache.clone()),
         captain_ca_pem: None,
@@ -178,4 +179,43 @@ async fn follows_the_stream_and_keeps_the_last_good_table() {
             .unwrap()
             .is_none()
     );
+}
+
+/// A captain that does not answer (its port is closed) is passed over for
+/// the next one in the list, and the one that answered is asked first.
+#[tokio::test]
+async fn the_stream_fails_over_to_the_next_captain() {
+    let a = backend("app-a").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let (url, sender, _) = captain("tok").await;
+    let captains = Arc::new(Captains::new(vec![dead.clone(), url.clone()]));
+    let cfg = FeedConfig {
+        captains: captains.clone(),
+        token: "tok".into(),
+        cache_path: None,
+        captain_ca_pem: None,
+        idle_timeout: Duration::from_secs(30),
+        max_backoff: Duration::from_millis(200),
+    };
+    let edge = start_edge(&table(0, vec![]), EdgeOptions::default()).await;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(follow(cfg, edge.routes.clone(), stop.clone()));
+    let tx = loop {
+        if let Some(tx) = sender.lock().await.clone() {
+            break tx;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    tx.send(sse_event(&table(
+        1,
+        vec![route("a.test", "a", vec![plain("a1", a)])],
+    )))
+    .unwrap();
+    wait_for(|| edge.routes.load().version == 1).await;
+    assert_eq!(captains.current().1.as_deref(), Some(url.as_str()));
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

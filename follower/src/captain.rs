@@ -28,19 +28,12 @@ pub enum CaptainError {
 
 const REGISTER: &str = "registering at";
 
-/// `POST /v1/nodes`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeRegistration {
-    pub id: String,
-    pub address: String,
-    pub region: String,
-    pub cpus: u32,
-    pub memory_bytes: u64,
-    pub disk_bytes: u64,
-    pub age_recipient: String,
-    pub api_url: String,
-    pub proxy_addr: String,
-}
+/// The wire types of the node protocol are the captain's own.
+pub use api_types::nodes::{
+    InstanceReport, InstanceState, NodeEndpoints, NodeHeartbeat as Heartbeat,
+    NodeMetaStatus as MetaStatus, NodeResources as Resources, NodeState,
+    RegisterNode as NodeRegistration,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Registered {
@@ -51,71 +44,6 @@ pub struct Registered {
     /// registration (empty from captains that predate it).
     #[serde(default)]
     pub api_key: String,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Resources {
-    pub cpus: u32,
-    pub memory_bytes: u64,
-    pub disk_bytes: u64,
-    pub memory_used_bytes: u64,
-    pub instances: u32,
-}
-
-/// Where the node is in following the meta repo; sent with heartbeats so a
-/// refused (non-descendant) head reaches the captain.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct MetaStatus {
-    pub applied_commit: Option<String>,
-    pub refused_commit: Option<String>,
-    pub refused_reason: Option<String>,
-}
-
-/// `PUT /v1/nodes/{id}/state`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Heartbeat {
-    pub state: String,
-    pub resources: Resources,
-    #[serde(default)]
-    pub meta: MetaStatus,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InstanceState {
-    Starting,
-    Healthy,
-    Unhealthy,
-    Failed,
-    Stopped,
-}
-
-impl InstanceState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            InstanceState::Starting => "starting",
-            InstanceState::Healthy => "healthy",
-            InstanceState::Unhealthy => "unhealthy",
-            InstanceState::Failed => "failed",
-            InstanceState::Stopped => "stopped",
-        }
-    }
-}
-
-/// `POST /v1/instances`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceReport {
-    pub id: String,
-    pub node_id: String,
-    pub env: String,
-    pub app: String,
-    pub rollout_id: String,
-    pub release_id: String,
-    pub state: InstanceState,
-    pub reason: String,
-    pub address: String,
-    pub port: u16,
-    pub attempts: u32,
 }
 
 impl CaptainError {
@@ -204,26 +132,58 @@ impl Captain for NoCaptain {
     }
 }
 
-/// The captain's HTTP API. Registration uses the bootstrap token; every
-/// other call uses the node token the registration returned.
+/// The captains' HTTP API. Registration uses the bootstrap token; every
+/// other call uses the node token the registration returned. A node that
+/// joined the cluster ([`HttpCaptain::enrolled`]) has its credential from
+/// the join and "registers" at each start with a heartbeat carrying its
+/// current addresses. Each call goes to the captain that answered last and
+/// on to the next one when a captain does not answer (connection refused
+/// or timed out, 502-504).
 pub struct HttpCaptain {
-    base: String,
+    captains: Arc<edge::member::Captains>,
     bootstrap: String,
     node_token: ArcSwap<Option<String>>,
+    /// A joined node's API key (from its enrolment).
+    enrolled_api_key: Option<String>,
     http: reqwest::Client,
 }
 
 impl HttpCaptain {
-    pub fn new(base_url: &str, token: &str) -> Self {
+    /// `base_urls`: one captain URL or several, comma-separated.
+    pub fn new(base_urls: &str, token: &str) -> Self {
+        Self::with_captains(
+            Arc::new(edge::member::Captains::new(edge::member::parse_captains(
+                base_urls,
+            ))),
+            token,
+        )
+    }
+
+    pub fn with_captains(captains: Arc<edge::member::Captains>, token: &str) -> Self {
         HttpCaptain {
-            base: base_url.trim_end_matches('/').to_string(),
+            captains,
             bootstrap: token.to_string(),
             node_token: ArcSwap::from_pointee(None),
+            enrolled_api_key: None,
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
+                .connect_timeout(std::time::Duration::from_secs(3))
                 .build()
                 .expect("a reqwest client with rustls builds"),
         }
+    }
+
+    /// A node that joined the cluster: `credential` is its node token,
+    /// `api_key` the key the captains call its API with.
+    pub fn enrolled(
+        captains: Arc<edge::member::Captains>,
+        credential: &str,
+        api_key: &str,
+    ) -> Self {
+        let mut c = Self::with_captains(captains, "");
+        c.node_token = ArcSwap::from_pointee(Some(credential.to_string()));
+        c.enrolled_api_key = Some(api_key.to_string());
+        c
     }
 
     /// The token calls other than registration are sent with now.
@@ -241,9 +201,66 @@ impl HttpCaptain {
         Arc::new(move || me.token())
     }
 
-    /// Base URL of the captain (no trailing `/`).
-    pub fn base_url(&self) -> &str {
-        &self.base
+    /// Base URL of the captain asked first now (no trailing `/`).
+    pub fn base_url(&self) -> String {
+        self.captains.current().1.unwrap_or_default()
+    }
+
+    /// The captains this node knows.
+    pub fn captains(&self) -> &Arc<edge::member::Captains> {
+        &self.captains
+    }
+
+    /// Sends a request to each captain in turn until one answers.
+    async fn send_any(
+        &self,
+        op: &'static str,
+        path: &str,
+        request: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CaptainError> {
+        let order = self.captains.in_order();
+        let mut last = None;
+        for (k, base) in order.iter().enumerate() {
+            let url = format!("{base}{path}");
+            match request(&url).send().await {
+                Ok(resp) if matches!(resp.status().as_u16(), 502..=504) && k + 1 < order.len() => {
+                    tracing::warn!(captain = %base, status = resp.status().as_u16(), "captain unavailable; trying the next one");
+                    self.captains.failed(self.index_of(base));
+                    last = Some(CaptainError::Status {
+                        op,
+                        url,
+                        status: resp.status().as_u16(),
+                        body: String::new(),
+                    });
+                }
+                Ok(resp) => {
+                    self.captains.answered(base);
+                    return check(op, url, resp).await;
+                }
+                Err(source) if source.is_connect() || source.is_timeout() => {
+                    if k + 1 < order.len() {
+                        tracing::warn!(captain = %base, error = %zw_util::ErrorChain(&source), "captain unreachable; trying the next one");
+                    }
+                    self.captains.failed(self.index_of(base));
+                    last = Some(CaptainError::Http { op, url, source });
+                }
+                Err(source) => return Err(CaptainError::Http { op, url, source }),
+            }
+        }
+        Err(last.unwrap_or(CaptainError::Status {
+            op,
+            url: path.to_string(),
+            status: 0,
+            body: "no captain configured".into(),
+        }))
+    }
+
+    fn index_of(&self, base: &str) -> usize {
+        self.captains
+            .all()
+            .iter()
+            .position(|c| c == base)
+            .unwrap_or(0)
     }
 
     async fn send<B: Serialize + ?Sized>(
@@ -253,36 +270,38 @@ impl HttpCaptain {
         path: &str,
         body: &B,
     ) -> Result<reqwest::Response, CaptainError> {
-        let url = format!("{}{}", self.base, path);
         let token = if op == REGISTER {
             self.bootstrap.clone()
         } else {
             self.token()
         };
-        let resp = self
-            .http
-            .request(method, &url)
-            .bearer_auth(token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|source| CaptainError::Http {
-                op,
-                url: url.clone(),
-                source,
-            })?;
-        if resp.status().is_success() {
-            Ok(resp)
-        } else {
-            let status = resp.status().as_u16();
-            let body = resp.text().await.unwrap_or_default();
-            Err(CaptainError::Status {
-                op,
-                url,
-                status,
-                body: body.chars().take(500).collect(),
-            })
-        }
+        self.send_any(op, path, |url| {
+            self.http
+                .request(method.clone(), url)
+                .bearer_auth(&token)
+                .json(body)
+        })
+        .await
+    }
+}
+
+/// The answer if it is a success, else its status and body as the error.
+async fn check(
+    op: &'static str,
+    url: String,
+    resp: reqwest::Response,
+) -> Result<reqwest::Response, CaptainError> {
+    if resp.status().is_success() {
+        Ok(resp)
+    } else {
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        Err(CaptainError::Status {
+            op,
+            url,
+            status,
+            body: body.chars().take(500).collect(),
+        })
     }
 }
 
@@ -292,10 +311,31 @@ impl Captain for HttpCaptain {
         reg: &'a NodeRegistration,
     ) -> BoxFuture<'a, Result<Registered, CaptainError>> {
         Box::pin(async move {
+            if let Some(api_key) = &self.enrolled_api_key {
+                // Joined already: the node exists; tell the captains where
+                // it is reached now.
+                let hb = Heartbeat {
+                    state: NodeState::Online,
+                    resources: None,
+                    meta: None,
+                    endpoints: Some(NodeEndpoints {
+                        address: reg.address.clone(),
+                        api_url: reg.api_url.clone(),
+                        proxy_addr: reg.proxy_addr.clone(),
+                        age_recipient: reg.age_recipient.clone(),
+                    }),
+                };
+                self.heartbeat(&reg.id, &hb).await?;
+                return Ok(Registered {
+                    node: serde_json::Value::Null,
+                    token: String::new(),
+                    api_key: api_key.clone(),
+                });
+            }
             let resp = self
                 .send(REGISTER, reqwest::Method::POST, "/v1/nodes", reg)
                 .await?;
-            let url = format!("{}/v1/nodes", self.base);
+            let url = format!("{}/v1/nodes", self.base_url());
             let r: Registered = resp.json().await.map_err(|source| CaptainError::Http {
                 op: "reading the registration answer of",
                 url,
@@ -309,7 +349,11 @@ impl Captain for HttpCaptain {
     }
 
     fn set_node_token(&self, token: Option<String>) {
-        self.node_token.store(Arc::new(token));
+        // A joined node's credential is its membership: only removing the
+        // node revokes it, and registering again cannot replace it.
+        if self.enrolled_api_key.is_none() {
+            self.node_token.store(Arc::new(token));
+        }
     }
 
     fn heartbeat<'a>(
@@ -350,34 +394,19 @@ impl Captain for HttpCaptain {
         Box::pin(async move {
             const OP: &str = "sending a re-encrypted secrets file to";
             // Both are safe in a URL: an app id is `<dns-label>.<dns-label>`,
-            // a commit id is hexadecimal.
-            let url = format!("{}/v1/apps/{app_id}/secrets/file?base={base}", self.base);
-            let resp = self
-                .http
-                .put(&url)
-                .bearer_auth(self.token())
-                .header(reqwest::header::CONTENT_TYPE, "application/yaml")
-                .body(yaml.to_string())
-                .send()
-                .await
-                .map_err(|source| CaptainError::Http {
-                    op: OP,
-                    url: url.clone(),
-                    source,
-                })?;
-            if resp.status().is_success() {
-                return Ok(());
-            }
-            // The captain's refusals name the app and the reason, never a
-            // value (it cannot read them).
-            let status = resp.status().as_u16();
-            let body = resp.text().await.unwrap_or_default();
-            Err(CaptainError::Status {
-                op: OP,
-                url,
-                status,
-                body: body.chars().take(500).collect(),
+            // a commit id is hexadecimal. The captains' refusals name the
+            // app and the reason, never a value (they cannot read them).
+            let path = format!("/v1/apps/{app_id}/secrets/file?base={base}");
+            let token = self.token();
+            self.send_any(OP, &path, |url| {
+                self.http
+                    .put(url)
+                    .bearer_auth(&token)
+                    .header(reqwest::header::CONTENT_TYPE, "application/yaml")
+                    .body(yaml.to_string())
             })
+            .await
+            .map(drop)
         })
     }
 }

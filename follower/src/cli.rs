@@ -18,15 +18,32 @@ pub struct Args {
     /// Directory for the ledger, the meta repo copy, instance state, logs.
     #[arg(long, env = "ZW_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// Captain base URL (`http://captain:7700`); without it the node runs
-    /// standalone and reports nowhere.
+    /// Captain base URLs, comma-separated (`http://op1:7700,http://op2:7700`):
+    /// calls go to the one that answered last and on to the next when it
+    /// does not answer. Without it the node runs standalone and reports
+    /// nowhere.
     #[arg(long, env = "ZW_CAPTAIN")]
     pub captain: Option<String>,
+    /// A join token (`zw cluster token create --role worker`): the node
+    /// joins the cluster once and keeps its key, certificate and credential
+    /// in `<data-dir>/enrolment.json` (later starts need no token, no
+    /// --token and no --meta-repo). A command line is readable by every
+    /// user of the host: prefer --join-token-file or ZW_JOIN_TOKEN.
+    #[arg(long, env = "ZW_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
+    /// Serve the mTLS node-proxy here (`[::]:4433`) with the node's
+    /// certificate from the cluster; edges reach instances through it.
+    #[arg(long)]
+    pub proxy_listen: Option<SocketAddr>,
     /// Token for the captain's API (also accepted on this node's API).
     #[arg(long, env = "ZW_TOKEN", default_value = "", hide_env_values = true)]
     pub token: String,
     /// Meta repository to follow: URL (file://, http(s)://) or path.
-    #[arg(long, env = "ZW_META_REPO")]
+    /// Default for a node that joined the cluster: the captains'.
+    #[arg(long, env = "ZW_META_REPO", default_value = "")]
     pub meta_repo: String,
     #[arg(long, default_value = "main")]
     pub branch: String,
@@ -72,6 +89,16 @@ impl Args {
     pub fn config(&self) -> anyhow::Result<FollowerConfig> {
         let mut cfg = FollowerConfig::new(&self.data_dir, &self.meta_repo);
         cfg.captain_url = self.captain.clone();
+        cfg.join_token = match &self.join_token_file {
+            Some(path) => {
+                let t = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the join token from {}", path.display()))?;
+                anyhow::ensure!(!t.trim().is_empty(), "{} is empty", path.display());
+                Some(t.trim().to_string())
+            }
+            None => self.join_token.clone().filter(|t| !t.trim().is_empty()),
+        };
+        cfg.proxy_listen = self.proxy_listen;
         cfg.token = self.token.clone();
         cfg.branch = self.branch.clone();
         cfg.runtime = self.runtime;
@@ -111,7 +138,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let f = Follower::start(cfg)
         .await
         .context("starting the follower")?;
-    tracing::info!(node = %f.node_id, api = %f.api_addr, "follower running");
+    tracing::info!(node = %f.node_id, api = %f.api_addr, proxy = ?f.proxy_addr, "follower running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use meta_schema::repo::MetaRepo;
+use meta_schema::repo::{MetaRepo, Remote};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
@@ -69,7 +69,10 @@ pub enum FollowOutcome {
 
 pub struct MetaFollower {
     repo: MetaRepo,
-    url: String,
+    /// Where to fetch from: the first that answers, starting with the one
+    /// that answered last (a node that joined has every captain's).
+    remotes: Vec<Remote>,
+    current: usize,
     branch: String,
     ledger: Ledger<FollowState>,
     status: watch::Sender<FollowState>,
@@ -81,6 +84,16 @@ impl MetaFollower {
         local: &Path,
         ledger_path: &Path,
         url: &str,
+        branch: &str,
+    ) -> Result<Self, FollowError> {
+        Self::open_remotes(local, ledger_path, vec![Remote::new(url)], branch)
+    }
+
+    /// [`MetaFollower::open`] with several remotes to fail over between.
+    pub fn open_remotes(
+        local: &Path,
+        ledger_path: &Path,
+        remotes: Vec<Remote>,
         branch: &str,
     ) -> Result<Self, FollowError> {
         let repo = if local.join("HEAD").exists() {
@@ -96,11 +109,48 @@ impl MetaFollower {
         let (status, _) = watch::channel(ledger.data().clone());
         Ok(MetaFollower {
             repo,
-            url: url.to_string(),
+            remotes,
+            current: 0,
             branch: branch.to_string(),
             ledger,
             status,
         })
+    }
+
+    /// Fetches from the remote that answered last, else from the others in
+    /// turn.
+    async fn fetch_any(&mut self) -> Result<Option<String>, FollowError> {
+        let n = self.remotes.len();
+        let mut last = None;
+        for k in 0..n {
+            let i = (self.current + k) % n;
+            let (repo, remote, branch) = (
+                self.repo.clone(),
+                self.remotes[i].clone(),
+                self.branch.clone(),
+            );
+            let r = tokio::task::spawn_blocking(move || repo.fetch_remote(&remote, &branch))
+                .await
+                .expect("fetch does not panic");
+            match r {
+                Ok(head) => {
+                    self.current = i;
+                    return Ok(head);
+                }
+                Err(e) => {
+                    last = Some(FollowError::Fetch {
+                        url: meta_schema::repo::redact_url(&self.remotes[i].url),
+                        branch: self.branch.clone(),
+                        reason: error_chain(&e),
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| FollowError::Fetch {
+            url: String::new(),
+            branch: self.branch.clone(),
+            reason: "no remote to fetch from".into(),
+        }))
     }
 
     pub fn repo(&self) -> &MetaRepo {
@@ -122,15 +172,7 @@ impl MetaFollower {
     }
 
     async fn poll_inner(&mut self) -> Result<FollowOutcome, FollowError> {
-        let (repo, url, branch) = (self.repo.clone(), self.url.clone(), self.branch.clone());
-        let head = tokio::task::spawn_blocking(move || repo.fetch(&url, &branch))
-            .await
-            .expect("fetch does not panic")
-            .map_err(|e| FollowError::Fetch {
-                url: self.url.clone(),
-                branch: self.branch.clone(),
-                reason: error_chain(&e),
-            })?;
+        let head = self.fetch_any().await?;
         let Some(head) = head else {
             return Ok(FollowOutcome::NoBranch);
         };

@@ -228,6 +228,58 @@ impl ImageSource for StoreImageSource {
     }
 }
 
+/// Images from whichever of several captains answers: each is asked in the
+/// order of [`edge::member::Captains`] (the one that answered last first)
+/// until one has the image.
+pub struct CaptainsImageSource {
+    captains: Arc<edge::member::Captains>,
+    sources: Vec<(String, StoreImageSource)>,
+}
+
+impl CaptainsImageSource {
+    pub fn new(captains: Arc<edge::member::Captains>, token: builder::TokenSource) -> Self {
+        let sources = captains
+            .all()
+            .iter()
+            .map(|c| (c.clone(), StoreImageSource::captain(c, token.clone())))
+            .collect();
+        CaptainsImageSource { captains, sources }
+    }
+
+    pub fn describe(&self) -> String {
+        let all: Vec<_> = self.sources.iter().map(|(_, s)| s.describe()).collect();
+        all.join(", ")
+    }
+}
+
+impl ImageSource for CaptainsImageSource {
+    fn fetch<'a>(
+        &'a self,
+        digest: &'a str,
+        cache_dir: &'a Path,
+    ) -> BoxFuture<'a, Result<FetchedImage, ImageError>> {
+        Box::pin(async move {
+            let mut last = None;
+            for url in self.captains.in_order() {
+                let Some((_, source)) = self.sources.iter().find(|(c, _)| *c == url) else {
+                    continue;
+                };
+                match source.fetch(digest, cache_dir).await {
+                    Ok(img) => return Ok(img),
+                    Err(e) => {
+                        tracing::warn!(captain = %url, error = %zw_util::ErrorChain(&e), "image not fetched from this captain");
+                        last = Some(e);
+                    }
+                }
+            }
+            Err(last.unwrap_or_else(|| ImageError::NotFound {
+                digest: digest.to_string(),
+                path: PathBuf::new(),
+            }))
+        })
+    }
+}
+
 /// Checks an image directory (config parses, rootfs carries the ext4 magic)
 /// and reads its config.
 pub fn load_image_dir(digest: &str, dir: PathBuf) -> Result<FetchedImage, ImageError> {

@@ -59,7 +59,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::captain::{Captain, HttpCaptain, NoCaptain, NodeRegistration};
 use crate::follow::{FollowState, MetaDesiredSource, MetaFollower};
-use crate::image::{ImageSource, LocalDirImageSource, StoreImageSource};
+use crate::image::{ImageSource, LocalDirImageSource};
 use crate::net::InstanceRange;
 use crate::reconciler::{Reconciler, ReconcilerConfig, ReconcilerHandle};
 use crate::runtime::{Runtime, RuntimeChoice};
@@ -75,8 +75,16 @@ pub struct FollowerConfig {
     /// listen IP.
     pub address: Option<String>,
     pub api_listen: SocketAddr,
-    /// Captain base URL; `None` runs standalone (no reports).
+    /// Captain base URL, or several comma-separated (failover); `None`
+    /// runs standalone (no reports).
     pub captain_url: Option<String>,
+    /// Join the cluster with this token when the data dir holds no
+    /// enrolment yet (see [`edge::member`]): the node's credential, its
+    /// certificate and the meta repository come from the join.
+    pub join_token: Option<String>,
+    /// Serve the mTLS node-proxy here with the node's enrolled certificate
+    /// (renewed in place); its address is registered with the captains.
+    pub proxy_listen: Option<SocketAddr>,
     /// Token for the captain's API; also accepted on the node API.
     pub token: String,
     /// Meta repository URL or path, and its branch.
@@ -113,6 +121,8 @@ impl FollowerConfig {
             address: None,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             captain_url: None,
+            join_token: None,
+            proxy_listen: None,
             token: String::new(),
             meta_repo: meta_repo.into(),
             branch: "main".into(),
@@ -145,6 +155,12 @@ pub enum FollowerError {
     Follow(#[from] follow::FollowError),
     #[error("starting the reconciler")]
     Reconciler(#[from] reconciler::ReconcilerError),
+    #[error("the node's membership of the cluster")]
+    Member(#[from] edge::member::MemberError),
+    #[error("{0}")]
+    Config(String),
+    #[error("the node-proxy's TLS")]
+    ProxyTls(#[from] edge::tls::TlsError),
     #[error("binding the node API on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -167,8 +183,11 @@ pub struct Follower {
     pub follow: watch::Receiver<FollowState>,
     /// Wakes the meta follower (what `POST /v1/notify` does).
     pub notify: Arc<Notify>,
+    /// Where the node-proxy listens (with `proxy_listen`).
+    pub proxy_addr: Option<SocketAddr>,
     runtime: Arc<dyn Runtime>,
     shutdown: watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -217,10 +236,25 @@ impl Follower {
             path: data.clone(),
             source,
         })?;
-        let node_id = match &cfg.node_id {
-            Some(id) => id.clone(),
+        // A node that joined keeps its name, credential and certificate in
+        // the enrolment file.
+        let enrol_path = data.join(edge::member::ENROLMENT_FILE);
+        let mut enrolment = edge::member::Enrolment::load(&enrol_path)?;
+        if let Some(e) = &enrolment {
+            e.check_role(edge::pki::Role::Worker)?;
+            if let Some(id) = cfg.node_id.as_ref().filter(|id| **id != e.name) {
+                return Err(FollowerError::Config(format!(
+                    "--node-id {id} differs from the name {} this node joined the cluster with ({})",
+                    e.name,
+                    enrol_path.display()
+                )));
+            }
+        }
+        let node_id = match (&enrolment, &cfg.node_id) {
+            (Some(e), _) => e.name.clone(),
+            (None, Some(id)) => id.clone(),
             // Node ids are DNS labels (they name certificates and hosts).
-            None => persistent_value(&data, "node-id", || {
+            (None, None) => persistent_value(&data, "node-id", || {
                 ulid::Ulid::new().to_string().to_lowercase()
             })?,
         };
@@ -253,9 +287,103 @@ impl Follower {
                 addr: cfg.api_listen,
                 source,
             })?;
+        let proxy_listener = match cfg.proxy_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| FollowerError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let api_addr = listener
+            .local_addr()
+            .map_err(|source| FollowerError::Bind {
+                addr: cfg.api_listen,
+                source,
+            })?;
+        let proxy_addr = match &proxy_listener {
+            Some(l) => Some(l.local_addr().map_err(|source| FollowerError::Bind {
+                addr: cfg.api_listen,
+                source,
+            })?),
+            None => None,
+        };
+        let address = cfg
+            .address
+            .clone()
+            .unwrap_or_else(|| api_addr.ip().to_string());
+        let api_url = format!("http://{}", host_port(&address, api_addr.port()));
+        // The node-proxy is registered at the advertised address.
+        let registered_proxy = cfg
+            .proxy_addr
+            .clone()
+            .or_else(|| proxy_addr.map(|a| host_port(&address, a.port())));
+
+        let given_captains =
+            edge::member::parse_captains(cfg.captain_url.as_deref().unwrap_or_default());
+        if enrolment.is_none()
+            && let Some(token) = &cfg.join_token
+        {
+            let e = join_cluster(
+                &given_captains,
+                token,
+                edge::member::JoinParams {
+                    name: node_id.clone(),
+                    addresses: vec![address.clone()],
+                    api_url: api_url.clone(),
+                    proxy_addr: registered_proxy.clone().unwrap_or_default(),
+                    region: cfg.region.clone(),
+                    age_recipient: age_recipient.clone(),
+                    ..Default::default()
+                },
+                &data,
+            )
+            .await?;
+            e.save(&enrol_path)?;
+            tracing::info!(node = %node_id, "joined the cluster as a worker");
+            enrolment = Some(e);
+        }
+        if proxy_listener.is_some() && enrolment.is_none() {
+            return Err(FollowerError::Config(
+                "--proxy-listen serves the node's certificate from the cluster: join with --join-token first".into(),
+            ));
+        }
+        let captains = Arc::new(edge::member::Captains::new(match &enrolment {
+            Some(e) => merge_lists(&given_captains, &e.captains),
+            None => given_captains.clone(),
+        }));
+        let meta_repo = if !cfg.meta_repo.is_empty() {
+            cfg.meta_repo.clone()
+        } else if let Some(m) = enrolment.as_ref().and_then(|e| e.meta_repo.clone()) {
+            m
+        } else {
+            return Err(FollowerError::Config(
+                "no meta repository: give --meta-repo, or join the cluster with --join-token"
+                    .into(),
+            ));
+        };
+        // The meta repository of every captain, the one from the join
+        // first, fetched with the node's credential.
+        let remotes = match &enrolment {
+            Some(e) => {
+                let mut urls = vec![meta_repo.clone()];
+                for c in captains.all().iter() {
+                    let u = format!("{c}/meta.git");
+                    if !urls.contains(&u) {
+                        urls.push(u);
+                    }
+                }
+                urls.iter()
+                    .map(|u| meta_schema::repo::Remote::with_bearer(u.clone(), &e.credential))
+                    .collect()
+            }
+            None => vec![meta_schema::repo::Remote::new(meta_repo.clone())],
+        };
+
         let activate = Arc::new(Notify::new());
         let notify = Arc::new(Notify::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
 
         // Instances get the node's own nftables table and egress unless the
         // caller chose a policy, and never reach the captain.
@@ -263,17 +391,17 @@ impl Follower {
         if vm.net == net::NetPolicy::default() {
             vm.net = net::NetPolicy::for_node(&node_id);
         }
-        if let Some(url) = &cfg.captain_url {
+        for url in captains.all().iter() {
             vm.net = vm.net.block(net::url_addresses(url));
         }
         let (runtime, runtime_reason) =
             runtime::choose(cfg.runtime, &data.join("scripts"), &vm, activate.clone())?;
         tracing::info!(node = %node_id, runtime = runtime.name(), "{runtime_reason}");
 
-        let follower = MetaFollower::open(
+        let follower = MetaFollower::open_remotes(
             &data.join("meta.git"),
             &data.join("ledger").join("follow.json"),
-            &cfg.meta_repo,
+            remotes,
             &cfg.branch,
         )?;
         let follow = follower.subscribe();
@@ -284,10 +412,18 @@ impl Follower {
             identity: Some(identity.clone()),
         });
 
-        let http_captain = cfg
-            .captain_url
-            .as_deref()
-            .map(|url| Arc::new(HttpCaptain::new(url, &cfg.token)));
+        let http_captain = match &enrolment {
+            Some(e) => Some(Arc::new(HttpCaptain::enrolled(
+                captains.clone(),
+                &e.credential,
+                e.api_key.as_deref().unwrap_or_default(),
+            ))),
+            None if !captains.all().is_empty() => Some(Arc::new(HttpCaptain::with_captains(
+                captains.clone(),
+                &cfg.token,
+            ))),
+            None => None,
+        };
         let captain: Arc<dyn Captain> = match &http_captain {
             Some(c) => c.clone(),
             None => Arc::new(NoCaptain),
@@ -297,8 +433,8 @@ impl Follower {
         let images: Arc<dyn ImageSource> = match (&cfg.images, &http_captain) {
             (Some(images), _) => images.clone(),
             (None, Some(c)) => {
-                let source = StoreImageSource::captain(c.base_url(), c.token_source());
-                tracing::info!(store = %source.describe(), "images come from the captain");
+                let source = image::CaptainsImageSource::new(captains.clone(), c.token_source());
+                tracing::info!(store = %source.describe(), "images come from the captains");
                 Arc::new(source)
             }
             (None, None) => Arc::new(LocalDirImageSource::new(data.join("store"))),
@@ -350,20 +486,6 @@ impl Follower {
             shutdown_rx.clone(),
         );
 
-        let api_addr = listener
-            .local_addr()
-            .map_err(|source| FollowerError::Bind {
-                addr: cfg.api_listen,
-                source,
-            })?;
-        let address = cfg
-            .address
-            .clone()
-            .unwrap_or_else(|| api_addr.ip().to_string());
-        let api_url = match api_addr {
-            SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
-            SocketAddr::V4(a) => format!("http://{a}"),
-        };
         let state = Arc::new(api::ApiState {
             info: api::NodeInfo {
                 id: node_id.clone(),
@@ -376,7 +498,19 @@ impl Follower {
                 age_recipient: age_recipient.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
             },
-            tokens: ArcSwap::from_pointee(vec![cfg.token.clone(), node_token.clone()]),
+            tokens: ArcSwap::from_pointee(
+                [
+                    cfg.token.clone(),
+                    node_token.clone(),
+                    enrolment
+                        .as_ref()
+                        .and_then(|e| e.api_key.clone())
+                        .unwrap_or_default(),
+                ]
+                .into_iter()
+                .filter(|t| !t.is_empty())
+                .collect(),
+            ),
             reconciler: reconciler.clone(),
             follow: follow.clone(),
             notify: notify.clone(),
@@ -407,7 +541,7 @@ impl Follower {
             disk_bytes: 0,
             age_recipient: age_recipient.clone(),
             api_url,
-            proxy_addr: cfg.proxy_addr.clone().unwrap_or_default(),
+            proxy_addr: registered_proxy.unwrap_or_default(),
         };
         let hb_task = tokio::spawn(heartbeats(
             captain,
@@ -420,9 +554,47 @@ impl Follower {
             shutdown_rx,
         ));
 
+        let mut tasks = vec![
+            rec_task,
+            log_task,
+            follow_task,
+            rekey_task,
+            api_task,
+            hb_task,
+        ];
+        if let (Some(listener), Some(e)) = (proxy_listener, enrolment) {
+            // The node-proxy resolves an instance id through the ledger.
+            let instances = reconciler.instances.clone();
+            let resolver = move |id: &str| -> Option<SocketAddr> {
+                let map = instances.borrow();
+                let rec = map.get(id)?;
+                Some(SocketAddr::from((rec.ip, rec.port)))
+            };
+            let proxy = edge::node_proxy::NodeProxy::new(
+                &e.ca_pem,
+                &e.issued(),
+                Arc::new(resolver),
+                edge::node_proxy::NodeProxyConfig::default(),
+            )?;
+            tracing::info!(addr = ?proxy_addr, "node-proxy listening (mTLS)");
+            tasks.push(tokio::spawn(proxy.clone().serve(listener, stop.clone())));
+            tasks.push(tokio::spawn(edge::member::keep_renewed(
+                enrol_path,
+                Arc::new(ArcSwap::from_pointee(e)),
+                captains.clone(),
+                move |e| {
+                    if let Err(err) = proxy.set_certificate(&e.issued()) {
+                        tracing::error!(error = %zw_util::ErrorChain(&err), "using the renewed certificate");
+                    }
+                },
+                stop.clone(),
+            )));
+        }
+
         Ok(Follower {
             node_id,
             api_addr,
+            proxy_addr,
             node_token,
             runtime_reason,
             age_recipient,
@@ -431,14 +603,8 @@ impl Follower {
             notify,
             runtime,
             shutdown,
-            tasks: vec![
-                rec_task,
-                log_task,
-                follow_task,
-                rekey_task,
-                api_task,
-                hb_task,
-            ],
+            stop,
+            tasks,
         })
     }
 
@@ -447,6 +613,7 @@ impl Follower {
     /// same data dir adopts them.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        self.stop.cancel();
         for t in self.tasks {
             let _ = t.await;
         }
@@ -457,6 +624,7 @@ impl Follower {
     pub async fn shutdown_and_stop_instances(self) {
         let runtime = self.runtime.clone();
         self.shutdown.send_replace(true);
+        self.stop.cancel();
         for t in self.tasks {
             let _ = t.await;
         }
@@ -559,13 +727,14 @@ async fn heartbeats(
                 .unwrap_or_default();
             let f = follow.borrow().clone();
             let hb = captain::Heartbeat {
-                state: "online".into(),
-                resources,
-                meta: captain::MetaStatus {
+                state: captain::NodeState::Online,
+                resources: Some(resources),
+                meta: Some(captain::MetaStatus {
                     applied_commit: f.applied,
                     refused_commit: f.refused,
                     refused_reason: f.refused_reason,
-                },
+                }),
+                endpoints: None,
             };
             match captain.heartbeat(&reg.id, &hb).await {
                 Ok(()) => {}
@@ -608,4 +777,68 @@ fn write_secret(path: &std::path::Path, value: &str) -> std::io::Result<()> {
     f.write_all(value.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// `host:port`, with brackets around an IPv6 host.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn merge_lists(first: &[String], then: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in first.iter().chain(then) {
+        if !out.contains(c) {
+            out.push(c.clone());
+        }
+    }
+    out
+}
+
+/// Joins the cluster, retrying while no captain answers; a refusal (used,
+/// expired or wrong-role token) ends the start with the captain's reason.
+async fn join_cluster(
+    captains: &[String],
+    token: &str,
+    mut params: edge::member::JoinParams,
+    data: &std::path::Path,
+) -> Result<edge::member::Enrolment, FollowerError> {
+    if captains.is_empty() {
+        return Err(FollowerError::Config(
+            "--captain is required to join the cluster".into(),
+        ));
+    }
+    let res = {
+        let d = data.to_path_buf();
+        tokio::task::spawn_blocking(move || captain::node_resources(&d, 0))
+            .await
+            .unwrap_or_default()
+    };
+    params.cpus = res.cpus;
+    params.memory_bytes = res.memory_bytes;
+    params.disk_bytes = res.disk_bytes;
+    let http = edge::member::http_client();
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match edge::member::join(
+            &http,
+            captains,
+            token,
+            edge::pki::Role::Worker,
+            params.clone(),
+        )
+        .await
+        {
+            Ok(e) => return Ok(e),
+            Err(err @ edge::member::MemberError::Unreachable { .. }) => {
+                tracing::warn!(error = %zw_util::ErrorChain(&err), "joining: no captain answered; retrying in {delay:?}");
+            }
+            Err(err) => return Err(err.into()),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
 }

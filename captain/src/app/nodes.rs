@@ -43,6 +43,25 @@ fn may_act_for(caller: &Caller, node: &str) -> Result<()> {
     }
 }
 
+fn check_endpoints(e: &api_types::nodes::NodeEndpoints) -> Result<()> {
+    if e.address.trim().is_empty() {
+        return Err(AppError::BadRequest("a node needs an address".into()));
+    }
+    let http = e.api_url.starts_with("http://") || e.api_url.starts_with("https://");
+    if !e.api_url.is_empty() && !http {
+        return Err(AppError::BadRequest(format!(
+            "api_url {:?} is not an http(s) URL",
+            e.api_url
+        )));
+    }
+    if !e.age_recipient.is_empty() && !e.age_recipient.starts_with("age1") {
+        return Err(AppError::BadRequest(
+            "age_recipient must be an age X25519 recipient (age1...)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Register a node (again: a follower registers at every start, maybe on
 /// new ports). A known node gets its row updated and a fresh token; its
 /// old tokens stop working.
@@ -168,7 +187,18 @@ pub async fn heartbeat(
         )),
         None => None,
     };
+    let before = match &b.endpoints {
+        Some(e) => {
+            check_endpoints(e)?;
+            st.db.node(id).await?
+        }
+        None => None,
+    };
+    let endpoints = b.endpoints.clone();
     let hb = crate::db::Heartbeat {
+        endpoints: b
+            .endpoints
+            .map(|e| (e.address, e.api_url, e.proxy_addr, e.age_recipient)),
         state: b.state.as_str().to_string(),
         resources: res,
         meta: b.meta.map(|m| {
@@ -181,6 +211,14 @@ pub async fn heartbeat(
     };
     if !st.db.heartbeat(id, &hb, meta_schema::now_millis()).await? {
         return Err(AppError::not_found("node", id));
+    }
+    // A new age key (the node's data dir was replaced): its envs' secrets
+    // are encrypted to it from now on.
+    if let (Some(e), Some(before)) = (&endpoints, &before)
+        && !e.age_recipient.is_empty()
+        && e.age_recipient != before.age_recipient
+    {
+        super::envs::add_node_recipient(st, id, &e.age_recipient).await?;
     }
     st.db
         .node(id)

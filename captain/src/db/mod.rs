@@ -271,6 +271,8 @@ pub struct Heartbeat {
     pub resources: Option<(i64, i64, i64, i64, i64)>,
     /// (applied commit, refused commit, refused reason)
     pub meta: Option<(String, String, String)>,
+    /// (address, api_url, proxy_addr, age_recipient)
+    pub endpoints: Option<(String, String, String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -987,6 +989,17 @@ impl Db {
                 .bind(applied)
                 .bind(refused)
                 .bind(reason)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("recording a heartbeat"))?;
+        }
+        if let Some((address, api_url, proxy_addr, age)) = &hb.endpoints {
+            sqlx::query("UPDATE nodes SET address = $1, api_url = $2, proxy_addr = $3, age_recipient = $4 WHERE id = $5")
+                .bind(address)
+                .bind(api_url)
+                .bind(proxy_addr)
+                .bind(age)
                 .bind(id)
                 .execute(&mut *tx)
                 .await
