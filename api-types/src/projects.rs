@@ -87,5 +87,6 @@ pub struct AddMember {
     /// token's answer names its user).
     pub user_id: String,
     /// `member` (default) or `owner`.
+    #[schema(schema_with = crate::rules::opt_member_role)]
     pub role: Option<String>,
 }

@@ -203,3 +203,53 @@ pub fn opt_http_path() -> Object {
 pub fn token_name() -> Object {
     string(Some(format!("[^{SPACE_OR_CONTROL}]")), Some(1), Some(200)).build()
 }
+
+/// A text with something other than white space in it.
+pub fn not_blank() -> Object {
+    string(Some(NOT_BLANK.into()), Some(1), None).build()
+}
+
+/// Not empty.
+pub fn non_empty() -> Object {
+    string(None, Some(1), None).build()
+}
+
+/// An instance id: 1-128 characters.
+pub fn instance_id() -> Object {
+    string(None, Some(1), Some(128)).build()
+}
+
+/// An `http(s)://` URL, or "" for none.
+pub fn http_url_or_empty() -> Object {
+    string(Some("^(https?://|$)".into()), None, None).build()
+}
+
+/// An age X25519 recipient (`age1...`), or "" for none.
+pub fn age_recipient_or_empty() -> Object {
+    string(Some("^(age1|$)".into()), None, None).build()
+}
+
+/// The role of a joining host.
+pub fn join_role() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["worker", "edge"]))
+        .build()
+}
+
+/// The kinds of token `POST /v1/tokens` makes (node and edge credentials
+/// come with joining).
+pub fn created_token_kind() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["admin", "user"]))
+        .build()
+}
+
+/// A member's role in a project (default member).
+pub fn opt_member_role() -> Object {
+    nullable(
+        ObjectBuilder::new().enum_values(Some([Some("owner"), Some("member"), None])),
+        Type::String,
+    )
+}

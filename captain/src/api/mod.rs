@@ -204,6 +204,7 @@ pub fn routes() -> Vec<RouteSpec> {
             .query("app_id", q::string, "only this app's")
             .query("before", q::string, "only those older than this deployment id")
             .query("limit", q::limit_10000, "at most this many (default 100)")
+            .errors(&[404])
             .summary("List deployments, newest first")
             .answers(200, List(sch::<DeploymentView>)),
         route!(POST "/v1/deployments", User, deployments::create_deployment)
@@ -229,7 +230,7 @@ pub fn routes() -> Vec<RouteSpec> {
             .summary("Join the cluster with a join token (Authorization: Bearer zwj_...): a certificate for the host's key (from its request) and a credential of the role")
             .takes(One(sch::<JoinRequest>))
             .answers(201, One(sch::<Joined>))
-            .errors(&[401, 409]),
+            .errors(&[401, 403, 409]),
         route!(POST "/v1/cluster/renew", Member, cluster::renew)
             .summary("Renew the calling host's certificate (refused once it was removed)")
             .takes(One(sch::<RenewRequest>))
@@ -251,6 +252,7 @@ pub fn routes() -> Vec<RouteSpec> {
             .summary("Register a node; returns its node token")
             .takes(One(sch::<RegisterNode>))
             .answers(201, One(sch::<RegisteredNode>))
+            .also(200, One(sch::<RegisteredNode>))
             .errors(&[409, 422]),
         route!(GET "/v1/nodes/{id}", Admin, nodes::get_node)
             .param("id", Param::Label("node id"))
@@ -319,6 +321,7 @@ pub fn routes() -> Vec<RouteSpec> {
         route!(GET "/v1/builds", User, builds::list_builds)
             .query("app_id", q::string, "only this app's")
             .query("limit", q::limit_1000, "at most this many (default 100)")
+            .errors(&[404])
             .summary("List builds, newest first (?app_id=, ?limit=)")
             .answers(200, List(sch::<BuildView>)),
         route!(POST "/v1/builds", User, builds::create_build)

@@ -411,7 +411,44 @@ fn cross_field_rules() -> Vec<(&'static str, Schema)> {
                 .build(),
         )
     };
+    let token_kind = |kind: &str, user: ObjectBuilder, required: bool| {
+        let mut b = ObjectBuilder::new()
+            .property(
+                "kind",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some([kind])),
+            )
+            .property("user_id", user);
+        if required {
+            b = b.required("user_id");
+        }
+        Schema::Object(b.build())
+    };
     vec![
+        (
+            "CreateToken",
+            Schema::OneOf(
+                OneOfBuilder::new()
+                    .item(token_kind(
+                        "admin",
+                        ObjectBuilder::new().schema_type(Type::Null),
+                        false,
+                    ))
+                    .item(token_kind(
+                        "user",
+                        ObjectBuilder::new().schema_type(SchemaType::from_iter([
+                            Type::String,
+                            Type::Null,
+                        ])),
+                        false,
+                    ))
+                    .description(Some(
+                        "an admin token belongs to no user; a user token to user_id, or to a new user named after it",
+                    ))
+                    .build(),
+            ),
+        ),
         (
             "CreateDeployment",
             Schema::AnyOf(
