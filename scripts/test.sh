@@ -49,6 +49,8 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zeitwork/target}"
 export ZW_CACHE_DIR="${ZW_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zeitwork}"
 mkdir -p "$CARGO_TARGET_DIR" "$ZW_CACHE_DIR"
+# PyPI tools the tests run, each pinned, in a venv under the cache.
+bash scripts/openapi-fuzz.sh install >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

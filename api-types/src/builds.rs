@@ -17,10 +17,13 @@ pub struct BuildSource {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitSource {
+    #[schema(schema_with = crate::rules::repo)]
     pub url: String,
     /// Branch to build (default: the remote's default branch).
+    #[schema(schema_with = crate::rules::opt_branch)]
     pub branch: Option<String>,
     /// Commit to build (wins over `branch`).
+    #[schema(schema_with = crate::rules::opt_commit_or_empty)]
     pub commit: Option<String>,
 }
 
@@ -29,8 +32,10 @@ pub struct GitSource {
 #[serde(deny_unknown_fields)]
 pub struct DeploySpec {
     pub port: Option<u32>,
+    #[schema(schema_with = crate::rules::opt_env_vars)]
     pub env_vars: Option<BTreeMap<String, String>>,
     pub min_instances: Option<u32>,
+    #[schema(schema_with = crate::rules::opt_http_path)]
     pub health_check_path: Option<String>,
 }
 
@@ -40,10 +45,13 @@ pub struct CreateBuild {
     pub app_id: String,
     pub source: BuildSource,
     /// The commit the uploaded source is (recorded in the release).
+    #[schema(schema_with = crate::rules::opt_commit_or_empty)]
     pub source_commit: Option<String>,
     /// Dockerfile path inside the source (default `Dockerfile`).
+    #[schema(schema_with = crate::rules::opt_dockerfile)]
     pub dockerfile: Option<String>,
     #[serde(default)]
+    #[schema(schema_with = crate::rules::build_args)]
     pub build_args: BTreeMap<String, String>,
     /// Deploy the image when the build succeeds.
     pub deploy: Option<DeploySpec>,

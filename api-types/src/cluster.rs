@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct CreateJoinToken {
     /// `worker` or `edge`.
+    #[schema(schema_with = crate::rules::join_role)]
     pub role: String,
     /// How long the token may be used (default 3600, at most 7 days).
     pub ttl_seconds: Option<u64>,
@@ -29,8 +30,10 @@ pub struct JoinToken {
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
     /// `worker` or `edge`: must be the join token's.
+    #[schema(schema_with = crate::rules::join_role)]
     pub role: String,
     /// The host's name: its node id (a worker) or edge name. A DNS label.
+    #[schema(schema_with = crate::rules::dns_label)]
     pub name: String,
     /// A PKCS#10 certificate request (PEM) for the key the host made; the
     /// key never leaves it.

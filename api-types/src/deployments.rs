@@ -37,12 +37,16 @@ pub struct DeploymentView {
 pub struct CreateDeployment {
     pub app_id: String,
     /// "sha256:<hex>" of a built image; or give `commit` to build.
+    #[schema(schema_with = crate::rules::opt_digest_or_empty)]
     pub image_digest: Option<String>,
     /// Source commit to build (when no image digest).
+    #[schema(schema_with = crate::rules::opt_commit_or_empty)]
     pub commit: Option<String>,
     pub port: Option<u32>,
+    #[schema(schema_with = crate::rules::opt_env_vars)]
     pub env_vars: Option<BTreeMap<String, String>>,
     pub min_instances: Option<u32>,
+    #[schema(schema_with = crate::rules::opt_http_path)]
     pub health_check_path: Option<String>,
 }
 

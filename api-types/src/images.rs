@@ -15,8 +15,10 @@ pub struct ImageView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateImage {
+    #[schema(schema_with = crate::rules::digest)]
     pub digest: String,
     pub size_bytes: u64,
     #[serde(default)]
+    #[schema(schema_with = crate::rules::commit_or_empty)]
     pub source_commit: String,
 }

@@ -13,6 +13,7 @@ pub mod logs;
 pub mod misc;
 pub mod nodes;
 pub mod projects;
+pub mod rules;
 pub mod secrets;
 pub mod status;
 pub mod tasks;

@@ -60,6 +60,7 @@ pub struct WaitlistEntry {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinWaitlist {
+    #[schema(schema_with = crate::rules::email)]
     pub email: String,
 }
 

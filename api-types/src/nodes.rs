@@ -32,7 +32,9 @@ pub struct NodeView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterNode {
+    #[schema(schema_with = crate::rules::dns_label)]
     pub id: String,
+    #[schema(schema_with = crate::rules::not_blank)]
     pub address: String,
     #[serde(default)]
     pub region: String,
@@ -40,6 +42,7 @@ pub struct RegisterNode {
     pub memory_bytes: u64,
     pub disk_bytes: u64,
     #[serde(default)]
+    #[schema(schema_with = crate::rules::age_recipient_or_empty)]
     pub age_recipient: String,
     #[serde(default)]
     pub api_url: String,
@@ -103,12 +106,15 @@ pub struct NodeHeartbeat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeEndpoints {
+    #[schema(schema_with = crate::rules::not_blank)]
     pub address: String,
     /// Its node API (`http://addr:port`).
+    #[schema(schema_with = crate::rules::http_url_or_empty)]
     pub api_url: String,
     /// Its mTLS node-proxy (`addr:port`).
     pub proxy_addr: String,
     #[serde(default)]
+    #[schema(schema_with = crate::rules::age_recipient_or_empty)]
     pub age_recipient: String,
 }
 
@@ -163,12 +169,16 @@ pub struct InstanceView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceReport {
+    #[schema(schema_with = crate::rules::instance_id)]
     pub id: String,
     pub node_id: String,
+    #[schema(schema_with = crate::rules::dns_label)]
     pub env: String,
+    #[schema(schema_with = crate::rules::dns_label)]
     pub app: String,
     #[serde(default)]
     pub rollout_id: String,
+    #[schema(schema_with = crate::rules::non_empty)]
     pub release_id: String,
     pub state: InstanceState,
     #[serde(default)]

@@ -39,26 +39,34 @@ pub struct AppView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProject {
+    #[schema(schema_with = crate::rules::dns_label)]
     pub name: String,
+    #[schema(schema_with = crate::rules::repo)]
     pub repo: String,
     /// Defaults to "main".
+    #[schema(schema_with = crate::rules::opt_branch)]
     pub branch: Option<String>,
     /// Dockerfile path in the source (default `Dockerfile`).
+    #[schema(schema_with = crate::rules::opt_dockerfile)]
     pub dockerfile: Option<String>,
     /// Build arguments every build of the project gets.
     #[serde(default)]
+    #[schema(schema_with = crate::rules::build_args)]
     pub build_args: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApp {
+    #[schema(schema_with = crate::rules::dns_label)]
     pub name: String,
     /// Defaults to "production".
+    #[schema(schema_with = crate::rules::opt_dns_label)]
     pub env: Option<String>,
     /// Custom domains: DNS names of at least two labels, no wildcard, not
     /// used by another app.
     #[serde(default)]
+    #[schema(schema_with = crate::rules::custom_domains)]
     pub domains: Vec<String>,
 }
 
@@ -79,5 +87,6 @@ pub struct AddMember {
     /// token's answer names its user).
     pub user_id: String,
     /// `member` (default) or `owner`.
+    #[schema(schema_with = crate::rules::opt_member_role)]
     pub role: Option<String>,
 }

@@ -12,10 +12,12 @@ pub struct SetSecrets {
     /// NAME -> value, every secret the app should have (names are
     /// environment variable names). The captain cannot decrypt the current
     /// file, so this replaces it whole.
+    #[schema(schema_with = crate::rules::secret_values)]
     pub secrets: BTreeMap<String, String>,
     /// Names of the current file deliberately left out of `secrets`; any
     /// other current name missing from `secrets` is refused (409).
     #[serde(default)]
+    #[schema(schema_with = crate::rules::secret_names)]
     pub unset: Vec<String>,
 }
 

@@ -51,8 +51,10 @@ pub struct TokenView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
+    #[schema(schema_with = crate::rules::token_name)]
     pub name: String,
     /// admin or user (node tokens are issued by node registration).
+    #[schema(schema_with = crate::rules::created_token_kind)]
     pub kind: TokenKind,
     /// For a user token: the user it acts as (`usr-...`); none makes a
     /// new user named after the token.

@@ -42,6 +42,29 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, in declaration order.
+    pub const ALL: [Code; 19] = [
+        Code::BadRequest,
+        Code::InvalidJson,
+        Code::UnknownField,
+        Code::InvalidName,
+        Code::UnsupportedMediaType,
+        Code::Unauthorized,
+        Code::Forbidden,
+        Code::NotFound,
+        Code::MethodNotAllowed,
+        Code::Conflict,
+        Code::PayloadTooLarge,
+        Code::IllegalTransition,
+        Code::InvalidRelease,
+        Code::InvalidSignature,
+        Code::NotConfigured,
+        Code::GithubOauthNotConfigured,
+        Code::Waitlisted,
+        Code::RateLimited,
+        Code::Internal,
+    ];
+
     pub fn status(self) -> StatusCode {
         match self {
             Code::BadRequest | Code::InvalidJson | Code::UnknownField | Code::InvalidName => {
@@ -56,7 +79,10 @@ impl Code {
             Code::Conflict | Code::IllegalTransition => StatusCode::CONFLICT,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::InvalidRelease => StatusCode::UNPROCESSABLE_ENTITY,
-            Code::NotConfigured | Code::GithubOauthNotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+            // A feature this captain was not started with is absent, not
+            // unavailable: retrying will not help (not a 503), and nothing in the
+            // request could make it work (not a 400 or 409). See ARCHITECTURE.md.
+            Code::NotConfigured | Code::GithubOauthNotConfigured => StatusCode::NOT_FOUND,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -826,10 +826,23 @@ async fn tokens_images_waitlist_auth(backend: Backend) {
     let (s, img) = env
         .post(
             "/v1/images",
-            json!({"digest": digest(5), "size_bytes": 42, "source_commit": "abc"}),
+            json!({"digest": digest(5), "size_bytes": 42, "source_commit": "abc1234"}),
         )
         .await;
     assert_eq!(s, 201);
+    // A source commit is a commit id (as the document says), not any text
+    // (found by tests/openapi_fuzz.rs).
+    let (s, v) = env
+        .post(
+            "/v1/images",
+            json!({"digest": digest(6), "size_bytes": 1, "source_commit": "\u{84}"}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{v}"
+    );
     assert_eq!(
         env.post("/v1/images", json!({"digest": digest(5), "size_bytes": 42}))
             .await
@@ -887,14 +900,15 @@ async fn tokens_images_waitlist_auth(backend: Backend) {
             Backend::Postgres => "postgres",
         }
     );
-    // GitHub OAuth is not configured: a clear 503 with its code, no login.
+    // GitHub OAuth is not configured: a clear 404 with its code, no login
+    // (a 4xx: retrying will not help).
     let r = env
         .http
         .get(format!("{}/v1/auth/github", env.base))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.status().as_u16(), 404);
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"]["code"],
         "github_oauth_not_configured"

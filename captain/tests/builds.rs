@@ -345,7 +345,9 @@ async fn queue_upload_deploy_download_logs(backend: Backend) {
             json!({"app_id": app, "source": {"upload": src}}),
         )
         .await;
-    assert_eq!(s, 503, "{v}");
+    // Not configured is a 4xx that says so (not a 503: retrying will not help).
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["error"]["code"], "not_configured", "{v}");
     assert!(v.to_string().contains("no builder"), "{v}");
     env.stop().await;
 }

@@ -28,7 +28,7 @@ pub async fn create_token(
     user: Option<&str>,
 ) -> Result<(TokenRow, String)> {
     let name = name.trim();
-    if name.is_empty() || name.len() > 200 {
+    if name.is_empty() || name.chars().count() > 200 {
         return Err(AppError::BadRequest(
             "a token needs a name of 1-200 characters".into(),
         ));

@@ -3,7 +3,7 @@
 use api_types::images::CreateImage;
 use builder::store::ObjectStream;
 
-use super::validate::{check_digest, to_i64};
+use super::validate::{check_commit, check_digest, to_i64};
 use super::{AppError, Result};
 use crate::db::ImageRow;
 use crate::state::AppState;
@@ -11,6 +11,7 @@ use crate::state::AppState;
 /// Record an image's metadata.
 pub async fn create(st: &AppState, b: CreateImage) -> Result<ImageRow> {
     check_digest("digest", &b.digest)?;
+    check_commit("source_commit", &b.source_commit)?;
     let row = ImageRow {
         id: meta_schema::new_id(),
         digest: b.digest,

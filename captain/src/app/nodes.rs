@@ -235,7 +235,7 @@ pub async fn report_instance(
 ) -> Result<InstanceRow> {
     node_or_admin(caller)?;
     may_act_for(caller, &b.node_id)?;
-    if b.id.is_empty() || b.id.len() > 128 || b.release_id.is_empty() {
+    if b.id.is_empty() || b.id.chars().count() > 128 || b.release_id.is_empty() {
         return Err(AppError::BadRequest(
             "an instance report needs an id (at most 128 characters) and a release_id".into(),
         ));
