@@ -44,6 +44,15 @@ pub struct Args {
     /// its instances are replaced on other nodes.
     #[arg(long, visible_alias = "node-grace-secs", default_value_t = 10)]
     pub node_grace_seconds: u64,
+    /// The cluster key shared by every captain of a cluster (32 bytes as
+    /// 64 hex digits); default: `<data-dir>/node-link.secret`, made on
+    /// first start (one captain only).
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Seconds a worker's or an edge's certificate is valid (renewed at
+    /// two thirds); a removed host is refused everywhere within this.
+    #[arg(long, default_value_t = 3600)]
+    pub member_cert_validity_secs: u64,
     #[arg(long, env = "ZW_GITHUB_WEBHOOK_SECRET", hide_env_values = true)]
     pub github_webhook_secret: Option<String>,
     #[arg(long, env = "ZW_GITHUB_CLIENT_ID")]
@@ -83,6 +92,8 @@ impl Args {
         c.poll_interval = Duration::from_secs(self.poll_interval_secs.max(1));
         c.heartbeat_interval = Duration::from_secs(self.heartbeat_interval_secs.max(1));
         c.node_grace = Duration::from_secs(self.node_grace_seconds.max(1));
+        c.cluster_key_file = self.cluster_key_file.clone();
+        c.member_cert_validity = Duration::from_secs(self.member_cert_validity_secs.max(1));
         c.github_webhook_secret = self.github_webhook_secret.clone();
         c.github_client_id = self.github_client_id.clone();
         c.github_client_secret = self.github_client_secret.clone();

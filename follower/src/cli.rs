@@ -100,7 +100,11 @@ pub const TOKEN_FLAGS: zw_util::SecretFlags = zw_util::SecretFlags {
 
 impl Args {
     pub fn config(&self) -> anyhow::Result<FollowerConfig> {
-        let mut cfg = FollowerConfig::new(&self.data_dir, &self.meta_repo);
+        // Absolute: the runtimes hand image and rootfs paths to programs
+        // (mount, runc, qemu) that run in other directories.
+        let data_dir = std::path::absolute(&self.data_dir)
+            .with_context(|| format!("the data directory {}", self.data_dir.display()))?;
+        let mut cfg = FollowerConfig::new(&data_dir, &self.meta_repo);
         cfg.captain_url = self.captain.clone();
         cfg.join_token = match &self.join_token_file {
             Some(path) => {

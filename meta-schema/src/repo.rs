@@ -747,12 +747,18 @@ impl MetaRepo {
         const ATTEMPTS: u32 = 20;
         let scratch = format!("zw-push-{branch}");
         for attempt in 0..ATTEMPTS {
-            let Some(fetched) = self.fetch_remote(remote, branch)? else {
-                return Err(RepoError::NoBranch {
-                    branch: format!("{branch} on {}", redact_url(&remote.url)),
-                });
-            };
-            self.force_branch(&scratch, &fetched)?;
+            match self.fetch_remote(remote, branch)? {
+                Some(fetched) => self.force_branch(&scratch, &fetched)?,
+                // A new remote (nothing pushed yet): the first commit is a
+                // root commit; a push of another captain's first commit
+                // wins the race like any other and this one re-applies.
+                None if self.head(branch)?.is_none() => self.delete_branch(&scratch)?,
+                None => {
+                    return Err(RepoError::NoBranch {
+                        branch: format!("{branch} on {}", redact_url(&remote.url)),
+                    });
+                }
+            }
             let c = self.commit_by(&scratch, changes, message, who)?;
             match self.push_ref(remote, &scratch, branch) {
                 Ok(()) => {
@@ -773,6 +779,30 @@ impl MetaRepo {
             branch: branch.to_string(),
             attempts: ATTEMPTS,
         })
+    }
+
+    /// Remove `branch` (nothing when it does not exist).
+    pub fn delete_branch(&self, branch: &str) -> Result<()> {
+        use gix::refs::transaction::{Change, PreviousValue, RefEdit, RefLog};
+        let repo = self.local();
+        let name = format!("refs/heads/{branch}");
+        if ref_target(&repo, &name)?.is_none() {
+            return Ok(());
+        }
+        let edit = RefEdit {
+            change: Change::Delete {
+                expected: PreviousValue::Any,
+                log: RefLog::AndReference,
+            },
+            name: name
+                .as_str()
+                .try_into()
+                .map_err(gix_err(format!("ref name {name}")))?,
+            deref: false,
+        };
+        repo.edit_reference(edit)
+            .map_err(gix_err(format!("deleting {name}")))?;
+        Ok(())
     }
 
     /// Point `branch` at `commit`, wherever it was.
@@ -890,8 +920,15 @@ impl MetaRepo {
         let conn = remote
             .connect(gix::remote::Direction::Fetch)
             .map_err(gix_err(format!("connecting to {url}")))?;
-        conn.prepare_fetch(gix::progress::Discard, Default::default())
-            .map_err(gix_err(format!("fetching from {url}")))?
+        let prepared = conn
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(gix_err(format!("fetching from {url}")))?;
+        // An empty remote (a new meta repository: nothing pushed yet) or
+        // one without the branch has nothing to fetch; that is no error.
+        if prepared.ref_map().is_missing_required_mapping() {
+            return Ok(None);
+        }
+        prepared
             .receive(gix::progress::Discard, &AtomicBool::new(false))
             .map_err(gix_err(format!("fetching from {url}")))?;
         self.resolve_ref(&format!("refs/remotes/origin/{branch}"))

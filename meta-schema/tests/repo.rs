@@ -390,3 +390,79 @@ fn force_pushed_older_head_is_not_a_descendant() {
     assert!(!out.status.success(), "non-fast-forward push was accepted");
     assert_eq!(writer.head("main").unwrap(), Some(new));
 }
+
+/// A new meta repository (a remote nothing was pushed to yet, e.g. a new
+/// GitHub repository) has no head to fetch: that is `None`, not an error,
+/// and the first push fills it.
+#[test]
+fn fetching_an_empty_remote_is_nothing_not_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = tmp.path().join("origin.git");
+    git(
+        tmp.path(),
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            origin.to_str().unwrap(),
+        ],
+    );
+    let url = format!("file://{}", origin.display());
+    let clone = MetaRepo::init_empty_bare(&tmp.path().join("clone.git")).unwrap();
+    assert_eq!(clone.fetch(&url, "main").unwrap(), None);
+    clone
+        .commit(
+            "main",
+            &ChangeSet::new().add(env_path("prod"), env_file("prod")),
+            "env",
+        )
+        .unwrap();
+    clone.push(origin.to_str().unwrap(), "main").unwrap();
+    let head = clone.head("main").unwrap();
+    assert_eq!(clone.fetch(&url, "main").unwrap(), head);
+}
+
+/// The first commit of a captain to a new remote is a root commit pushed
+/// there (a new GitHub repository as the meta remote works from the start).
+#[test]
+fn the_first_commit_and_push_to_an_empty_remote_creates_its_branch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = tmp.path().join("origin.git");
+    git(
+        tmp.path(),
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "-b",
+            "main",
+            origin.to_str().unwrap(),
+        ],
+    );
+    let remote = meta_schema::repo::Remote::new(format!("file://{}", origin.display()));
+    let clone = MetaRepo::init_empty_bare(&tmp.path().join("clone.git")).unwrap();
+    let first = clone
+        .commit_and_push(
+            &remote,
+            "main",
+            &ChangeSet::new().add(env_path("prod"), env_file("prod")),
+            "env",
+            &meta_schema::repo::Identity::default(),
+        )
+        .unwrap();
+    assert_eq!(git(&origin, &["rev-parse", "main"]).trim(), first);
+    let (p, b) = release("prod", "web", "v1");
+    let second = clone
+        .commit_and_push(
+            &remote,
+            "main",
+            &ChangeSet::new().add(p, b),
+            "v1",
+            &meta_schema::repo::Identity::default(),
+        )
+        .unwrap();
+    assert_eq!(git(&origin, &["rev-parse", "main"]).trim(), second);
+    assert!(clone.is_ancestor(&first, &second).unwrap());
+}
