@@ -149,7 +149,10 @@ pub async fn materialize(
         }
         Source::Git { url, rev } => {
             let (url, rev, work) = (url.clone(), rev.clone(), work.to_path_buf());
-            log.builder(format!("fetching {url} ({rev})"));
+            log.builder(format!(
+                "fetching {} ({rev})",
+                meta_schema::repo::redact_url(&url)
+            ));
             let (ctx, commit, size) =
                 tokio::task::spawn_blocking(move || fetch_git(&url, &rev, &work, limit))
                     .await
@@ -167,10 +170,26 @@ fn fetch_git(
     work: &Path,
     limit: u64,
 ) -> Result<(PathBuf, String, u64), BuildError> {
+    // Credentials in the URL (a token for a private repository) never
+    // reach an error, a log or the build's view, whatever git says.
+    let shown = meta_schema::repo::redact_url(url);
+    let secret = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|authority| authority.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password.to_string())
+        .filter(|p| !p.is_empty());
+    let scrub = |message: String| match &secret {
+        Some(p) => message
+            .replace(url, &shown)
+            .replace(p.as_str(), "<redacted>"),
+        None => message,
+    };
     let unreachable = |message: String| {
         BuildError::from(InputError::GitUnreachable {
-            url: url.to_string(),
-            message,
+            url: shown.clone(),
+            message: scrub(message),
         })
     };
     let repo_dir = work.join("repo.git");
@@ -179,8 +198,8 @@ fn fetch_git(
     let _ = fs::remove_dir_all(&ctx);
     let parsed = gix::url::parse(gix::bstr::BStr::new(url.as_bytes())).map_err(|e| {
         InputError::InvalidGitUrl {
-            url: url.to_string(),
-            message: e.to_string(),
+            url: shown.clone(),
+            message: scrub(e.to_string()),
         }
     })?;
     if parsed.scheme == gix::url::Scheme::File && !Path::new(&parsed.path.to_string()).exists() {
@@ -237,9 +256,9 @@ fn fetch_git(
                     || lower.contains("did not match"));
             if rev_problem {
                 BuildError::from(InputError::GitRevisionNotFound {
-                    url: url.to_string(),
+                    url: shown.clone(),
                     rev: rev.to_string(),
-                    message: msg,
+                    message: scrub(msg),
                 })
             } else {
                 unreachable(msg)
@@ -266,7 +285,7 @@ fn fetch_git(
     for entry in recorder.records {
         let rel = entry.filepath.to_string();
         let rel_path = safe_relative(&rel).ok_or_else(|| InputError::UnsafePath {
-            what: format!("git tree of {url}"),
+            what: format!("git tree of {}", meta_schema::repo::redact_url(url)),
             path: rel.clone(),
         })?;
         let dest = ctx.join(&rel_path);
@@ -305,7 +324,10 @@ fn fetch_git(
         }
     }
     let _ = fs::remove_dir_all(&repo_dir);
-    check_symlinks_inside(&ctx, &format!("git tree of {url}"))?;
+    check_symlinks_inside(
+        &ctx,
+        &format!("git tree of {}", meta_schema::repo::redact_url(url)),
+    )?;
     Ok((ctx, commit_id, total))
 }
 

@@ -320,6 +320,36 @@ async fn queue_upload_deploy_download_logs(backend: Backend) {
         assert_eq!(r.status().as_u16(), 403, "{url}");
     }
 
+    // Credentials in a git URL (a token for a private repository) are
+    // never shown back: not in the answer, not in the build's view.
+    let (s, b) = env
+        .post(
+            "/v1/builds",
+            json!({"app_id": app, "source": {"git": {"url": "https://ci:s3cret-pat@git.invalid/web.git"}}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap();
+    let view: Value = env
+        .http
+        .get(format!("{}/v1/builds/{id}", env.base))
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let done = wait_build(&env, id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    for v in [&b, &view, &done] {
+        assert!(
+            !v.to_string().contains("s3cret-pat"),
+            "a git credential shown: {v}"
+        );
+        assert!(v.to_string().contains("ci:<redacted>@git.invalid"), "{v}");
+    }
+
     // A captain with a store but no builder still serves images, and
     // refuses builds.
     let mut env = env;

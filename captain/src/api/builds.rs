@@ -29,7 +29,8 @@ impl From<BuildRow> for BuildView {
             status: b.status,
             attempts: b.attempts,
             source_kind: b.source_kind,
-            source_url: b.source_url,
+            // Credentials in a git URL are the user's secret: never shown.
+            source_url: meta_schema::repo::redact_url(&b.source_url),
             source_branch: b.source_branch,
             source_commit: b.source_commit,
             dockerfile: b.dockerfile,

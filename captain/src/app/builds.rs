@@ -212,7 +212,7 @@ async fn enqueue(st: &AppState, row: &BuildRow, app: &str) -> Result<()> {
     st.db.insert_build(row).await?;
     st.builds_wake.notify_one();
     st.build_events.send_modify(|n| *n += 1);
-    tracing::info!(build = %row.id, app, source = %row.source_url, "build queued");
+    tracing::info!(build = %row.id, app, source = %meta_schema::repo::redact_url(&row.source_url), "build queued");
     Ok(())
 }
 
