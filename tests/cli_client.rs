@@ -1196,6 +1196,15 @@ fn tokens_come_from_a_file_or_the_environment_and_the_command_line_is_warned() {
     assert!(!e.contains("warning"), "{e}");
     let e = failed(&follower(&["--token-file", missing.to_str().unwrap()], &[]));
     assert!(e.contains("reading the node token from"), "{e}");
+    // A join token is a secret too (it admits one host to the cluster).
+    let e = failed(&follower(&["--join-token", "zwj_x"], &[]));
+    assert!(
+        e.contains("warning: --join-token on the command line")
+            && e.contains("--join-token-file PATH or $ZW_JOIN_TOKEN"),
+        "{e}"
+    );
+    let e = failed(&follower(&[], &[("ZW_JOIN_TOKEN", "zwj_x")]));
+    assert!(!e.contains("warning"), "{e}");
 
     let edge_dir = t.home.path().join("edge");
     let ed = edge_dir.to_str().unwrap();

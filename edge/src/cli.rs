@@ -42,7 +42,7 @@ pub struct Args {
     /// `<data-dir>/enrolment.json` (later starts need no token). A command
     /// line is readable by every user of the host: prefer
     /// --join-token-file or ZW_JOIN_TOKEN.
-    #[arg(long, env = "ZW_JOIN_TOKEN", hide_env_values = true)]
+    #[arg(long)]
     pub join_token: Option<String>,
     /// File holding the join token.
     #[arg(long, conflicts_with = "join_token")]
@@ -361,15 +361,23 @@ fn edge_token(args: &Args) -> anyhow::Result<Option<String>> {
 /// The join token of the flags, from the command line, the environment or
 /// its file.
 fn join_token(args: &Args) -> anyhow::Result<Option<String>> {
-    if let Some(path) = &args.join_token_file {
-        let t = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the join token from {}", path.display()))?;
-        let t = t.trim().to_string();
-        anyhow::ensure!(!t.is_empty(), "{} is empty", path.display());
-        return Ok(Some(t));
+    match JOIN_TOKEN_FLAGS.resolve(args.join_token.as_deref(), args.join_token_file.as_deref())? {
+        Some((t, zw_util::SecretOrigin::CommandLine(_))) => {
+            eprintln!("{}", JOIN_TOKEN_FLAGS.command_line_warning());
+            Ok(Some(t))
+        }
+        Some((t, _)) => Ok(Some(t)),
+        None => Ok(None),
     }
-    Ok(args.join_token.clone().filter(|t| !t.trim().is_empty()))
 }
+
+/// How `zw edge` and `zw follower` take a join token.
+pub const JOIN_TOKEN_FLAGS: zw_util::SecretFlags = zw_util::SecretFlags {
+    what: "join token",
+    flag: "--join-token",
+    file_flag: "--join-token-file",
+    env: "ZW_JOIN_TOKEN",
+};
 
 /// The edge's enrolment: the file kept from an earlier join, else a join
 /// now with the join token (retried while no captain answers; a refusal

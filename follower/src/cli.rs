@@ -29,7 +29,7 @@ pub struct Args {
     /// in `<data-dir>/enrolment.json` (later starts need no token, no
     /// --token and no --meta-repo). A command line is readable by every
     /// user of the host: prefer --join-token-file or ZW_JOIN_TOKEN.
-    #[arg(long, env = "ZW_JOIN_TOKEN", hide_env_values = true)]
+    #[arg(long)]
     pub join_token: Option<String>,
     /// File holding the join token.
     #[arg(long, conflicts_with = "join_token")]
@@ -98,6 +98,9 @@ pub const TOKEN_FLAGS: zw_util::SecretFlags = zw_util::SecretFlags {
     env: "ZW_TOKEN",
 };
 
+// `zw follower` takes a join token as `zw edge` does.
+use edge::cli::JOIN_TOKEN_FLAGS;
+
 impl Args {
     pub fn config(&self) -> anyhow::Result<FollowerConfig> {
         // Absolute: the runtimes hand image and rootfs paths to programs
@@ -106,14 +109,15 @@ impl Args {
             .with_context(|| format!("the data directory {}", self.data_dir.display()))?;
         let mut cfg = FollowerConfig::new(&data_dir, &self.meta_repo);
         cfg.captain_url = self.captain.clone();
-        cfg.join_token = match &self.join_token_file {
-            Some(path) => {
-                let t = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the join token from {}", path.display()))?;
-                anyhow::ensure!(!t.trim().is_empty(), "{} is empty", path.display());
-                Some(t.trim().to_string())
+        cfg.join_token = match JOIN_TOKEN_FLAGS
+            .resolve(self.join_token.as_deref(), self.join_token_file.as_deref())?
+        {
+            Some((t, zw_util::SecretOrigin::CommandLine(_))) => {
+                eprintln!("{}", JOIN_TOKEN_FLAGS.command_line_warning());
+                Some(t)
             }
-            None => self.join_token.clone().filter(|t| !t.trim().is_empty()),
+            Some((t, _)) => Some(t),
+            None => None,
         };
         cfg.proxy_listen = self.proxy_listen;
         cfg.token = match TOKEN_FLAGS.resolve(self.token.as_deref(), self.token_file.as_deref())? {
