@@ -2,7 +2,7 @@
 //! running the real `zw` binary as its own process): two captains on op1
 //! and op2 share Postgres, S3 and a meta remote on the git host; three
 //! workers and two edges join with single-use join tokens (a reused or
-//! wrong-role token is refused); an app deployed through op1 is served by
+//! wrong-role or expired token is refused); an app deployed through op1 is served by
 //! both edges from instances on at least two workers, over the node-proxy's
 //! mTLS (a client without the cluster's certificate is refused); `kill -9`
 //! of the leading captain: the other takes the lease and rolls out the next
@@ -199,6 +199,58 @@ fn image(store: &std::path::Path) -> String {
     digest
 }
 
+/// GETs through both edges from the internet host until stopped (at most
+/// 2 minutes and 50,000 requests): (answered, failed, the first failures).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: test_support::cluster::HostThread<(u64, u64, Vec<String>)>,
+}
+
+impl Load {
+    fn start(c: &Cluster, host: &str) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let urls: Vec<String> = ["op1", "op2"]
+            .iter()
+            .map(|e| format!("http://{}/", c.socket(e, EDGE_PORT, Family::V4).unwrap()))
+            .collect();
+        let (flag, host) = (stop.clone(), host.to_string());
+        let thread = c
+            .in_host("internet", move || {
+                let client = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let (mut answered, mut failed, mut first) = (0u64, 0u64, Vec::new());
+                for i in 0..50_000usize {
+                    if flag.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > deadline
+                    {
+                        break;
+                    }
+                    let url = &urls[i % urls.len()];
+                    match client.get(url).header("Host", &host).send() {
+                        Ok(r) if r.status().is_success() => answered += 1,
+                        other => {
+                            failed += 1;
+                            if first.len() < 5 {
+                                first.push(format!("{url}: {other:?}"));
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (answered, failed, first)
+            })
+            .unwrap();
+        Load { stop, thread }
+    }
+
+    fn stop(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 #[test]
 fn a_cluster_joins_serves_through_both_edges_and_survives_the_leaders_death() {
     let t0 = Instant::now();
@@ -325,6 +377,29 @@ fn a_cluster_joins_serves_through_both_edges_and_survives_the_leaders_death() {
         !refused.status.success()
             && String::from_utf8_lossy(&refused.stderr).contains("for the edge role"),
         "a worker joined with an edge token: {refused:?}"
+    );
+
+    // An expired one too.
+    let v = ok(
+        &c,
+        "op1",
+        "POST",
+        &format!("{op1}/v1/cluster/join-tokens"),
+        &admin,
+        Some(json!({"role": "worker", "ttl_seconds": 1})),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, body) = call(
+        &c,
+        "w3",
+        "POST",
+        &format!("{op2}/v1/cluster/join"),
+        v["token"].as_str().unwrap(),
+        Some(&json!({"role": "worker", "name": "late", "csr_pem": ""})),
+    );
+    assert!(
+        status == 403 && body.to_string().contains("expired"),
+        "an expired join token answered {status} {body}"
     );
 
     let t2 = Instant::now();
@@ -557,6 +632,8 @@ fn a_cluster_joins_serves_through_both_edges_and_survives_the_leaders_death() {
     });
     let survivor = if leader == "op1" { "op2" } else { "op1" };
     let survivor_url = captain_url(&c, survivor);
+    let load = Load::start(&c, &host);
+    std::thread::sleep(Duration::from_millis(500));
     let t4 = Instant::now();
     c.kill(leader, "captain").unwrap();
     wait(60, "the survivor to lead", &c, || {
@@ -579,6 +656,9 @@ fn a_cluster_joins_serves_through_both_edges_and_survives_the_leaders_death() {
             .unwrap_or_else(|e| panic!("{edge}'s edge after the leader died: {e}"));
         assert!(body.contains("up"), "{body}");
     }
+    let (answered, failed, first) = load.stop();
+    eprintln!("under the leader's death: {answered} answered, {failed} failed");
+    assert!(answered > 0 && failed == 0, "{failed} failed: {first:?}");
     let d2 = ok(
         &c,
         survivor,
@@ -633,6 +713,8 @@ fn a_cluster_joins_serves_through_both_edges_and_survives_the_leaders_death() {
         .and_then(|n| n["id"].as_str())
         .unwrap_or_else(|| panic!("no node with address {w3_ip}: {v}"))
         .to_string();
+    let load = Load::start(&c, &host);
+    std::thread::sleep(Duration::from_millis(500));
     let t5 = Instant::now();
     c.crash("w3").unwrap();
     // (The dead node's last report stays in the instance list, marked by
@@ -655,6 +737,9 @@ fn a_cluster_joins_serves_through_both_edges_and_survives_the_leaders_death() {
         "w3's instances replaced in {:?} after its power cut",
         t5.elapsed()
     );
+    let (answered, failed, first) = load.stop();
+    eprintln!("under w3's power cut: {answered} answered, {failed} failed {first:?}");
+    assert!(answered > 0 && failed == 0, "{failed} failed: {first:?}");
 
     // Rollback is `git revert` on the meta remote, by a person with a
     // clone: the captains follow it and release one serves again.
