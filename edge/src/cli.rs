@@ -351,24 +351,14 @@ pub const TOKEN_FLAGS: zw_util::SecretFlags = zw_util::SecretFlags {
 /// The edge token of `--token`, `--token-file` or `$ZW_EDGE_TOKEN`; one on
 /// the command line is warned about on stderr.
 fn edge_token(args: &Args) -> anyhow::Result<Option<String>> {
-    let found = TOKEN_FLAGS.resolve(args.token.as_deref(), args.token_file.as_deref())?;
-    if let Some((_, zw_util::SecretOrigin::CommandLine(_))) = &found {
-        eprintln!("{}", TOKEN_FLAGS.command_line_warning());
-    }
-    Ok(found.map(|(t, _)| t))
+    Ok(TOKEN_FLAGS.resolve_warned(args.token.as_deref(), args.token_file.as_deref())?)
 }
 
 /// The join token of the flags, from the command line, the environment or
 /// its file.
 fn join_token(args: &Args) -> anyhow::Result<Option<String>> {
-    match JOIN_TOKEN_FLAGS.resolve(args.join_token.as_deref(), args.join_token_file.as_deref())? {
-        Some((t, zw_util::SecretOrigin::CommandLine(_))) => {
-            eprintln!("{}", JOIN_TOKEN_FLAGS.command_line_warning());
-            Ok(Some(t))
-        }
-        Some((t, _)) => Ok(Some(t)),
-        None => Ok(None),
-    }
+    Ok(JOIN_TOKEN_FLAGS
+        .resolve_warned(args.join_token.as_deref(), args.join_token_file.as_deref())?)
 }
 
 /// How `zw edge` and `zw follower` take a join token.

@@ -109,25 +109,12 @@ impl Args {
             .with_context(|| format!("the data directory {}", self.data_dir.display()))?;
         let mut cfg = FollowerConfig::new(&data_dir, &self.meta_repo);
         cfg.captain_url = self.captain.clone();
-        cfg.join_token = match JOIN_TOKEN_FLAGS
-            .resolve(self.join_token.as_deref(), self.join_token_file.as_deref())?
-        {
-            Some((t, zw_util::SecretOrigin::CommandLine(_))) => {
-                eprintln!("{}", JOIN_TOKEN_FLAGS.command_line_warning());
-                Some(t)
-            }
-            Some((t, _)) => Some(t),
-            None => None,
-        };
+        cfg.join_token = JOIN_TOKEN_FLAGS
+            .resolve_warned(self.join_token.as_deref(), self.join_token_file.as_deref())?;
         cfg.proxy_listen = self.proxy_listen;
-        cfg.token = match TOKEN_FLAGS.resolve(self.token.as_deref(), self.token_file.as_deref())? {
-            Some((t, zw_util::SecretOrigin::CommandLine(_))) => {
-                eprintln!("{}", TOKEN_FLAGS.command_line_warning());
-                t
-            }
-            Some((t, _)) => t,
-            None => String::new(),
-        };
+        cfg.token = TOKEN_FLAGS
+            .resolve_warned(self.token.as_deref(), self.token_file.as_deref())?
+            .unwrap_or_default();
         cfg.branch = self.branch.clone();
         cfg.runtime = self.runtime;
         cfg.node_id = self.node_id.clone();

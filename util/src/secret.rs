@@ -82,6 +82,20 @@ impl SecretFlags {
             .map(|v| (v, SecretOrigin::Env(self.env))))
     }
 
+    /// [`SecretFlags::resolve`] for a program that needs only the secret:
+    /// one given on the command line is warned about on stderr.
+    pub fn resolve_warned(
+        &self,
+        flag: Option<&str>,
+        file: Option<&Path>,
+    ) -> Result<Option<String>, SecretError> {
+        let found = self.resolve(flag, file)?;
+        if let Some((_, SecretOrigin::CommandLine(_))) = &found {
+            eprintln!("{}", self.command_line_warning());
+        }
+        Ok(found.map(|(secret, _)| secret))
+    }
+
     /// What to print (on stderr) when the secret came on the command line.
     pub fn command_line_warning(&self) -> String {
         format!(
