@@ -173,19 +173,7 @@ fn fetch_git(
     // Credentials in the URL (a token for a private repository) never
     // reach an error, a log or the build's view, whatever git says.
     let shown = meta_schema::repo::redact_url(url);
-    let secret = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split('/').next())
-        .and_then(|authority| authority.rsplit_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, password)| password.to_string())
-        .filter(|p| !p.is_empty());
-    let scrub = |message: String| match &secret {
-        Some(p) => message
-            .replace(url, &shown)
-            .replace(p.as_str(), "<redacted>"),
-        None => message,
-    };
+    let scrub = |message: String| meta_schema::repo::redact_url_in(&message, url);
     let unreachable = |message: String| {
         BuildError::from(InputError::GitUnreachable {
             url: shown.clone(),

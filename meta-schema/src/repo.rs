@@ -257,6 +257,23 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `text` (an error or log line about `url`) with `url`'s password
+/// removed wherever it appears: as part of the URL or on its own (git and
+/// curl quote URLs in their own ways).
+pub fn redact_url_in(text: &str, url: &str) -> String {
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|authority| authority.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password)
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(p) => text.replace(url, &redact_url(url)).replace(p, "<redacted>"),
+        None => text.to_string(),
+    }
+}
+
 /// A meta repository on disk (bare or not).
 #[derive(Clone)]
 pub struct MetaRepo {

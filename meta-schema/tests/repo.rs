@@ -466,3 +466,21 @@ fn the_first_commit_and_push_to_an_empty_remote_creates_its_branch() {
     assert_eq!(git(&origin, &["rev-parse", "main"]).trim(), second);
     assert!(clone.is_ancestor(&first, &second).unwrap());
 }
+
+#[test]
+fn a_urls_password_is_removed_from_text_about_it() {
+    use meta_schema::repo::redact_url_in;
+    let url = "https://ci:s3cret@git.example/web.git";
+    assert_eq!(
+        redact_url_in(
+            &format!("fatal: unable to access '{url}/': 403 (s3cret)"),
+            url
+        ),
+        "fatal: unable to access 'https://ci:<redacted>@git.example/web.git/': 403 (<redacted>)"
+    );
+    let plain = "https://git.example/web.git";
+    assert_eq!(
+        redact_url_in("no such repo s3cret", plain),
+        "no such repo s3cret"
+    );
+}
