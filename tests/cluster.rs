@@ -143,26 +143,7 @@ fn healthy(c: &Cluster, host: &str, token: &str, release: &str) -> BTreeSet<(Str
 /// fields a follower checks after downloading it).
 fn image(store: &std::path::Path) -> String {
     use builder::image::{FORMAT, ImageConfig, StoredConfig, image_digest};
-    let staging = tempfile::tempdir().unwrap();
-    let root = staging.path().join("root");
-    for d in ["bin", "www", "etc", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
-    std::fs::write(root.join("www/index.html"), "up\n").unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    let img = staging.path().join("rootfs.ext4");
-    let st = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-d"])
-        .arg(&root)
-        .arg(&img)
-        .arg("16M")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("mkfs.ext4 (e2fsprogs) is installed");
-    assert!(st.success(), "mkfs.ext4 failed");
-    let rootfs = std::fs::read(&img).unwrap();
+    let rootfs = secrets_common::busybox_rootfs();
     let config = ImageConfig {
         entrypoint: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
         cmd: vec![

@@ -15,7 +15,6 @@ mod secrets_common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,25 +26,7 @@ use serde_json::{Value, json};
 /// An image whose app writes a line every 100 ms and logs every request
 /// (busybox httpd -v); in the object-store layout under `store`.
 fn logging_image(store: &Path) -> String {
-    let staging = tempfile::tempdir().unwrap();
-    let root = staging.path().join("root");
-    for d in ["bin", "www", "etc", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
-    std::fs::write(root.join("www/index.html"), "up\n").unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    let img = staging.path().join("rootfs.ext4");
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-d"])
-        .arg(&root)
-        .arg(&img)
-        .arg("16M")
-        .stdout(Stdio::null())
-        .status()
-        .expect("mkfs.ext4 (e2fsprogs) is installed");
-    assert!(st.success(), "mkfs.ext4 failed");
+    let rootfs = busybox_rootfs();
     let config = ImageConfig {
         entrypoint: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
         cmd: vec![
@@ -61,7 +42,6 @@ fn logging_image(store: &Path) -> String {
         rootfs_bytes: 16 << 20,
     };
     let cfg = serde_json::to_vec(&config).unwrap();
-    let rootfs = std::fs::read(&img).unwrap();
     let hex = sha256_hex(&[rootfs.as_slice(), &cfg].concat());
     let dir = store.join("images").join(&hex);
     std::fs::create_dir_all(&dir).unwrap();

@@ -63,9 +63,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
-/// An ext4 image holding a static busybox, in the object-store layout.
-/// The app writes `$API_KEY` into the page it serves.
-pub fn busybox_image(store: &Path) -> String {
+/// An ext4 root filesystem holding a static busybox and `/www/index.html`
+/// ("up").
+pub fn busybox_rootfs() -> Vec<u8> {
     let staging = tempfile::tempdir().unwrap();
     let root = staging.path().join("root");
     for d in ["bin", "www", "etc", "tmp"] {
@@ -85,6 +85,13 @@ pub fn busybox_image(store: &Path) -> String {
         .status()
         .expect("mkfs.ext4 (e2fsprogs) is installed");
     assert!(st.success(), "mkfs.ext4 failed");
+    std::fs::read(&img).unwrap()
+}
+
+/// An ext4 image holding a static busybox, in the object-store layout.
+/// The app writes `$API_KEY` into the page it serves.
+pub fn busybox_image(store: &Path) -> String {
+    let rootfs = busybox_rootfs();
     let config = ImageConfig {
         entrypoint: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
         cmd: vec![
@@ -100,7 +107,6 @@ pub fn busybox_image(store: &Path) -> String {
         rootfs_bytes: 16 << 20,
     };
     let cfg = serde_json::to_vec(&config).unwrap();
-    let rootfs = std::fs::read(&img).unwrap();
     let hex = sha256_hex(&[rootfs.as_slice(), &cfg].concat());
     let dir = store.join("images").join(&hex);
     std::fs::create_dir_all(&dir).unwrap();
