@@ -433,6 +433,7 @@ fn a_cluster_joins_serves_through_both_edges_and_survives_the_leaders_death() {
                 "--http",
                 &format!("0.0.0.0:{EDGE_PORT}"),
                 "--no-https",
+                "--no-access-log",
             ],
         )
         .unwrap();

@@ -9,17 +9,29 @@ use crate::state::AppState;
 
 pub struct Mirror;
 
+/// Follow the origin (when there is one) and index the head: what this
+/// task does before it wakes the others, also run by a route stream's
+/// first table (a captain an edge fails over to may be a poll behind).
+pub async fn catch_up(
+    st: &AppState,
+) -> (
+    Result<bool, crate::meta::MetaError>,
+    Result<crate::meta::SyncReport, crate::meta::MetaError>,
+) {
+    let followed = st.meta.follow_origin().await;
+    if let Err(e) = &followed {
+        tracing::warn!(error = %zw_util::ErrorChain(e), "following the meta repository origin");
+    }
+    (followed, crate::meta::sync(&st.meta, &st.db).await)
+}
+
 impl super::Task for Mirror {
     fn activate<'a>(
         &'a mut self,
         st: &'a AppState,
     ) -> BoxFuture<'a, Result<serde_json::Value, String>> {
         Box::pin(async move {
-            let followed = st.meta.follow_origin().await;
-            if let Err(e) = &followed {
-                tracing::warn!(error = %zw_util::ErrorChain(e), "following the meta repository origin");
-            }
-            let report = crate::meta::sync(&st.meta, &st.db).await;
+            let (followed, report) = catch_up(st).await;
             // A new commit (ours or pushed by hand, e.g. a `git revert`)
             // may need a rollout, change the routes, concern the nodes.
             st.rollout_wake.notify_one();
